@@ -1,0 +1,29 @@
+"""flax-sgm: Stable Diffusion's sgm attention module in Flax NNX, with parity to its PyTorch original.
+
+Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_backends: the
+one attention function and its backend choice; attention: the attention modules)
+-> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
+"""
+
+from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
+from flax_sgm.attention_backends import dot_product_attention, select_backend
+from flax_sgm.blocks import CHECKPOINT_POLICIES, BasicTransformerBlock, BasicTransformerSingleLayerBlock
+from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
+from flax_sgm.transformer import SpatialTransformer
+
+__all__ = [
+    "BasicTransformerBlock",
+    "BasicTransformerSingleLayerBlock",
+    "CHECKPOINT_POLICIES",
+    "CrossAttention",
+    "FeedForward",
+    "GEGLU",
+    "LinearAttention",
+    "MemoryEfficientCrossAttention",
+    "Normalize",
+    "SpatialSelfAttention",
+    "SpatialTransformer",
+    "dot_product_attention",
+    "select_backend",
+    "zero_module",
+]

@@ -1,0 +1,196 @@
+"""Attention modules: CrossAttention (and its xformers-named twin), LinearAttention, SpatialSelfAttention.
+
+Softmax attention goes through `attention_backends.dot_product_attention`; the
+backend is chosen there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from flax_sgm import numerics
+from flax_sgm.attention_backends import dot_product_attention, resolve_backend
+from flax_sgm.checks import expect_broadcastable, expect_shape
+from flax_sgm.primitives import Conv1x1, Linear, Normalize
+
+Dtype = Any
+
+# The name remat policies use to keep attention outputs (see blocks.CHECKPOINT_POLICIES).
+ATTENTION_OUT = "attention_out"
+
+
+class CrossAttention(nnx.Module):
+    """Multi-head attention of `x` [b, n, query_dim] over `context` [b, m, context_dim] (default: x).
+
+    `mask` broadcasts to [b, heads, n (+ additional tokens), m]: boolean keeps, float adds.
+    `additional_tokens` [b, n_add, query_dim] are prepended to x and stripped from the output.
+    `n_times_crossframe_attn_in_self=n`: each group of n consecutive batch items
+    attends to the keys and values of its first item.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        backend=None,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        inner_dim = dim_head * heads
+        context_dim = query_dim if context_dim is None else context_dim
+        self.query_dim, self.context_dim = query_dim, context_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = numerics.attention_scale(dim_head)
+        self.backend = resolve_backend(backend)
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_q = Linear(query_dim, inner_dim, use_bias=False, **layer)
+        self.to_k = Linear(context_dim, inner_dim, use_bias=False, **layer)
+        self.to_v = Linear(context_dim, inner_dim, use_bias=False, **layer)
+        self.to_out = Linear(inner_dim, query_dim, **layer)  # torch: to_out.0
+        self.out_dropout = nnx.Dropout(dropout, rngs=rngs)  # torch: to_out.1
+
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        additional_tokens: jax.Array | None = None,
+        n_times_crossframe_attn_in_self: int = 0,
+    ) -> jax.Array:
+        name = type(self).__name__
+        expect_shape(name, "x", x, ("b", "n", self.query_dim))
+        b = x.shape[0]
+        n_add = 0
+        if additional_tokens is not None:
+            expect_shape(name, "additional_tokens", additional_tokens, (b, "n_add", self.query_dim))
+            n_add = additional_tokens.shape[1]
+            x = jnp.concatenate([additional_tokens.astype(x.dtype), x], axis=1)
+        if context is None:
+            if self.context_dim != self.query_dim:
+                raise ValueError(
+                    f"{name}: `context` is required: context_dim {self.context_dim} differs from query_dim {self.query_dim}"
+                )
+            context = x
+        expect_shape(name, "context", context, (b, "m", self.context_dim))
+        n, m = x.shape[1], context.shape[1]
+        if mask is not None:
+            expect_broadcastable(name, "mask", jnp.shape(mask), (b, self.heads, n, m), "[b, heads, n, m] =")
+
+        q = self.to_q(x).reshape(b, n, self.heads, self.dim_head)  # [b, n, heads, d_head]
+        k = self.to_k(context).reshape(b, m, self.heads, self.dim_head)  # [b, m, heads, d_head]
+        v = self.to_v(context).reshape(b, m, self.heads, self.dim_head)
+
+        if n_times_crossframe_attn_in_self:
+            k, v = (first_frame_repeated(name, t, n_times_crossframe_attn_in_self) for t in (k, v))
+
+        out = dot_product_attention(q, k, v, mask, scale=self.scale, backend=self.backend)
+        out = checkpoint_name(out.reshape(b, n, self.heads * self.dim_head), ATTENTION_OUT)
+        out = out[:, n_add:]
+        return self.out_dropout(self.to_out(out))
+
+
+def first_frame_repeated(module: str, t: jax.Array, n: int) -> jax.Array:
+    """Cross-frame attention: [(g n), ...] -> each group of n repeats its first item."""
+    b = t.shape[0]
+    if b % n:
+        raise ValueError(
+            f"{module}: the batch ({b}) must be divisible by n_times_crossframe_attn_in_self ({n})"
+        )
+    return jnp.repeat(t[::n], n, axis=0)
+
+
+class MemoryEfficientCrossAttention(CrossAttention):
+    """The seed's xformers class: the same attention with backend "auto".
+
+    Unlike the seed it takes masks, and its cross-frame attention is the same as
+    CrossAttention's. Extra keyword arguments (the seed passes `backend`) are ignored.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        **kwargs,
+    ):
+        del kwargs
+        super().__init__(
+            query_dim, context_dim, heads, dim_head, dropout, "auto", rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+
+
+class LinearAttention(nnx.Module):
+    """Softmax over tokens on the keys, then context = k v^T; channels-last [b, h, w, dim]."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        dim_head: int = 32,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        self.dim, self.heads, self.dim_head = dim, heads, dim_head
+        hidden_dim = dim_head * heads
+        self.to_qkv = Conv1x1(dim, hidden_dim * 3, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_out = Conv1x1(hidden_dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        expect_shape("LinearAttention", "x", x, ("b", "h", "w", self.dim))
+        b, h, w, _ = x.shape
+        # torch's channel order is (qkv heads c).
+        qkv = self.to_qkv(x).reshape(b, h * w, 3, self.heads, self.dim_head)  # [b, n, 3, heads, d_head]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        k = jax.nn.softmax(k.astype(numerics.STATS_DTYPE), axis=1).astype(v.dtype)
+        context = jnp.einsum("bnhd,bnhe->bhde", k, v)
+        out = jnp.einsum("bhde,bnhd->bnhe", context, q)
+        return self.to_out(out.reshape(b, h, w, self.heads * self.dim_head))
+
+
+class SpatialSelfAttention(nnx.Module):
+    """One-head self-attention over the pixels of a channels-last image, with a residual."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        backend=None,
+    ):
+        self.in_channels = in_channels
+        self.backend = resolve_backend(backend)
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = Normalize(in_channels, **layer)
+        self.q = Conv1x1(in_channels, in_channels, **layer)
+        self.k = Conv1x1(in_channels, in_channels, **layer)
+        self.v = Conv1x1(in_channels, in_channels, **layer)
+        self.proj_out = Conv1x1(in_channels, in_channels, **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.in_channels
+        expect_shape("SpatialSelfAttention", "x", x, ("b", "h", "w", c))
+        b, h, w, _ = x.shape
+        h_ = self.norm(x)
+        q, k, v = (proj(h_).reshape(b, h * w, 1, c) for proj in (self.q, self.k, self.v))  # [b, n, 1, c]
+        out = dot_product_attention(q, k, v, scale=numerics.attention_scale(c), backend=self.backend)
+        return x + self.proj_out(out.reshape(b, h, w, c))

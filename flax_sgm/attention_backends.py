@@ -1,0 +1,300 @@
+"""The one attention function, and where its backend is chosen.
+
+Every attention in flax_sgm calls `dot_product_attention`. It takes
+q [b, n, heads, d_head], k and v [b, m, heads, d_head], and an optional mask that
+broadcasts to [b, heads, n, m] as torch SDPA broadcasts it: boolean (True keeps a
+key) or float (added to the scaled logits). A query row with every key masked
+gives zeros, as torch SDPA does.
+
+Backends:
+  "xla"      jax.nn.dot_product_attention(implementation="xla"): the full logits.
+  "cudnn"    cuDNN fused attention (CUDA GPU, bf16/fp16). Odd lengths are padded to
+             even and hidden with query/key_value_seq_lengths, masks are broadcast
+             to full size, so forward and backward both run.
+  "chunked"  online softmax over key blocks in pure JAX with a backward that
+             recomputes each block: memory linear in sequence length, any dtype.
+  "auto"     `select_backend` picks one of the three (a pure function of the
+             platform, dtype, shapes and mask, tested on CPU).
+
+The seed's names map onto these in `resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_sgm import numerics
+
+Backend = Literal["auto", "xla", "cudnn", "chunked"]
+BACKENDS = ("auto", "xla", "cudnn", "chunked")
+
+# The seed's torch choices (SDPBackend member names, BasicTransformerBlock attn_mode).
+SEED_BACKENDS = {
+    None: "auto",
+    "MATH": "xla",
+    "FLASH_ATTENTION": "cudnn",
+    "EFFICIENT_ATTENTION": "cudnn",
+    "CUDNN_ATTENTION": "cudnn",
+    "softmax": "auto",
+    "softmax-xformers": "auto",
+}
+
+# "auto" leaves the XLA path when its float32 logits would need more than this.
+LOGITS_BUDGET_BYTES = 1 << 30
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 256
+CHUNK_SIZE = 512
+# Masked logits: finite, so a fully masked row stays NaN-free (it is zeroed after).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def resolve_backend(backend) -> Backend:
+    """Map a flax_sgm name, a seed name or a torch SDPBackend member to a backend."""
+    if backend in BACKENDS:
+        return backend
+    key = getattr(backend, "name", backend)  # torch.nn.attention.SDPBackend.MATH -> "MATH"
+    if key in SEED_BACKENDS:
+        return SEED_BACKENDS[key]
+    raise ValueError(
+        f"attention backend must be one of {BACKENDS} or a seed name {sorted(k for k in SEED_BACKENDS if k)}; got {backend!r}"
+    )
+
+
+class AttentionProblem(NamedTuple):
+    """What backend selection looks at; nothing else."""
+
+    platform: str  # jax.default_backend(): "cpu", "gpu", "tpu"
+    dtype: np.dtype
+    batch: int
+    heads: int
+    n: int  # query tokens
+    m: int  # key tokens
+    d_head: int
+    has_mask: bool
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.batch * self.heads * self.n * self.m * 4
+
+
+def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
+    """Why cuDNN cannot take this problem, or None if it can."""
+    if p.platform != "gpu":
+        return f"cuDNN attention needs a CUDA GPU; running on {p.platform}"
+    if jnp.dtype(p.dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        return f"cuDNN attention takes bfloat16 or float16; got {jnp.dtype(p.dtype).name}"
+    if p.d_head % 8 or p.d_head > CUDNN_MAX_HEAD_DIM:
+        return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.d_head}"
+    return None
+
+
+def select_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int = LOGITS_BUDGET_BYTES) -> str:
+    """The backend that runs `p`: the requested one, or for "auto" the fastest that fits.
+
+    An explicit "cudnn" that cannot run raises ValueError with the reason.
+    """
+    requested = resolve_backend(requested)
+    if requested == "cudnn":
+        reason = cudnn_unsupported_reason(p)
+        if reason:
+            raise ValueError(f"attention backend 'cudnn' cannot run this input: {reason}")
+        return "cudnn"
+    if requested != "auto":
+        return requested
+    if cudnn_unsupported_reason(p) is None:
+        return "cudnn"
+    return "chunked" if p.logits_bytes > budget_bytes else "xla"
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    scale: float,
+    backend: Backend = "auto",
+    platform: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention; [b, n, heads, d] x [b, m, heads, d] -> [b, n, heads, d]."""
+    b, n, heads, d_head = q.shape
+    m = k.shape[1]
+    problem = AttentionProblem(
+        platform or jax.default_backend(), q.dtype, b, heads, n, m, d_head, mask is not None
+    )
+    choice = select_backend(backend, problem)
+    bias, row_valid = _mask_to_bias(mask, (b, heads, n, m))
+    if choice == "xla":
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
+    elif choice == "cudnn":
+        out = padded_attention(q, k, v, bias, scale=scale, implementation="cudnn")
+    else:
+        out = chunked_attention(q, k, v, bias, scale=scale)
+    if row_valid is not None:
+        out = jnp.where(row_valid, out, jnp.zeros((), out.dtype))
+    return out
+
+
+def _mask_to_bias(mask, full_shape):
+    """A boolean or additive mask as a finite float32 bias of full rank, plus the rows that keep a key.
+
+    Returns (bias [b|1, heads|1, n|1, m|1] or None, row_valid [b, n, heads, 1] or None).
+    """
+    if mask is None:
+        return None, None
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b, heads, n, m], size-1 axes allowed
+    if mask.dtype == jnp.bool_:
+        keep = mask
+        bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+    else:
+        mask = jax.lax.stop_gradient(mask.astype(jnp.float32))
+        keep = mask > -jnp.inf
+        bias = jnp.maximum(mask, MASK_VALUE)
+    row_valid = jnp.any(jnp.broadcast_to(keep, full_shape), axis=-1, keepdims=True)  # [b, heads, n, 1]
+    return bias, jnp.transpose(row_valid, (0, 2, 1, 3))
+
+
+def padded_attention(q, k, v, bias, *, scale, implementation):
+    """jax.nn.dot_product_attention with even lengths and a full-size bias (what cuDNN needs).
+
+    Odd query/key lengths are padded by one; the pad is hidden with
+    query_seq_lengths / key_value_seq_lengths, so the result is exact. Parametrized
+    by `implementation` so the padding logic is tested with "xla" on CPU.
+    """
+    b, n, heads, _ = q.shape
+    m = k.shape[1]
+    n_pad, m_pad = n % 2, m % 2
+
+    def pad(t, amount):
+        return jnp.pad(t, ((0, 0), (0, amount), (0, 0), (0, 0))) if amount else t
+
+    q, k, v = pad(q, n_pad), pad(k, m_pad), pad(v, m_pad)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (b, heads, n, m))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, n_pad), (0, m_pad))).astype(q.dtype)
+    lengths = {}
+    if n_pad or m_pad:
+        lengths = dict(
+            query_seq_lengths=jnp.full((b,), n, jnp.int32),
+            key_value_seq_lengths=jnp.full((b,), m, jnp.int32),
+        )
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation, **lengths)
+    return out[:, :n]
+
+
+def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE):
+    """Memory-bounded attention: query blocks mapped, key blocks scanned with an online softmax.
+
+    Peak memory is O(chunk_size ** 2) logits per (batch, head); the backward pass
+    recomputes each block from the saved log-sum-exp instead of storing logits.
+    `bias` is float32 and broadcasts to [b, heads, n, m]; it gets no gradient.
+    """
+    b, n, heads, d = q.shape
+    m = k.shape[1]
+    bq = min(chunk_size, n)
+    bk = min(chunk_size, m)
+    n_blocks, m_blocks = -(-n // bq), -(-m // bk)
+    n_total, m_total = n_blocks * bq, m_blocks * bk
+
+    if bias is None:
+        bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    # Padded keys are masked; padded query rows are computed and dropped.
+    key_pad = jnp.where(jnp.arange(m_total) < m, 0.0, MASK_VALUE).astype(jnp.float32)
+    if bias.shape[-1] == m:
+        bias = jnp.pad(bias, ((0, 0),) * 3 + ((0, m_total - m),), constant_values=MASK_VALUE)
+    else:
+        bias = bias + key_pad  # [..., m_total]
+    q = jnp.pad(q, ((0, 0), (0, n_total - n), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, m_total - m), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, m_total - m), (0, 0), (0, 0)))
+
+    q_blocks = q.reshape(b, n_blocks, bq, heads, d).swapaxes(0, 1)  # [n_blocks, b, bq, heads, d]
+    bias_per_query = bias.shape[2] == n and n > 1
+    if bias_per_query:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, n_total - n), (0, 0)))
+        bias_blocks = bias.reshape(*bias.shape[:2], n_blocks, bq, m_total).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda xs: _attend_block(xs[0], k, v, xs[1], scale, bk), (q_blocks, bias_blocks))
+    else:
+        out = jax.lax.map(lambda qb: _attend_block(qb, k, v, bias, scale, bk), q_blocks)
+    return out.swapaxes(0, 1).reshape(b, n_total, heads, d)[:, :n]
+
+
+def _key_blocks(t, bk):
+    """[b, m, heads, d] -> [m_blocks, b, bk, heads, d]."""
+    b, m, heads, d = t.shape
+    return t.reshape(b, m // bk, bk, heads, d).swapaxes(0, 1)
+
+
+def _bias_block(bias, j, bk):
+    """The j-th key block of a bias whose last axis is m_total (or 1)."""
+    if bias.shape[-1] == 1:
+        return bias
+    return jax.lax.dynamic_slice_in_dim(bias, j * bk, bk, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend_block(q, k, v, bias, scale, bk):
+    return _attend_block_fwd(q, k, v, bias, scale, bk)[0]
+
+
+def _attend_block_fwd(q, k, v, bias, scale, bk):
+    """One query block against every key block: out [b, bq, heads, d] and lse [b, heads, bq]."""
+    b, bq, heads, d = q.shape
+    f32 = numerics.STATS_DTYPE
+
+    def step(carry, xs):
+        running_max, denom, acc = carry
+        j, kb, vb = xs
+        s = jnp.einsum("bnhd,bmhd->bhnm", q, kb, preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
+        new_max = jnp.maximum(running_max, s.max(-1))
+        correction = jnp.exp(running_max - new_max)
+        p = jnp.exp(s - new_max[..., None])
+        denom = denom * correction + p.sum(-1)
+        acc = acc * correction[..., None] + jnp.einsum("bhnm,bmhd->bhnd", p.astype(vb.dtype), vb, preferred_element_type=f32)
+        return (new_max, denom, acc), None
+
+    init = (
+        jnp.full((b, heads, bq), -jnp.inf, f32),
+        jnp.zeros((b, heads, bq), f32),
+        jnp.zeros((b, heads, bq, d), f32),
+    )
+    kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
+    (running_max, denom, acc), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs))
+    out = (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [b, bq, heads, d]
+    lse = running_max + jnp.log(denom)
+    return out, (q, k, v, bias, out, lse)
+
+
+def _attend_block_bwd(scale, bk, residuals, dout):
+    q, k, v, bias, out, lse = residuals
+    f32 = numerics.STATS_DTYPE
+    # delta_i = sum_d dout_i * out_i: the softmax backward's row term.
+    delta = jnp.einsum("bnhd,bnhd->bhn", dout.astype(f32), out.astype(f32))
+
+    def step(dq, xs):
+        j, kb, vb = xs
+        s = jnp.einsum("bnhd,bmhd->bhnm", q, kb, preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
+        p = jnp.exp(s - lse[..., None])  # [b, heads, bq, bk]
+        dv = jnp.einsum("bhnm,bnhd->bmhd", p, dout.astype(f32))
+        dp = jnp.einsum("bnhd,bmhd->bhnm", dout, vb, preferred_element_type=f32)
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("bhnm,bmhd->bnhd", ds, kb.astype(f32))
+        dk = jnp.einsum("bhnm,bnhd->bmhd", ds, q.astype(f32))
+        return dq, (dk, dv)
+
+    kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, f32), (jnp.arange(kbs.shape[0]), kbs, vbs))
+
+    def unblock(t):  # [m_blocks, b, bk, heads, d] -> [b, m, heads, d]
+        return t.swapaxes(0, 1).reshape(k.shape)
+
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), jnp.zeros_like(bias)
+
+
+_attend_block.defvjp(_attend_block_fwd, _attend_block_bwd)

@@ -1,0 +1,200 @@
+"""Weight conversion between torch state_dicts (sgm/diffusers names) and flax_sgm modules.
+
+Conversion is data: `conversion_table(model)` lists one Row per parameter,
+(torch key, flax path, transform), built by walking the module tree with two
+tables below: CHILD_NAMES (where a torch name differs from the flax attribute,
+i.e. nn.Sequential indices) and LEAF_RULES (each layer's parameters). Both
+directions read the same rows.
+
+Strict by default: every source key under the prefix is consumed, every
+parameter is filled, shapes and dtypes agree, and one ConversionError lists
+every problem at once. Nothing is dropped with only a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from flax_sgm.attention import CrossAttention
+from flax_sgm.primitives import GELU, FeedForward
+
+
+class Transform(NamedTuple):
+    name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda w: w, lambda w: w)
+# torch Linear weight [out, in] <-> flax kernel [in, out].
+LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
+# torch Conv2d 1x1 weight [out, in, 1, 1] <-> flax kernel [1, 1, in, out] (channels-last).
+CONV1X1 = Transform("conv1x1", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
+# torch norm weight <-> flax scale: same vector.
+NORM = Transform("norm", lambda w: w, lambda w: w)
+
+# Flax attribute -> torch child name, where they differ.
+CHILD_NAMES: dict[type, dict[str, str]] = {
+    CrossAttention: {"to_out": "to_out.0"},  # nn.Sequential(Linear, Dropout)
+    FeedForward: {"project_in": "net.0", "project_out": "net.2"},  # nn.Sequential(in, Dropout, Linear)
+    GELU: {"proj": "0"},  # nn.Sequential(Linear, GELU)
+}
+
+# Layer type -> {flax parameter: (torch parameter, transform)}.
+LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
+    nnx.Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
+    nnx.Conv: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
+    nnx.LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    nnx.GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+}
+
+
+class Row(NamedTuple):
+    torch_key: str
+    flax_path: tuple
+    transform: Transform
+
+
+class ConversionError(ValueError):
+    """Every problem of one conversion, listed at once."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), context: str = ""):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"weight conversion failed{context}:"]
+        lines += [f"  missing key: {k}" for k in self.missing]
+        lines += [f"  unexpected key: {k}" for k in self.unexpected]
+        lines += [f"  {m}" for m in self.mismatched]
+        super().__init__("\n".join(lines))
+
+
+def _lookup(type_table: Mapping[type, Any], node) -> Any:
+    """The table entry of the node's class or its nearest listed base."""
+    for cls in type(node).__mro__:
+        if cls in type_table:
+            return type_table[cls]
+    return None
+
+
+def conversion_table(model: nnx.Module) -> list[Row]:
+    """One Row per parameter of `model`, in the model's parameter order."""
+    rows = []
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node, torch_parts = model, []
+        for part in path[:-1]:
+            renames = _lookup(CHILD_NAMES, node) or {}
+            torch_parts.append(renames.get(part, str(part)))
+            node = node[part] if isinstance(part, int) else getattr(node, part)
+        rules = _lookup(LEAF_RULES, node)
+        if rules is None or path[-1] not in rules:
+            raise TypeError(f"no conversion rule for parameter {'.'.join(map(str, path))} of {type(node).__name__}")
+        torch_name, transform = rules[path[-1]]
+        rows.append(Row(".".join(torch_parts + [torch_name]), tuple(path), transform))
+    return rows
+
+
+def to_numpy(value) -> np.ndarray:
+    """A torch tensor (bfloat16 too) or array-like as a numpy array, without copying where possible."""
+    if hasattr(value, "detach") and type(value).__module__.startswith("torch"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import torch
+
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _is_widening(src, dst) -> bool:
+    """True when every value of `src` is exactly representable in `dst`."""
+    return jnp.promote_types(src, dst) == jnp.dtype(dst)
+
+
+def load_torch_state_dict(
+    model: nnx.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    strict: bool = True,
+    allow_downcast: bool = False,
+) -> nnx.Module:
+    """Fill `model` in place from torch-named weights and return it.
+
+    `state_dict` values are torch tensors or arrays of any float dtype; each is
+    cast to the parameter's dtype when that is lossless (a narrowing cast, e.g.
+    float32 -> bfloat16, needs `allow_downcast=True`). Only keys starting with
+    `prefix` are read, with the prefix removed. `model` may be abstract (from
+    `nnx.eval_shape`). With `strict=False`, keys the model does not have are
+    ignored; missing parameters, bad shapes and bad dtypes always raise.
+    """
+    rows = conversion_table(model)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    known = {row.torch_key for row in rows}
+    missing = [prefix + row.torch_key for row in rows if row.torch_key not in source]
+    unexpected = sorted(prefix + k for k in source if k not in known) if strict else []
+    mismatched, updates = [], []
+    for row in rows:
+        if row.torch_key not in source:
+            continue
+        key = prefix + row.torch_key
+        target = params[row.flax_path]
+        target_shape, target_dtype = tuple(target.shape), jnp.dtype(target.dtype)
+        value = to_numpy(source[row.torch_key])
+        if not _is_float(value.dtype):
+            mismatched.append(f"dtype mismatch: {key} is {value.dtype}, expected a float dtype ({target_dtype.name})")
+            continue
+        if not (allow_downcast or _is_widening(value.dtype, target_dtype)):
+            mismatched.append(
+                f"dtype mismatch: {key} is {value.dtype}; casting to the model's {target_dtype.name} would lose "
+                "precision (build the model with that param_dtype, or pass allow_downcast=True)"
+            )
+            continue
+        torch_shape_expected = row.transform.to_torch(np.empty(target_shape, dtype=np.bool_)).shape
+        if value.shape != torch_shape_expected:
+            mismatched.append(
+                f"shape mismatch: {key} has shape {list(value.shape)}, the model needs {list(torch_shape_expected)}"
+            )
+            continue
+        updates.append((row.flax_path, jnp.asarray(row.transform.to_flax(value), dtype=target_dtype)))
+    if missing or unexpected or mismatched:
+        where = f" (prefix {prefix!r})" if prefix else ""
+        raise ConversionError(missing, unexpected, mismatched, context=f" for {type(model).__name__}{where}")
+    nnx.update(model, nnx.from_flat_state(updates))
+    return model
+
+
+def to_torch_state_dict(model: nnx.Module, params: nnx.State | None = None, *, prefix: str = "") -> dict[str, np.ndarray]:
+    """`model`'s parameters (or `params`, e.g. gradients, of the same structure) under torch names and layouts.
+
+    bfloat16 arrays come back as ml_dtypes.bfloat16; `as_torch_tensors` makes torch tensors of them.
+    """
+    values = dict(nnx.to_flat_state(params if params is not None else nnx.state(model, nnx.Param)))
+    out = {}
+    for row in conversion_table(model):
+        value = values[row.flax_path]
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        out[prefix + row.torch_key] = np.ascontiguousarray(row.transform.to_torch(np.asarray(value)))
+    return out
+
+
+def as_torch_tensors(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """numpy arrays (ml_dtypes.bfloat16 included) as torch tensors, bit for bit."""
+    import torch
+
+    def one(a):
+        a = np.ascontiguousarray(a)
+        if a.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    return {k: one(v) for k, v in state_dict.items()}

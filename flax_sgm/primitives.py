@@ -1,0 +1,117 @@
+"""Primitives: the norms, GEGLU and FeedForward, and the layer factories every tier uses.
+
+Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage).
+Numerical choices that differ between torch and flax come from `numerics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_sgm import numerics
+from flax_sgm.checks import expect_equal
+
+Dtype = Any
+
+
+def Linear(in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.Linear:
+    """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in])."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+
+def Conv1x1(in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.Conv:
+    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out]."""
+    return nnx.Conv(
+        in_features, out_features, kernel_size=(1, 1), use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+    )
+
+
+def LayerNorm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.LayerNorm:
+    """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=numerics.LAYER_NORM_EPS,
+        use_fast_variance=numerics.USE_FAST_VARIANCE,
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def Normalize(in_channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.GroupNorm:
+    """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, affine; channels-last."""
+    if in_channels % numerics.GROUP_NORM_GROUPS:
+        raise ValueError(
+            f"Normalize: `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
+        )
+    return nnx.GroupNorm(
+        in_channels,
+        num_groups=numerics.GROUP_NORM_GROUPS,
+        epsilon=numerics.GROUP_NORM_EPS,
+        use_fast_variance=numerics.USE_FAST_VARIANCE,
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def zero_module(module: nnx.Module) -> nnx.Module:
+    """Zero out the parameters of a module in place and return it."""
+    params = nnx.state(module, nnx.Param)
+    nnx.update(module, jax.tree.map(jnp.zeros_like, params))
+    return module
+
+
+class GELU(nnx.Module):
+    """Linear then exact GELU: the seed's `nn.Sequential(nn.Linear, nn.GELU())`."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.proj = Linear(dim_in, dim_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return numerics.gelu(self.proj(x))
+
+
+class GEGLU(nnx.Module):
+    """x * gelu(gate), both halves of one projection (value first, as torch's chunk)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.dim_in, self.dim_out = dim_in, dim_out
+        self.proj = Linear(dim_in, dim_out * 2, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        expect_equal("GEGLU", "the last axis of `x`", x.shape[-1], self.dim_in)
+        x, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return x * numerics.gelu(gate)
+
+
+class FeedForward(nnx.Module):
+    """project_in (GELU or GEGLU) -> dropout -> project_out; torch's `net.0`, `net.1`, `net.2`."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        mult: float = 4,
+        glu: bool = False,
+        dropout: float = 0.0,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        inner_dim = int(dim * mult)
+        dim_out = dim if dim_out is None else dim_out
+        self.dim = dim
+        project_in_cls = GEGLU if glu else GELU
+        self.project_in = project_in_cls(dim, inner_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.project_out = Linear(inner_dim, dim_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        expect_equal("FeedForward", "the last axis of `x`", x.shape[-1], self.dim)
+        return self.project_out(self.dropout(self.project_in(x)))
