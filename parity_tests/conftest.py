@@ -1,151 +1,35 @@
-"""Shared parity machinery: tolerances (defined here, once), seeded weights, and the torch-vs-flax harness.
+"""Test configuration: full-precision matmuls, the measured-error summary, seeded fixtures.
 
-`compare(...)` runs a torch_ref module and its converted flax_sgm twin on the same
-inputs and returns the relative error of the forward output, of the gradient of
-every input and of every parameter (the flax gradient tree converted back to
-torch names). Relative error is max |flax - torch| / max |torch|.
+Tolerances and the comparison harness live in flax_sgm/parity.py (shared with
+`flax-sgm verify`).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
-from flax_sgm import convert
+from flax_sgm.parity import (  # noqa: F401  (re-exported for the test modules)
+    TOLERANCES,
+    Result,
+    compare,
+    flax_twin,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    randomize_,
+    rel_err,
+)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
-
-class Tolerance(NamedTuple):
-    forward: float
-    grad: float
-
-
-# The one place tolerances are set. fp32 on CPU: the issue's bound; measured errors
-# are far below (see the summary printed at the end of a run, and the README).
-TOLERANCES = {
-    "float32": Tolerance(forward=1e-5, grad=1e-4),
-}
-
 # Errors measured in this run, by test-module label: printed in the terminal summary.
 MEASURED: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"forward": 0.0, "grad": 0.0})
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = np.abs(expected).max()
-    diff = np.abs(actual - expected).max()
-    return float(diff / scale) if scale > 0 else float(diff)
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (proj_out too, which the seed zeroes); norm scales near 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            is_norm_scale = name.endswith("weight") and p.ndim == 1
-            p.copy_(1.0 + 0.1 * noise if is_norm_scale else noise / max(1.0, p.shape[-1] ** 0.5 if p.ndim > 1 else 4.0))
-    return module
-
-
-def flax_twin(torch_module: torch.nn.Module, flax_cls, *args, **kwargs):
-    """The flax module of the same config, built abstractly and filled from torch's weights."""
-    model = nnx.eval_shape(lambda: flax_cls(*args, rngs=nnx.Rngs(0), **kwargs))
-    return convert.load_torch_state_dict(model, torch_module.state_dict())
-
-
-def nchw_to_nhwc(a):
-    # torch images are NCHW, flax_sgm's NHWC: the only transposes, at the boundary.
-    return np.transpose(a, (0, 2, 3, 1))
-
-
-def nhwc_to_nchw(a):
-    return np.transpose(a, (0, 3, 1, 2))
-
-
-class Result(NamedTuple):
-    forward: float
-    grads: dict[str, float]  # "input:<name>" and torch parameter names
-
-    @property
-    def max_grad(self) -> float:
-        return max(self.grads.values(), default=0.0)
-
-
-def compare(
-    torch_module: torch.nn.Module,
-    flax_module: nnx.Module,
-    inputs: dict[str, np.ndarray],
-    *,
-    image_inputs: tuple[str, ...] = (),
-    image_output: bool = False,
-    static: dict[str, Any] | None = None,
-    flax_static: dict[str, Any] | None = None,
-    torch_call: Callable | None = None,
-    seed: int = 0,
-) -> Result:
-    """Forward and gradients of torch_module(**inputs, **static) against flax_module's.
-
-    Array inputs get gradients; `image_inputs` are NCHW for torch and NHWC for flax.
-    `flax_static` overrides `static` for the flax call; `torch_call` replaces
-    torch_module.__call__ (e.g. `_forward`).
-    """
-    static = static or {}
-    flax_static = static if flax_static is None else flax_static
-    torch_call = torch_call or torch_module
-
-    def as_tensor(v):
-        return [as_tensor(e) for e in v] if isinstance(v, list) else torch.tensor(v, requires_grad=v.dtype.kind == "f")
-
-    t_inputs = {k: as_tensor(v) for k, v in inputs.items()}
-    t_out = torch_call(**t_inputs, **static)
-    cot = np.random.default_rng(seed).standard_normal(t_out.shape).astype(np.float32)
-    (t_out * torch.from_numpy(cot)).sum().backward()
-    t_out = t_out.detach().numpy()
-    t_grads = {f"input:{k}": t.grad.numpy() for k, t in _flat_inputs(t_inputs).items() if t.grad is not None}
-    t_grads |= {k: p.grad.numpy() for k, p in torch_module.named_parameters() if p.grad is not None}
-
-    to_flax = {k: nchw_to_nhwc(v) if k in image_inputs else v for k, v in inputs.items()}
-    f_cot = nchw_to_nhwc(cot) if image_output else cot
-    is_float = lambda v: isinstance(v, list) or v.dtype.kind == "f"  # noqa: E731
-    diff_inputs = {k: v for k, v in to_flax.items() if is_float(v)}
-    const_inputs = {k: v for k, v in to_flax.items() if not is_float(v)}
-
-    def loss(model, xs):
-        out = model(**xs, **const_inputs, **flax_static)
-        return (out * f_cot).sum(), out
-
-    (_, f_out), (p_grads, x_grads) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(flax_module, diff_inputs)
-    f_out = np.asarray(f_out)
-    f_out = nhwc_to_nchw(f_out) if image_output else f_out
-    f_grads = {f"input:{k}": np.asarray(g) for k, g in _flat_inputs(x_grads).items()}
-    f_grads = {k: nhwc_to_nchw(g) if k.removeprefix("input:") in image_inputs else g for k, g in f_grads.items()}
-    f_grads |= convert.to_torch_state_dict(flax_module, nnx.state(p_grads, nnx.Param) if hasattr(p_grads, "keys") else p_grads)
-
-    assert f_out.shape == t_out.shape, (f_out.shape, t_out.shape)
-    grads = {}
-    for k, g in t_grads.items():
-        assert k in f_grads, f"no flax gradient for {k}"
-        assert f_grads[k].shape == g.shape, (k, f_grads[k].shape, g.shape)
-        grads[k] = rel_err(f_grads[k], g)
-    return Result(rel_err(f_out, t_out), grads)
-
-
-def _flat_inputs(inputs: dict) -> dict:
-    """{"context": [a, b]} -> {"context.0": a, "context.1": b}; arrays pass through."""
-    flat = {}
-    for k, v in inputs.items():
-        flat |= {f"{k}.{i}": e for i, e in enumerate(v)} if isinstance(v, list) else {k: v}
-    return flat
 
 
 def assert_parity(result: Result, label: str, dtype: str = "float32") -> None:
