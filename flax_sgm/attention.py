@@ -84,6 +84,8 @@ class CrossAttention(nnx.Module):
         expect_shape(name, "context", context, (b, "m", self.context_dim))
         n, m = x.shape[1], context.shape[1]
         if mask is not None:
+            if not 2 <= jnp.ndim(mask) <= 4:  # torch SDPA takes 2-d to 4-d masks
+                raise ValueError(f"{name}: `mask` must have rank 2 to 4, [(b,) (heads,) n, m]; got shape {list(jnp.shape(mask))}")
             expect_broadcastable(name, "mask", jnp.shape(mask), (b, self.heads, n, m), "[b, heads, n, m] =")
 
         q = self.to_q(x).reshape(b, n, self.heads, self.dim_head)  # [b, n, heads, d_head]
