@@ -1,0 +1,94 @@
+"""Primitives tier parity: GEGLU, FeedForward, Normalize, LayerNorm, zero_module, and the numerics traps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import flax_sgm
+import torch_ref
+from conftest import assert_parity, compare, flax_twin, randomize_
+from flax_sgm import convert, numerics
+from flax_sgm.primitives import LayerNorm
+
+
+@pytest.mark.parametrize("dim_in,dim_out", [(16, 24), (7, 5)])
+def test_geglu(dim_in, dim_out, rng):
+    t = randomize_(torch_ref.GEGLU(dim_in, dim_out), seed=1)
+    f = flax_twin(t, flax_sgm.GEGLU, dim_in, dim_out)
+    x = rng.standard_normal((2, 9, dim_in)).astype(np.float32)
+    assert_parity(compare(t, f, {"x": x}), "GEGLU")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(glu=False), dict(glu=True), dict(dim_out=12, mult=2), dict(glu=True, dim_out=7, mult=1.5)],
+    ids=["gelu", "geglu", "dim_out-mult2", "geglu-dim_out-mult1.5"],
+)
+def test_feed_forward(kwargs, rng):
+    t = randomize_(torch_ref.FeedForward(16, **kwargs), seed=2)
+    f = flax_twin(t, flax_sgm.FeedForward, 16, **kwargs)
+    x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    assert_parity(compare(t, f, {"x": x}), "FeedForward")
+
+
+@pytest.mark.parametrize("channels", [32, 96])
+def test_normalize(channels, rng):
+    t = randomize_(torch_ref.Normalize(channels), seed=3)
+    f = nnx.eval_shape(lambda: flax_sgm.Normalize(channels, rngs=nnx.Rngs(0)))
+    convert.load_torch_state_dict(f, t.state_dict())
+    # A large mean makes E[x^2] - E[x]^2 (flax's fast variance) visibly wrong.
+    x = (rng.standard_normal((2, channels, 5, 7)) * 0.5 + 30.0).astype(np.float32)
+    result = compare(t, f, {"x": x}, image_inputs=("x",), image_output=True, torch_call=lambda x: t(x))
+    assert_parity(result, "Normalize (GroupNorm)")
+
+
+def test_layer_norm_matches_torch(rng):
+    t = randomize_(torch.nn.LayerNorm(24), seed=4)
+    f = nnx.eval_shape(lambda: LayerNorm(24, rngs=nnx.Rngs(0), dtype=None, param_dtype=jnp.float32))
+    convert.load_torch_state_dict(f, t.state_dict())
+    x = (rng.standard_normal((2, 5, 24)) * 0.05 + 1.0).astype(np.float32)  # small variance: eps matters
+    assert_parity(compare(t, f, {"x": x}, torch_call=lambda x: t(x)), "LayerNorm")
+
+
+def test_framework_defaults_would_fail_parity(rng):
+    """The traps are real: flax/jax defaults differ from torch by more than the tolerance."""
+    x = jnp.asarray(rng.standard_normal(1000).astype(np.float32) * 3)
+    exact = np.asarray(numerics.gelu(x))
+    torch_gelu = torch.nn.functional.gelu(torch.from_numpy(np.array(x))).numpy()
+    np.testing.assert_allclose(exact, torch_gelu, rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(jax.nn.gelu(x)) - torch_gelu).max() > 1e-4  # jax's default is tanh
+
+    small_var = jnp.asarray(rng.standard_normal((4, 16)).astype(np.float32) * 1e-3)
+    torch_ln = torch.nn.functional.layer_norm(torch.from_numpy(np.array(small_var)), (16,)).numpy()
+    flax_default_ln = nnx.LayerNorm(16, rngs=nnx.Rngs(0))(small_var)  # eps 1e-6
+    assert np.abs(np.asarray(flax_default_ln) - torch_ln).max() > 1e-3
+    ours = LayerNorm(16, rngs=nnx.Rngs(0), dtype=None, param_dtype=jnp.float32)(small_var)
+    np.testing.assert_allclose(np.asarray(ours), torch_ln, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_module_zeroes_every_parameter():
+    m = flax_sgm.zero_module(flax_sgm.FeedForward(8, glu=True, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(m, nnx.Param))
+    assert leaves and all(not np.any(np.asarray(p)) for p in leaves)
+
+
+def test_proj_out_is_zero_initialized_like_the_seed():
+    """An unrandomized SpatialTransformer is the identity, in both frameworks."""
+    f = flax_sgm.SpatialTransformer(32, 2, 8, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 3, 32)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(x))
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_dtype_and_param_dtype_reach_every_layer(param_dtype):
+    f = flax_sgm.SpatialTransformer(
+        32, 2, 8, depth=2, context_dim=16, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=param_dtype
+    )
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(f, nnx.Param))} == {jnp.dtype(param_dtype)}
+    y = f(jnp.ones((1, 3, 3, 32)), context=jnp.ones((1, 4, 16)))
+    assert y.dtype in (jnp.bfloat16, jnp.float32)
+    ff_out = f.transformer_blocks[0].ff(jnp.ones((1, 4, 16), jnp.float32))
+    assert ff_out.dtype == jnp.bfloat16  # compute dtype bfloat16
