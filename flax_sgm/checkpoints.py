@@ -1,0 +1,735 @@
+"""Checkpoint files: read them lazily and safely, find SpatialTransformer stacks, convert, save, load.
+
+Reading:
+  .safetensors  the header is parsed and checked here; a tensor's bytes are read
+                only when it is converted (no mmap, so memory is what is converted).
+  .pt .pth .ckpt .bin
+                torch.load(weights_only=True): a pickle that would run code is
+                refused before anything runs. Zip checkpoints are memory-mapped.
+                A top-level `state_dict` entry is unwrapped. Needs torch.
+The format is sniffed from the first bytes, not from the extension.
+
+A stack is a SpatialTransformer sub-tree: the keys under a prefix such as
+`model.diffusion_model.input_blocks.4.1.` (SGM/LDM) or `down_blocks.1.attentions.0.`
+(diffusers), with the seed's key names. Its config is read off the shapes, except
+the split of the inner dim into heads x head dim, which the caller gives.
+
+Output of `convert` (a directory, written to a temporary path and renamed):
+  config.json            format, weights format, and per stack: prefix, config, param dtype
+  <stack name>/          Orbax checkpoint of the stack's nnx.Param state, or
+  <stack name>.safetensors   a flat file keyed by Flax paths (`transformer_blocks.0.attn1.to_q.kernel`).
+`load_pretrained(directory)` rebuilds a ready SpatialTransformer from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from flax_sgm import convert
+from flax_sgm.transformer import SpatialTransformer
+
+FORMAT_NAME = "flax-sgm"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHT_FORMATS = ("orbax", "safetensors")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+# safetensors dtype codes; all little-endian.
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+class CheckpointError(ValueError):
+    """A problem with an input or output path, said in one line."""
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class TensorInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class SafetensorsReader:
+    """A .safetensors file: header checked on open, tensors read on demand."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        self._file = open(path, "rb", buffering=0)
+        try:
+            self.infos, self._offsets, self.metadata = _parse_safetensors_header(path, self._file, size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, key: str) -> np.ndarray:
+        info, start = self.infos[key], self._offsets[key]
+        buf = np.empty(info.nbytes, np.uint8)
+        view, done = memoryview(buf), 0
+        self._file.seek(start)
+        while done < info.nbytes:
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"{self.path}: truncated while reading {key}")
+            done += n
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _parse_safetensors_header(path: Path, f, size: int):
+    """{key: TensorInfo}, {key: absolute byte offset}, metadata; CheckpointError when the file is not sound."""
+    bad = f"{path}: not a valid safetensors file"
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{bad}: only {size} bytes")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{bad} (corrupt or truncated): header length {n} in a file of {size} bytes")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{bad} (corrupt): header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (corrupt): header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, data_size = 8 + n, size - 8 - n
+    infos, offsets, end_max = {}, {}, 0
+    for key, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bad} (corrupt): bad header entry for {key!r}: {entry!r}") from None
+        info = TensorInfo(shape, dtype)
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != info.nbytes:
+            raise CheckpointError(f"{bad} (corrupt): {key} has shape {list(shape)} but data offsets [{begin}, {end}]")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: {key} ends at byte {data_start + end}, the file has {size} bytes"
+            )
+        infos[key], offsets[key], end_max = info, data_start + begin, max(end_max, end)
+    if end_max < data_size:
+        raise CheckpointError(f"{bad} (corrupt): {data_size - end_max} bytes after the last tensor")
+    return infos, offsets, metadata
+
+
+class TorchReader:
+    """A torch.save file loaded with weights_only=True (memory-mapped when it is a zip)."""
+
+    kind = "torch"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = {}
+        tensors = _torch_load_tensors(path)
+        self._tensors = tensors
+        self.infos = {k: TensorInfo(tuple(t.shape), _torch_dtype_to_numpy(t.dtype)) for k, t in tensors.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        return convert.to_numpy(self._tensors[key])
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _torch_dtype_to_numpy(dtype) -> np.dtype:
+    name = str(dtype).removeprefix("torch.")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(getattr(np, name, np.void))
+
+
+def _torch_load_tensors(path: Path) -> dict:
+    import pickle
+
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading a torch checkpoint needs torch (pip install 'flax-sgm[torch]')") from None
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(err)}; nothing in it was run") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {first}") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The useful line of torch's weights_only refusal, e.g. 'Unsupported global: GLOBAL posix.system'."""
+    text = str(err)
+    match = re.search(r"(Unsupported (?:global|operand)[^.\n]*)", text)
+    if match:
+        return f"the pickle is not plain tensors ({match.group(1).strip()})"
+    return "the pickle is not plain tensors (torch.load weights_only=True)"
+
+
+def open_checkpoint(path) -> SafetensorsReader | TorchReader:
+    """A reader for `path`; CheckpointError for a missing file, a directory or an unreadable file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", *TORCH_SUFFIXES))
+        hint = f" (it holds {', '.join(inside[:5])})" if inside else ""
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file{hint}")
+    with open(path, "rb") as f:
+        magic = f.read(9)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # zip (torch.save) or a bare pickle
+        return TorchReader(path)
+    if path.suffix in TORCH_SUFFIXES and len(magic) >= 8 and magic[8:9] != b"{":
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (neither a zip nor a pickle)")
+    return SafetensorsReader(path)
+
+
+# ---------------------------------------------------------------------------
+# Stacks and their configs
+
+_STACK_MARKER = re.compile(r"^(.*?)transformer_blocks\.0\.attn1\.to_q\.weight$")
+_BLOCK_INDEX = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def natural_key(text: str):
+    """'input_blocks.10.' after 'input_blocks.2.'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def find_stacks(keys: Iterable[str]) -> list[str]:
+    """Prefixes of every SpatialTransformer sub-tree: a first block's attn1 with norm and proj_in beside it."""
+    keys = set(keys)
+    found = []
+    for key in keys:
+        match = _STACK_MARKER.match(key)
+        if match and {match.group(1) + "norm.weight", match.group(1) + "proj_in.weight"} <= keys:
+            found.append(match.group(1))
+    return sorted(found, key=natural_key)
+
+
+def normalize_prefix(prefix: str) -> str:
+    """'a.b' -> 'a.b.' so that 'input_blocks.1' does not also select 'input_blocks.10'."""
+    return prefix if not prefix or prefix.endswith(".") else prefix + "."
+
+
+def top_level_prefixes(keys: Iterable[str]) -> list[str]:
+    return sorted({k.split(".", 1)[0] + ("." if "." in k else "") for k in keys}, key=natural_key)
+
+
+def _prefix_hint(keys: list[str], prefix: str) -> str:
+    """What the file holds near a prefix that matched nothing."""
+    parts, deepest = prefix.rstrip(".").split("."), ""
+    for i in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:i]) + "."
+        if any(k.startswith(candidate) for k in keys):
+            deepest = candidate
+            break
+    hint = f"top-level prefixes: {_listing(top_level_prefixes(keys))}"
+    if deepest:
+        children = sorted({k[len(deepest):].split(".", 1)[0] + "." for k in keys if k.startswith(deepest)}, key=natural_key)
+        hint = f"under {deepest!r} there are: {_listing(children)}; " + hint
+    return hint
+
+
+def _listing(items: list[str], limit: int = 16) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+class StackShape(NamedTuple):
+    """What a stack's weights say about its config (all but the heads split)."""
+
+    prefix: str
+    in_channels: int
+    inner_dim: int
+    depth: int
+    context_dim: int | list[int] | None
+    use_linear: bool
+    disable_self_attn: bool
+    keys: tuple[str, ...]
+    dtype: np.dtype  # all its float tensors promoted
+    nbytes: int
+
+    def summary(self) -> dict:
+        return {
+            "prefix": self.prefix,
+            "in_channels": self.in_channels,
+            "inner_dim": self.inner_dim,
+            "depth": self.depth,
+            "context_dim": self.context_dim,
+            "use_linear": self.use_linear,
+            "disable_self_attn": self.disable_self_attn,
+            "dtype": self.dtype.name,
+            "tensors": len(self.keys),
+            "bytes": self.nbytes,
+        }
+
+
+def infer_stack(infos: Mapping[str, TensorInfo], prefix: str, *, disable_self_attn: bool | None = None) -> StackShape:
+    """Read a stack's config off its shapes.
+
+    use_linear: proj_in is [inner, in] (Linear) or [inner, in, 1, 1] (Conv2d).
+    context_dim: attn2.to_k's input width per block; one int when all agree, None
+    when that width is the inner dim (the weights cannot tell it from an explicit
+    context_dim equal to the inner dim; either way a context is optional).
+    disable_self_attn: attn1.to_k's input width differs from the inner dim. When the
+    context width equals the inner dim the weights cannot show it: pass
+    `disable_self_attn=True` to force it.
+    The feed-forward must be the seed's GEGLU with mult 4 (SpatialTransformer has no
+    other): ff.net.0.proj is [8 * inner, inner].
+    """
+    keys = tuple(sorted((k for k in infos if k.startswith(prefix)), key=natural_key))
+    local = {k[len(prefix):]: infos[k] for k in keys}
+    where = f"prefix {prefix!r}" if prefix else "the file's root"
+    needed = ["norm.weight", "proj_in.weight", "transformer_blocks.0.attn1.to_k.weight"]
+    absent = [k for k in needed if k not in local]
+    if absent:
+        raise CheckpointError(f"{where} is not a SpatialTransformer stack: no {', '.join(prefix + k for k in absent)}")
+    in_channels = local["norm.weight"].shape[0]
+    proj_in = local["proj_in.weight"].shape
+    if len(proj_in) not in (2, 4) or (len(proj_in) == 4 and proj_in[2:] != (1, 1)) or proj_in[1] != in_channels:
+        raise CheckpointError(f"{where}: proj_in.weight has shape {list(proj_in)}, expected [inner, {in_channels}(, 1, 1)]")
+    inner = proj_in[0]
+    depth = 1 + max(int(m.group(1)) for k in local if (m := _BLOCK_INDEX.match(k)))
+    ctx, self_ctx = [], []
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        try:
+            ctx.append(local[block + "attn2.to_k.weight"].shape[1])
+            self_ctx.append(local[block + "attn1.to_k.weight"].shape[1])
+            ff = local[block + "ff.net.0.proj.weight"].shape
+        except KeyError as err:
+            raise CheckpointError(f"{where}: block {i} has no {prefix}{err.args[0]}") from None
+        if ff != (8 * inner, inner):
+            kind = "a plain GELU feed-forward (gated_ff=False)" if ff == (4 * inner, inner) else f"ff.net.0.proj {list(ff)}"
+            raise CheckpointError(
+                f"{where}: block {i} has {kind}; SpatialTransformer builds the seed's GEGLU [8 * {inner}, {inner}] only"
+            )
+    disabled = [c != inner for c in self_ctx]
+    if any(disabled) != all(disabled) or any(s != c for s, c, d in zip(self_ctx, ctx, disabled) if d):
+        raise CheckpointError(f"{where}: attn1 key widths {self_ctx} fit no disable_self_attn setting (context {ctx})")
+    inferred_disable = all(disabled)
+    if disable_self_attn is not None and disable_self_attn != inferred_disable:
+        if not disable_self_attn or any(c != inner for c in ctx):
+            raise CheckpointError(
+                f"{where}: disable_self_attn={disable_self_attn} contradicts the weights (attn1 key width {self_ctx[0]}, "
+                f"inner dim {inner}, context width {ctx[0]})"
+            )
+        inferred_disable = True
+    if all(c == inner for c in ctx) and not inferred_disable:
+        context_dim = None
+    elif len(set(ctx)) == 1:
+        context_dim = ctx[0]
+    else:
+        context_dim = ctx
+    float_dtypes = [info.dtype for info in local.values() if jnp.issubdtype(info.dtype, jnp.floating)]
+    dtype = np.dtype(jnp.result_type(*float_dtypes)) if float_dtypes else np.dtype("float32")
+    return StackShape(
+        prefix, in_channels, inner, depth, context_dim, len(proj_in) == 2, inferred_disable,
+        keys, dtype, sum(local[k].nbytes for k in local),
+    )
+
+
+def resolve_heads(inner_dim: int, heads: int | None, head_dim: int | None, where: str = "") -> tuple[int, int]:
+    """(n_heads, d_head) from one of the two; the weights only show their product."""
+    where = f" of {where}" if where else ""
+    if (heads is None) == (head_dim is None):
+        raise CheckpointError(
+            f"give exactly one of --heads or --head-dim: the weights show the inner dim{where} ({inner_dim}), "
+            "not how it splits into heads (SD 1.x: --heads 8; SD 2.x and SDXL: --head-dim 64)"
+        )
+    given, name = (heads, "--heads") if heads is not None else (head_dim, "--head-dim")
+    if given <= 0 or inner_dim % given:
+        raise CheckpointError(f"{name} {given} does not divide the inner dim {inner_dim}{where}")
+    other = inner_dim // given
+    return (given, other) if heads is not None else (other, given)
+
+
+def module_config(stack: StackShape, heads: int | None, head_dim: int | None) -> dict:
+    """SpatialTransformer constructor arguments of a stack."""
+    n_heads, d_head = resolve_heads(stack.inner_dim, heads, head_dim, repr(stack.prefix) if stack.prefix else "")
+    return dict(
+        in_channels=stack.in_channels,
+        n_heads=n_heads,
+        d_head=d_head,
+        depth=stack.depth,
+        context_dim=stack.context_dim,
+        disable_self_attn=stack.disable_self_attn,
+        use_linear=stack.use_linear,
+    )
+
+
+def select_stacks(reader, prefixes: Iterable[str] = (), *, all_stacks: bool = False) -> list[str]:
+    """The prefixes to convert: the given ones, every stack (`all_stacks`), or the file's only stack."""
+    keys = list(reader.infos)
+    prefixes = [normalize_prefix(p) for p in prefixes]
+    if all_stacks:
+        if prefixes:
+            raise CheckpointError("give --prefix or --all, not both")
+        found = find_stacks(keys)
+        if not found:
+            raise CheckpointError(f"{reader.path}: no SpatialTransformer stack found; {_prefix_hint(keys, '')}")
+        return found
+    for prefix in prefixes:
+        if not any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{reader.path}: no key starts with {prefix!r}; {_prefix_hint(keys, prefix)}")
+    if prefixes:
+        return list(dict.fromkeys(prefixes))
+    found = find_stacks(keys)
+    if len(found) == 1:
+        return found
+    if not found:
+        raise CheckpointError(f"{reader.path}: no SpatialTransformer stack found; {_prefix_hint(keys, '')}")
+    raise CheckpointError(
+        f"{reader.path} holds {len(found)} SpatialTransformer stacks; choose with --prefix (or --all): {_listing(found, 6)}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Converting
+
+
+class _LazyTensor:
+    """A tensor read from the file when numpy asks for it (convert.to_numpy calls np.asarray)."""
+
+    def __init__(self, reader, key: str, on_read: Callable[[int], Any] | None):
+        self.reader, self.key, self.on_read = reader, key, on_read
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.reader.read(self.key)
+        if self.on_read:
+            self.on_read(value.nbytes)
+        return value if dtype is None else value.astype(dtype)
+
+
+def abstract_model(config: Mapping[str, Any], param_dtype, dtype=None, **overrides) -> SpatialTransformer:
+    """The module's structure with no weights (nnx.eval_shape), to be filled by conversion."""
+    kwargs = dict(config, **overrides)
+    return nnx.eval_shape(
+        lambda: SpatialTransformer(**kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(param_dtype))
+    )
+
+
+def convert_stack(reader, stack: StackShape, config: Mapping[str, Any], param_dtype=None, *, on_read=None) -> SpatialTransformer:
+    """The stack's weights in an abstract SpatialTransformer, one tensor read at a time (strict)."""
+    param_dtype = stack.dtype if param_dtype is None else np.dtype(param_dtype)
+    model = abstract_model(config, param_dtype)
+    lazy = {k: _LazyTensor(reader, k, on_read) for k in stack.keys}
+    # Narrowing is only allowed when the caller picked the dtype.
+    downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
+    return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast)
+
+
+def stack_name(prefix: str) -> str:
+    """Directory/file name of a stack inside the output."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip("."))
+    return name or "spatial_transformer"
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{'transformer_blocks.0.attn1.to_q.kernel': array}: the Flax paths, dot-joined."""
+    out = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        out[".".join(map(str, path))] = np.asarray(value)
+    return out
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file written tensor by tensor (no second copy of the whole file in memory)."""
+    header, offset = {}, 0
+    for key, value in tensors.items():
+        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
+        header[key] = {"dtype": SAFETENSORS_CODES[np.dtype(dtype)], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for value in tensors.values():
+            f.write(memoryview(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))).cast("B"))
+
+
+def _orbax():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_params(model: nnx.Module, target: Path, weights: str, metadata: Mapping[str, str] | None = None) -> None:
+    """One stack's parameters as an Orbax checkpoint directory or a flat safetensors file."""
+    if weights == "safetensors":
+        write_safetensors(target, flat_params(model), metadata)
+        return
+    ocp = _orbax()
+    # No OCDBT, no compression: several times faster to write, and weights barely compress.
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
+    with ocp.Checkpointer(handler) as checkpointer, _quiet_absl():  # it warns that there is no OCDBT to merge
+        checkpointer.save(target.absolute(), nnx.state(model, nnx.Param))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class ConvertedStack(NamedTuple):
+    prefix: str
+    name: str
+    config: dict
+    param_dtype: str
+    params: int
+    nbytes: int
+
+
+def convert_file(
+    source,
+    out,
+    prefixes: Iterable[str] = (),
+    *,
+    all_stacks: bool = False,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    weights: str = "orbax",
+    param_dtype: str | None = None,
+    disable_self_attn: bool | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], Any] | None = None,
+    on_plan: Callable[[list[StackShape]], Any] | None = None,
+) -> list[ConvertedStack]:
+    """Convert stacks of `source` into the directory `out` (see the module docstring); returns what was written.
+
+    Every input is checked before any weight is read. Stacks are converted one at a
+    time, so memory stays near the largest one. `out` appears only when complete.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"weights format must be one of {WEIGHT_FORMATS}; got {weights!r}")
+    if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+        raise CheckpointError(f"param dtype must be one of {PARAM_DTYPES}; got {param_dtype!r}")
+    out = Path(out)
+    check_output(out, overwrite)
+    reader = open_checkpoint(source)
+    try:
+        selected = select_stacks(reader, prefixes, all_stacks=all_stacks)
+        stacks = [infer_stack(reader.infos, p, disable_self_attn=disable_self_attn) for p in selected]
+        configs = [module_config(s, heads, head_dim) for s in stacks]
+        if on_plan:
+            on_plan(stacks)
+        written = []
+        with staging_dir(out, overwrite) as tmp:
+            for stack, config in zip(stacks, configs):
+                model = convert_stack(reader, stack, config, param_dtype, on_read=progress)
+                dtype = np.dtype(param_dtype or stack.dtype).name
+                name = stack_name(stack.prefix)
+                entry = ConvertedStack(stack.prefix, name, config, dtype, _count_params(model), stack.nbytes)
+                target = tmp / (name + ".safetensors" if weights == "safetensors" else name)
+                save_params(model, target, weights, {"flax_sgm_config": json.dumps(_stack_record(entry, weights))})
+                written.append(entry)
+                del model
+            document = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "weights": weights,
+                "source": str(Path(source).name),
+                "stacks": [_stack_record(e, weights) for e in written],
+            }
+            (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        return written
+    finally:
+        reader.close()
+
+
+def _stack_record(entry: ConvertedStack, weights: str) -> dict:
+    path = entry.name + ".safetensors" if weights == "safetensors" else entry.name
+    return {"prefix": entry.prefix, "path": path, "param_dtype": entry.param_dtype, "config": entry.config}
+
+
+def _count_params(model) -> int:
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.exists():
+        raise CheckpointError(f"{out.parent}: no such directory")
+
+
+class staging_dir:
+    """A hidden directory beside `out`, renamed to `out` on success and removed on any failure.
+
+    An interrupted conversion leaves no `out` (at most a `.<name>.partial-*`
+    directory); with `overwrite` the old `out` is replaced only once the new one is complete.
+    """
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = Path(out), overwrite
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        check_output(self.out, self.overwrite)
+        old = None
+        if self.out.exists() or self.out.is_symlink():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Loading converted output
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a `flax-sgm convert` output directory)")
+    document = json.loads(config_path.read_text())
+    if document.get("format") != FORMAT_NAME or document.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} config")
+    return document
+
+
+def load_pretrained(path, prefix: str | None = None, *, dtype=None, seed: int = 0, **overrides) -> SpatialTransformer:
+    """A ready SpatialTransformer from a `flax-sgm convert` output directory.
+
+    `prefix` picks a stack when the directory holds several. `dtype` is the compute
+    dtype; `overrides` are other constructor arguments (use_checkpoint,
+    sdp_backend, checkpoint_policy). `seed` seeds the dropout keys.
+    """
+    document = read_config(path)
+    stacks = document["stacks"]
+    if prefix is None and len(stacks) != 1:
+        raise CheckpointError(f"{path} holds {len(stacks)} stacks; pass prefix=, one of {[s['prefix'] for s in stacks]}")
+    if prefix is not None:
+        wanted = normalize_prefix(prefix)
+        stacks = [s for s in stacks if s["prefix"] == wanted]
+        if not stacks:
+            raise CheckpointError(f"{path}: no stack with prefix {wanted!r}; it holds {[s['prefix'] for s in document['stacks']]}")
+    return _load_stack(Path(path), stacks[0], document["weights"], dtype, seed, overrides)
+
+
+def load_pretrained_all(path, *, dtype=None, seed: int = 0, **overrides) -> dict[str, SpatialTransformer]:
+    """Every stack of a `flax-sgm convert` output directory, by prefix."""
+    document = read_config(path)
+    return {
+        s["prefix"]: _load_stack(Path(path), s, document["weights"], dtype, seed, overrides) for s in document["stacks"]
+    }
+
+
+def _load_stack(root: Path, record: Mapping, weights: str, dtype, seed: int, overrides) -> SpatialTransformer:
+    model = abstract_model(record["config"], record["param_dtype"], dtype, **overrides)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    target = root / record["path"]
+    if weights == "safetensors":
+        reader = SafetensorsReader(target)
+        try:
+            flat = {tuple(_path_part(p) for p in k.split(".")): reader.read(k) for k in reader.infos}
+        finally:
+            reader.close()
+        expected = {path for path, _ in nnx.to_flat_state(params)}
+        if set(flat) != expected:
+            raise CheckpointError(f"{target}: parameters do not match the config (missing {sorted(expected - set(flat))[:3]}, "
+                                  f"unexpected {sorted(set(flat) - expected)[:3]})")
+        params = nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()})
+    else:
+        ocp = _orbax()
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), params)
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(target.absolute(), params)
+    return nnx.merge(graphdef, params, _concrete_rng_state(rest, seed))
+
+
+def _path_part(part: str):
+    return int(part) if part.isdigit() else part
+
+
+def _concrete_rng_state(state, seed: int):
+    """eval_shape leaves the dropout RNG keys and counts abstract; give them values (keys from `seed`)."""
+    counter = iter(range(1 << 30))
+
+    def concrete(leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), next(counter)), math.prod(leaf.shape))
+            return keys.reshape(leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree.map(concrete, state)
