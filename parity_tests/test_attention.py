@@ -103,16 +103,6 @@ def test_cross_frame_matches_xformers_class_for_any_batch(n_frames, rng):
     assert_parity(result, "MemoryEfficientCrossAttention")
 
 
-def test_memory_efficient_masks_supported(rng):
-    """The seed's xformers class rejects masks; flax_sgm's gives CrossAttention's masked result."""
-    t = randomize_(torch_ref.CrossAttention(16, 12, 2, 8), seed=4)
-    f = flax_twin(t, flax_sgm.MemoryEfficientCrossAttention, 16, 12, 2, 8)
-    mask = rng.random((6, 5)) > 0.4
-    mask[:, 0] = True
-    result = compare(t, f, inputs_for(rng, 2, 6, 5, 16, 12), static={"mask": _torch(mask)}, flax_static={"mask": mask})
-    assert_parity(result, "MemoryEfficientCrossAttention")
-
-
 @pytest.mark.parametrize("heads,dim_head", [(4, 32), (2, 8), (3, 5)])
 @pytest.mark.parametrize("batch,hw", [(1, (5, 7)), (2, (4, 3))])
 def test_linear_attention(heads, dim_head, batch, hw, rng):

@@ -1,0 +1,107 @@
+"""Where flax_sgm differs from the seed on purpose (the seed's bugs), and agrees where the seed is right.
+
+Each test is named in the README's list of intended differences.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import flax_sgm
+import torch_ref
+from conftest import assert_parity, compare, flax_twin, randomize_, rel_err
+
+
+def block_pair(**options):
+    t = randomize_(torch_ref.BasicTransformerBlock(16, 2, 8, context_dim=12, **options), seed=7)
+    return t, flax_twin(t, flax_sgm.BasicTransformerBlock, 16, 2, 8, context_dim=12, **options)
+
+
+@pytest.fixture
+def block_inputs(rng):
+    return {
+        "x": rng.standard_normal((4, 5, 16)).astype(np.float32),
+        "context": rng.standard_normal((4, 3, 12)).astype(np.float32),
+        "additional_tokens": rng.standard_normal((4, 2, 16)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+def test_block_forward_honours_additional_tokens(block_inputs, checkpoint):
+    """Seed bug A: BasicTransformerBlock.forward drops additional_tokens; flax_sgm honours it, remat or not."""
+    t, f = block_pair(checkpoint=checkpoint)
+    x, context, extra = (torch.from_numpy(block_inputs[k]) for k in ("x", "context", "additional_tokens"))
+    with torch.no_grad():
+        dropped = t(x, context=context, additional_tokens=extra)
+        assert torch.equal(dropped, t(x, context=context))  # the seed ignores the tokens
+        intended = t._forward(x, context=context, additional_tokens=extra)
+    assert rel_err(intended, dropped) > 1e-2
+    # flax_sgm matches the seed's own _forward, forward values and gradients.
+    assert_parity(compare(t, f, block_inputs, torch_call=t._forward), "BasicTransformerBlock")
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+def test_block_forward_honours_cross_frame(block_inputs, checkpoint):
+    """Seed bug A: forward drops n_times_crossframe_attn_in_self; flax_sgm honours it (b == n*n here)."""
+    t, f = block_pair(checkpoint=checkpoint)
+    inputs = {k: block_inputs[k] for k in ("x", "context")}
+    x, context = torch.from_numpy(inputs["x"]), torch.from_numpy(inputs["context"])
+    with torch.no_grad():
+        assert torch.equal(t(x, context=context, n_times_crossframe_attn_in_self=2), t(x, context=context))
+    result = compare(t, f, inputs, static={"n_times_crossframe_attn_in_self": 2}, torch_call=t._forward)
+    assert_parity(result, "BasicTransformerBlock")
+
+
+def cross_pair(rng):
+    t = randomize_(torch_ref.CrossAttention(16, None, 2, 8), seed=8)
+    return t, flax_twin(t, flax_sgm.CrossAttention, 16, None, 2, 8)
+
+
+def test_cross_frame_agrees_where_the_seed_is_right(rng):
+    """b == n*n: the seed's b // n repeat equals the intended n repeat; flax_sgm matches it."""
+    t, f = cross_pair(rng)
+    inputs = {"x": rng.standard_normal((9, 5, 16)).astype(np.float32)}
+    assert_parity(compare(t, f, inputs, static={"n_times_crossframe_attn_in_self": 3}), "CrossAttention")
+
+
+def test_cross_frame_for_any_batch_divisible_by_n(rng):
+    """Seed bug B: b = 2n fails in the seed's CrossAttention; flax_sgm gives the intended result.
+
+    The intended result is the seed's MemoryEfficientCrossAttention, which repeats by n.
+    """
+    t, f = cross_pair(rng)
+    x = rng.standard_normal((6, 5, 16)).astype(np.float32)
+    with pytest.raises(RuntimeError):
+        t(torch.from_numpy(x), n_times_crossframe_attn_in_self=3)
+    reference = torch_ref.MemoryEfficientCrossAttention(16, None, 2, 8)
+    reference.load_state_dict(t.state_dict())
+    result = compare(reference, f, {"x": x}, static={"n_times_crossframe_attn_in_self": 3})
+    assert_parity(result, "CrossAttention")
+
+
+def test_cross_frame_is_first_frame_attention(rng):
+    """The intended rule, checked from first principles: frame i of a group uses frame 0's keys/values."""
+    t, f = cross_pair(rng)
+    x = rng.standard_normal((4, 5, 16)).astype(np.float32)
+    out = np.asarray(f(x, n_times_crossframe_attn_in_self=2))
+    for i in range(4):
+        first = 2 * (i // 2)
+        alone = f(x[i : i + 1], context=x[first : first + 1])
+        np.testing.assert_allclose(out[i : i + 1], np.asarray(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_memory_efficient_attention_takes_masks(rng):
+    """Seed bug C: the seed's xformers class raises on any mask; flax_sgm's applies it like CrossAttention."""
+    t = randomize_(torch_ref.MemoryEfficientCrossAttention(16, 12, 2, 8), seed=9)
+    x = torch.from_numpy(rng.standard_normal((2, 6, 16)).astype(np.float32))
+    context = torch.from_numpy(rng.standard_normal((2, 5, 12)).astype(np.float32))
+    mask = rng.random((6, 5)) > 0.4
+    mask[:, 0] = True
+    with pytest.raises(NotImplementedError):
+        t(x, context=context, mask=torch.from_numpy(mask))
+    reference = torch_ref.CrossAttention(16, 12, 2, 8)
+    reference.load_state_dict(t.state_dict())
+    f = flax_twin(t, flax_sgm.MemoryEfficientCrossAttention, 16, 12, 2, 8)
+    inputs = {"x": x.numpy(), "context": context.numpy()}
+    result = compare(reference, f, inputs, static={"mask": torch.from_numpy(mask)}, flax_static={"mask": mask})
+    assert_parity(result, "MemoryEfficientCrossAttention")
