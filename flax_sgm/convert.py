@@ -183,7 +183,8 @@ def to_torch_state_dict(model: nnx.Module, params: nnx.State | None = None, *, p
     for row in conversion_table(model):
         value = values[row.flax_path]
         value = value.get_value() if isinstance(value, nnx.Variable) else value
-        out[prefix + row.torch_key] = np.ascontiguousarray(row.transform.to_torch(np.asarray(value)))
+        # A writable C-ordered copy: views of jax buffers are read-only.
+        out[prefix + row.torch_key] = np.array(row.transform.to_torch(np.asarray(value)), order="C")
     return out
 
 
