@@ -9,8 +9,11 @@ tests and by `flax-sgm verify`; needs torch (the `torch` extra).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -155,3 +158,213 @@ def _flat_inputs(inputs: dict) -> dict:
     for k, v in inputs.items():
         flat |= {f"{k}.{i}": e for i, e in enumerate(v)} if isinstance(v, list) else {k: v}
     return flat
+
+
+# ---------------------------------------------------------------------------
+# Per-submodule parity, for `flax-sgm verify`: torch forward hooks record each
+# submodule's call during `compare`, the matching flax submodule is run on the
+# same inputs, and parameter gradients are grouped by submodule.
+
+
+class Error(NamedTuple):
+    abs: float  # max |flax - torch|
+    rel: float  # that over max |torch|
+
+
+class Call(NamedTuple):
+    args: tuple
+    kwargs: dict
+    output: Any  # detached
+
+
+def errors(actual, expected) -> Error:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return Error(float(np.abs(actual - expected).max()), rel_err(actual, expected))
+
+
+def _scaled(rel: float, expected) -> Error:
+    """The Error of a relative error `compare` measured: rel_err is |diff| / max |expected|."""
+    scale = float(np.abs(np.asarray(expected, np.float64)).max())
+    return Error(rel * scale if scale > 0 else rel, rel)
+
+
+@contextlib.contextmanager
+def record_calls(torch_module: torch.nn.Module, names: list[str]):
+    """{name: Call} of each named submodule's first call ("" is the module itself) while in the block.
+
+    Input tensors are kept as they were passed, so their .grad is readable after backward.
+    """
+    calls: dict[str, Call] = {}
+    modules = dict(torch_module.named_modules())
+
+    def hook_for(name):
+        def hook(_, args, kwargs, output):
+            if name not in calls:  # a checkpointed block runs again in backward
+                calls[name] = Call(args, dict(kwargs), output.detach().clone())
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n), with_kwargs=True) for n in names]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def flax_submodule(module: nnx.Module, name: str) -> nnx.Module:
+    """'transformer_blocks.0.attn1' -> module.transformer_blocks[0].attn1 (flax names equal torch's here)."""
+    for part in filter(None, name.split(".")):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _to_flax(value):
+    # Rank-4 tensors at these boundaries are NCHW images; flax_sgm takes NHWC.
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_flax(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_flax(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        value = value.detach().numpy()
+        return nchw_to_nhwc(value) if value.ndim == 4 else value
+    return value
+
+
+def submodule_errors(flax_module: nnx.Module, calls: dict[str, Call]) -> dict[str, Error]:
+    """Each recorded torch call replayed on the flax submodule of the same name: forward Error."""
+    out = {}
+    for name, call in calls.items():
+        flax_out = np.asarray(flax_submodule(flax_module, name)(*_to_flax(call.args), **_to_flax(call.kwargs)))
+        out[name] = errors(nhwc_to_nchw(flax_out) if flax_out.ndim == 4 else flax_out, call.output.numpy())
+    return out
+
+
+def grouped_grad_errors(torch_module: torch.nn.Module, result: Result, names: list[str]) -> dict[str, Error]:
+    """Per submodule, the largest parameter-gradient Error of `result` (torch's .grad still set)."""
+    grads = {k: p.grad for k, p in torch_module.named_parameters() if p.grad is not None}
+    out = {}
+    for name in names:
+        mine = [k for k in grads if k.startswith(name + ".")]
+        errs = [_scaled(result.grads[k], grads[k].numpy()) for k in mine]
+        out[name] = Error(max((e.abs for e in errs), default=0.0), max((e.rel for e in errs), default=0.0))
+    return out
+
+
+def attention_backend(flax_attn: nnx.Module, call: Call) -> str:
+    """The backend `select_backend` picks for a recorded CrossAttention call."""
+    from flax_sgm.attention_backends import AttentionProblem, select_backend
+
+    x = call.args[0] if call.args else call.kwargs["x"]
+    context, mask = call.kwargs.get("context"), call.kwargs.get("mask")
+    b, n = x.shape[0], x.shape[1]
+    if call.kwargs.get("additional_tokens") is not None:
+        n += call.kwargs["additional_tokens"].shape[1]
+    m = n if context is None else context.shape[1]
+    layer = flax_attn.to_q
+    dtype = layer.dtype or jnp.result_type(_to_flax(x).dtype, layer.param_dtype)
+    problem = AttentionProblem(jax.default_backend(), np.dtype(dtype), b, flax_attn.heads, n, m, flax_attn.dim_head, mask is not None)
+    return select_backend(flax_attn.backend, problem)
+
+
+def spatial_transformer_parts(depth: int) -> list[str]:
+    """The submodules `flax-sgm verify` reports, in forward order."""
+    blocks = [f"transformer_blocks.{i}.{p}" for i in range(depth) for p in ("norm1", "attn1", "norm2", "attn2", "norm3", "ff")]
+    return ["norm", "proj_in", *blocks, "proj_out"]
+
+
+def verify_spatial_transformer(
+    torch_module: torch.nn.Module, flax_module: nnx.Module, inputs: dict[str, Any], *, dtype: str = "float32", seed: int = 0
+) -> dict:
+    """The parity report of a SpatialTransformer pair on `inputs` (x NCHW, optional context): a JSON-able dict.
+
+    Whole model: forward and input gradients. Per submodule: forward (the flax
+    submodule on torch's recorded inputs), the largest parameter-gradient error,
+    and for attentions the backend. Passes when every relative error is within
+    TOLERANCES[dtype].
+    """
+    tol = TOLERANCES[dtype]
+    parts = spatial_transformer_parts(len(torch_module.transformer_blocks))
+    with jax.default_matmul_precision("highest"), record_calls(torch_module, ["", *parts]) as calls:
+        result = compare(torch_module, flax_module, inputs, image_inputs=("x",), image_output=True, seed=seed)
+    root = calls.pop("")
+    forward = submodule_errors(flax_module, calls)
+    grads = grouped_grad_errors(torch_module, result, parts)
+    rows = []
+    for name in parts:
+        is_attention = name.rsplit(".", 1)[-1] in ("attn1", "attn2")
+        rows.append(
+            {
+                "name": name,
+                "forward": forward[name]._asdict(),
+                "grad": grads[name]._asdict(),
+                "backend": attention_backend(flax_submodule(flax_module, name), calls[name]) if is_attention else None,
+                "passed": forward[name].rel <= tol.forward and grads[name].rel <= tol.grad,
+            }
+        )
+    torch_inputs = _flat_inputs(dict(root.kwargs))
+    input_grads = {
+        k: _scaled(rel, torch_inputs[k.removeprefix("input:")].grad.numpy())._asdict()
+        for k, rel in result.grads.items()
+        if k.startswith("input:")
+    }
+    model = {
+        "forward": _scaled(result.forward, root.output.numpy())._asdict(),
+        "grads": input_grads,
+        "passed": result.forward <= tol.forward and result.max_grad <= tol.grad,
+    }
+    return {
+        "passed": model["passed"] and all(r["passed"] for r in rows),
+        "dtype": dtype,
+        "platform": jax.default_backend(),
+        "seed": seed,
+        "tolerance": tol._asdict(),
+        "inputs": {k: _shapes(v) for k, v in inputs.items()},
+        "model": model,
+        "submodules": rows,
+    }
+
+
+def _shapes(value):
+    return [_shapes(v) for v in value] if isinstance(value, list) else list(np.shape(value))
+
+
+# SDXL's first transformer level (input_blocks.4.1): realistic widths, seconds on a CPU.
+VERIFY_DEFAULT = dict(in_channels=640, n_heads=10, d_head=64, depth=2, context_dim=2048, use_linear=True)
+
+
+def verify_inputs(config: dict, *, seed: int, batch: int = 2, hw: tuple[int, int] = (16, 16), context_tokens: int = 77) -> dict:
+    """Seeded inputs of a SpatialTransformer config: x NCHW and, when it has a context_dim, a context."""
+    rng = np.random.default_rng(seed)
+    inputs = {"x": rng.standard_normal((batch, config["in_channels"], *hw)).astype(np.float32)}
+    dims = config.get("context_dim")
+    if isinstance(dims, (list, tuple)):
+        inputs["context"] = [rng.standard_normal((batch, context_tokens, d)).astype(np.float32) for d in dims]
+    elif dims is not None:
+        inputs["context"] = rng.standard_normal((batch, context_tokens, dims)).astype(np.float32)
+    return inputs
+
+
+def verify_pair(
+    config: dict, torch_state: dict | None = None, flax_module: nnx.Module | None = None, *, seed: int = 0, dtype: str = "float32"
+) -> dict:
+    """`verify_spatial_transformer` on torch_ref's SpatialTransformer of `config` and its flax twin.
+
+    Weights: `torch_state` (torch names, arrays) or, without it, seeded random ones.
+    The flax side is `flax_module` (e.g. converted from a file) or converted from torch.
+    """
+    import torch_ref
+    from flax_sgm.transformer import SpatialTransformer
+
+    torch_module = torch_ref.SpatialTransformer(**config, use_checkpoint=False).to(getattr(torch, dtype))
+    if torch_state is None:
+        randomize_(torch_module, seed)
+    else:
+        tensors = convert.as_torch_tensors(torch_state)
+        torch_module.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}, strict=True)
+    if flax_module is None:
+        flax_module = nnx.eval_shape(
+            lambda: SpatialTransformer(**config, use_checkpoint=False, param_dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+        )
+        convert.load_torch_state_dict(flax_module, torch_module.state_dict())
+    return verify_spatial_transformer(torch_module, flax_module, verify_inputs(config, seed=seed), dtype=dtype, seed=seed)
