@@ -8,6 +8,7 @@ one attention function and its backend choice; attention: the attention modules)
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
 from flax_sgm.attention_backends import dot_product_attention, select_backend
 from flax_sgm.blocks import CHECKPOINT_POLICIES, BasicTransformerBlock, BasicTransformerSingleLayerBlock
+from flax_sgm.checkpoints import load_pretrained
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.transformer import SpatialTransformer
 
@@ -24,6 +25,7 @@ __all__ = [
     "SpatialSelfAttention",
     "SpatialTransformer",
     "dot_product_attention",
+    "load_pretrained",
     "select_backend",
     "zero_module",
 ]

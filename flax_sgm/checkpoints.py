@@ -213,11 +213,12 @@ def _torch_load_tensors(path: Path) -> dict:
 
 
 def _unpickling_reason(err: Exception) -> str:
-    """The useful line of torch's weights_only refusal, e.g. 'Unsupported global: GLOBAL posix.system'."""
+    """What torch's weights_only unpickler refused, e.g. 'it calls posix.system'."""
     text = str(err)
-    match = re.search(r"(Unsupported (?:global|operand)[^.\n]*)", text)
-    if match:
-        return f"the pickle is not plain tensors ({match.group(1).strip()})"
+    if match := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"the pickle is not plain tensors (it calls {match.group(1)})"
+    if match := re.search(r"Unsupported operand (\d+)", text):
+        return f"the pickle is not plain tensors (unsupported pickle opcode {match.group(1)})"
     return "the pickle is not plain tensors (torch.load weights_only=True)"
 
 

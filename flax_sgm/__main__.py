@@ -1,0 +1,5 @@
+"""`python -m flax_sgm`: the `flax-sgm` command line."""
+
+from flax_sgm.cli import main
+
+main()

@@ -1,0 +1,302 @@
+"""The `flax-sgm` command line: verify, convert, inspect.
+
+Commands only: the work is in checkpoints.py (files) and parity.py (torch vs flax).
+torch is imported only by `verify` and by reading .pt/.ckpt files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+from flax_sgm import checkpoints
+
+# Exit statuses.
+PARITY_FAILED = 1
+BAD_INPUT = 2
+
+
+class UserError(click.ClickException):
+    """One line on stderr, exit status 2; the traceback only with --debug."""
+
+    exit_code = BAD_INPUT
+
+
+def _debug_option(f):
+    return click.option("--debug", is_flag=True, help="Show the full traceback on an error.")(f)
+
+
+def _clean_errors(f):
+    """Turn any exception into a one-line error unless --debug (here or before the command) is given."""
+
+    @functools.wraps(f)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        debug = debug or click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return f(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if debug:
+                raise
+            if isinstance(err, (checkpoints.CheckpointError, ValueError)):
+                message = str(err)  # ours and ConversionError: already say what is wrong
+            elif isinstance(err, OSError):
+                message = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
+            else:
+                message = f"{type(err).__name__}: {err} (run with --debug for the traceback)"
+            raise UserError(message) from None
+
+    return _debug_option(wrapper)
+
+
+def _stack_options(f):
+    """--prefix, --heads/--head-dim, --disable-self-attn."""
+    f = click.option(
+        "--disable-self-attn",
+        is_flag=True,
+        default=None,
+        help="Force disable_self_attn (attn1 attends to the context). The weights show it only when the "
+        "context width differs from the inner dim.",
+    )(f)
+    f = click.option("--head-dim", type=click.IntRange(min=1), help="Width of one head; the heads are inner dim / D.")(f)
+    f = click.option("--heads", type=click.IntRange(min=1), help="Number of attention heads (must divide the inner dim).")(f)
+    return f
+
+
+def _exclusive_heads(heads, head_dim):
+    if heads is not None and head_dim is not None:
+        raise click.UsageError("give --heads or --head-dim, not both")
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Examples:
+  flax-sgm verify                      # parity report of the embedded default
+  flax-sgm inspect sd_xl_base_1.0.safetensors
+  flax-sgm convert sd_xl_base_1.0.safetensors --prefix model.diffusion_model.input_blocks.4.1 \\
+      --head-dim 64 -o input_blocks.4.1
+  flax-sgm convert v1-5-pruned.ckpt --all --heads 8 -o sd15-attention
+
+Exit status: 0 ok, 1 parity failed (verify), 2 bad input.""",
+)
+@click.version_option(package_name="flax-sgm")
+@click.option("--debug", is_flag=True, help="Show the full traceback on an error.")
+def cli(debug):
+    """Stable Diffusion's sgm SpatialTransformer in Flax NNX: check parity with torch, convert checkpoints."""
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  flax-sgm verify
+  flax-sgm verify --json > report.json
+  flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
+      --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
+  flax-sgm verify --checkpoint unet/diffusion_pytorch_model.safetensors \\
+      --prefix down_blocks.1.attentions.0 --heads 8"""
+)
+@click.option("--checkpoint", type=click.Path(), help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
+@click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
+@_stack_options
+@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True, help="Dtype of both sides and of the tolerances.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_clean_errors
+def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, as_json):
+    """Run torch's SpatialTransformer and its Flax conversion on the same input; report parity.
+
+    Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
+    channels, 10 heads of 64, depth 2, context 2048, linear projections) with seeded
+    random weights. With --checkpoint: the stack at --prefix, its config read off the
+    shapes; give --heads or --head-dim, which the weights cannot show.
+
+    Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
+    proj_out): max absolute and relative error of the forward output (the Flax
+    submodule on torch's recorded inputs) and of the parameter gradients, the
+    attention backend, pass/fail against flax_sgm.parity.TOLERANCES.
+    """
+    _exclusive_heads(heads, head_dim)
+    from flax_sgm import parity  # needs torch
+
+    if checkpoint is None:
+        if prefix is not None or heads is not None or head_dim is not None or disable_self_attn is not None:
+            raise click.UsageError("--prefix, --heads, --head-dim and --disable-self-attn need --checkpoint")
+        config, source = dict(parity.VERIFY_DEFAULT), {"weights": f"embedded default, random (seed {seed})"}
+        report = parity.verify_pair(config, seed=seed, dtype=dtype)
+    else:
+        reader = checkpoints.open_checkpoint(checkpoint)
+        try:
+            (chosen,) = checkpoints.select_stacks(reader, [prefix] if prefix is not None else [])
+            stack = checkpoints.infer_stack(reader.infos, chosen, disable_self_attn=disable_self_attn)
+            config = checkpoints.module_config(stack, heads, head_dim)
+            flax_module = checkpoints.convert_stack(reader, stack, config, dtype)
+            torch_state = {k[len(chosen):]: reader.read(k) for k in stack.keys}
+        finally:
+            reader.close()
+        source = {"weights": str(checkpoint), "prefix": chosen, "file_dtype": stack.dtype.name}
+        report = parity.verify_pair(config, torch_state, flax_module, seed=seed, dtype=dtype)
+    report = {"config": config, "source": source, **report}
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    sys.exit(0 if report["passed"] else PARITY_FAILED)
+
+
+def format_report(report: dict) -> str:
+    tol = report["tolerance"]
+    config = ", ".join(f"{k}={v}" for k, v in report["config"].items())
+    inputs = ", ".join(f"{k} {v}" for k, v in report["inputs"].items())
+    source = ", ".join(f"{k} {v}" for k, v in report["source"].items())
+    lines = [
+        f"SpatialTransformer({config})",
+        f"weights: {source}",
+        f"input: {inputs} (x NCHW for torch, NHWC for flax)   {report['dtype']} on {report['platform']}",
+        "",
+        f"{'submodule':30s} {'fwd abs':>9s} {'fwd rel':>9s} {'grad abs':>9s} {'grad rel':>9s}  {'backend':8s} result",
+    ]
+    for row in report["submodules"]:
+        f, g = row["forward"], row["grad"]
+        lines.append(
+            f"{row['name']:30s} {f['abs']:9.2e} {f['rel']:9.2e} {g['abs']:9.2e} {g['rel']:9.2e}  "
+            f"{row['backend'] or '-':8s} {'ok' if row['passed'] else 'FAIL'}"
+        )
+    model = report["model"]
+    lines.append(
+        f"{'whole model':30s} {model['forward']['abs']:9.2e} {model['forward']['rel']:9.2e} "
+        f"{'':9s} {'':9s}  {'':8s} {'ok' if model['passed'] else 'FAIL'}"
+    )
+    for name, e in model["grads"].items():
+        lines.append(f"{'  grad of ' + name.removeprefix('input:'):30s} {'':9s} {'':9s} {e['abs']:9.2e} {e['rel']:9.2e}")
+    lines += [
+        "",
+        f"tolerances ({report['dtype']}): relative error <= {tol['forward']:g} forward, <= {tol['grad']:g} gradients",
+        "PASS" if report["passed"] else "FAIL",
+    ]
+    return "\n".join(lines)
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  flax-sgm convert sd_xl_base_1.0.safetensors \\
+      --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64 -o xl-in4
+  flax-sgm convert sd_xl_base_1.0.safetensors --all --head-dim 64 -o xl-attention
+  flax-sgm convert unet/diffusion_pytorch_model.safetensors \\
+      --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
+  flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
+
+\b
+Then in Python:
+  model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several"""
+)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
+@click.option("--all", "all_stacks", is_flag=True, help="Every SpatialTransformer stack in the file (see `flax-sgm inspect`).")
+@_stack_options
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
+@click.option("--format", "weights", type=click.Choice(checkpoints.WEIGHT_FORMATS), default="orbax", show_default=True,
+              help="orbax: an Orbax checkpoint per stack; safetensors: a flat file of Flax paths per stack.")
+@click.option("--param-dtype", type=click.Choice(checkpoints.PARAM_DTYPES),
+              help="Storage dtype of the parameters; default: the file's (a narrower one rounds).")
+@click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@_clean_errors
+def convert(checkpoint, prefix, all_stacks, heads, head_dim, disable_self_attn, out, weights, param_dtype, overwrite):
+    """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
+
+    The config of each stack is read off its shapes; --heads or --head-dim says how its
+    inner dim splits into heads. .safetensors files are read lazily (only the selected
+    keys); torch files with torch.load(weights_only=True). Stacks are converted one at
+    a time, and the output appears only once complete. Load it with
+    flax_sgm.load_pretrained(OUTPUT).
+    """
+    _exclusive_heads(heads, head_dim)
+    start = time.perf_counter()
+    bar = None
+
+    def plan(stacks):
+        nonlocal bar
+        from tqdm import tqdm
+
+        total = sum(s.nbytes for s in stacks)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {len(stacks)} stack(s)", file=sys.stderr,
+                   disable=None, leave=False)
+
+    try:
+        written = checkpoints.convert_file(
+            checkpoint, out, prefix, all_stacks=all_stacks, heads=heads, head_dim=head_dim, weights=weights,
+            param_dtype=param_dtype, disable_self_attn=disable_self_attn, overwrite=overwrite,
+            progress=lambda n: bar.update(n), on_plan=plan,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    params = sum(s.params for s in written)
+    click.echo(
+        f"wrote {out} ({weights}): {len(written)} stack(s), {params / 1e6:.1f}M parameters, "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    for s in written:
+        c = s.config
+        click.echo(f"  {s.prefix or '(root)'}  {c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, "
+                   f"depth {c['depth']}, context {c['context_dim']}, {s.param_dtype}")
+    hint = "" if len(written) == 1 else ", prefix=...)  # or load_pretrained_all"
+    click.echo(f"load: flax_sgm.load_pretrained({str(out)!r}{hint or ')'}")
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  flax-sgm inspect sd_xl_base_1.0.safetensors
+  flax-sgm inspect v1-5-pruned.ckpt --json"""
+)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_clean_errors
+def inspect(checkpoint, as_json):
+    """List the SpatialTransformer stacks in CHECKPOINT and what their shapes say about them."""
+    reader = checkpoints.open_checkpoint(checkpoint)
+    try:
+        problems = {}
+        summaries = []
+        for p in checkpoints.find_stacks(reader.infos):
+            try:
+                summaries.append(checkpoints.infer_stack(reader.infos, p).summary())
+            except checkpoints.CheckpointError as err:
+                problems[p] = str(err)
+        info = {
+            "file": str(checkpoint),
+            "format": reader.kind,
+            "tensors": len(reader.infos),
+            "bytes": sum(i.nbytes for i in reader.infos.values()),
+            "top_level_prefixes": checkpoints.top_level_prefixes(reader.infos),
+            "stacks": summaries,
+            "unsupported": problems,
+        }
+    finally:
+        reader.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}: {info['format']}, {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
+    click.echo(f"top-level prefixes: {', '.join(info['top_level_prefixes'])}")
+    if not summaries and not problems:
+        click.echo("no SpatialTransformer stack found")
+        return
+    click.echo(f"{len(summaries)} SpatialTransformer stack(s):")
+    for s in summaries:
+        proj = "linear" if s["use_linear"] else "conv"
+        extra = ", disable_self_attn" if s["disable_self_attn"] else ""
+        click.echo(f"  {s['prefix'] or '(root)':45s} {s['in_channels']:5d} ch, inner {s['inner_dim']}, depth {s['depth']}, "
+                   f"context {s['context_dim']}, {proj} proj{extra}, {s['dtype']}, {s['bytes'] / 1e6:.1f} MB")
+    for p, why in problems.items():
+        click.echo(f"  {p:45s} not convertible: {why}")
+    click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
+               "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="flax-sgm")
