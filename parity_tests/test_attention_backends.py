@@ -1,0 +1,171 @@
+"""The attention function's backends on CPU: selection for every branch, the chunked and padded paths vs XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_sgm import attention_backends as ab
+from flax_sgm.attention_backends import AttentionProblem, select_backend
+
+
+def problem(platform="gpu", dtype=jnp.bfloat16, b=2, heads=10, n=4096, m=4096, d=64, has_mask=False):
+    return AttentionProblem(platform, jnp.dtype(dtype), b, heads, n, m, d, has_mask)
+
+
+SELECTIONS = {
+    # (requested, problem) -> backend
+    "auto-gpu-bf16": ("auto", problem(), "cudnn"),
+    "auto-gpu-fp16-odd-cross": ("auto", problem(dtype=jnp.float16, m=77), "cudnn"),
+    "auto-gpu-masked": ("auto", problem(has_mask=True), "cudnn"),
+    "auto-gpu-fp32": ("auto", problem(dtype=jnp.float32, n=1024, m=1024), "xla"),
+    "auto-gpu-fp32-long": ("auto", problem(dtype=jnp.float32, b=1, heads=48, n=17776, m=17776), "chunked"),
+    "auto-gpu-head-dim-40": ("auto", problem(d=40), "cudnn"),
+    "auto-gpu-head-dim-12": ("auto", problem(d=12, n=64, m=64), "xla"),
+    "auto-gpu-head-dim-320": ("auto", problem(d=320, n=64, m=64), "xla"),
+    "auto-cpu": ("auto", problem(platform="cpu", n=64, m=64), "xla"),
+    "auto-cpu-long": ("auto", problem(platform="cpu", dtype=jnp.float32), "chunked"),
+    "auto-tpu": ("auto", problem(platform="tpu", n=64, m=64), "xla"),
+    "xla-explicit-long": ("xla", problem(platform="cpu", dtype=jnp.float32), "xla"),
+    "chunked-explicit": ("chunked", problem(n=8, m=8), "chunked"),
+    "cudnn-explicit": ("cudnn", problem(), "cudnn"),
+    "seed-math": ("MATH", problem(), "xla"),
+    "seed-flash": ("FLASH_ATTENTION", problem(), "cudnn"),
+    "seed-efficient": ("EFFICIENT_ATTENTION", problem(), "cudnn"),
+    "seed-none": (None, problem(), "cudnn"),
+    "seed-xformers-mode": ("softmax-xformers", problem(), "cudnn"),
+}
+
+
+@pytest.mark.parametrize("case", list(SELECTIONS))
+def test_select_backend(case):
+    requested, p, expected = SELECTIONS[case]
+    assert select_backend(requested, p) == expected
+
+
+def test_budget_is_the_switch_between_xla_and_chunked():
+    p = problem(platform="cpu", dtype=jnp.float32, b=1, heads=1, n=1024, m=1024)
+    assert select_backend("auto", p, budget_bytes=p.logits_bytes) == "xla"
+    assert select_backend("auto", p, budget_bytes=p.logits_bytes - 1) == "chunked"
+
+
+@pytest.mark.parametrize(
+    "p,reason",
+    [
+        (problem(platform="cpu"), "needs a CUDA GPU; running on cpu"),
+        (problem(dtype=jnp.float32), "takes bfloat16 or float16; got float32"),
+        (problem(d=12), "multiple of 8 and <= 256; got 12"),
+    ],
+    ids=["cpu", "fp32", "head-dim"],
+)
+def test_explicit_cudnn_names_why_it_cannot_run(p, reason):
+    with pytest.raises(ValueError, match=f"attention backend 'cudnn' cannot run this input: .*{reason}"):
+        select_backend("cudnn", p)
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match=r"attention backend must be one of .*; got 'flash'"):
+        select_backend("flash", problem())
+
+
+def test_torch_sdp_backend_members_map_by_name():
+    from torch.nn.attention import SDPBackend
+
+    assert ab.resolve_backend(SDPBackend.MATH) == "xla"
+    assert ab.resolve_backend(SDPBackend.FLASH_ATTENTION) == "cudnn"
+    assert ab.resolve_backend(SDPBackend.EFFICIENT_ATTENTION) == "cudnn"
+
+
+def qkv(rng, b=2, n=37, m=29, heads=3, d=8, dtype=np.float32):
+    def draw(*shape):
+        return jnp.asarray(rng.standard_normal(shape).astype(dtype))
+
+    return draw(b, n, heads, d), draw(b, m, heads, d), draw(b, m, heads, d)
+
+
+def masks(rng, b, heads, n, m):
+    keep = rng.random((b, 1, n, m)) > 0.3
+    keep[..., 0] = True
+    keep[0, 0, 3] = False  # one fully masked row
+    additive = np.where(rng.random((1, heads, 1, m)) > 0.2, rng.standard_normal((1, heads, 1, m)), -np.inf)
+    additive[..., 0] = 0.0
+    return {"none": None, "bool-b1nm": jnp.asarray(keep), "float-1h1m": jnp.asarray(additive.astype(np.float32))}
+
+
+def output_and_grads(fn, q, k, v):
+    """fn's output and the gradients of <fn(q, k, v), cot> with respect to q, k, v."""
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape).astype(np.float32))
+    out, vjp = jax.vjp(fn, q, k, v)
+    return [out, *vjp(cot)]
+
+
+def assert_close(got, want, rtol):
+    """Each array within rtol of the largest magnitude of its reference."""
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        diff, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
+        assert diff <= rtol * scale, f"{name}: max diff {diff:.3g} > {rtol} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool-b1nm", "float-1h1m"])
+@pytest.mark.parametrize("chunk", [8, 16, 64], ids=["chunk8", "chunk16", "chunk64"])
+def test_chunked_matches_xla_forward_and_gradients(chunk, mask_kind, rng, monkeypatch):
+    q, k, v = qkv(rng)
+    mask = masks(rng, 2, 3, 37, 29)[mask_kind]
+    monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+    scale = 8**-0.5
+
+    def run(backend):
+        return output_and_grads(lambda q, k, v: ab.dot_product_attention(q, k, v, mask, scale=scale, backend=backend), q, k, v)
+
+    assert_close(run("chunked"), run("xla"), rtol=2e-6)
+
+
+def test_chunked_directly_with_long_sequences_is_exact(rng):
+    q, k, v = qkv(rng, b=1, n=1500, m=1300, heads=2, d=16)
+    out = ab.chunked_attention(q, k, v, scale=0.25, chunk_size=512)
+    ref = jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation="xla")
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+
+
+def test_chunked_memory_is_bounded():
+    """The compiled forward+backward of the chunked path never holds [b, heads, n, m] logits."""
+    b, n, heads, d = 1, 4096, 2, 32
+    spec = jax.ShapeDtypeStruct((b, n, heads, d), jnp.float32)
+
+    def loss(backend):
+        return jax.grad(lambda q, k, v: ab.dot_product_attention(q, k, v, scale=0.2, backend=backend).sum(), argnums=(0, 1, 2))
+
+    logits_bytes = b * heads * n * n * 4
+    chunked = jax.jit(loss("chunked")).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+    xla = jax.jit(loss("xla")).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+    assert xla >= logits_bytes  # the full logits are there
+    assert chunked < logits_bytes / 4
+
+
+@pytest.mark.parametrize("n,m", [(37, 29), (36, 77), (7, 8), (1, 1)], ids=["odd-odd", "even-odd", "odd-even", "one-one"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool-b1nm", "float-1h1m"])
+def test_padded_path_is_exact(n, m, mask_kind, rng):
+    """cuDNN's padding (odd lengths to even, hidden by seq lengths) checked through the XLA implementation."""
+    q, k, v = qkv(rng, n=n, m=m)
+    mask = masks(rng, 2, 3, n, m)[mask_kind] if n > 3 else None
+    bias, row_valid = ab._mask_to_bias(mask, (2, 3, n, m))
+    valid = jnp.ones((), bool) if row_valid is None else row_valid  # fully masked rows are zeroed after
+
+    def padded(q, k, v):
+        return jnp.where(valid, ab.padded_attention(q, k, v, bias, scale=0.3, implementation="xla"), 0)
+
+    def plain(q, k, v):
+        return jnp.where(valid, jax.nn.dot_product_attention(q, k, v, bias=bias, scale=0.3, implementation="xla"), 0)
+
+    assert_close(output_and_grads(padded, q, k, v), output_and_grads(plain, q, k, v), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+def test_fully_masked_rows_give_zeros_and_finite_gradients(backend, rng):
+    q, k, v = qkv(rng, n=5, m=4)
+    for mask in (jnp.zeros((5, 4), bool), jnp.full((5, 4), -jnp.inf)):
+        out, *grads = output_and_grads(
+            lambda q, k, v: ab.dot_product_attention(q, k, v, mask, scale=0.3, backend=backend), q, k, v
+        )
+        assert not np.any(np.asarray(out))
+        assert all(np.all(np.isfinite(g)) for g in grads)
