@@ -1,0 +1,362 @@
+"""The command line on checkpoint files the tests write: verify, convert, inspect, and every bad input."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import flax_sgm
+import torch_ref
+from flax_sgm import checkpoints, parity
+from flax_sgm.cli import cli
+from flax_sgm.parity import TOLERANCES, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+
+SGM = "model.diffusion_model."
+STACKS = {  # prefix in the SGM file -> SpatialTransformer config
+    SGM + "input_blocks.1.1.": dict(in_channels=32, n_heads=2, d_head=16, depth=1, context_dim=24),
+    SGM + "middle_block.1.": dict(in_channels=64, n_heads=2, d_head=16, depth=2, context_dim=[24, 40], use_linear=True),
+}
+DIFFUSERS = "down_blocks.1.attentions.0."
+SELF_ATTN = dict(in_channels=32, n_heads=2, d_head=16, depth=1, context_dim=24, disable_self_attn=True)
+
+
+def torch_stack(config, seed):
+    return randomize_(torch_ref.SpatialTransformer(**config, use_checkpoint=False), seed).eval()
+
+
+def prefixed(module, prefix):
+    return {prefix + k: v.contiguous() for k, v in module.state_dict().items()}
+
+
+class Evil:
+    """Unpickling it creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoint files in every layout, and the torch modules they hold."""
+    d = tmp_path_factory.mktemp("checkpoints")
+    modules = {p: torch_stack(c, seed=i) for i, (p, c) in enumerate(STACKS.items())}
+    sgm = {k: v for p, m in modules.items() for k, v in prefixed(m, p).items()}
+    sgm |= {SGM + "out.0.weight": torch.ones(4), "first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3)}
+    save_file(sgm, d / "sgm.safetensors")
+    torch.save({"state_dict": sgm, "global_step": 7}, d / "sgm.ckpt")
+    first = modules[SGM + "input_blocks.1.1."]
+    save_file(prefixed(first, DIFFUSERS) | {"conv_in.weight": torch.ones(4, 4, 3, 3)}, d / "diffusion_pytorch_model.safetensors")
+    save_file(prefixed(first, ""), d / "bare.safetensors")
+    torch.save({k: v.half() for k, v in prefixed(first, "").items()}, d / "bare_fp16.pt")
+    self_attn = torch_stack(SELF_ATTN, seed=5)
+    save_file(prefixed(self_attn, ""), d / "self_attn.safetensors")
+    plain_ff = prefixed(first, "")  # a non-gated feed-forward, which SpatialTransformer cannot build
+    plain_ff["transformer_blocks.0.ff.net.0.proj.weight"] = torch.zeros(128, 32)
+    plain_ff["transformer_blocks.0.ff.net.0.proj.bias"] = torch.zeros(128)
+    save_file(plain_ff, d / "plain_ff.safetensors")
+    modules |= {"": first, "self_attn": self_attn}
+    return d, modules
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def fail(*args, code=2):
+    """A bad input: exit 2, one line on stderr, no traceback."""
+    result = run(*args, ok=False)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def same_as_torch(flax_module, torch_module, config, seed=3):
+    inputs = parity.verify_inputs(config, seed=seed, hw=(3, 5), context_tokens=6)
+    context = inputs.get("context")
+    if isinstance(context, list):
+        t_ctx = [torch.from_numpy(c) for c in context]
+    else:
+        t_ctx = None if context is None else torch.from_numpy(context)
+    with torch.no_grad():
+        expected = torch_module(torch.from_numpy(inputs["x"]), t_ctx).numpy()
+    got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(inputs["x"]), context)))
+    assert rel_err(got, expected) <= TOLERANCES["float32"].forward
+
+
+# --- help --------------------------------------------------------------------------------------
+
+
+def test_python_dash_m_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "flax_sgm", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "Usage: flax-sgm" in out and all(c in out for c in ("verify", "convert", "inspect", "Examples"))
+
+
+@pytest.mark.parametrize("command", ["verify", "convert", "inspect"])
+def test_every_command_has_examples(command):
+    out = run(command, "--help").output
+    assert "Examples:" in out and f"flax-sgm {command}" in out
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_default(monkeypatch):
+    # The embedded default at unit-test widths (the real one runs under -m slow).
+    monkeypatch.setattr(parity, "VERIFY_DEFAULT", STACKS[SGM + "input_blocks.1.1."])
+
+
+def test_verify_default_reports_every_submodule_and_passes(small_default):
+    out = run("verify").output
+    for part in ["norm", "proj_in", "transformer_blocks.0.attn1", "transformer_blocks.0.attn2",
+                 "transformer_blocks.0.ff", "transformer_blocks.0.norm3", "proj_out", "whole model"]:
+        assert f"\n{part} " in out, part
+    assert "xla" in out and out.rstrip().endswith("PASS")
+
+
+def test_verify_json_and_parity_failure_exits_1(small_default, monkeypatch):
+    report = json.loads(run("verify", "--json", "--seed", "1").stdout)
+    assert report["passed"] and report["seed"] == 1 and report["config"] == parity.VERIFY_DEFAULT
+    assert {r["name"]: r["backend"] for r in report["submodules"]}["transformer_blocks.0.attn2"] == "xla"
+    assert all(r["forward"]["rel"] <= report["tolerance"]["forward"] for r in report["submodules"])
+    monkeypatch.setitem(parity.TOLERANCES, "float32", parity.Tolerance(forward=0.0, grad=0.0))
+    result = run("verify", "--json", ok=False)
+    assert result.exit_code == 1 and not json.loads(result.stdout)["passed"]
+
+
+def test_verify_checkpoint_infers_the_config(files):
+    d, modules = files
+    prefix = SGM + "middle_block.1"
+    report = json.loads(run("verify", "--checkpoint", d / "sgm.ckpt", "--prefix", prefix, "--head-dim", 16, "--json").stdout)
+    assert report["passed"] and report["source"]["prefix"] == prefix + "."
+    expected = dict(STACKS[prefix + "."], disable_self_attn=False)  # use_linear is in STACKS
+    assert report["config"] == expected
+    assert [r["name"] for r in report["submodules"]] == parity.spatial_transformer_parts(2)
+
+
+@pytest.mark.slow
+def test_verify_real_default():
+    report = json.loads(run("verify", "--json").stdout)
+    assert report["passed"] and report["inputs"]["x"] == [2, 640, 16, 16]
+
+
+def test_verify_needs_heads_or_head_dim(files):
+    d, _ = files
+    line = fail("verify", "--checkpoint", d / "bare.safetensors")
+    assert "--heads" in line and "--head-dim" in line and "inner dim" in line
+    assert "need --checkpoint" in run("verify", "--heads", 2, ok=False).output
+
+
+# --- inspect --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sgm.safetensors", "sgm.ckpt"])
+def test_inspect_lists_every_stack(files, name):
+    d, _ = files
+    info = json.loads(run("inspect", d / name, "--json").stdout)
+    assert [s["prefix"] for s in info["stacks"]] == list(STACKS)
+    assert info["stacks"][1]["context_dim"] == [24, 40] and info["stacks"][1]["use_linear"]
+    assert info["top_level_prefixes"] == ["first_stage_model.", "model."]
+    text = run("inspect", d / name).output
+    assert "2 SpatialTransformer stack(s)" in text and "middle_block.1." in text
+
+
+def test_inspect_names_an_unsupported_stack(files):
+    d, _ = files
+    assert "gated_ff=False" in run("inspect", d / "plain_ff.safetensors").output
+
+
+# --- convert -> load_pretrained -> same outputs as torch -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,args,key,weights",
+    [
+        ("sgm.safetensors", ["--prefix", SGM + "input_blocks.1.1", "--heads", 2], SGM + "input_blocks.1.1.", "orbax"),
+        ("sgm.ckpt", ["--prefix", SGM + "middle_block.1.", "--head-dim", 16], SGM + "middle_block.1.", "safetensors"),
+        ("diffusion_pytorch_model.safetensors", ["--heads", 2], "", "orbax"),
+        ("bare.safetensors", ["--head-dim", 16], "", "safetensors"),
+    ],
+    ids=["sgm-safetensors-orbax", "sgm-ckpt-flat", "diffusers-orbax", "no-prefix-flat"],
+)
+def test_convert_then_load_pretrained_matches_torch(files, tmp_path, name, args, key, weights):
+    d, modules = files
+    out = tmp_path / "out"
+    printed = run("convert", d / name, *args, "-o", out, "--format", weights).output
+    assert "load: flax_sgm.load_pretrained" in printed
+    model = flax_sgm.load_pretrained(out)
+    config = STACKS.get(key, STACKS[SGM + "input_blocks.1.1."])
+    same_as_torch(model, modules[key], config)
+    document = json.loads((out / "config.json").read_text())
+    assert document["weights"] == weights and document["stacks"][0]["config"]["n_heads"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left
+
+
+def test_convert_all_and_repeated_prefix(files, tmp_path):
+    d, modules = files
+    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "all")
+    loaded = checkpoints.load_pretrained_all(tmp_path / "all")
+    assert list(loaded) == list(STACKS)
+    for prefix, model in loaded.items():
+        same_as_torch(model, modules[prefix], STACKS[prefix])
+    with pytest.raises(checkpoints.CheckpointError, match="holds 2 stacks"):
+        flax_sgm.load_pretrained(tmp_path / "all")
+    prefixes = [a for p in STACKS for a in ("--prefix", p)]
+    run("convert", d / "sgm.ckpt", *prefixes, "--heads", 2, "-o", tmp_path / "two", "--format", "safetensors")
+    model = flax_sgm.load_pretrained(tmp_path / "two", prefix=SGM + "middle_block.1")
+    same_as_torch(model, modules[SGM + "middle_block.1."], STACKS[SGM + "middle_block.1."])
+
+
+def test_flat_safetensors_output_is_keyed_by_flax_paths(files, tmp_path):
+    d, _ = files
+    run("convert", d / "bare.safetensors", "--heads", 2, "--format", "safetensors", "-o", tmp_path / "flat")
+    with safe_open(tmp_path / "flat" / "spatial_transformer.safetensors", framework="numpy") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["flax_sgm_config"])["config"]["d_head"] == 16
+        assert f.get_tensor("transformer_blocks.0.attn1.to_q.kernel").shape == (32, 32)  # [in, out]
+    assert {"norm.scale", "proj_in.kernel", "transformer_blocks.0.ff.project_in.proj.kernel", "proj_out.bias"} <= keys
+
+
+def test_convert_infers_disable_self_attn_and_keeps_the_file_dtype(files, tmp_path):
+    d, modules = files
+    run("convert", d / "self_attn.safetensors", "--heads", 2, "-o", tmp_path / "sa")
+    same_as_torch(flax_sgm.load_pretrained(tmp_path / "sa"), modules["self_attn"], SELF_ATTN)
+    run("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp16")
+    model = flax_sgm.load_pretrained(tmp_path / "fp16")
+    assert model.proj_in.kernel.dtype == np.float16
+    run("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp32", "--param-dtype", "float32")
+    assert flax_sgm.load_pretrained(tmp_path / "fp32").proj_in.kernel.dtype == np.float32
+
+
+def test_convert_reads_only_the_selected_keys(files, tmp_path, monkeypatch):
+    d, _ = files
+    read = []
+    original = checkpoints.SafetensorsReader.read
+    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", lambda self, k: read.append(k) or original(self, k))
+    run("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.1.1.", "--heads", 2, "-o", tmp_path / "o")
+    assert read and all(k.startswith(SGM + "input_blocks.1.1.") for k in read)
+
+
+def test_convert_safetensors_without_torch(files, tmp_path):
+    d, _ = files
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` fails
+        "from flax_sgm.cli import main\n"
+        f"main(['convert', {str(d / 'bare.safetensors')!r}, '--heads', '2', '-o', {str(tmp_path / 'o')!r}])"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "o" / "config.json").exists()
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_missing_file_and_directory(tmp_path):
+    assert "no such file" in fail("convert", tmp_path / "nope.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "is a directory" in fail("convert", tmp_path, "--heads", 2, "-o", tmp_path / "o")
+    assert "no such file" in fail("inspect", tmp_path / "nope.ckpt")
+
+
+def test_truncated_and_corrupt_safetensors(files, tmp_path):
+    d, _ = files
+    data = (d / "bare.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[: len(data) - 100])
+    assert "truncated" in fail("convert", tmp_path / "short.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    (tmp_path / "head.safetensors").write_bytes(data[:200])
+    assert "truncated" in fail("inspect", tmp_path / "head.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))
+    assert "corrupt" in fail("inspect", tmp_path / "junk.safetensors")
+    (tmp_path / "junk.ckpt").write_bytes(b"PK\x03\x04" + bytes(100))
+    assert "not a readable torch checkpoint" in fail("inspect", tmp_path / "junk.ckpt")
+
+
+@pytest.mark.parametrize("layout", ["bare-pickle", "torch-zip"])
+def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, layout):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    if layout == "bare-pickle":
+        path.write_bytes(pickle.dumps({"state_dict": {"w": Evil(marker)}}, protocol=2))
+        pickle.loads(path.read_bytes())  # the file is live: plain unpickling runs it
+        assert marker.exists()
+        marker.unlink()
+    else:
+        torch.save({"state_dict": {"w": torch.ones(2)}, "hook": Evil(marker)}, path)
+    line = fail("convert", path, "--heads", 2, "-o", tmp_path / "o")
+    assert "refused" in line and "nothing in it was run" in line
+    fail("verify", "--checkpoint", path, "--heads", 2)
+    assert not marker.exists()
+
+
+def test_prefix_matching_nothing_lists_what_is_there(files, tmp_path):
+    d, _ = files
+    line = fail("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.44.1", "--heads", 2, "-o", tmp_path / "o")
+    assert "top-level prefixes: first_stage_model., model." in line
+    assert f"under '{SGM}input_blocks.' there are: 1." in line
+
+
+def test_several_stacks_need_a_choice_and_a_non_stack_prefix_is_named(files, tmp_path):
+    d, _ = files
+    assert "holds 2 SpatialTransformer stacks" in fail("convert", d / "sgm.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    line = fail("convert", d / "sgm.safetensors", "--prefix", "first_stage_model", "--heads", 2, "-o", tmp_path / "o")
+    assert "not a SpatialTransformer stack" in line
+    assert "gated_ff=False" in fail("convert", d / "plain_ff.safetensors", "--heads", 2, "-o", tmp_path / "o")
+
+
+def test_heads_must_divide_the_inner_dim(files, tmp_path):
+    d, _ = files
+    assert "--heads 3 does not divide the inner dim 32" in fail("convert", d / "bare.safetensors", "--heads", 3, "-o", tmp_path / "o")
+    assert "--head-dim 5 does not divide" in fail("verify", "--checkpoint", d / "bare.safetensors", "--head-dim", 5)
+    assert "not both" in run("convert", d / "bare.safetensors", "--heads", 2, "--head-dim", 16, "-o", tmp_path / "o", ok=False).output
+
+
+def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
+    d, modules = files
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert "already exists (pass --overwrite" in fail("convert", d / "bare.safetensors", "--heads", 2, "-o", out)
+    assert (out / "mine.txt").exists()
+    run("convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
+    assert not (out / "mine.txt").exists()
+    same_as_torch(flax_sgm.load_pretrained(out), modules[""], STACKS[SGM + "input_blocks.1.1."])
+
+
+def test_an_interrupted_convert_leaves_no_output(files, tmp_path, monkeypatch):
+    d, _ = files
+    saved = []
+    original = checkpoints.save_params
+
+    def save_then_interrupt(*args):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(original(*args))
+
+    monkeypatch.setattr(checkpoints, "save_params", save_then_interrupt)
+    result = run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", ok=False)
+    assert result.exit_code != 0 and saved
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
+    (tmp_path / "out").mkdir()  # an older output survives an interrupted --overwrite
+    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", "--overwrite", ok=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run("--debug", "inspect", tmp_path / "nope.safetensors", ok=False)
+    assert isinstance(result.exception, checkpoints.CheckpointError)
+    result = run("inspect", tmp_path / "nope.safetensors", "--debug", ok=False)
+    assert isinstance(result.exception, checkpoints.CheckpointError)
