@@ -24,16 +24,19 @@ Output of `convert` (a directory, written to a temporary path and renamed):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 import uuid
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,6 +76,7 @@ SAFETENSORS_DTYPES = {
 }
 SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+READ_AHEAD_BYTES = 256 << 20  # how far file reads run ahead of conversion
 
 
 class CheckpointError(ValueError):
@@ -108,16 +112,19 @@ class SafetensorsReader:
             raise
 
     def read(self, key: str) -> np.ndarray:
+        """The tensor's bytes in a new array; positional reads, so threads may share the reader."""
         info, start = self.infos[key], self._offsets[key]
         buf = np.empty(info.nbytes, np.uint8)
         view, done = memoryview(buf), 0
-        self._file.seek(start)
         while done < info.nbytes:
-            n = self._file.readinto(view[done:])
+            n = os.preadv(self._file.fileno(), [view[done:]], start + done)
             if not n:
                 raise CheckpointError(f"{self.path}: truncated while reading {key}")
             done += n
         return buf.view(info.dtype).reshape(info.shape)
+
+    def file_order(self, keys: Iterable[str]) -> list[str]:
+        return sorted(keys, key=self._offsets.__getitem__)
 
     def close(self) -> None:
         self._file.close()
@@ -175,6 +182,9 @@ class TorchReader:
 
     def read(self, key: str) -> np.ndarray:
         return convert.to_numpy(self._tensors[key])
+
+    def file_order(self, keys: Iterable[str]) -> list[str]:
+        return list(keys)
 
     def close(self) -> None:
         self._tensors = {}
@@ -445,35 +455,121 @@ def select_stacks(reader, prefixes: Iterable[str] = (), *, all_stacks: bool = Fa
 # Converting
 
 
-class _LazyTensor:
-    """A tensor read from the file when numpy asks for it (convert.to_numpy calls np.asarray)."""
+class _ReadAhead:
+    """Reads `keys` in file order on a thread, at most `budget` bytes ahead of the consumer.
 
-    def __init__(self, reader, key: str, on_read: Callable[[int], Any] | None):
-        self.reader, self.key, self.on_read = reader, key, on_read
+    The consumer takes tensors in any order (conversion goes in the model's
+    order) and reads one itself when the thread has not got to it, so the budget
+    never blocks it. File reads release the GIL: they overlap the conversion.
+    """
 
-    def __array__(self, dtype=None, copy=None):
-        value = self.reader.read(self.key)
+    def __init__(self, reader, keys: Iterable[str], budget: int = READ_AHEAD_BYTES, on_read=None):
+        self.reader, self.budget, self.on_read = reader, budget, on_read
+        self.order = reader.file_order(keys)
+        self.sizes = {k: reader.infos[k].nbytes for k in self.order}
+        self.ready: dict[str, Any] = {}
+        self.taken: set[str] = set()
+        self.reading: str | None = None
+        self.ahead = 0
+        self.stopped = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="flax-sgm-read")
+        self.thread.start()
+
+    def _run(self):
+        for key in self.order:
+            with self.cond:
+                # One tensor may always be ahead, however large.
+                self.cond.wait_for(lambda: self.stopped or self.ahead == 0 or self.ahead + self.sizes[key] <= self.budget)
+                if self.stopped:
+                    return
+                if key in self.taken:
+                    continue
+                self.reading = key
+                self.ahead += self.sizes[key]
+            try:
+                value = self.reader.read(key)
+            except BaseException as err:  # the consumer raises it
+                value = err
+            with self.cond:
+                self.ready[key], self.reading = value, None
+                self.cond.notify_all()
+
+    def get(self, key: str) -> np.ndarray:
+        with self.cond:
+            self.cond.wait_for(lambda: self.reading != key)
+            if key in self.ready:
+                value = self.ready.pop(key)
+                self.ahead -= self.sizes[key]
+                self.cond.notify_all()
+            else:
+                self.taken.add(key)
+                value = None
+        if value is None:
+            value = self.reader.read(key)
+        if isinstance(value, BaseException):
+            raise value
         if self.on_read:
             self.on_read(value.nbytes)
+        return value
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join()
+
+
+class _LazyTensor:
+    """A tensor taken from the read-ahead when numpy asks for it (convert.to_numpy calls np.asarray)."""
+
+    def __init__(self, source: _ReadAhead, key: str):
+        self.source, self.key = source, key
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.source.get(self.key)
         return value if dtype is None else value.astype(dtype)
 
 
-def abstract_model(config: Mapping[str, Any], param_dtype, dtype=None, **overrides) -> SpatialTransformer:
-    """The module's structure with no weights (nnx.eval_shape), to be filled by conversion."""
-    kwargs = dict(config, **overrides)
-    return nnx.eval_shape(
-        lambda: SpatialTransformer(**kwargs, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(param_dtype))
+@functools.lru_cache(maxsize=8)
+def _abstract_parts(config_json: str, param_dtype: str, dtype: str | None):
+    config = json.loads(config_json)
+    model = nnx.eval_shape(
+        lambda: SpatialTransformer(**config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(param_dtype))
     )
+    return nnx.split(model)
 
 
-def convert_stack(reader, stack: StackShape, config: Mapping[str, Any], param_dtype=None, *, on_read=None) -> SpatialTransformer:
-    """The stack's weights in an abstract SpatialTransformer, one tensor read at a time (strict)."""
+def abstract_model(config: Mapping[str, Any], param_dtype, dtype=None, **overrides) -> SpatialTransformer:
+    """The module's structure with no weights (nnx.eval_shape), to be filled by conversion.
+
+    Cached per config: an SDXL file repeats a few configs, and tracing one takes a while.
+    """
+    key = json.dumps(dict(config, **overrides), sort_keys=True)
+    graphdef, state = _abstract_parts(key, jnp.dtype(param_dtype).name, None if dtype is None else jnp.dtype(dtype).name)
+    return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))  # fresh Variables, the cache stays abstract
+
+
+def convert_stack(
+    reader, stack: StackShape, config: Mapping[str, Any], param_dtype=None, *, on_read=None, source: _ReadAhead | None = None
+) -> SpatialTransformer:
+    """The stack's weights in an abstract SpatialTransformer, strictly (convert.load_torch_state_dict).
+
+    Tensors come from `source` (a read-ahead shared by several stacks) or are read
+    here, one at a time as conversion takes them.
+    """
     param_dtype = stack.dtype if param_dtype is None else np.dtype(param_dtype)
     model = abstract_model(config, param_dtype)
-    lazy = {k: _LazyTensor(reader, k, on_read) for k in stack.keys}
-    # Narrowing is only allowed when the caller picked the dtype.
-    downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
-    return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast)
+    own = source is None
+    source = _ReadAhead(reader, stack.keys, budget=0, on_read=on_read) if own else source
+    try:
+        lazy = {k: _LazyTensor(source, k) for k in stack.keys}
+        # Narrowing is only allowed when the caller picked the dtype.
+        downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
+        return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast)
+    finally:
+        if own:
+            source.close()
 
 
 def stack_name(prefix: str) -> str:
@@ -574,7 +670,7 @@ def convert_file(
         raise CheckpointError(f"param dtype must be one of {PARAM_DTYPES}; got {param_dtype!r}")
     out = Path(out)
     check_output(out, overwrite)
-    reader = open_checkpoint(source)
+    reader, ahead = open_checkpoint(source), None
     try:
         selected = select_stacks(reader, prefixes, all_stacks=all_stacks)
         stacks = [infer_stack(reader.infos, p, disable_self_attn=disable_self_attn) for p in selected]
@@ -582,16 +678,25 @@ def convert_file(
         if on_plan:
             on_plan(stacks)
         written = []
-        with staging_dir(out, overwrite) as tmp:
+        # One stack is written on a thread while the next is read and converted:
+        # at most two converted stacks are in memory.
+        ahead = _ReadAhead(reader, [k for s in stacks for k in s.keys], on_read=progress)
+        with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-save") as saver:
+            pending = None
             for stack, config in zip(stacks, configs):
-                model = convert_stack(reader, stack, config, param_dtype, on_read=progress)
+                model = convert_stack(reader, stack, config, param_dtype, source=ahead)
                 dtype = np.dtype(param_dtype or stack.dtype).name
                 name = stack_name(stack.prefix)
                 entry = ConvertedStack(stack.prefix, name, config, dtype, _count_params(model), stack.nbytes)
                 target = tmp / (name + ".safetensors" if weights == "safetensors" else name)
-                save_params(model, target, weights, {"flax_sgm_config": json.dumps(_stack_record(entry, weights))})
+                if pending is not None:
+                    pending.result()
+                metadata = {"flax_sgm_config": json.dumps(_stack_record(entry, weights))}
+                pending = saver.submit(save_params, model, target, weights, metadata)
                 written.append(entry)
                 del model
+            if pending is not None:
+                pending.result()
             document = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -602,6 +707,8 @@ def convert_file(
             (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
         return written
     finally:
+        if ahead is not None:
+            ahead.close()
         reader.close()
 
 
