@@ -350,7 +350,9 @@ def infer_stack(infos: Mapping[str, TensorInfo], prefix: str, *, disable_self_at
     needed = ["norm.weight", "proj_in.weight", "transformer_blocks.0.attn1.to_k.weight"]
     absent = [k for k in needed if k not in local]
     if absent:
-        raise CheckpointError(f"{where} is not a SpatialTransformer stack: no {', '.join(prefix + k for k in absent)}")
+        inside = find_stacks(keys)
+        hint = f"; the stacks under it: {_listing(inside, 6)}" if inside else ""
+        raise CheckpointError(f"{where} is not a SpatialTransformer stack: no {', '.join(prefix + k for k in absent)}{hint}")
     in_channels = local["norm.weight"].shape[0]
     proj_in = local["proj_in.weight"].shape
     if len(proj_in) not in (2, 4) or (len(proj_in) == 4 and proj_in[2:] != (1, 1)) or proj_in[1] != in_channels:
@@ -802,25 +804,28 @@ def load_pretrained_all(path, *, dtype=None, seed: int = 0, **overrides) -> dict
 
 def _load_stack(root: Path, record: Mapping, weights: str, dtype, seed: int, overrides) -> SpatialTransformer:
     model = abstract_model(record["config"], record["param_dtype"], dtype, **overrides)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    abstract = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     target = root / record["path"]
     if weights == "safetensors":
         reader = SafetensorsReader(target)
         try:
-            flat = {tuple(_path_part(p) for p in k.split(".")): reader.read(k) for k in reader.infos}
+            values = {tuple(_path_part(p) for p in k.split(".")): reader.read(k) for k in reader.infos}
         finally:
             reader.close()
-        expected = {path for path, _ in nnx.to_flat_state(params)}
-        if set(flat) != expected:
-            raise CheckpointError(f"{target}: parameters do not match the config (missing {sorted(expected - set(flat))[:3]}, "
-                                  f"unexpected {sorted(set(flat) - expected)[:3]})")
-        params = nnx.from_flat_state({k: jnp.asarray(v) for k, v in flat.items()})
+        wrong = sorted(set(values) ^ set(abstract)) + [
+            p for p in values if p in abstract and (values[p].shape, values[p].dtype) != (abstract[p].shape, abstract[p].dtype)
+        ]
+        if wrong:
+            raise CheckpointError(f"{target}: does not match its config at {'.'.join(map(str, wrong[0]))}")
+        restored = nnx.from_flat_state({p: jnp.asarray(v) for p, v in values.items()})
     else:
         ocp = _orbax()
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), params)
+        params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), nnx.state(model, nnx.Param))
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(target.absolute(), params)
+            restored = checkpointer.restore(target.absolute(), params)
+    nnx.update(model, restored)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, params, _concrete_rng_state(rest, seed))
 
 

@@ -104,7 +104,8 @@ Examples:
 @click.option("--checkpoint", type=click.Path(), help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
-@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True, help="Dtype of both sides and of the tolerances.")
+@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
+              help="Dtype of both sides and of the tolerances (flax_sgm.parity.TOLERANCES; float32 only today).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_clean_errors
@@ -127,7 +128,7 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     if checkpoint is None:
         if prefix is not None or heads is not None or head_dim is not None or disable_self_attn is not None:
             raise click.UsageError("--prefix, --heads, --head-dim and --disable-self-attn need --checkpoint")
-        config, source = dict(parity.VERIFY_DEFAULT), {"weights": f"embedded default, random (seed {seed})"}
+        config, source = dict(parity.VERIFY_DEFAULT), {"weights": f"embedded default, seeded random (seed {seed})"}
         report = parity.verify_pair(config, seed=seed, dtype=dtype)
     else:
         reader = checkpoints.open_checkpoint(checkpoint)
@@ -139,7 +140,7 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
             torch_state = {k[len(chosen):]: reader.read(k) for k in stack.keys}
         finally:
             reader.close()
-        source = {"weights": str(checkpoint), "prefix": chosen, "file_dtype": stack.dtype.name}
+        source = {"weights": str(checkpoint), "prefix": chosen, "dtype in file": stack.dtype.name}
         report = parity.verify_pair(config, torch_state, flax_module, seed=seed, dtype=dtype)
     report = {"config": config, "source": source, **report}
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -150,7 +151,7 @@ def format_report(report: dict) -> str:
     tol = report["tolerance"]
     config = ", ".join(f"{k}={v}" for k, v in report["config"].items())
     inputs = ", ".join(f"{k} {v}" for k, v in report["inputs"].items())
-    source = ", ".join(f"{k} {v}" for k, v in report["source"].items())
+    source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in report["source"].items())
     lines = [
         f"SpatialTransformer({config})",
         f"weights: {source}",
@@ -243,8 +244,11 @@ def convert(checkpoint, prefix, all_stacks, heads, head_dim, disable_self_attn, 
         c = s.config
         click.echo(f"  {s.prefix or '(root)'}  {c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, "
                    f"depth {c['depth']}, context {c['context_dim']}, {s.param_dtype}")
-    hint = "" if len(written) == 1 else ", prefix=...)  # or load_pretrained_all"
-    click.echo(f"load: flax_sgm.load_pretrained({str(out)!r}{hint or ')'}")
+    if len(written) == 1:
+        click.echo(f"load: flax_sgm.load_pretrained({str(out)!r})")
+    else:
+        click.echo(f"load: flax_sgm.load_pretrained({str(out)!r}, prefix={written[0].prefix!r}), "
+                   f"or all: flax_sgm.checkpoints.load_pretrained_all({str(out)!r})")
 
 
 @cli.command(

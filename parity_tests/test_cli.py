@@ -314,6 +314,8 @@ def test_several_stacks_need_a_choice_and_a_non_stack_prefix_is_named(files, tmp
     assert "holds 2 SpatialTransformer stacks" in fail("convert", d / "sgm.safetensors", "--heads", 2, "-o", tmp_path / "o")
     line = fail("convert", d / "sgm.safetensors", "--prefix", "first_stage_model", "--heads", 2, "-o", tmp_path / "o")
     assert "not a SpatialTransformer stack" in line
+    line = fail("convert", d / "sgm.safetensors", "--prefix", "model.diffusion_model", "--heads", 2, "-o", tmp_path / "o")
+    assert f"the stacks under it: {SGM}input_blocks.1.1., {SGM}middle_block.1." in line
     assert "gated_ff=False" in fail("convert", d / "plain_ff.safetensors", "--heads", 2, "-o", tmp_path / "o")
 
 
@@ -353,6 +355,11 @@ def test_an_interrupted_convert_leaves_no_output(files, tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()  # an older output survives an interrupted --overwrite
     run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", "--overwrite", ok=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_load_pretrained_needs_a_convert_output(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
+        flax_sgm.load_pretrained(tmp_path)
 
 
 def test_debug_shows_the_traceback(tmp_path):
