@@ -253,6 +253,7 @@ def open_checkpoint(path) -> SafetensorsReader | TorchReader:
 # ---------------------------------------------------------------------------
 # Stacks and their configs
 
+STACK_CHILDREN = {"norm", "proj_in", "transformer_blocks", "proj_out"}
 _STACK_MARKER = re.compile(r"^(.*?)transformer_blocks\.0\.attn1\.to_q\.weight$")
 _BLOCK_INDEX = re.compile(r"^transformer_blocks\.(\d+)\.")
 
@@ -353,6 +354,12 @@ def infer_stack(infos: Mapping[str, TensorInfo], prefix: str, *, disable_self_at
         inside = find_stacks(keys)
         hint = f"; the stacks under it: {_listing(inside, 6)}" if inside else ""
         raise CheckpointError(f"{where} is not a SpatialTransformer stack: no {', '.join(prefix + k for k in absent)}{hint}")
+    foreign = sorted({k.split(".", 1)[0] for k in local} - STACK_CHILDREN)
+    if foreign:
+        raise CheckpointError(
+            f"{where} holds more than a SpatialTransformer: {_listing([prefix + f + '.*' for f in foreign], 4)} "
+            "(a video or other variant?)"
+        )
     in_channels = local["norm.weight"].shape[0]
     proj_in = local["proj_in.weight"].shape
     if len(proj_in) not in (2, 4) or (len(proj_in) == 4 and proj_in[2:] != (1, 1)) or proj_in[1] != in_channels:

@@ -64,6 +64,8 @@ def files(tmp_path_factory):
     plain_ff["transformer_blocks.0.ff.net.0.proj.weight"] = torch.zeros(128, 32)
     plain_ff["transformer_blocks.0.ff.net.0.proj.bias"] = torch.zeros(128)
     save_file(plain_ff, d / "plain_ff.safetensors")
+    video = prefixed(first, "") | {"time_stack.0.attn1.to_q.weight": torch.ones(32, 32)}  # SpatialVideoTransformer-like
+    save_file(video, d / "video.safetensors")
     modules |= {"": first, "self_attn": self_attn}
     return d, modules
 
@@ -317,6 +319,7 @@ def test_several_stacks_need_a_choice_and_a_non_stack_prefix_is_named(files, tmp
     line = fail("convert", d / "sgm.safetensors", "--prefix", "model.diffusion_model", "--heads", 2, "-o", tmp_path / "o")
     assert f"the stacks under it: {SGM}input_blocks.1.1., {SGM}middle_block.1." in line
     assert "gated_ff=False" in fail("convert", d / "plain_ff.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "more than a SpatialTransformer: time_stack.*" in fail("convert", d / "video.safetensors", "--heads", 2, "-o", tmp_path / "o")
 
 
 def test_heads_must_divide_the_inner_dim(files, tmp_path):
