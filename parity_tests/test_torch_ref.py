@@ -31,7 +31,9 @@ from torch.nn.attention import SDPBackend
 import torch_ref
 from conftest import randomize_
 
-SEED_FILE = pathlib.Path(os.environ.get("SGM_SEED_FILE", "/work/shared/seed/000_e65850759413b9c4.txt"))
+# The seed lies in ../shared beside the repository (as on CI), unless SGM_SEED_FILE says otherwise.
+DEFAULT_SEED_FILE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_e65850759413b9c4.txt"
+SEED_FILE = pathlib.Path(os.environ.get("SGM_SEED_FILE", DEFAULT_SEED_FILE))
 SEED_IMPORT = "from .diffusionmodules.util import checkpoint"
 
 # The seed calls the deprecated torch.backends.cuda.sdp_kernel (still importable in
