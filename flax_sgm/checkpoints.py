@@ -596,12 +596,13 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """A safetensors file written tensor by tensor (no second copy of the whole file in memory)."""
+def write_safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: Mapping[str, str] | None = None, *, release: bool = False
+) -> None:
+    """A safetensors file written tensor by tensor; with `release`, each is dropped from `tensors` once written."""
     header, offset = {}, 0
     for key, value in tensors.items():
-        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
-        header[key] = {"dtype": SAFETENSORS_CODES[np.dtype(dtype)], "shape": list(value.shape),
+        header[key] = {"dtype": SAFETENSORS_CODES[value.dtype], "shape": list(value.shape),
                        "data_offsets": [offset, offset + value.nbytes]}
         offset += value.nbytes
     if metadata:
@@ -611,8 +612,10 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for value in tensors.values():
-            f.write(memoryview(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))).cast("B"))
+        for key in list(tensors):
+            f.write(memoryview(np.ascontiguousarray(tensors[key])).cast("B"))  # little-endian hosts
+            if release:
+                del tensors[key]
 
 
 def _orbax():
@@ -621,16 +624,20 @@ def _orbax():
     return ocp
 
 
-def save_params(model: nnx.Module, target: Path, weights: str, metadata: Mapping[str, str] | None = None) -> None:
-    """One stack's parameters as an Orbax checkpoint directory or a flat safetensors file."""
+def save_params(params, target: Path, weights: str, metadata: Mapping[str, str] | None = None) -> None:
+    """One stack's parameters as an Orbax checkpoint directory or a flat safetensors file.
+
+    `params`: the nnx.State of the parameters (orbax), or `flat_params`' dict
+    (safetensors), whose entries are released as they are written.
+    """
     if weights == "safetensors":
-        write_safetensors(target, flat_params(model), metadata)
+        write_safetensors(target, params, metadata, release=True)
         return
     ocp = _orbax()
     # No OCDBT, no compression: several times faster to write, and weights barely compress.
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
     with ocp.Checkpointer(handler) as checkpointer, _quiet_absl():  # it warns that there is no OCDBT to merge
-        checkpointer.save(target.absolute(), nnx.state(model, nnx.Param))
+        checkpointer.save(target.absolute(), params)
 
 
 @contextlib.contextmanager
@@ -687,8 +694,8 @@ def convert_file(
         if on_plan:
             on_plan(stacks)
         written = []
-        # One stack is written on a thread while the next is read and converted:
-        # at most two converted stacks are in memory.
+        # One stack is written on a thread while the next is read and converted: at most
+        # two converted stacks are in memory (less with safetensors, freed as written).
         ahead = _ReadAhead(reader, [k for s in stacks for k in s.keys], on_read=progress)
         with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-save") as saver:
             pending = None
@@ -698,12 +705,15 @@ def convert_file(
                 name = stack_name(stack.prefix)
                 entry = ConvertedStack(stack.prefix, name, config, dtype, _count_params(model), stack.nbytes)
                 target = tmp / (name + ".safetensors" if weights == "safetensors" else name)
+                # Only the saver holds the weights from here: a flat file frees each tensor once written.
+                payload = flat_params(model) if weights == "safetensors" else nnx.state(model, nnx.Param)
+                del model
                 if pending is not None:
                     pending.result()
                 metadata = {"flax_sgm_config": json.dumps(_stack_record(entry, weights))}
-                pending = saver.submit(save_params, model, target, weights, metadata)
+                pending = saver.submit(save_params, payload, target, weights, metadata)
                 written.append(entry)
-                del model
+                del payload
             if pending is not None:
                 pending.result()
             document = {

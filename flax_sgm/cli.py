@@ -101,7 +101,8 @@ Examples:
   flax-sgm verify --checkpoint unet/diffusion_pytorch_model.safetensors \\
       --prefix down_blocks.1.attentions.0 --heads 8"""
 )
-@click.option("--checkpoint", type=click.Path(), help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
+@click.option("--checkpoint", type=click.Path(),
+              help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
 @click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
@@ -196,7 +197,8 @@ Then in Python:
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
-@click.option("--all", "all_stacks", is_flag=True, help="Every SpatialTransformer stack in the file (see `flax-sgm inspect`).")
+@click.option("--all", "all_stacks", is_flag=True,
+              help="Every SpatialTransformer stack in the file (see `flax-sgm inspect`).")
 @_stack_options
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
 @click.option("--format", "weights", type=click.Choice(checkpoints.WEIGHT_FORMATS), default="orbax", show_default=True,
