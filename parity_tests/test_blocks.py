@@ -110,3 +110,14 @@ def test_block_bad_input():
         flax_sgm.BasicTransformerBlock(16, 2, 8, attn_mode="flash", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"checkpoint_policy must be one of"):
         flax_sgm.BasicTransformerBlock(16, 2, 8, checkpoint_policy="everything", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+def test_functional_jit_over_split_state(checkpoint):
+    """jax.jit(jax.grad) over nnx.split/merge works with remat: without dropout there is no RNG state to carry."""
+    model = flax_sgm.SpatialTransformer(32, 2, 8, context_dim=16, use_checkpoint=checkpoint, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    assert not jax.tree.leaves(rest)  # parameters only
+    step = jax.jit(jax.grad(lambda p, x, c: nnx.merge(graphdef, p, rest)(x, context=c).sum()))
+    grads = step(params, jnp.ones((1, 3, 3, 32)), jnp.ones((1, 4, 16)))
+    assert jax.tree.structure(grads) == jax.tree.structure(params)

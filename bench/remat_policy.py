@@ -1,0 +1,50 @@
+"""Which remat policy: compiled peak memory (and optionally time) of forward+backward per policy.
+
+Memory comes from XLA's memory analysis of the compiled program (arguments +
+outputs + temporaries), so it can be read without running on the device. On CPU it
+is a proxy for the GPU schedule; bench/gpu_all.sh measures the GPU.
+
+    python bench/remat_policy.py --config sdxl --dtype bfloat16
+    python bench/remat_policy.py --config cpu-small --dtype float32 --time
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import flax_sgm
+from common import emit, environment, jax_sync, median_ms
+from module import CONFIGS, flax_steps, jax_peak_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="sdxl")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--time", action="store_true", help="also run and time each program")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    kwargs, batch, hw, m = CONFIGS[args.config]
+    dtype = jnp.dtype(args.dtype)
+    x = jnp.zeros((batch, hw, hw, kwargs["in_channels"]), dtype)
+    ctx = jnp.zeros((batch, m, kwargs["context_dim"]), dtype)
+    rows = []
+    for policy in [None, *sorted(flax_sgm.CHECKPOINT_POLICIES)]:
+        model = flax_sgm.SpatialTransformer(
+            **kwargs, use_checkpoint=policy is not None, checkpoint_policy=policy or "recompute",
+            rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+        )
+        params, _, fwd_bwd = flax_steps(model)
+        row = {"config": args.config, "policy": policy or "no checkpoint", "fwd+bwd GiB": jax_peak_bytes(fwd_bwd, params, x, ctx) / 2**30}
+        if args.time:
+            row["fwd+bwd ms"] = median_ms(lambda: fwd_bwd(params, x, ctx), jax_sync, iters=3, repeats=3)
+        rows.append(row)
+    emit(rows, environment(), args.json)
+
+
+if __name__ == "__main__":
+    main()
