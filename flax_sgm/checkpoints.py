@@ -464,6 +464,26 @@ def select_stacks(reader, prefixes: Iterable[str] = (), *, all_stacks: bool = Fa
 # Converting
 
 
+def column_major(value: np.ndarray, rows: int = 256) -> np.ndarray:
+    """The same tensor (same shape and values) stored column-major.
+
+    Every transform of the conversion table reverses a weight's axes (Linear
+    [out, in] -> [in, out], 1x1 conv [out, in, 1, 1] -> [1, 1, in, out]), so on a
+    column-major array it is a plain copy instead of a strided one. The transpose
+    is done here, on the read-ahead thread and in row blocks that stay in cache,
+    rather than on the conversion's critical path. Values never change; other
+    arrays pass through.
+    """
+    if value.ndim < 2 or any(d != 1 for d in value.shape[2:]) or value.flags.f_contiguous:
+        return value
+    out, inner = value.shape[:2]
+    flat = value.reshape(out, inner)
+    transposed = np.empty((inner, out), value.dtype)  # [in, out]
+    for start in range(0, out, rows):
+        transposed[:, start : start + rows] = flat[start : start + rows].T
+    return np.ndarray(value.shape, value.dtype, buffer=transposed, order="F")
+
+
 class _ReadAhead:
     """Reads `keys` in file order on a thread, at most `budget` bytes ahead of the consumer.
 
@@ -497,7 +517,7 @@ class _ReadAhead:
                 self.reading = key
                 self.ahead += self.sizes[key]
             try:
-                value = self.reader.read(key)
+                value = column_major(self.reader.read(key))
             except BaseException as err:  # the consumer raises it
                 value = err
             with self.cond:
@@ -515,7 +535,7 @@ class _ReadAhead:
                 self.taken.add(key)
                 value = None
         if value is None:
-            value = self.reader.read(key)
+            value = column_major(self.reader.read(key))
         if isinstance(value, BaseException):
             raise value
         if self.on_read:
