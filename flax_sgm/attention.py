@@ -17,6 +17,7 @@ from flax_sgm import numerics
 from flax_sgm.attention_backends import dot_product_attention, resolve_backend
 from flax_sgm.checks import expect_broadcastable, expect_shape
 from flax_sgm.primitives import Conv1x1, Linear, Normalize
+from flax_sgm.sharding import constrain
 
 Dtype = Any
 
@@ -53,10 +54,11 @@ class CrossAttention(nnx.Module):
         self.scale = numerics.attention_scale(dim_head)
         self.backend = resolve_backend(backend)
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.to_q = Linear(query_dim, inner_dim, use_bias=False, **layer)
-        self.to_k = Linear(context_dim, inner_dim, use_bias=False, **layer)
-        self.to_v = Linear(context_dim, inner_dim, use_bias=False, **layer)
-        self.to_out = Linear(inner_dim, query_dim, **layer)  # torch: to_out.0
+        # Tensor parallel: q, k, v split by output features (whole heads), to_out by input features.
+        self.to_q = Linear(query_dim, inner_dim, axes=("embed", "heads"), use_bias=False, **layer)
+        self.to_k = Linear(context_dim, inner_dim, axes=("embed", "heads"), use_bias=False, **layer)
+        self.to_v = Linear(context_dim, inner_dim, axes=("embed", "heads"), use_bias=False, **layer)
+        self.to_out = Linear(inner_dim, query_dim, axes=("heads", "embed"), **layer)  # torch: to_out.0
         self.out_dropout = nnx.Dropout(dropout, rngs=rngs)  # torch: to_out.1
 
     def __call__(
@@ -91,12 +93,15 @@ class CrossAttention(nnx.Module):
         q = self.to_q(x).reshape(b, n, self.heads, self.dim_head)  # [b, n, heads, d_head]
         k = self.to_k(context).reshape(b, m, self.heads, self.dim_head)  # [b, m, heads, d_head]
         v = self.to_v(context).reshape(b, m, self.heads, self.dim_head)
+        q = constrain(q, ("batch", "length", "heads", "d_head"))
+        k, v = (constrain(t, ("batch", "kv_length", "heads", "d_head")) for t in (k, v))
 
         if n_times_crossframe_attn_in_self:
             k, v = (first_frame_repeated(name, t, n_times_crossframe_attn_in_self) for t in (k, v))
 
         out = dot_product_attention(q, k, v, mask, scale=self.scale, backend=self.backend)
-        out = checkpoint_name(out.reshape(b, n, self.heads * self.dim_head), ATTENTION_OUT)
+        out = constrain(out.reshape(b, n, self.heads * self.dim_head), ("batch", "length", "heads"))
+        out = checkpoint_name(out, ATTENTION_OUT)
         out = out[:, n_add:]
         return self.out_dropout(self.to_out(out))
 
@@ -152,8 +157,10 @@ class LinearAttention(nnx.Module):
     ):
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         hidden_dim = dim_head * heads
-        self.to_qkv = Conv1x1(dim, hidden_dim * 3, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.to_out = Conv1x1(hidden_dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # (qkv heads c) features: one split would cut across q, k and v, so not split.
+        self.to_qkv = Conv1x1(dim, hidden_dim * 3, axes=("channels", None), use_bias=False, **layer)
+        self.to_out = Conv1x1(hidden_dim, dim, axes=(None, "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         expect_shape("LinearAttention", "x", x, ("b", "h", "w", self.dim))
@@ -183,10 +190,11 @@ class SpatialSelfAttention(nnx.Module):
         self.backend = resolve_backend(backend)
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(in_channels, **layer)
-        self.q = Conv1x1(in_channels, in_channels, **layer)
-        self.k = Conv1x1(in_channels, in_channels, **layer)
-        self.v = Conv1x1(in_channels, in_channels, **layer)
-        self.proj_out = Conv1x1(in_channels, in_channels, **layer)
+        # One head of in_channels features: nothing to split by heads.
+        self.q = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
+        self.k = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
+        self.v = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
+        self.proj_out = Conv1x1(in_channels, in_channels, axes=(None, "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.in_channels

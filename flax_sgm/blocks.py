@@ -17,6 +17,7 @@ from flax_sgm.attention import ATTENTION_OUT, CrossAttention, MemoryEfficientCro
 from flax_sgm.attention_backends import resolve_backend
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import FeedForward, LayerNorm
+from flax_sgm.sharding import TOKENS, constrain
 
 Dtype = Any
 
@@ -110,6 +111,7 @@ class BasicTransformerBlock(nnx.Module):
         )
 
     def _forward(self, x, context, additional_tokens, n_times_crossframe_attn_in_self):
+        x = constrain(x, TOKENS)  # the residual stream [b, n, dim]
         x = x + self.attn1(
             self.norm1(x),
             context=context if self.disable_self_attn else None,
@@ -117,7 +119,7 @@ class BasicTransformerBlock(nnx.Module):
             n_times_crossframe_attn_in_self=0 if self.disable_self_attn else n_times_crossframe_attn_in_self,
         )
         x = x + self.attn2(self.norm2(x), context=context, additional_tokens=additional_tokens)
-        return x + self.ff(self.norm3(x))
+        return constrain(x + self.ff(self.norm3(x)), TOKENS)
 
 
 class BasicTransformerSingleLayerBlock(nnx.Module):
@@ -155,5 +157,6 @@ class BasicTransformerSingleLayerBlock(nnx.Module):
         return maybe_remat(type(self)._forward, self, x, context)
 
     def _forward(self, x, context):
+        x = constrain(x, TOKENS)  # the residual stream [b, n, dim]
         x = x + self.attn1(self.norm1(x), context=context)
-        return x + self.ff(self.norm2(x))
+        return constrain(x + self.ff(self.norm2(x)), TOKENS)

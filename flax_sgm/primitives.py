@@ -1,6 +1,8 @@
 """Primitives: the norms, GEGLU and FeedForward, and the layer factories every tier uses.
 
 Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage).
+The factories also take the logical axis names of their parameters (`axes`: in and
+out features; `axis`: normalized features), which sharding.RULES maps onto a mesh.
 Numerical choices that differ between torch and flax come from `numerics`.
 """
 
@@ -14,23 +16,46 @@ from flax import nnx
 
 from flax_sgm import numerics
 from flax_sgm.checks import expect_equal
+from flax_sgm.sharding import constrain, param_metadata
 
 Dtype = Any
+Axes = tuple[str | None, str | None]
 
 
-def Linear(in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.Linear:
+def Linear(
+    in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
+) -> nnx.Linear:
     """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in])."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-
-
-def Conv1x1(in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.Conv:
-    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out]."""
-    return nnx.Conv(
-        in_features, out_features, kernel_size=(1, 1), use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=param_metadata(*axes),
+        bias_metadata=param_metadata(axes[1]),
     )
 
 
-def LayerNorm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.LayerNorm:
+def Conv1x1(
+    in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
+) -> nnx.Conv:
+    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out]."""
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(1, 1),
+        use_bias=use_bias,
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=param_metadata(None, None, *axes),
+        bias_metadata=param_metadata(axes[1]),
+    )
+
+
+def LayerNorm(dim: int, *, axis: str = "embed", rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.LayerNorm:
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance."""
     return nnx.LayerNorm(
         dim,
@@ -39,10 +64,14 @@ def LayerNorm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> 
         rngs=rngs,
         dtype=dtype,
         param_dtype=param_dtype,
+        scale_metadata=param_metadata(axis),
+        bias_metadata=param_metadata(axis),
     )
 
 
-def Normalize(in_channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.GroupNorm:
+def Normalize(
+    in_channels: int, *, axis: str = "channels", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+) -> nnx.GroupNorm:
     """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, affine; channels-last."""
     if in_channels % numerics.GROUP_NORM_GROUPS:
         raise ValueError(
@@ -56,6 +85,8 @@ def Normalize(in_channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dt
         rngs=rngs,
         dtype=dtype,
         param_dtype=param_dtype,
+        scale_metadata=param_metadata(axis),
+        bias_metadata=param_metadata(axis),
     )
 
 
@@ -70,7 +101,7 @@ class GELU(nnx.Module):
     """Linear then exact GELU: the seed's `nn.Sequential(nn.Linear, nn.GELU())`."""
 
     def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        self.proj = Linear(dim_in, dim_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = Linear(dim_in, dim_out, axes=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return numerics.gelu(self.proj(x))
@@ -81,7 +112,7 @@ class GEGLU(nnx.Module):
 
     def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         self.dim_in, self.dim_out = dim_in, dim_out
-        self.proj = Linear(dim_in, dim_out * 2, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = Linear(dim_in, dim_out * 2, axes=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         expect_equal("GEGLU", "the last axis of `x`", x.shape[-1], self.dim_in)
@@ -110,8 +141,9 @@ class FeedForward(nnx.Module):
         project_in_cls = GEGLU if glu else GELU
         self.project_in = project_in_cls(dim, inner_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.project_out = Linear(inner_dim, dim_out, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.project_out = Linear(inner_dim, dim_out, axes=("mlp", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         expect_equal("FeedForward", "the last axis of `x`", x.shape[-1], self.dim)
-        return self.project_out(self.dropout(self.project_in(x)))
+        hidden = constrain(self.project_in(x), ("batch", "length", "mlp"))  # [b, n, inner_dim]
+        return self.project_out(self.dropout(hidden))

@@ -15,6 +15,7 @@ from flax import nnx
 from flax_sgm.blocks import DEFAULT_CHECKPOINT_POLICY, BasicTransformerBlock
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import Conv1x1, Linear, Normalize, zero_module
+from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
 Dtype = Any
 
@@ -67,7 +68,7 @@ class SpatialTransformer(nnx.Module):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(in_channels, **layer)
         project = Linear if use_linear else Conv1x1
-        self.proj_in = project(in_channels, inner_dim, **layer)
+        self.proj_in = project(in_channels, inner_dim, axes=("channels", "embed"), **layer)
         self.transformer_blocks = nnx.List(
             [
                 BasicTransformerBlock(
@@ -86,7 +87,7 @@ class SpatialTransformer(nnx.Module):
                 for d in range(depth)
             ]
         )
-        self.proj_out = zero_module(project(inner_dim, in_channels, **layer))
+        self.proj_out = zero_module(project(inner_dim, in_channels, axes=("embed", "channels"), **layer))
 
     def __call__(self, x: jax.Array, context=None) -> jax.Array:
         """`context`: None (self-attention), one array for every block, or a list of 1 or depth arrays."""
@@ -101,7 +102,8 @@ class SpatialTransformer(nnx.Module):
         x_in = x
         # A 1x1 conv and a linear layer are the same map on channels-last pixels.
         x = self.proj_in(self.norm(x)).reshape(b, h * w, -1)  # [b, n, inner_dim]
+        x = constrain(x, TOKENS)
         for block, ctx in zip(self.transformer_blocks, contexts):
             x = block(x, context=ctx)
         x = self.proj_out(x.reshape(b, h, w, -1))  # [b, h, w, in_channels]
-        return x + x_in
+        return constrain(x + x_in, IMAGE)
