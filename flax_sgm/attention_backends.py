@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_sgm import numerics
+from flax_sgm import numerics, sharding
 
 Backend = Literal["auto", "xla", "cudnn", "chunked"]
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
@@ -122,6 +122,11 @@ def dot_product_attention(
     platform: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; [b, n, heads, d] x [b, m, heads, d] -> [b, n, heads, d]."""
+    # Sequence parallel (flax_sgm.sharding): queries split over the mesh, one local call per shard.
+    if sharding.sequence_parallel_axis() is not None:
+        return sharding.sequence_parallel_attention(
+            dot_product_attention, q, k, v, mask, scale=scale, backend=backend, platform=platform
+        )
     b, n, heads, d_head = q.shape
     m = k.shape[1]
     problem = AttentionProblem(
