@@ -7,6 +7,7 @@ Tolerances and the comparison harness live in flax_sgm/parity.py (shared with
 from __future__ import annotations
 
 import collections
+import json
 
 import jax
 import numpy as np
@@ -40,6 +41,24 @@ def assert_parity(result: Result, label: str, dtype: str = "float32") -> None:
     assert result.forward <= tol.forward, f"{label}: forward rel err {result.forward:.3g} > {tol.forward}"
     bad = {k: v for k, v in result.grads.items() if v > tol.grad}
     assert not bad, f"{label}: gradient rel err above {tol.grad}: {bad}"
+
+
+def _merge(measured: dict) -> None:
+    for label, errs in measured.items():
+        seen = MEASURED[label]
+        for kind, value in errs.items():
+            seen[kind] = max(seen[kind], value)
+
+
+def pytest_sessionfinish(session):
+    # An xdist worker hands its measurements to the controller.
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity_measured"] = json.dumps(MEASURED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _merge(json.loads(getattr(node, "workeroutput", {}).get("parity_measured", "{}")))
 
 
 def pytest_terminal_summary(terminalreporter):
