@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax_sgm import numerics
 from flax_sgm.attention_backends import dot_product_attention, resolve_backend
 from flax_sgm.checks import expect_broadcastable, expect_shape
-from flax_sgm.primitives import Conv1x1, Linear, Normalize
+from flax_sgm.primitives import Conv1x1, Dropout, Linear, Normalize
 from flax_sgm.sharding import constrain
 
 Dtype = Any
@@ -59,7 +59,7 @@ class CrossAttention(nnx.Module):
         self.to_k = Linear(context_dim, inner_dim, axes=("embed", "heads"), use_bias=False, **layer)
         self.to_v = Linear(context_dim, inner_dim, axes=("embed", "heads"), use_bias=False, **layer)
         self.to_out = Linear(inner_dim, query_dim, axes=("heads", "embed"), **layer)  # torch: to_out.0
-        self.out_dropout = nnx.Dropout(dropout, rngs=rngs)  # torch: to_out.1
+        self.out_dropout = Dropout(dropout, rngs=rngs)  # torch: to_out.1
 
     def __call__(
         self,

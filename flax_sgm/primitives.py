@@ -90,6 +90,15 @@ def Normalize(
     )
 
 
+def Dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+    """nnx.Dropout holding an RNG stream only when it drops something.
+
+    At rate 0 it keeps no RNG state, so a model without dropout has only
+    parameters: remat, jax.jit over split/merged state and sharding see no RNG counters.
+    """
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
 def zero_module(module: nnx.Module) -> nnx.Module:
     """Zero out the parameters of a module in place and return it."""
     params = nnx.state(module, nnx.Param)
@@ -140,7 +149,7 @@ class FeedForward(nnx.Module):
         self.dim = dim
         project_in_cls = GEGLU if glu else GELU
         self.project_in = project_in_cls(dim, inner_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.project_out = Linear(inner_dim, dim_out, axes=("mlp", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
