@@ -9,6 +9,11 @@ Reading:
                 A top-level `state_dict` entry is unwrapped. Needs torch.
 The format is sniffed from the first bytes, not from the extension.
 
+Converting streams: a thread reads the selected tensors in file order a bounded
+amount ahead, stacks are converted one at a time (convert.load_torch_state_dict
+into an nnx.eval_shape model), and each is saved on a thread while the next is
+converted. Peak memory is about two stacks plus the read-ahead, whatever the file size.
+
 A stack is a SpatialTransformer sub-tree: the keys under a prefix such as
 `model.diffusion_model.input_blocks.4.1.` (SGM/LDM) or `down_blocks.1.attentions.0.`
 (diffusers), with the seed's key names. Its config is read off the shapes, except
