@@ -108,7 +108,13 @@ def select_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
         return requested
     if cudnn_unsupported_reason(p) is None:
         return "cudnn"
-    return "chunked" if p.logits_bytes > budget_bytes else "xla"
+    if p.logits_bytes > budget_bytes:
+        return "chunked"
+    # Measured on CPU (BENCHMARKS.md): the chunked path's own backward beats XLA's
+    # autodiff of the softmax, except with many query blocks over few keys.
+    if p.platform == "cpu" and (p.n <= CHUNK_SIZE or p.m >= CHUNK_SIZE):
+        return "chunked"
+    return "xla"
 
 
 def dot_product_attention(

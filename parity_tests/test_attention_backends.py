@@ -23,7 +23,9 @@ SELECTIONS = {
     "auto-gpu-head-dim-40": ("auto", problem(d=40), "cudnn"),
     "auto-gpu-head-dim-12": ("auto", problem(d=12, n=64, m=64), "xla"),
     "auto-gpu-head-dim-320": ("auto", problem(d=320, n=64, m=64), "xla"),
-    "auto-cpu": ("auto", problem(platform="cpu", n=64, m=64), "xla"),
+    "auto-cpu-one-query-block": ("auto", problem(platform="cpu", n=64, m=64), "chunked"),
+    "auto-cpu-many-keys": ("auto", problem(platform="cpu", b=1, heads=1, n=2048, m=1024), "chunked"),
+    "auto-cpu-many-queries-few-keys": ("auto", problem(platform="cpu", n=4096, m=77), "xla"),
     "auto-cpu-long": ("auto", problem(platform="cpu", dtype=jnp.float32), "chunked"),
     "auto-tpu": ("auto", problem(platform="tpu", n=64, m=64), "xla"),
     "xla-explicit-long": ("xla", problem(platform="cpu", dtype=jnp.float32), "xla"),
@@ -44,7 +46,7 @@ def test_select_backend(case):
 
 
 def test_budget_is_the_switch_between_xla_and_chunked():
-    p = problem(platform="cpu", dtype=jnp.float32, b=1, heads=1, n=1024, m=1024)
+    p = problem(platform="gpu", dtype=jnp.float32, b=1, heads=1, n=1024, m=1024)
     assert select_backend("auto", p, budget_bytes=p.logits_bytes) == "xla"
     assert select_backend("auto", p, budget_bytes=p.logits_bytes - 1) == "chunked"
 
