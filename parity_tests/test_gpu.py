@@ -131,9 +131,14 @@ def test_bf16_error_no_worse_than_torch(case):
 
 
 def test_fp32_gpu_matches_torch_at_full_precision(rng):
+    """flax_sgm in fp32 on the GPU, matmuls pinned to full precision (no TF32), against torch's exact fp32.
+
+    torch runs on the CPU, where fp32 is exact with no TF32 switch to forget.
+    """
     with jax.default_matmul_precision("highest"):
-        t = randomize_(torch_ref.SpatialTransformer(64, 4, 16, depth=2, context_dim=32, use_linear=True), seed=3).cuda()
-        f = flax_twin(t.cpu(), flax_sgm.SpatialTransformer, 64, 4, 16, depth=2, context_dim=32, use_linear=True)
+        t = randomize_(torch_ref.SpatialTransformer(64, 4, 16, depth=2, context_dim=32, use_linear=True), seed=3)
+        f = flax_twin(t, flax_sgm.SpatialTransformer, 64, 4, 16, depth=2, context_dim=32, use_linear=True)
         x = rng.standard_normal((2, 64, 9, 7)).astype(np.float32)
         ctx = rng.standard_normal((2, 11, 32)).astype(np.float32)
-        assert_parity(compare(t.cpu(), f, {"x": x, "context": ctx}, image_inputs=("x",), image_output=True), "SpatialTransformer (GPU fp32)")
+        result = compare(t, f, {"x": x, "context": ctx}, image_inputs=("x",), image_output=True)
+        assert_parity(result, "SpatialTransformer (GPU fp32)")
