@@ -5,14 +5,14 @@
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import flax_sgm
 import torch_ref
 from conftest import assert_parity, compare, flax_twin, randomize_
 
-COMMON = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+COMMON = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
 @st.composite
@@ -37,8 +37,12 @@ def transformer_configs(draw):
         use_linear=draw(st.booleans()),
         use_checkpoint=draw(st.booleans()),
     )
-    # w >= 2: torch's GroupNorm refuses a group of one value (32 channels, 1x1 image) in training mode.
-    shape = dict(batch=draw(st.integers(1, 2)), h=draw(st.integers(1, 6)), w=draw(st.integers(2, 6)), m=draw(st.integers(1, 9)))
+    # GroupNorm groups (channels / 32 x pixels) of at least 4 values: torch refuses a group of one, and a
+    # group of two is ill-conditioned (1 / sigma of two close values): there torch's own fp32 input
+    # gradient was 1.35e-4 off a float64 reference while flax_sgm's was 1.8e-6 (32 channels, 1x2 image).
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    assume(config["in_channels"] // 32 * h * w >= 4)
+    shape = dict(batch=draw(st.integers(1, 2)), h=h, w=w, m=draw(st.integers(1, 9)))
     return config, shape, draw(st.integers(0, 2**16))
 
 
