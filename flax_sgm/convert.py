@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -126,6 +127,7 @@ def load_torch_state_dict(
     prefix: str = "",
     strict: bool = True,
     allow_downcast: bool = False,
+    copy: bool = True,
 ) -> nnx.Module:
     """Fill `model` in place from torch-named weights and return it.
 
@@ -135,6 +137,8 @@ def load_torch_state_dict(
     `prefix` are read, with the prefix removed. `model` may be abstract (from
     `nnx.eval_shape`). With `strict=False`, keys the model does not have are
     ignored; missing parameters, bad shapes and bad dtypes always raise.
+    With `copy=False` the model may share memory with the given arrays (on CPU,
+    when they are 64-byte aligned); pass it only for arrays nothing else holds.
     """
     rows = conversion_table(model)
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -165,7 +169,16 @@ def load_torch_state_dict(
                 f"shape mismatch: {key} has shape {list(value.shape)}, the model needs {list(torch_shape_expected)}"
             )
             continue
-        updates.append((row.flax_path, jnp.asarray(row.transform.to_flax(value), dtype=target_dtype)))
+        value = row.transform.to_flax(value)
+        if value.dtype == target_dtype and not copy:
+            value = jax.device_put(value, may_alias=True)
+        else:
+            # On CPU, device_put and jnp.asarray(x, dtype) share 64-byte-aligned host
+            # buffers even with may_alias=False (jax-ml/jax#37830): torch tensors are
+            # aligned, so without a forced copy a later in-place torch update would
+            # change these parameters.
+            value = jnp.array(value, dtype=target_dtype, copy=True)
+        updates.append((row.flax_path, value))
     if missing or unexpected or mismatched:
         where = f" (prefix {prefix!r})" if prefix else ""
         raise ConversionError(missing, unexpected, mismatched, context=f" for {type(model).__name__}{where}")

@@ -65,6 +65,23 @@ def test_numpy_arrays_and_widening_casts_are_accepted():
     assert all(np.array_equal(back[k], v.astype(np.float32)) for k, v in half.items())
 
 
+def test_loading_copies_unless_told_the_arrays_are_private():
+    t = randomize_(torch_ref.BasicTransformerBlock(16, 2, 8), seed=3)
+    given = {k: np.ascontiguousarray(v.numpy()) for k, v in t.state_dict().items()}
+    f = convert.load_torch_state_dict(abstract(flax_sgm.BasicTransformerBlock, (16, 2, 8), {}), given)
+    given["norm1.weight"][:] = 7.0  # the caller's array changes; the model must not
+    assert not np.any(np.asarray(f.norm1.scale[...]) == 7.0)
+
+    from flax_sgm.checkpoints import aligned_empty
+
+    bias = aligned_empty((16,), np.float32)
+    bias[...] = t.state_dict()["norm1.bias"].numpy()
+    private = dict(given, **{"norm1.bias": bias})
+    f = convert.load_torch_state_dict(abstract(flax_sgm.BasicTransformerBlock, (16, 2, 8), {}), private, copy=False)
+    assert f.norm1.bias[...].unsafe_buffer_pointer() == bias.ctypes.data  # shared, not copied
+    assert np.array_equal(np.asarray(f.norm1.bias[...]), t.state_dict()["norm1.bias"].numpy())
+
+
 def test_prefix_selects_one_stack_of_a_whole_model_checkpoint():
     a = randomize_(torch_ref.SpatialTransformer(32, 2, 8, context_dim=16), seed=4)
     b = randomize_(torch_ref.SpatialTransformer(32, 2, 8, context_dim=16), seed=5)
