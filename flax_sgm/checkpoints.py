@@ -82,6 +82,7 @@ SAFETENSORS_DTYPES = {
 SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 READ_AHEAD_BYTES = 256 << 20  # how far file reads run ahead of conversion
+READ_WORKERS = min(4, os.cpu_count() or 1)  # threads reading and transposing tensors
 
 
 class CheckpointError(ValueError):
@@ -105,6 +106,7 @@ class SafetensorsReader:
     """A .safetensors file: header checked on open, tensors read on demand."""
 
     kind = "safetensors"
+    owns_arrays = True  # read() returns fresh arrays
 
     def __init__(self, path: Path):
         self.path = path
@@ -119,7 +121,7 @@ class SafetensorsReader:
     def read(self, key: str) -> np.ndarray:
         """The tensor's bytes in a new array; positional reads, so threads may share the reader."""
         info, start = self.infos[key], self._offsets[key]
-        buf = np.empty(info.nbytes, np.uint8)
+        buf = aligned_empty((info.nbytes,), np.uint8)
         view, done = memoryview(buf), 0
         while done < info.nbytes:
             n = os.preadv(self._file.fileno(), [view[done:]], start + done)
@@ -177,6 +179,7 @@ class TorchReader:
     """A torch.save file loaded with weights_only=True (memory-mapped when it is a zip)."""
 
     kind = "torch"
+    owns_arrays = False  # read() returns views of the loaded tensors
 
     def __init__(self, path: Path):
         self.path = path
@@ -469,69 +472,97 @@ def select_stacks(reader, prefixes: Iterable[str] = (), *, all_stacks: bool = Fa
 # Converting
 
 
-def column_major(value: np.ndarray, rows: int = 256) -> np.ndarray:
-    """The same tensor (same shape and values) stored column-major.
+ALIGNMENT = 64  # bytes: XLA:CPU shares host buffers aligned this way instead of copying them
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array whose data starts ALIGNMENT-aligned."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def conversion_layout(value: np.ndarray, *, owned: bool, tile: int = 128) -> np.ndarray:
+    """`value` as conversion takes it: a private ALIGNMENT-aligned array, column-major if it is a weight matrix.
 
     Every transform of the conversion table reverses a weight's axes (Linear
     [out, in] -> [in, out], 1x1 conv [out, in, 1, 1] -> [1, 1, in, out]), so on a
-    column-major array it is a plain copy instead of a strided one. The transpose
-    is done here, on the read-ahead thread and in row blocks that stay in cache,
-    rather than on the conversion's critical path. Values never change; other
-    arrays pass through.
+    column-major array the transform is a view that jax can take without a copy
+    (convert.load_torch_state_dict with copy=False). The transpose runs here, on
+    the read-ahead thread, in tiles that stay in cache. `owned`: `value` is a fresh
+    array nobody else holds, kept as it is when already in that layout. Values
+    never change.
     """
-    if value.ndim < 2 or any(d != 1 for d in value.shape[2:]) or value.flags.f_contiguous:
+    if value.ndim >= 2 and all(d == 1 for d in value.shape[2:]) and not value.flags.f_contiguous:
+        out, inner = value.shape[:2]
+        flat = value.reshape(out, inner)
+        transposed = aligned_empty((inner, out), value.dtype)  # [in, out]
+        for i in range(0, out, tile):
+            for j in range(0, inner, tile):
+                transposed[j : j + tile, i : i + tile] = flat[i : i + tile, j : j + tile].T
+        return transposed.T.reshape(value.shape)  # F-ordered: reshaping only adds unit axes
+    if owned and value.ctypes.data % ALIGNMENT == 0:
         return value
-    out, inner = value.shape[:2]
-    flat = value.reshape(out, inner)
-    transposed = np.empty((inner, out), value.dtype)  # [in, out]
-    for start in range(0, out, rows):
-        transposed[:, start : start + rows] = flat[start : start + rows].T
-    return np.ndarray(value.shape, value.dtype, buffer=transposed, order="F")
+    copy = aligned_empty(value.shape, value.dtype)
+    copy[...] = value
+    return copy
 
 
 class _ReadAhead:
-    """Reads `keys` in file order on a thread, at most `budget` bytes ahead of the consumer.
+    """Reads `keys` in about file order on worker threads, at most `budget` bytes ahead of the consumer.
 
+    Each worker reads a tensor and puts it in conversion_layout (file reads and
+    numpy copies release the GIL, so they overlap each other and the conversion).
     The consumer takes tensors in any order (conversion goes in the model's
-    order) and reads one itself when the thread has not got to it, so the budget
-    never blocks it. File reads release the GIL: they overlap the conversion.
+    order) and reads one itself when no worker has got to it, so the budget never
+    blocks it.
     """
 
-    def __init__(self, reader, keys: Iterable[str], budget: int = READ_AHEAD_BYTES, on_read=None):
+    def __init__(self, reader, keys: Iterable[str], budget: int = READ_AHEAD_BYTES, on_read=None,
+                 workers: int = READ_WORKERS):
         self.reader, self.budget, self.on_read = reader, budget, on_read
         self.order = reader.file_order(keys)
         self.sizes = {k: reader.infos[k].nbytes for k in self.order}
+        self.next = 0  # index in `order` of the next tensor for a worker
         self.ready: dict[str, Any] = {}
-        self.taken: set[str] = set()
-        self.reading: str | None = None
+        self.taken: set[str] = set()  # read by the consumer itself
+        self.reading: set[str] = set()
         self.ahead = 0
         self.stopped = False
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="flax-sgm-read")
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"flax-sgm-read-{i}") for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
 
     def _run(self):
-        for key in self.order:
+        while True:
             with self.cond:
+                if self.next == len(self.order):
+                    return
+                key = self.order[self.next]
+                self.next += 1
                 # One tensor may always be ahead, however large.
                 self.cond.wait_for(lambda: self.stopped or self.ahead == 0 or self.ahead + self.sizes[key] <= self.budget)
                 if self.stopped:
                     return
                 if key in self.taken:
                     continue
-                self.reading = key
+                self.reading.add(key)
                 self.ahead += self.sizes[key]
             try:
-                value = column_major(self.reader.read(key))
+                value = conversion_layout(self.reader.read(key), owned=self.reader.owns_arrays)
             except BaseException as err:  # the consumer raises it
                 value = err
             with self.cond:
-                self.ready[key], self.reading = value, None
+                self.ready[key] = value
+                self.reading.discard(key)
                 self.cond.notify_all()
 
     def get(self, key: str) -> np.ndarray:
         with self.cond:
-            self.cond.wait_for(lambda: self.reading != key)
+            self.cond.wait_for(lambda: key not in self.reading)
             if key in self.ready:
                 value = self.ready.pop(key)
                 self.ahead -= self.sizes[key]
@@ -540,7 +571,7 @@ class _ReadAhead:
                 self.taken.add(key)
                 value = None
         if value is None:
-            value = column_major(self.reader.read(key))
+            value = conversion_layout(self.reader.read(key), owned=self.reader.owns_arrays)
         if isinstance(value, BaseException):
             raise value
         if self.on_read:
@@ -551,7 +582,8 @@ class _ReadAhead:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()
 
 
 class _LazyTensor:
@@ -600,7 +632,8 @@ def convert_stack(
         lazy = {k: _LazyTensor(source, k) for k in stack.keys}
         # Narrowing is only allowed when the caller picked the dtype.
         downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
-        return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast)
+        # The read-ahead's arrays are private: the model may keep them without a copy.
+        return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast, copy=False)
     finally:
         if own:
             source.close()

@@ -258,6 +258,57 @@ def test_convert_reads_only_the_selected_keys(files, tmp_path, monkeypatch):
     assert read and all(k.startswith(SGM + "input_blocks.1.1.") for k in read)
 
 
+@pytest.mark.parametrize("shape", [(6, 300), (300, 6, 1, 1), (5,), (3, 4, 2)])
+@pytest.mark.parametrize("owned", [True, False])
+def test_conversion_layout_keeps_values_aligns_and_makes_weights_column_major(shape, owned):
+    value = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
+    out = checkpoints.conversion_layout(value, owned=owned, tile=4)  # small tiles: every edge case
+    assert out.shape == value.shape and out.dtype == value.dtype and np.array_equal(out, value)
+    assert out.ctypes.data % checkpoints.ALIGNMENT == 0
+    weight = len(shape) >= 2 and all(d == 1 for d in shape[2:])
+    assert out.flags.f_contiguous if weight else out.flags.c_contiguous
+    assert (out is value) == (owned and not weight and value.ctypes.data % checkpoints.ALIGNMENT == 0)
+    assert not np.shares_memory(out, value) or out is value
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("budget", [0, 64, 1 << 20])
+def test_read_ahead_delivers_every_tensor_in_any_order(files, workers, budget):
+    d, _ = files
+    reader = checkpoints.open_checkpoint(d / "sgm.safetensors")
+    keys = list(reader.infos)
+    ahead = checkpoints._ReadAhead(reader, keys, budget=budget, workers=workers)
+    try:
+        for key in reversed(keys):  # against file order: the consumer reads some itself
+            assert np.array_equal(ahead.get(key), reader.read(key)), key
+        assert not ahead.ready and not ahead.reading
+    finally:
+        ahead.close()
+        reader.close()
+
+
+def test_read_ahead_passes_a_read_error_to_the_consumer(files, monkeypatch):
+    d, _ = files
+    reader = checkpoints.open_checkpoint(d / "sgm.safetensors")
+    keys = list(reader.infos)
+    original = checkpoints.SafetensorsReader.read
+
+    def failing(self, key):
+        if key == keys[1]:
+            raise checkpoints.CheckpointError("disk went away")
+        return original(self, key)
+
+    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", failing)
+    ahead = checkpoints._ReadAhead(reader, keys, workers=2)
+    try:
+        ahead.get(keys[0])
+        with pytest.raises(checkpoints.CheckpointError, match="disk went away"):
+            ahead.get(keys[1])
+    finally:
+        ahead.close()
+        reader.close()
+
+
 def test_convert_safetensors_without_torch(files, tmp_path):
     d, _ = files
     code = (
