@@ -127,7 +127,13 @@ def dot_product_attention(
     backend: Backend = "auto",
     platform: str | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention; [b, n, heads, d] x [b, m, heads, d] -> [b, n, heads, d]."""
+    """Scaled dot-product attention; [b, n, heads, d] x [b, m, heads, d] -> [b, n, heads, d].
+
+    `mask`: boolean (True keeps a key) or additive, broadcasting to [b, heads, n, m].
+    """
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b|1, heads|1, n|1, m|1]
     # Sequence parallel (flax_sgm.sharding): queries split over the mesh, one local call per shard.
     if sharding.sequence_parallel_axis() is not None:
         return sharding.sequence_parallel_attention(
@@ -152,14 +158,12 @@ def dot_product_attention(
 
 
 def _mask_to_bias(mask, full_shape):
-    """A boolean or additive mask as a finite float32 bias of full rank, plus the rows that keep a key.
+    """A boolean or additive mask [b|1, heads|1, n|1, m|1] as a finite float32 bias, plus the rows that keep a key.
 
-    Returns (bias [b|1, heads|1, n|1, m|1] or None, row_valid [b, n, heads, 1] or None).
+    Returns (bias of the mask's shape or None, row_valid [b, n, heads, 1] or None).
     """
     if mask is None:
         return None, None
-    mask = jnp.asarray(mask)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b, heads, n, m], size-1 axes allowed
     if mask.dtype == jnp.bool_:
         keep = mask
         bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)

@@ -216,7 +216,8 @@ def sequence_parallel_axis():
 def sequence_parallel_attention(attend: Callable, q, k, v, mask=None, **kwargs) -> jax.Array:
     """`attend(q, k, v, mask, **kwargs)` with the queries split over the sequence axis.
 
-    q [b, n, heads, d], k and v [b, m, heads, d], mask broadcasting to [b, heads, n, m].
+    q [b, n, heads, d], k and v [b, m, heads, d], mask None or [b|1, heads|1, n|1, m|1]
+    (attention_backends.dot_product_attention brings it to rank 4 before calling this).
     Each shard holds n / seq queries and every key and value (gathered), so the
     local call is an ordinary attention (cuDNN on GPU). Batch and heads stay split
     over their axes where they divide. n is padded to a multiple of the axis size;
@@ -243,8 +244,8 @@ def sequence_parallel_attention(attend: Callable, q, k, v, mask=None, **kwargs) 
         local = lambda q, k, v: attend(q, k, v, None, **kwargs)  # noqa: E731
         operands, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
     else:
-        mask = jnp.asarray(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b|1, heads|1, n|1, m|1]
+        if mask.ndim != 4:
+            raise ValueError(f"sequence_parallel_attention: mask must have rank 4; got shape {list(mask.shape)}")
         if mask.shape[2] == n:
             # Padded query rows keep every key, so they stay finite.
             keep = jnp.ones((), mask.dtype) if mask.dtype == jnp.bool_ else jnp.zeros((), mask.dtype)
