@@ -271,7 +271,7 @@ def _attend_block_fwd(q, k, v, bias, scale, bk):
         correction = jnp.exp(running_max - new_max)
         p = jnp.exp(s - new_max[..., None])
         denom = denom * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("bhnm,bmhd->bhnd", p.astype(vb.dtype), vb, preferred_element_type=f32)
+        acc = acc * correction[..., None] + jnp.einsum("bhnm,bmhd->bhnd", p, vb.astype(f32))
         return (new_max, denom, acc), None
 
     init = (

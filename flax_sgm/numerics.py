@@ -5,8 +5,6 @@ torch's values are the spec. Flax's own defaults differ for several of them
 module relies on a framework default for any of these.
 """
 
-import functools
-
 import jax
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default
@@ -17,8 +15,16 @@ USE_FAST_VARIANCE = False
 # Softmax and norm statistics are computed in float32 whatever the compute dtype.
 STATS_DTYPE = jax.numpy.float32
 
-# torch.nn.GELU() and F.gelu default to the exact erf form.
-gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact erf form, computed in float32 and rounded once.
+
+    torch evaluates it (and its derivative) in float32 for bf16/fp16 inputs; JAX's
+    autodiff of the formula in bf16 rounds at every step (test_low_precision.py).
+    """
+    acc = jax.numpy.promote_types(x.dtype, STATS_DTYPE)
+    return jax.nn.gelu(x.astype(acc), approximate=False).astype(x.dtype)
 
 
 def attention_scale(d_head: int) -> float:

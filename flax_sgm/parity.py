@@ -31,6 +31,11 @@ class Tolerance(NamedTuple):
 TOLERANCES = {
     "float32": Tolerance(forward=1e-5, grad=1e-4),
 }
+# Low precision (bf16) is judged against a float64 reference, not against torch:
+# flax_sgm's relative error of the output and of every gradient may be at most
+# this factor times torch's own error in the same dtype. A factor, not an offset:
+# fused kernels round in different (equally valid) orders.
+LOW_PRECISION_SLACK = 1.5
 # A gradient tensor whose torch values all lie below this fraction of the largest
 # gradient of the comparison is zero as far as fp32 can tell (e.g. q and k of an
 # attention over a single key, or a key bias that shifts a whole softmax row).
@@ -152,6 +157,61 @@ def compare(
         else:
             grads[k] = rel_err(f_grads[k], g)
     return Result(rel_err(f_out, t_out), grads)
+
+
+def low_precision_errors(
+    make_torch: Callable[[], torch.nn.Module],
+    flax_module: nnx.Module,
+    inputs: dict[str, np.ndarray],
+    *,
+    dtype: str = "bfloat16",
+    image: bool = False,
+    device: str = "cpu",
+    seed: int = 1,
+) -> dict[str, tuple[float, float]]:
+    """{"out" or gradient name: (flax_sgm's, torch's) relative error} in `dtype` against float64 torch on the CPU.
+
+    `make_torch()` returns a fresh float32 torch module holding the weights (already
+    representable in `dtype`, so all three runs start from the same values);
+    `flax_module` is its twin with `dtype` parameters and compute. Torch's low-
+    precision run is on `device`; flax_sgm's on jax's default device. Inputs are
+    float arrays; with `image`, "x" and the output are NCHW for torch.
+    """
+    ref = make_torch().double()
+    ts = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in inputs.items()}
+    out = ref(**ts)
+    cot = np.random.default_rng(seed).standard_normal(out.shape)
+    (out * torch.from_numpy(cot)).sum().backward()
+    expected = {"out": out.detach().numpy()} | _grads(ts, ref)
+
+    t_dtype = getattr(torch, dtype)
+    low = make_torch().to(device, t_dtype)
+    ts = {k: torch.tensor(v).to(device, t_dtype).requires_grad_() for k, v in inputs.items()}
+    out = low(**ts)
+    (out.float() * torch.from_numpy(cot).to(device, torch.float32)).sum().backward()
+    torch_got = {"out": out.detach().cpu().to(torch.float64).numpy()} | _grads(ts, low)
+
+    j_dtype = jnp.dtype(dtype)
+    xs = {k: jnp.asarray(nchw_to_nhwc(v) if image and k == "x" else v, j_dtype) for k, v in inputs.items()}
+    f_cot = jnp.asarray(nchw_to_nhwc(cot) if image else cot, jnp.float32)
+
+    def loss(model, xs):
+        out = model(**xs)
+        return (out.astype(jnp.float32) * f_cot).sum(), out
+
+    (_, out), (p_grads, x_grads) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(flax_module, xs)
+    flax_got = {"out": np.asarray(out.astype(jnp.float32))}
+    flax_got |= {f"input:{k}": np.asarray(g.astype(jnp.float32)) for k, g in x_grads.items()}
+    if image:
+        flax_got["out"], flax_got["input:x"] = nhwc_to_nchw(flax_got["out"]), nhwc_to_nchw(flax_got["input:x"])
+    p_grads = nnx.state(p_grads, nnx.Param) if hasattr(p_grads, "keys") else p_grads
+    flax_got |= {k: v.astype(np.float64) for k, v in convert.to_torch_state_dict(flax_module, p_grads).items()}
+    return {k: (rel_err(flax_got[k], e), rel_err(torch_got[k], e)) for k, e in expected.items()}
+
+
+def _grads(inputs: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, np.ndarray]:
+    grads = {f"input:{k}": t.grad for k, t in inputs.items()} | {k: p.grad for k, p in module.named_parameters()}
+    return {k: g.cpu().to(torch.float64).numpy() for k, g in grads.items() if g is not None}
 
 
 def _flat_inputs(inputs: dict) -> dict:

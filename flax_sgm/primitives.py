@@ -22,11 +22,69 @@ Dtype = Any
 Axes = tuple[str | None, str | None]
 
 
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y + bias (over the last axis), its gradient summed in float32 as torch does.
+
+    In bf16, XLA sums the bias gradient over every token in bf16: 3-4x torch's
+    error (test_low_precision.py). In float32 the casts are no-ops.
+    """
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
+
+
+def _dense(layer: nnx.Linear | nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel [in, out] over the last axis, plus the layer's bias; compute dtype as flax's layers."""
+    bias = None if layer.bias is None else layer.bias[...]
+    x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision)
+    return y if bias is None else add_bias(y, bias)
+
+
+class _Linear(nnx.Linear):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _dense(self, x, self.kernel[...])
+
+
+class _Conv1x1(nnx.Conv):
+    # A 1x1 convolution on channels-last input is a matmul over the channel axis.
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _dense(self, x, self.kernel[...][0, 0])
+
+
+class _Float32Norm:
+    """A flax norm computed in float32 (the wrapped layer's dtype), its output rounded once to `out_dtype`.
+
+    torch normalizes bf16/fp16 in float32 and rounds once, forward and backward;
+    flax's norms compute in the compute dtype. `out_dtype` None: flax's inference,
+    the input's dtype promoted with the parameters'.
+    """
+
+    out_dtype: Dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
+        return super().__call__(x).astype(out_dtype)
+
+
+class _LayerNorm(_Float32Norm, nnx.LayerNorm):
+    pass
+
+
+class _GroupNorm(_Float32Norm, nnx.GroupNorm):
+    pass
+
+
+def _float32_norm(cls, *args, dtype: Dtype, **kwargs):
+    norm = cls(*args, dtype=numerics.STATS_DTYPE, **kwargs)
+    norm.out_dtype = dtype
+    return norm
+
+
 def Linear(
     in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
 ) -> nnx.Linear:
     """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in])."""
-    return nnx.Linear(
+    return _Linear(
         in_features,
         out_features,
         use_bias=use_bias,
@@ -42,7 +100,7 @@ def Conv1x1(
     in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
 ) -> nnx.Conv:
     """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out]."""
-    return nnx.Conv(
+    return _Conv1x1(
         in_features,
         out_features,
         kernel_size=(1, 1),
@@ -57,7 +115,8 @@ def Conv1x1(
 
 def LayerNorm(dim: int, *, axis: str = "embed", rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.LayerNorm:
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance."""
-    return nnx.LayerNorm(
+    return _float32_norm(
+        _LayerNorm,
         dim,
         epsilon=numerics.LAYER_NORM_EPS,
         use_fast_variance=numerics.USE_FAST_VARIANCE,
@@ -77,7 +136,8 @@ def Normalize(
         raise ValueError(
             f"Normalize: `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
         )
-    return nnx.GroupNorm(
+    return _float32_norm(
+        _GroupNorm,
         in_channels,
         num_groups=numerics.GROUP_NORM_GROUPS,
         epsilon=numerics.GROUP_NORM_EPS,
