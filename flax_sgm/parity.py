@@ -31,11 +31,15 @@ class Tolerance(NamedTuple):
 TOLERANCES = {
     "float32": Tolerance(forward=1e-5, grad=1e-4),
 }
-# Low precision (bf16) is judged against a float64 reference, not against torch:
-# flax_sgm's relative error of the output and of every gradient may be at most
-# this factor times torch's own error in the same dtype. A factor, not an offset:
-# fused kernels round in different (equally valid) orders.
-LOW_PRECISION_SLACK = 1.5
+# Low precision (bf16) is judged against a float64 reference, not against torch,
+# by the ratio of flax_sgm's relative error to torch's own in the same dtype, per
+# output and gradient tensor. Two correct bf16 implementations scatter: measured
+# on CPU (4 seeds, BasicTransformerBlock and a depth-2 SpatialTransformer) the
+# worst tensor was 2.1x in torch's favour and 4.4x in flax_sgm's, the median 0.82
+# to 1.00. So: no tensor beyond LOW_PRECISION_SLACK, and the median ratio, which a
+# systematic loss moves, at most LOW_PRECISION_MEDIAN.
+LOW_PRECISION_SLACK = 2.5
+LOW_PRECISION_MEDIAN = 1.1
 # A gradient tensor whose torch values all lie below this fraction of the largest
 # gradient of the comparison is zero as far as fp32 can tell (e.g. q and k of an
 # attention over a single key, or a key bias that shifts a whole softmax row).
@@ -207,6 +211,16 @@ def low_precision_errors(
     p_grads = nnx.state(p_grads, nnx.Param) if hasattr(p_grads, "keys") else p_grads
     flax_got |= {k: v.astype(np.float64) for k, v in convert.to_torch_state_dict(flax_module, p_grads).items()}
     return {k: (rel_err(flax_got[k], e), rel_err(torch_got[k], e)) for k, e in expected.items()}
+
+
+def low_precision_problems(errs: dict[str, tuple[float, float]]) -> list[str]:
+    """What breaks the low-precision criterion in `low_precision_errors`' result; empty when it passes."""
+    ratios = {k: f / t if t > 0 else np.inf for k, (f, t) in errs.items()}
+    problems = [f"{k}: {r:.2f}x torch's error" for k, r in ratios.items() if r > LOW_PRECISION_SLACK]
+    median = float(np.median(list(ratios.values())))
+    if median > LOW_PRECISION_MEDIAN:
+        problems.append(f"median ratio {median:.2f} > {LOW_PRECISION_MEDIAN}")
+    return problems
 
 
 def _grads(inputs: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, np.ndarray]:
