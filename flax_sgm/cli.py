@@ -96,6 +96,7 @@ def cli(debug):
 Examples:
   flax-sgm verify
   flax-sgm verify --json > report.json
+  flax-sgm verify --dtype bfloat16
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
   flax-sgm verify --checkpoint unet/diffusion_pytorch_model.safetensors \\
@@ -105,8 +106,9 @@ Examples:
               help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
-@click.option("--dtype", type=click.Choice(["float32"]), default="float32", show_default=True,
-              help="Dtype of both sides and of the tolerances (flax_sgm.parity.TOLERANCES; float32 only today).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of both sides. float32: against torch, flax_sgm.parity.TOLERANCES. bfloat16: both "
+                   "against float64, flax_sgm's error per tensor against torch's (parity.low_precision_problems).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_clean_errors
@@ -121,7 +123,9 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out): max absolute and relative error of the forward output (the Flax
     submodule on torch's recorded inputs) and of the parameter gradients, the
-    attention backend, pass/fail against flax_sgm.parity.TOLERANCES.
+    attention backend, pass/fail against flax_sgm.parity.TOLERANCES. With --dtype
+    bfloat16: per output and gradient tensor, flax_sgm's and torch's relative error
+    against a float64 run of the same (bf16-rounded) weights, and their ratio.
     """
     _exclusive_heads(heads, head_dim)
     from flax_sgm import parity  # needs torch
@@ -148,16 +152,23 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     sys.exit(0 if report["passed"] else PARITY_FAILED)
 
 
-def format_report(report: dict) -> str:
-    tol = report["tolerance"]
+def _report_head(report: dict) -> list[str]:
     config = ", ".join(f"{k}={v}" for k, v in report["config"].items())
     inputs = ", ".join(f"{k} {v}" for k, v in report["inputs"].items())
     source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in report["source"].items())
-    lines = [
+    return [
         f"SpatialTransformer({config})",
         f"weights: {source}",
         f"input: {inputs} (x NCHW for torch, NHWC for flax)   {report['dtype']} on {report['platform']}",
         "",
+    ]
+
+
+def format_report(report: dict) -> str:
+    if "tensors" in report:
+        return format_low_precision_report(report)
+    tol = report["tolerance"]
+    lines = _report_head(report) + [
         f"{'submodule':30s} {'fwd abs':>9s} {'fwd rel':>9s} {'grad abs':>9s} {'grad rel':>9s}  {'backend':8s} result",
     ]
     for row in report["submodules"]:
@@ -176,6 +187,26 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"tolerances ({report['dtype']}): relative error <= {tol['forward']:g} forward, <= {tol['grad']:g} gradients",
+        "PASS" if report["passed"] else "FAIL",
+    ]
+    return "\n".join(lines)
+
+
+def format_low_precision_report(report: dict) -> str:
+    crit = report["criterion"]
+    lines = _report_head(report) + [
+        f"relative error against float64 of the same {report['dtype']}-rounded weights:",
+        f"{'tensor':50s} {'flax_sgm':>9s} {'torch':>9s} {'ratio':>6s}",
+    ]
+    for row in report["tensors"]:
+        flag = "" if row["ratio"] <= crit["per_tensor_ratio"] else "  FAIL"
+        lines.append(f"{row['name']:50s} {row['flax']:9.2e} {row['torch']:9.2e} {row['ratio']:6.2f}{flag}")
+    lines += [
+        "",
+        f"median ratio {report['median_ratio']:.2f}",
+        f"criterion: every ratio <= {crit['per_tensor_ratio']:g}, median <= {crit['median_ratio']:g} "
+        "(flax_sgm.parity.low_precision_problems)",
+        *report["problems"],
         "PASS" if report["passed"] else "FAIL",
     ]
     return "\n".join(lines)

@@ -432,6 +432,8 @@ def verify_pair(
     import torch_ref
     from flax_sgm.transformer import SpatialTransformer
 
+    if dtype not in TOLERANCES:
+        return verify_low_precision(config, torch_state, flax_module, seed=seed, dtype=dtype)
     torch_module = torch_ref.SpatialTransformer(**config, use_checkpoint=False).to(getattr(torch, dtype))
     if torch_state is None:
         randomize_(torch_module, seed)
@@ -444,3 +446,52 @@ def verify_pair(
         )
         convert.load_torch_state_dict(flax_module, torch_module.state_dict())
     return verify_spatial_transformer(torch_module, flax_module, verify_inputs(config, seed=seed), dtype=dtype, seed=seed)
+
+
+def verify_low_precision(
+    config: dict, torch_state: dict | None = None, flax_module: nnx.Module | None = None, *, seed: int = 0,
+    dtype: str = "bfloat16",
+) -> dict:
+    """`verify_pair` in a low-precision dtype: every output and gradient tensor against float64.
+
+    Both sides hold the weights rounded to `dtype` (the float64 reference too) and
+    run in `dtype`; per tensor, flax_sgm's and torch's relative error against the
+    reference and their ratio; passes when `low_precision_problems` finds nothing.
+    """
+    import torch_ref
+    from flax_sgm.transformer import SpatialTransformer
+
+    t_dtype = getattr(torch, dtype)
+    if torch_state is None:
+        state = randomize_(torch_ref.SpatialTransformer(**config, use_checkpoint=False), seed).state_dict()
+    else:
+        state = convert.as_torch_tensors(torch_state)
+    state = {k: v.to(t_dtype) for k, v in state.items()}
+
+    def make_torch():
+        module = torch_ref.SpatialTransformer(**config, use_checkpoint=False)
+        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return module
+
+    if flax_module is None:
+        flax_module = nnx.eval_shape(
+            lambda: SpatialTransformer(**config, use_checkpoint=False, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
+                                       rngs=nnx.Rngs(0))
+        )
+        convert.load_torch_state_dict(flax_module, state)
+    inputs = verify_inputs(config, seed=seed)
+    if isinstance(inputs.get("context"), list):
+        raise ValueError("verify in low precision takes one context tensor; this config has several context_dims")
+    errs = low_precision_errors(make_torch, flax_module, inputs, dtype=dtype, image=True, seed=seed + 1)
+    problems = low_precision_problems(errs)
+    return {
+        "passed": not problems,
+        "dtype": dtype,
+        "platform": jax.default_backend(),
+        "seed": seed,
+        "criterion": {"per_tensor_ratio": LOW_PRECISION_SLACK, "median_ratio": LOW_PRECISION_MEDIAN},
+        "inputs": {k: _shapes(v) for k, v in inputs.items()},
+        "median_ratio": float(np.median([f / t for f, t in errs.values()])),
+        "tensors": [{"name": k, "flax": f, "torch": t, "ratio": f / t if t > 0 else float("inf")} for k, (f, t) in errs.items()],
+        "problems": problems,
+    }

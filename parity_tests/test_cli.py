@@ -155,6 +155,29 @@ def test_verify_checkpoint_infers_the_config(files):
     assert [r["name"] for r in report["submodules"]] == parity.spatial_transformer_parts(2)
 
 
+def test_verify_bfloat16_against_float64(small_default, monkeypatch):
+    out = run("verify", "--dtype", "bfloat16").output
+    assert "\nout " in out and "\ninput:x " in out and "median ratio" in out and out.rstrip().endswith("PASS")
+    report = json.loads(run("verify", "--dtype", "bfloat16", "--json").stdout)
+    assert report["passed"] and report["dtype"] == "bfloat16" and not report["problems"]
+    names = [r["name"] for r in report["tensors"]]
+    assert {"out", "input:x", "input:context", "proj_in.weight", "transformer_blocks.0.attn1.to_q.weight"} <= set(names)
+    assert all(1e-4 < r["torch"] < 0.1 and r["ratio"] == r["flax"] / r["torch"] for r in report["tensors"])
+    monkeypatch.setattr(parity, "LOW_PRECISION_SLACK", 0.5)
+    result = run("verify", "--dtype", "bfloat16", "--json", ok=False)
+    assert result.exit_code == 1 and json.loads(result.stdout)["problems"]
+
+
+def test_verify_bfloat16_on_a_float32_checkpoint(files):
+    d, _ = files
+    prefix = SGM + "input_blocks.1.1"
+    report = json.loads(
+        run("verify", "--checkpoint", d / "sgm.safetensors", "--prefix", prefix, "--heads", 2, "--dtype", "bfloat16",
+            "--json").stdout
+    )
+    assert report["passed"] and report["source"]["dtype in file"] == "float32" and len(report["tensors"]) > 10
+
+
 @pytest.mark.slow
 def test_verify_real_default():
     report = json.loads(run("verify", "--json").stdout)
