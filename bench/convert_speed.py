@@ -67,7 +67,7 @@ def synthetic_layout(size_bytes: int, itemsize: int) -> dict[str, tuple[int, ...
 
 
 def write_file(path: Path, size_gb: float, dtype: str) -> int:
-    from flax_sgm.checkpoints import write_safetensors
+    from flax_sgm.checkpoints import TensorInfo, write_safetensors
 
     dtype = np.dtype(dtype)
     shapes = synthetic_layout(int(size_gb * 1e9), dtype.itemsize)
@@ -78,7 +78,7 @@ def write_file(path: Path, size_gb: float, dtype: str) -> int:
         offset = 0 if offset + n > pool.size else offset
         tensors[key] = pool[offset : offset + n].reshape(shape)
         offset += n
-    write_safetensors(path, tensors)
+    write_safetensors(path, {k: TensorInfo(v.shape, v.dtype) for k, v in tensors.items()}, tensors.values())
     return len(shapes)
 
 

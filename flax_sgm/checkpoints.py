@@ -9,10 +9,14 @@ Reading:
                 A top-level `state_dict` entry is unwrapped. Needs torch.
 The format is sniffed from the first bytes, not from the extension.
 
-Converting streams: a thread reads the selected tensors in file order a bounded
-amount ahead, stacks are converted one at a time (convert.load_torch_state_dict
-into an nnx.eval_shape model), and each is saved on a thread while the next is
-converted. Peak memory is about two stacks plus the read-ahead, whatever the file size.
+Converting streams. Every stack's conversion_plan is checked first (no weight
+read). Worker threads read the selected tensors in file order a bounded amount
+ahead and transpose them (_ReadAhead). Orbax output: a stack at a time is filled
+into an nnx.eval_shape model and saved on a thread while the next is converted;
+peak memory is about two stacks plus the read-ahead. Flat safetensors output:
+each tensor goes from the read-ahead to the file (StreamWriter, O_DIRECT where
+the filesystem allows) and its buffer back for the next read; memory is the
+read-ahead's, whatever the file size.
 
 A stack is a SpatialTransformer sub-tree: the keys under a prefix such as
 `model.diffusion_model.input_blocks.4.1.` (SGM/LDM) or `down_blocks.1.attentions.0.`
@@ -33,6 +37,7 @@ import functools
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -118,10 +123,13 @@ class SafetensorsReader:
             self._file.close()
             raise
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor's bytes in a new array; positional reads, so threads may share the reader."""
+    def read(self, key: str, alloc: Callable[[int], np.ndarray] = None) -> np.ndarray:
+        """The tensor's bytes in a new array from `alloc(nbytes)` (ALIGNMENT-aligned bytes by default).
+
+        Positional reads, so threads may share the reader.
+        """
         info, start = self.infos[key], self._offsets[key]
-        buf = aligned_empty((info.nbytes,), np.uint8)
+        buf = (alloc or aligned_bytes)(info.nbytes)
         view, done = memoryview(buf), 0
         while done < info.nbytes:
             n = os.preadv(self._file.fileno(), [view[done:]], start + done)
@@ -188,7 +196,8 @@ class TorchReader:
         self._tensors = tensors
         self.infos = {k: TensorInfo(tuple(t.shape), _torch_dtype_to_numpy(t.dtype)) for k, t in tensors.items()}
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, alloc: Callable[[int], np.ndarray] = None) -> np.ndarray:
+        """A view of the loaded tensor (`alloc` is unused: nothing is copied)."""
         return convert.to_numpy(self._tensors[key])
 
     def file_order(self, keys: Iterable[str]) -> list[str]:
@@ -199,8 +208,10 @@ class TorchReader:
 
 
 def _torch_dtype_to_numpy(dtype) -> np.dtype:
-    name = str(dtype).removeprefix("torch.")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(getattr(np, name, np.void))
+    try:
+        return convert.numpy_dtype(dtype)
+    except TypeError:  # e.g. quantized dtypes: listed by inspect, refused by conversion
+        return np.dtype(np.void)
 
 
 def _torch_load_tensors(path: Path) -> dict:
@@ -475,37 +486,74 @@ def select_stacks(reader, prefixes: Iterable[str] = (), *, all_stacks: bool = Fa
 ALIGNMENT = 64  # bytes: XLA:CPU shares host buffers aligned this way instead of copying them
 
 
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialized array whose data starts ALIGNMENT-aligned."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """Uninitialized uint8[nbytes] whose data starts ALIGNMENT-aligned (its .base is the whole allocation)."""
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes]
 
 
-def conversion_layout(value: np.ndarray, *, owned: bool, tile: int = 128) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype, alloc: Callable[[int], np.ndarray] = aligned_bytes) -> np.ndarray:
+    """An uninitialized array on bytes from `alloc`."""
+    dtype = np.dtype(dtype)
+    return alloc(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
+class _BufferPool:
+    """aligned_bytes buffers kept for reuse, by size.
+
+    Fresh memory costs a page fault per page, and a stack repeats a few tensor
+    sizes, so buffers given back are handed out again. At most `limit` bytes wait
+    here. Give back only arrays nothing else holds.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.free: dict[int, list[np.ndarray]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self.lock:
+            if spare := self.free.get(nbytes):
+                self.held -= nbytes
+                return spare.pop()
+        return aligned_bytes(nbytes)
+
+    def give(self, array: np.ndarray) -> None:
+        """Keep the buffer under `array`, a view of one from `take`."""
+        raw = array.base  # numpy collapses view chains to the owning allocation
+        if not (isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 1 and raw.flags.owndata):
+            raise ValueError("not a buffer from this pool")
+        start = -raw.ctypes.data % ALIGNMENT
+        buf = raw[start : start + raw.size - ALIGNMENT]
+        with self.lock:
+            if self.held + buf.nbytes <= self.limit:
+                self.free.setdefault(buf.nbytes, []).append(buf)
+                self.held += buf.nbytes
+
+
+def conversion_layout(value: np.ndarray, *, owned: bool, tile: int = 128, alloc=aligned_bytes) -> np.ndarray:
     """`value` as conversion takes it: a private ALIGNMENT-aligned array, column-major if it is a weight matrix.
 
     Every transform of the conversion table reverses a weight's axes (Linear
     [out, in] -> [in, out], 1x1 conv [out, in, 1, 1] -> [1, 1, in, out]), so on a
-    column-major array the transform is a view that jax can take without a copy
-    (convert.load_torch_state_dict with copy=False). The transpose runs here, on
-    the read-ahead thread, in tiles that stay in cache. `owned`: `value` is a fresh
-    array nobody else holds, kept as it is when already in that layout. Values
-    never change.
+    column-major array the transform is a C-ordered view: jax takes it without a
+    copy (convert.load_planned with copy=False) and a file takes its bytes as they
+    are. The transpose runs here, on a read-ahead thread, in tiles that stay in
+    cache. `owned`: `value` is a fresh array nobody else holds, kept as it is when
+    already in that layout. New arrays are on bytes from `alloc`. Values never change.
     """
     if value.ndim >= 2 and all(d == 1 for d in value.shape[2:]) and not value.flags.f_contiguous:
         out, inner = value.shape[:2]
         flat = value.reshape(out, inner)
-        transposed = aligned_empty((inner, out), value.dtype)  # [in, out]
+        transposed = aligned_empty((inner, out), value.dtype, alloc)  # [in, out]
         for i in range(0, out, tile):
             for j in range(0, inner, tile):
                 transposed[j : j + tile, i : i + tile] = flat[i : i + tile, j : j + tile].T
         return transposed.T.reshape(value.shape)  # F-ordered: reshaping only adds unit axes
     if owned and value.ctypes.data % ALIGNMENT == 0:
         return value
-    copy = aligned_empty(value.shape, value.dtype)
+    copy = aligned_empty(value.shape, value.dtype, alloc)
     copy[...] = value
     return copy
 
@@ -517,12 +565,14 @@ class _ReadAhead:
     numpy copies release the GIL, so they overlap each other and the conversion).
     The consumer takes tensors in any order (conversion goes in the model's
     order) and reads one itself when no worker has got to it, so the budget never
-    blocks it.
+    blocks it. A consumer done with a tensor may `recycle` it: its memory then
+    serves a later read.
     """
 
     def __init__(self, reader, keys: Iterable[str], budget: int = READ_AHEAD_BYTES, on_read=None,
                  workers: int = READ_WORKERS):
         self.reader, self.budget, self.on_read = reader, budget, on_read
+        self.pool = _BufferPool(limit=max(budget, READ_AHEAD_BYTES))
         self.order = reader.file_order(keys)
         self.sizes = {k: reader.infos[k].nbytes for k in self.order}
         self.next = 0  # index in `order` of the next tensor for a worker
@@ -535,6 +585,14 @@ class _ReadAhead:
         self.threads = [threading.Thread(target=self._run, daemon=True, name=f"flax-sgm-read-{i}") for i in range(workers)]
         for thread in self.threads:
             thread.start()
+
+    def _load(self, key: str) -> np.ndarray:
+        owned = self.reader.owns_arrays
+        value = self.reader.read(key, alloc=self.pool.take)
+        laid = conversion_layout(value, owned=owned, alloc=self.pool.take)
+        if owned and laid is not value:
+            self.pool.give(value)
+        return laid
 
     def _run(self):
         while True:
@@ -552,7 +610,7 @@ class _ReadAhead:
                 self.reading.add(key)
                 self.ahead += self.sizes[key]
             try:
-                value = conversion_layout(self.reader.read(key), owned=self.reader.owns_arrays)
+                value = self._load(key)
             except BaseException as err:  # the consumer raises it
                 value = err
             with self.cond:
@@ -571,12 +629,16 @@ class _ReadAhead:
                 self.taken.add(key)
                 value = None
         if value is None:
-            value = conversion_layout(self.reader.read(key), owned=self.reader.owns_arrays)
+            value = self._load(key)
         if isinstance(value, BaseException):
             raise value
         if self.on_read:
             self.on_read(value.nbytes)
         return value
+
+    def recycle(self, value: np.ndarray) -> None:
+        """`value`, from get, is no longer used by anyone."""
+        self.pool.give(value)
 
     def close(self) -> None:
         with self.cond:
@@ -591,6 +653,7 @@ class _LazyTensor:
 
     def __init__(self, source: _ReadAhead, key: str):
         self.source, self.key = source, key
+        self.shape, self.dtype = source.reader.infos[key]
 
     def __array__(self, dtype=None, copy=None):
         value = self.source.get(self.key)
@@ -616,27 +679,50 @@ def abstract_model(config: Mapping[str, Any], param_dtype, dtype=None, **overrid
     return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))  # fresh Variables, the cache stays abstract
 
 
-def convert_stack(
-    reader, stack: StackShape, config: Mapping[str, Any], param_dtype=None, *, on_read=None, source: _ReadAhead | None = None
-) -> SpatialTransformer:
-    """The stack's weights in an abstract SpatialTransformer, strictly (convert.load_torch_state_dict).
-
-    Tensors come from `source` (a read-ahead shared by several stacks) or are read
-    here, one at a time as conversion takes them.
-    """
-    param_dtype = stack.dtype if param_dtype is None else np.dtype(param_dtype)
+def stack_plan(reader, stack: StackShape, config: Mapping[str, Any], param_dtype) -> list[convert.Step]:
+    """The stack's checked conversion_plan into abstract_model(config, param_dtype); no tensor is read."""
+    # Narrowing is only allowed when the caller picked the dtype.
+    downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
+    infos = {k: reader.infos[k] for k in stack.keys}
     model = abstract_model(config, param_dtype)
-    own = source is None
-    source = _ReadAhead(reader, stack.keys, budget=0, on_read=on_read) if own else source
+    return convert.conversion_plan(model, infos, prefix=stack.prefix, allow_downcast=downcast)
+
+
+def convert_stack(reader, stack: StackShape, config: Mapping[str, Any], param_dtype=None, *, on_read=None) -> SpatialTransformer:
+    """The stack's weights in a SpatialTransformer, strictly (convert.conversion_plan), read as conversion takes them."""
+    param_dtype = stack.dtype if param_dtype is None else param_dtype
+    plan = stack_plan(reader, stack, config, param_dtype)
+    source = _ReadAhead(reader, stack.keys, budget=0, on_read=on_read)
     try:
-        lazy = {k: _LazyTensor(source, k) for k in stack.keys}
-        # Narrowing is only allowed when the caller picked the dtype.
-        downcast = jnp.promote_types(stack.dtype, param_dtype) != jnp.dtype(param_dtype)
-        # The read-ahead's arrays are private: the model may keep them without a copy.
-        return convert.load_torch_state_dict(model, lazy, prefix=stack.prefix, allow_downcast=downcast, copy=False)
+        return fill_stack(abstract_model(config, param_dtype), plan, source)
     finally:
-        if own:
-            source.close()
+        source.close()
+
+
+def fill_stack(model: SpatialTransformer, plan: list, source: _ReadAhead) -> SpatialTransformer:
+    """`model` filled from the read-ahead along its plan; it keeps the read-ahead's arrays, which are private."""
+    lazy = {step.key: _LazyTensor(source, step.key) for step in plan}
+    return convert.load_planned(model, plan, lazy, copy=False)
+
+
+def write_stack_safetensors(target: Path, plan: list, source: _ReadAhead, metadata: Mapping[str, str]) -> None:
+    """A stack as a flat safetensors file of Flax paths, streamed tensor by tensor along its plan.
+
+    No jax array is made: each tensor goes from the read-ahead through its
+    transform to the file, and its buffer back to the read-ahead.
+    """
+    by_key = {step.key: step for step in plan}
+    plan = [by_key[k] for k in source.reader.file_order(by_key)]  # output in input order: reads stay sequential
+
+    def values():
+        for step in plan:
+            value = source.get(step.key)
+            converted = step.row.transform.to_flax(value)
+            yield converted if converted.dtype == step.dtype else converted.astype(step.dtype)
+            source.recycle(value)
+
+    layout = {".".join(map(str, step.row.flax_path)): TensorInfo(step.shape, step.dtype) for step in plan}
+    write_safetensors(target, layout, values(), metadata)
 
 
 def stack_name(prefix: str) -> str:
@@ -645,35 +731,112 @@ def stack_name(prefix: str) -> str:
     return name or "spatial_transformer"
 
 
-def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """{'transformer_blocks.0.attn1.to_q.kernel': array}: the Flax paths, dot-joined."""
-    out = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = value.get_value() if isinstance(value, nnx.Variable) else value
-        out[".".join(map(str, path))] = np.asarray(value)
-    return out
-
-
 def write_safetensors(
-    path: Path, tensors: dict[str, np.ndarray], metadata: Mapping[str, str] | None = None, *, release: bool = False
+    path: Path, layout: Mapping[str, TensorInfo], values: Iterable[np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """A safetensors file written tensor by tensor; with `release`, each is dropped from `tensors` once written."""
+    """A safetensors file: `layout` (name -> shape and dtype, in file order), then `values` in that order, one at a time."""
     header, offset = {}, 0
-    for key, value in tensors.items():
-        header[key] = {"dtype": SAFETENSORS_CODES[value.dtype], "shape": list(value.shape),
-                       "data_offsets": [offset, offset + value.nbytes]}
-        offset += value.nbytes
+    for key, info in layout.items():
+        header[key] = {"dtype": SAFETENSORS_CODES[info.dtype], "shape": list(info.shape),
+                       "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for key in list(tensors):
-            f.write(memoryview(np.ascontiguousarray(tensors[key])).cast("B"))  # little-endian hosts
-            if release:
-                del tensors[key]
+    with StreamWriter(path) as f:
+        f.write(np.frombuffer(len(blob).to_bytes(8, "little") + blob, np.uint8))
+        for (key, info), value in zip(layout.items(), values, strict=True):
+            if (tuple(value.shape), value.dtype) != (info.shape, info.dtype):
+                raise ValueError(f"{key}: got {value.dtype.name}{list(value.shape)}, the header says {info.dtype.name}{list(info.shape)}")
+            f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))  # little-endian hosts
+
+
+class StreamWriter:
+    """A new file written front to back through two page-aligned staging chunks, one filling while the other is written.
+
+    With `direct` (the default where the OS has it) the file is opened O_DIRECT:
+    chunks go from memory to the device, so a multi-GB output neither fills the
+    page cache nor leaves gigabytes of dirty pages to flush, and costs almost no
+    CPU. Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems)
+    it writes through the page cache. The last chunk is padded to the block size
+    and the file truncated to the bytes given.
+    """
+
+    CHUNK = 8 << 20  # a multiple of every device block size
+
+    def __init__(self, path: Path, *, direct: bool = hasattr(os, "O_DIRECT")):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct, self.fd = direct, None
+        if direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError:
+                self.direct = False
+        if self.fd is None:
+            self.fd = os.open(path, flags, 0o644)
+        self.chunks = [np.frombuffer(mmap.mmap(-1, self.CHUNK), np.uint8) for _ in range(2)]  # page-aligned
+        self.current, self.fill, self.offset = 0, 0, 0  # offset: where the current chunk goes in the file
+        self.pending = None
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-write")
+
+    def write(self, data: np.ndarray) -> None:
+        """Append `data`, a uint8 vector."""
+        done = 0
+        while done < data.size:
+            n = min(data.size - done, self.CHUNK - self.fill)
+            self.chunks[self.current][self.fill : self.fill + n] = data[done : done + n]
+            self.fill, done = self.fill + n, done + n
+            if self.fill == self.CHUNK:
+                self._submit()
+
+    def _submit(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # the other chunk is free again
+        size = self.fill if not self.direct else -(-self.fill // mmap.PAGESIZE) * mmap.PAGESIZE
+        chunk = self.chunks[self.current][:size]
+        if size > self.fill:
+            chunk[self.fill :] = 0
+        self.pending = self.io.submit(self._pwrite, chunk, self.offset)
+        self.offset += self.fill
+        self.current, self.fill = 1 - self.current, 0
+
+    def _pwrite(self, chunk: np.ndarray, offset: int) -> None:
+        view, done = memoryview(chunk), 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError:
+                if not self.direct:
+                    raise
+                # Opened O_DIRECT but refused at the first write: go through the page cache.
+                fcntl = __import__("fcntl")
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+
+    def close(self) -> None:
+        """Write what is left and close; the file then holds exactly the bytes given."""
+        try:
+            if self.fill:
+                self._submit()
+            if self.pending is not None:
+                self.pending.result()
+            os.ftruncate(self.fd, self.offset)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.io.shutdown(wait=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close() if exc_type is None else self.abort()
+        return False
 
 
 def _orbax():
@@ -682,15 +845,8 @@ def _orbax():
     return ocp
 
 
-def save_params(params, target: Path, weights: str, metadata: Mapping[str, str] | None = None) -> None:
-    """One stack's parameters as an Orbax checkpoint directory or a flat safetensors file.
-
-    `params`: the nnx.State of the parameters (orbax), or `flat_params`' dict
-    (safetensors), whose entries are released as they are written.
-    """
-    if weights == "safetensors":
-        write_safetensors(target, params, metadata, release=True)
-        return
+def save_orbax(params: nnx.State, target: Path) -> None:
+    """One stack's nnx.Param state as an Orbax checkpoint directory."""
     ocp = _orbax()
     # No OCDBT, no compression: several times faster to write, and weights barely compress.
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
@@ -735,8 +891,8 @@ def convert_file(
 ) -> list[ConvertedStack]:
     """Convert stacks of `source` into the directory `out` (see the module docstring); returns what was written.
 
-    Every input is checked before any weight is read. Stacks are converted one at a
-    time, so memory stays near the largest one. `out` appears only when complete.
+    Every input is checked before anything is written. Stacks are converted one at
+    a time, so memory stays near the largest one. `out` appears only when complete.
     """
     if weights not in WEIGHT_FORMATS:
         raise CheckpointError(f"weights format must be one of {WEIGHT_FORMATS}; got {weights!r}")
@@ -752,26 +908,27 @@ def convert_file(
         if on_plan:
             on_plan(stacks)
         written = []
-        # One stack is written on a thread while the next is read and converted: at most
-        # two converted stacks are in memory (less with safetensors, freed as written).
+        # Orbax: one stack is written on a thread while the next is read and converted,
+        # so at most two converted stacks are in memory. Safetensors: tensors stream
+        # from the read-ahead to the file, and memory is the read-ahead's.
         ahead = _ReadAhead(reader, [k for s in stacks for k in s.keys], on_read=progress)
+        dtypes = [np.dtype(param_dtype or s.dtype).name for s in stacks]
+        plans = [stack_plan(reader, s, c, d) for s, c, d in zip(stacks, configs, dtypes)]  # while reads start
         with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-save") as saver:
             pending = None
-            for stack, config in zip(stacks, configs):
-                model = convert_stack(reader, stack, config, param_dtype, source=ahead)
-                dtype = np.dtype(param_dtype or stack.dtype).name
+            for stack, config, dtype, plan in zip(stacks, configs, dtypes, plans):
                 name = stack_name(stack.prefix)
-                entry = ConvertedStack(stack.prefix, name, config, dtype, _count_params(model), stack.nbytes)
-                target = tmp / (name + ".safetensors" if weights == "safetensors" else name)
-                # Only the saver holds the weights from here: a flat file frees each tensor once written.
-                payload = flat_params(model) if weights == "safetensors" else nnx.state(model, nnx.Param)
-                del model
-                if pending is not None:
-                    pending.result()
-                metadata = {"flax_sgm_config": json.dumps(_stack_record(entry, weights))}
-                pending = saver.submit(save_params, payload, target, weights, metadata)
-                written.append(entry)
-                del payload
+                record = _stack_record(stack.prefix, name, config, dtype, weights)
+                if weights == "safetensors":
+                    write_stack_safetensors(tmp / record["path"], plan, ahead, {"flax_sgm_config": json.dumps(record)})
+                else:
+                    state = nnx.state(fill_stack(abstract_model(config, dtype), plan, ahead), nnx.Param)
+                    if pending is not None:
+                        pending.result()
+                    pending = saver.submit(save_orbax, state, tmp / record["path"])
+                    del state  # only the saver holds the weights from here
+                params = sum(math.prod(step.shape) for step in plan)
+                written.append(ConvertedStack(stack.prefix, name, config, dtype, params, stack.nbytes))
             if pending is not None:
                 pending.result()
             document = {
@@ -779,7 +936,7 @@ def convert_file(
                 "version": FORMAT_VERSION,
                 "weights": weights,
                 "source": str(Path(source).name),
-                "stacks": [_stack_record(e, weights) for e in written],
+                "stacks": [_stack_record(e.prefix, e.name, e.config, e.param_dtype, weights) for e in written],
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
         return written
@@ -789,13 +946,9 @@ def convert_file(
         reader.close()
 
 
-def _stack_record(entry: ConvertedStack, weights: str) -> dict:
-    path = entry.name + ".safetensors" if weights == "safetensors" else entry.name
-    return {"prefix": entry.prefix, "path": path, "param_dtype": entry.param_dtype, "config": entry.config}
-
-
-def _count_params(model) -> int:
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _stack_record(prefix: str, name: str, config: dict, param_dtype: str, weights: str) -> dict:
+    path = name + ".safetensors" if weights == "safetensors" else name
+    return {"prefix": prefix, "path": path, "param_dtype": param_dtype, "config": config}
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -111,6 +111,23 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def numpy_dtype(dtype) -> np.dtype:
+    """A numpy, jax or torch dtype as a numpy dtype (torch.bfloat16 -> ml_dtypes.bfloat16)."""
+    if type(dtype).__module__.startswith("torch"):
+        name = str(dtype).removeprefix("torch.")
+        return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+    return np.dtype(dtype)
+
+
+def _has_numpy_dtype(value) -> bool:
+    """True for values conversion_plan can describe without converting them (torch tensors too)."""
+    try:
+        numpy_dtype(value.dtype)
+    except (AttributeError, TypeError):
+        return False
+    return hasattr(value, "shape")
+
+
 def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
@@ -118,6 +135,66 @@ def _is_float(dtype) -> bool:
 def _is_widening(src, dst) -> bool:
     """True when every value of `src` is exactly representable in `dst`."""
     return jnp.promote_types(src, dst) == jnp.dtype(dst)
+
+
+class Step(NamedTuple):
+    """One parameter of a checked conversion: read `key`, apply `row.transform.to_flax`, cast to `dtype`."""
+
+    row: Row
+    key: str  # the source key, prefix included
+    shape: tuple[int, ...]  # the Flax parameter's
+    dtype: np.dtype
+
+
+def conversion_plan(
+    model: nnx.Module,
+    sources: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    strict: bool = True,
+    allow_downcast: bool = False,
+) -> list[Step]:
+    """Check torch-named sources against `model` without reading a value; one Step per parameter.
+
+    `sources` maps keys to anything with `.shape` and `.dtype` (numpy arrays, torch
+    tensors, jax.ShapeDtypeStruct, a checkpoint's tensor infos); only keys under
+    `prefix` count. Raises one ConversionError listing every missing, unexpected
+    (when strict), misshapen or wrongly typed key. `model` may be abstract.
+    """
+    rows = conversion_table(model)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    source = {k[len(prefix):]: v for k, v in sources.items() if k.startswith(prefix)}
+    known = {row.torch_key for row in rows}
+    missing = [prefix + row.torch_key for row in rows if row.torch_key not in source]
+    unexpected = sorted(prefix + k for k in source if k not in known) if strict else []
+    mismatched, plan = [], []
+    for row in rows:
+        if row.torch_key not in source:
+            continue
+        key = prefix + row.torch_key
+        target = params[row.flax_path]
+        target_shape, target_dtype = tuple(target.shape), jnp.dtype(target.dtype)
+        shape, dtype = tuple(source[row.torch_key].shape), numpy_dtype(source[row.torch_key].dtype)
+        if not _is_float(dtype):
+            mismatched.append(f"dtype mismatch: {key} is {dtype}, expected a float dtype ({target_dtype.name})")
+            continue
+        if not (allow_downcast or _is_widening(dtype, target_dtype)):
+            mismatched.append(
+                f"dtype mismatch: {key} is {dtype}; casting to the model's {target_dtype.name} would lose "
+                "precision (build the model with that param_dtype, or pass allow_downcast=True)"
+            )
+            continue
+        torch_shape_expected = row.transform.to_torch(np.empty(target_shape, dtype=np.bool_)).shape
+        if shape != torch_shape_expected:
+            mismatched.append(
+                f"shape mismatch: {key} has shape {list(shape)}, the model needs {list(torch_shape_expected)}"
+            )
+            continue
+        plan.append(Step(row, key, target_shape, target_dtype))
+    if missing or unexpected or mismatched:
+        where = f" (prefix {prefix!r})" if prefix else ""
+        raise ConversionError(missing, unexpected, mismatched, context=f" for {type(model).__name__}{where}")
+    return plan
 
 
 def load_torch_state_dict(
@@ -136,52 +213,30 @@ def load_torch_state_dict(
     float32 -> bfloat16, needs `allow_downcast=True`). Only keys starting with
     `prefix` are read, with the prefix removed. `model` may be abstract (from
     `nnx.eval_shape`). With `strict=False`, keys the model does not have are
-    ignored; missing parameters, bad shapes and bad dtypes always raise.
+    ignored; missing parameters, bad shapes and bad dtypes always raise, before
+    any value is read (conversion_plan).
     With `copy=False` the model may share memory with the given arrays (on CPU,
     when they are 64-byte aligned); pass it only for arrays nothing else holds.
     """
-    rows = conversion_table(model)
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    known = {row.torch_key for row in rows}
-    missing = [prefix + row.torch_key for row in rows if row.torch_key not in source]
-    unexpected = sorted(prefix + k for k in source if k not in known) if strict else []
-    mismatched, updates = [], []
-    for row in rows:
-        if row.torch_key not in source:
-            continue
-        key = prefix + row.torch_key
-        target = params[row.flax_path]
-        target_shape, target_dtype = tuple(target.shape), jnp.dtype(target.dtype)
-        value = to_numpy(source[row.torch_key])
-        if not _is_float(value.dtype):
-            mismatched.append(f"dtype mismatch: {key} is {value.dtype}, expected a float dtype ({target_dtype.name})")
-            continue
-        if not (allow_downcast or _is_widening(value.dtype, target_dtype)):
-            mismatched.append(
-                f"dtype mismatch: {key} is {value.dtype}; casting to the model's {target_dtype.name} would lose "
-                "precision (build the model with that param_dtype, or pass allow_downcast=True)"
-            )
-            continue
-        torch_shape_expected = row.transform.to_torch(np.empty(target_shape, dtype=np.bool_)).shape
-        if value.shape != torch_shape_expected:
-            mismatched.append(
-                f"shape mismatch: {key} has shape {list(value.shape)}, the model needs {list(torch_shape_expected)}"
-            )
-            continue
-        value = row.transform.to_flax(value)
-        if value.dtype == target_dtype and not copy:
+    described = {k: v if _has_numpy_dtype(v) else to_numpy(v) for k, v in state_dict.items() if k.startswith(prefix)}
+    plan = conversion_plan(model, described, prefix=prefix, strict=strict, allow_downcast=allow_downcast)
+    return load_planned(model, plan, described, copy=copy)
+
+
+def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:
+    """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict."""
+    updates = []
+    for step in plan:
+        value = step.row.transform.to_flax(to_numpy(values[step.key]))
+        if value.dtype == step.dtype and not copy:
             value = jax.device_put(value, may_alias=True)
         else:
             # On CPU, device_put and jnp.asarray(x, dtype) share 64-byte-aligned host
             # buffers even with may_alias=False (jax-ml/jax#37830): torch tensors are
             # aligned, so without a forced copy a later in-place torch update would
             # change these parameters.
-            value = jnp.array(value, dtype=target_dtype, copy=True)
-        updates.append((row.flax_path, value))
-    if missing or unexpected or mismatched:
-        where = f" (prefix {prefix!r})" if prefix else ""
-        raise ConversionError(missing, unexpected, mismatched, context=f" for {type(model).__name__}{where}")
+            value = jnp.array(value, dtype=step.dtype, copy=True)
+        updates.append((step.row.flax_path, value))
     nnx.update(model, nnx.from_flat_state(updates))
     return model
 

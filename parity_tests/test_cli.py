@@ -276,7 +276,7 @@ def test_convert_reads_only_the_selected_keys(files, tmp_path, monkeypatch):
     d, _ = files
     read = []
     original = checkpoints.SafetensorsReader.read
-    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", lambda self, k: read.append(k) or original(self, k))
+    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", lambda self, k, **kw: read.append(k) or original(self, k, **kw))
     run("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.1.1.", "--heads", 2, "-o", tmp_path / "o")
     assert read and all(k.startswith(SGM + "input_blocks.1.1.") for k in read)
 
@@ -316,10 +316,10 @@ def test_read_ahead_passes_a_read_error_to_the_consumer(files, monkeypatch):
     keys = list(reader.infos)
     original = checkpoints.SafetensorsReader.read
 
-    def failing(self, key):
+    def failing(self, key, **kw):
         if key == keys[1]:
             raise checkpoints.CheckpointError("disk went away")
-        return original(self, key)
+        return original(self, key, **kw)
 
     monkeypatch.setattr(checkpoints.SafetensorsReader, "read", failing)
     ahead = checkpoints._ReadAhead(reader, keys, workers=2)
@@ -330,6 +330,71 @@ def test_read_ahead_passes_a_read_error_to_the_consumer(files, monkeypatch):
     finally:
         ahead.close()
         reader.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("sizes", [[0], [5], [8192], [7000, 9000, 20000, 1], [16384, 3]])
+def test_stream_writer_writes_exactly_the_bytes_given(tmp_path, monkeypatch, direct, sizes):
+    monkeypatch.setattr(checkpoints.StreamWriter, "CHUNK", 8192)  # small pages-multiple chunks: writes cross them
+    pieces = [np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    with checkpoints.StreamWriter(tmp_path / "f", direct=direct) as f:
+        for piece in pieces:
+            f.write(piece)
+    assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
+
+
+def test_stream_writer_goes_through_the_page_cache_when_o_direct_is_refused(tmp_path, monkeypatch):
+    original, refused = checkpoints.os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if checkpoints.os.O_DIRECT & __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL):
+            refused.append(offset)
+            raise OSError(22, "Invalid argument")
+        return original(fd, data, offset)
+
+    monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
+    data = np.arange(10_000, dtype=np.uint16).view(np.uint8)
+    with checkpoints.StreamWriter(tmp_path / "f") as f:
+        if not f.direct:
+            pytest.skip("the test directory's filesystem refuses O_DIRECT at open, so no write can be refused")
+        f.write(data)
+    assert refused == [0] and (tmp_path / "f").read_bytes() == data.tobytes()
+
+
+def test_stream_writer_leaves_the_error_to_the_caller(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), checkpoints.StreamWriter(tmp_path / "f") as f:
+        f.write(np.ones(100, np.uint8))
+        raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="the header says"):
+        checkpoints.write_safetensors(
+            tmp_path / "g", {"a": checkpoints.TensorInfo((2,), np.dtype(np.float32))}, [np.ones(3, np.float32)]
+        )
+    with pytest.raises(ValueError, match="shorter|longer"):  # zip(strict=True): every tensor or none
+        checkpoints.write_safetensors(tmp_path / "h", {"a": checkpoints.TensorInfo((2,), np.dtype(np.float32))}, [])
+
+
+def test_buffer_pool_reuses_by_size_up_to_its_limit():
+    pool = checkpoints._BufferPool(limit=96)
+    a, b = pool.take(64), pool.take(64)
+    assert a.ctypes.data % checkpoints.ALIGNMENT == 0 and a.nbytes == 64
+    pool.give(a.view(np.float16).reshape(4, 8).T)  # any view of a buffer gives it back
+    pool.give(b)  # over the limit: dropped
+    assert pool.take(64).ctypes.data == a.ctypes.data and pool.take(64).ctypes.data not in (a.ctypes.data, b.ctypes.data)
+    assert pool.take(32).nbytes == 32
+    with pytest.raises(ValueError, match="not a buffer from this pool"):
+        pool.give(np.ones(8))
+
+
+def test_flat_safetensors_convert_recycles_read_buffers(files, tmp_path, monkeypatch):
+    d, modules = files
+    given = []
+    original = checkpoints._BufferPool.give
+    monkeypatch.setattr(checkpoints._BufferPool, "give", lambda self, a: given.append(a.nbytes) or original(self, a))
+    run("convert", d / "bare.safetensors", "--heads", 2, "--format", "safetensors", "-o", tmp_path / "flat")
+    reader = checkpoints.open_checkpoint(d / "bare.safetensors")
+    weights = sum(1 for info in reader.infos.values() if len(info.shape) >= 2)
+    assert len(given) == len(reader.infos) + weights  # each converted tensor, and each weight's read buffer
+    same_as_torch(flax_sgm.load_pretrained(tmp_path / "flat"), modules[""], STACKS[SGM + "input_blocks.1.1."])
 
 
 def test_convert_safetensors_without_torch(files, tmp_path):
@@ -422,14 +487,14 @@ def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
 def test_an_interrupted_convert_leaves_no_output(files, tmp_path, monkeypatch):
     d, _ = files
     saved = []
-    original = checkpoints.save_params
+    original = checkpoints.save_orbax
 
     def save_then_interrupt(*args):
         if saved:
             raise KeyboardInterrupt
         saved.append(original(*args))
 
-    monkeypatch.setattr(checkpoints, "save_params", save_then_interrupt)
+    monkeypatch.setattr(checkpoints, "save_orbax", save_then_interrupt)
     result = run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", ok=False)
     assert result.exit_code != 0 and saved
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
