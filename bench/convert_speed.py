@@ -3,13 +3,15 @@
 One run writes the file to a temporary directory, then times in fresh child
 processes (each reports its own peak RSS):
   read      every byte of the file, sequentially (the floor for any reader)
-  write     as many bytes, sequentially, to where convert writes (the floor for any writer)
+  write     as many bytes, sequentially, to where convert writes, through the page cache
+  write:direct  the same through checkpoints.StreamWriter (O_DIRECT where allowed:
+            the flat safetensors writer's floor)
   tensors   every tensor through flax_sgm's safetensors reader
   convert   `flax-sgm convert --all` to Orbax and to flat safetensors
 each from a cold page cache (the file's pages dropped with posix_fadvise) and warm,
 best of --repeat runs.
-Written output is not fsynced (neither does `convert`); the time to flush it is
-reported separately.
+Nothing is fsynced (neither does `convert`); the time to flush what is left in
+the page cache afterwards is reported separately ("+sync").
 
   python bench/convert_speed.py                 # 2.5 GB, float16
   python bench/convert_speed.py --size-gb 0.05  # smoke run
@@ -101,13 +103,21 @@ def child(args) -> dict:
             while f.readinto(buf):
                 pass
         return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
-    if args.phase == "write":  # the same number of bytes, to where convert writes
-        buf, left = memoryview(bytearray(64 << 20)), path.stat().st_size
+    if args.phase.startswith("write"):  # the same number of bytes, to where convert writes
+        from flax_sgm.checkpoints import StreamWriter
+
+        buf, left = np.ones(64 << 20, np.uint8), path.stat().st_size
         Path(args.out).mkdir()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with open(Path(args.out) / "bytes", "wb", buffering=0) as f:
-            while left > 0:
-                left -= f.write(buf[: min(left, len(buf))])
+        if args.phase == "write:direct":
+            with StreamWriter(Path(args.out) / "bytes") as f:
+                while left > 0:
+                    f.write(buf[: min(left, buf.size)])
+                    left -= min(left, buf.size)
+        else:
+            with open(Path(args.out) / "bytes", "wb", buffering=0) as f:
+                while left > 0:
+                    left -= f.write(buf[: min(left, buf.size)])
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         sync_start = time.perf_counter()
         os.sync()
@@ -204,7 +214,7 @@ def main():
         reads = {}
         for cold in (True, False):
             cache = "cold" if cold else "warm"
-            for phase in ("read", "write", "tensors", "convert:orbax", "convert:safetensors"):
+            for phase in ("read", "write", "write:direct", "tensors", "convert:orbax", "convert:safetensors"):
                 r = measure(phase, path, out, cold, args.repeat)
                 if phase == "read":
                     reads[cache] = r["seconds"]

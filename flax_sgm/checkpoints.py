@@ -9,8 +9,8 @@ Reading:
                 A top-level `state_dict` entry is unwrapped. Needs torch.
 The format is sniffed from the first bytes, not from the extension.
 
-Converting streams. Every stack's conversion_plan is checked first (no weight
-read). Worker threads read the selected tensors in file order a bounded amount
+Converting streams. Each stack's conversion_plan is checked (no weight read) on
+a planning thread. Worker threads read the selected tensors in file order a bounded amount
 ahead and transpose them (_ReadAhead). Orbax output: a stack at a time is filled
 into an nnx.eval_shape model and saved on a thread while the next is converted;
 peak memory is about two stacks plus the read-ahead. Flat safetensors output:
@@ -891,8 +891,10 @@ def convert_file(
 ) -> list[ConvertedStack]:
     """Convert stacks of `source` into the directory `out` (see the module docstring); returns what was written.
 
-    Every input is checked before anything is written. Stacks are converted one at
-    a time, so memory stays near the largest one. `out` appears only when complete.
+    The selection and every stack's config are checked before any weight is read;
+    each stack's conversion_plan before its weights are used. Stacks are converted
+    one at a time, so memory stays near the largest one. `out` appears only when
+    complete.
     """
     if weights not in WEIGHT_FORMATS:
         raise CheckpointError(f"weights format must be one of {WEIGHT_FORMATS}; got {weights!r}")
@@ -913,10 +915,17 @@ def convert_file(
         # from the read-ahead to the file, and memory is the read-ahead's.
         ahead = _ReadAhead(reader, [k for s in stacks for k in s.keys], on_read=progress)
         dtypes = [np.dtype(param_dtype or s.dtype).name for s in stacks]
-        plans = [stack_plan(reader, s, c, d) for s, c, d in zip(stacks, configs, dtypes)]  # while reads start
-        with staging_dir(out, overwrite) as tmp, ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-save") as saver:
+        with (
+            staging_dir(out, overwrite) as tmp,
+            ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-plan") as planner,
+            ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-save") as saver,
+        ):
+            # Planning traces each config once (about 0.5 s for SDXL's depth 10): on its
+            # own thread it overlaps the reads and the first stacks' writes.
+            plans = [planner.submit(stack_plan, reader, s, c, d) for s, c, d in zip(stacks, configs, dtypes)]
             pending = None
-            for stack, config, dtype, plan in zip(stacks, configs, dtypes, plans):
+            for stack, config, dtype, planned in zip(stacks, configs, dtypes, plans):
+                plan = planned.result()
                 name = stack_name(stack.prefix)
                 record = _stack_record(stack.prefix, name, config, dtype, weights)
                 if weights == "safetensors":

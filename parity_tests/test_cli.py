@@ -397,6 +397,24 @@ def test_flat_safetensors_convert_recycles_read_buffers(files, tmp_path, monkeyp
     same_as_torch(flax_sgm.load_pretrained(tmp_path / "flat"), modules[""], STACKS[SGM + "input_blocks.1.1."])
 
 
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_a_bad_tensor_in_a_later_stack_names_every_problem_and_writes_nothing(files, tmp_path, weights):
+    from safetensors.torch import load_file
+
+    d, _ = files
+    tensors = load_file(d / "sgm.safetensors")
+    late = SGM + "middle_block.1.transformer_blocks.1."
+    tensors[late + "attn1.to_out.0.weight"] = tensors[late + "attn1.to_out.0.weight"][:, :-1].contiguous()
+    tensors[late + "norm1.bias"] = tensors[late + "norm1.bias"].to(torch.int32)
+    save_file(tensors, tmp_path / "bad.safetensors")
+    out = tmp_path / "out"
+    result = run("convert", tmp_path / "bad.safetensors", "--all", "--heads", 2, "--format", weights, "-o", out, ok=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"shape mismatch: {late}attn1.to_out.0.weight has shape [32, 31], the model needs [32, 32]" in result.stderr
+    assert f"dtype mismatch: {late}norm1.bias is int32" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]  # no output, no staging directory
+
+
 def test_convert_safetensors_without_torch(files, tmp_path):
     d, _ = files
     code = (
