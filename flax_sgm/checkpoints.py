@@ -532,24 +532,26 @@ class _BufferPool:
                 self.held += buf.nbytes
 
 
-def conversion_layout(value: np.ndarray, *, owned: bool, tile: int = 128, alloc=aligned_bytes) -> np.ndarray:
+def conversion_layout(value: np.ndarray, *, owned: bool, tile: tuple[int, int] = (64, 512), alloc=aligned_bytes) -> np.ndarray:
     """`value` as conversion takes it: a private ALIGNMENT-aligned array, column-major if it is a weight matrix.
 
     Every transform of the conversion table reverses a weight's axes (Linear
     [out, in] -> [in, out], 1x1 conv [out, in, 1, 1] -> [1, 1, in, out]), so on a
     column-major array the transform is a C-ordered view: jax takes it without a
     copy (convert.load_planned with copy=False) and a file takes its bytes as they
-    are. The transpose runs here, on a read-ahead thread, in tiles that stay in
-    cache. `owned`: `value` is a fresh array nobody else holds, kept as it is when
+    are. The transpose runs here, on a read-ahead thread, in tiles of `tile` source
+    (rows, columns) that stay in cache (64 x 512: 15-20% faster than 128 x 128
+    over SDXL's fp16 shapes on the 2-core dev VM). `owned`: `value` is a fresh array nobody else holds, kept as it is when
     already in that layout. New arrays are on bytes from `alloc`. Values never change.
     """
     if value.ndim >= 2 and all(d == 1 for d in value.shape[2:]) and not value.flags.f_contiguous:
         out, inner = value.shape[:2]
         flat = value.reshape(out, inner)
         transposed = aligned_empty((inner, out), value.dtype, alloc)  # [in, out]
-        for i in range(0, out, tile):
-            for j in range(0, inner, tile):
-                transposed[j : j + tile, i : i + tile] = flat[i : i + tile, j : j + tile].T
+        rows, cols = tile
+        for i in range(0, out, rows):
+            for j in range(0, inner, cols):
+                transposed[j : j + cols, i : i + rows] = flat[i : i + rows, j : j + cols].T
         return transposed.T.reshape(value.shape)  # F-ordered: reshaping only adds unit axes
     if owned and value.ctypes.data % ALIGNMENT == 0:
         return value

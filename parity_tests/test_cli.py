@@ -285,7 +285,7 @@ def test_convert_reads_only_the_selected_keys(files, tmp_path, monkeypatch):
 @pytest.mark.parametrize("owned", [True, False])
 def test_conversion_layout_keeps_values_aligns_and_makes_weights_column_major(shape, owned):
     value = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
-    out = checkpoints.conversion_layout(value, owned=owned, tile=4)  # small tiles: every edge case
+    out = checkpoints.conversion_layout(value, owned=owned, tile=(4, 7))  # small tiles: every edge case
     assert out.shape == value.shape and out.dtype == value.dtype and np.array_equal(out, value)
     assert out.ctypes.data % checkpoints.ALIGNMENT == 0
     weight = len(shape) >= 2 and all(d == 1 for d in shape[2:])
