@@ -6,6 +6,8 @@ processes (each reports its own peak RSS):
   write     as many bytes, sequentially, to where convert writes, through the page cache
   write:direct  the same through checkpoints.StreamWriter (O_DIRECT where allowed:
             the flat safetensors writer's floor)
+  copy      read every byte and write it through StreamWriter as it comes: the I/O a
+            flat safetensors convert cannot avoid (reads and writes share the disk)
   tensors   every tensor through flax_sgm's safetensors reader
   convert   `flax-sgm convert --all` to Orbax and to flat safetensors
 each from a cold page cache (the file's pages dropped with posix_fadvise) and warm,
@@ -103,13 +105,17 @@ def child(args) -> dict:
             while f.readinto(buf):
                 pass
         return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
-    if args.phase.startswith("write"):  # the same number of bytes, to where convert writes
+    if args.phase.startswith("write") or args.phase == "copy":  # the same number of bytes, to where convert writes
         from flax_sgm.checkpoints import StreamWriter
 
         buf, left = np.ones(64 << 20, np.uint8), path.stat().st_size
         Path(args.out).mkdir()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        if args.phase == "write:direct":
+        if args.phase == "copy":
+            with open(path, "rb", buffering=0) as src, StreamWriter(Path(args.out) / "bytes") as f:
+                while n := src.readinto(buf):
+                    f.write(buf[:n])
+        elif args.phase == "write:direct":
             with StreamWriter(Path(args.out) / "bytes") as f:
                 while left > 0:
                     f.write(buf[: min(left, buf.size)])
@@ -214,7 +220,7 @@ def main():
         reads = {}
         for cold in (True, False):
             cache = "cold" if cold else "warm"
-            for phase in ("read", "write", "write:direct", "tensors", "convert:orbax", "convert:safetensors"):
+            for phase in ("read", "write", "write:direct", "copy", "tensors", "convert:orbax", "convert:safetensors"):
                 r = measure(phase, path, out, cold, args.repeat)
                 if phase == "read":
                     reads[cache] = r["seconds"]
