@@ -750,7 +750,8 @@ def write_safetensors(
         f.write(np.frombuffer(len(blob).to_bytes(8, "little") + blob, np.uint8))
         for (key, info), value in zip(layout.items(), values, strict=True):
             if (tuple(value.shape), value.dtype) != (info.shape, info.dtype):
-                raise ValueError(f"{key}: got {value.dtype.name}{list(value.shape)}, the header says {info.dtype.name}{list(info.shape)}")
+                got, said = f"{value.dtype.name}{list(value.shape)}", f"{info.dtype.name}{list(info.shape)}"
+                raise ValueError(f"{key}: got {got}, the header says {said}")
             f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))  # little-endian hosts
 
 
@@ -812,7 +813,8 @@ class StreamWriter:
                 if not self.direct:
                     raise
                 # Opened O_DIRECT but refused at the first write: go through the page cache.
-                fcntl = __import__("fcntl")
+                import fcntl  # POSIX, like O_DIRECT
+
                 fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
 
