@@ -33,6 +33,7 @@ Output of `convert` (a directory, written to a temporary path and renamed):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -778,7 +779,11 @@ class StreamWriter:
                 self.direct = False
         if self.fd is None:
             self.fd = os.open(path, flags, 0o644)
-        self.chunks = [np.frombuffer(mmap.mmap(-1, self.CHUNK), np.uint8) for _ in range(2)]  # page-aligned
+        try:
+            self.chunks = [np.frombuffer(mmap.mmap(-1, self.CHUNK), np.uint8) for _ in range(2)]  # page-aligned
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.current, self.fill, self.offset = 0, 0, 0  # offset: where the current chunk goes in the file
         self.pending = None
         self.io = ThreadPoolExecutor(1, thread_name_prefix="flax-sgm-write")
@@ -809,9 +814,9 @@ class StreamWriter:
         while done < len(view):
             try:
                 done += os.pwrite(self.fd, view[done:], offset + done)
-            except OSError:
-                if not self.direct:
-                    raise
+            except OSError as err:
+                if not (self.direct and err.errno == errno.EINVAL and offset + done == 0):
+                    raise  # a device error is never retried through the page cache
                 # Opened O_DIRECT but refused at the first write: go through the page cache.
                 import fcntl  # POSIX, like O_DIRECT
 
@@ -927,23 +932,27 @@ def convert_file(
             # Planning traces each config once (about 0.5 s for SDXL's depth 10): on its
             # own thread it overlaps the reads and the first stacks' writes.
             plans = [planner.submit(stack_plan, reader, s, c, d) for s, c, d in zip(stacks, configs, dtypes)]
-            pending = None
-            for stack, config, dtype, planned in zip(stacks, configs, dtypes, plans):
-                plan = planned.result()
-                name = stack_name(stack.prefix)
-                record = _stack_record(stack.prefix, name, config, dtype, weights)
-                if weights == "safetensors":
-                    write_stack_safetensors(tmp / record["path"], plan, ahead, {"flax_sgm_config": json.dumps(record)})
-                else:
-                    state = nnx.state(fill_stack(abstract_model(config, dtype), plan, ahead), nnx.Param)
-                    if pending is not None:
-                        pending.result()
-                    pending = saver.submit(save_orbax, state, tmp / record["path"])
-                    del state  # only the saver holds the weights from here
-                params = sum(math.prod(step.shape) for step in plan)
-                written.append(ConvertedStack(stack.prefix, name, config, dtype, params, stack.nbytes))
-            if pending is not None:
-                pending.result()
+            try:
+                pending = None
+                for stack, config, dtype, planned in zip(stacks, configs, dtypes, plans):
+                    plan = planned.result()
+                    name = stack_name(stack.prefix)
+                    record = _stack_record(stack.prefix, name, config, dtype, weights)
+                    if weights == "safetensors":
+                        write_stack_safetensors(tmp / record["path"], plan, ahead, {"flax_sgm_config": json.dumps(record)})
+                    else:
+                        state = nnx.state(fill_stack(abstract_model(config, dtype), plan, ahead), nnx.Param)
+                        if pending is not None:
+                            pending.result()
+                        pending = saver.submit(save_orbax, state, tmp / record["path"])
+                        del state  # only the saver holds the weights from here
+                    params = sum(math.prod(step.shape) for step in plan)
+                    written.append(ConvertedStack(stack.prefix, name, config, dtype, params, stack.nbytes))
+                if pending is not None:
+                    pending.result()
+            except BaseException:
+                planner.shutdown(cancel_futures=True)  # no more tracing for a failed run
+                raise
             document = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,

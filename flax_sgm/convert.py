@@ -119,13 +119,17 @@ def numpy_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _has_numpy_dtype(value) -> bool:
-    """True for values conversion_plan can describe without converting them (torch tensors too)."""
+def _shape_dtype(value) -> tuple[tuple[int, ...], np.dtype | str]:
+    """Shape and dtype without reading a lazy value; a dtype numpy cannot hold comes back as its name."""
     try:
-        numpy_dtype(value.dtype)
+        return tuple(value.shape), numpy_dtype(value.dtype)
     except (AttributeError, TypeError):
-        return False
-    return hasattr(value, "shape")
+        pass
+    try:
+        array = to_numpy(value)
+    except (TypeError, RuntimeError):  # e.g. torch.qint8
+        return tuple(getattr(value, "shape", ())), str(getattr(value, "dtype", type(value).__name__))
+    return array.shape, array.dtype
 
 
 def _is_float(dtype) -> bool:
@@ -156,9 +160,9 @@ def conversion_plan(
 ) -> list[Step]:
     """Check torch-named sources against `model` without reading a value; one Step per parameter.
 
-    `sources` maps keys to anything with `.shape` and `.dtype` (numpy arrays, torch
-    tensors, jax.ShapeDtypeStruct, a checkpoint's tensor infos); only keys under
-    `prefix` count. Raises one ConversionError listing every missing, unexpected
+    `sources` maps keys to arrays, torch tensors or anything with `.shape` and
+    `.dtype` (jax.ShapeDtypeStruct, a checkpoint's tensor infos); only keys under
+    `prefix` count, and only those the model uses are looked at. Raises one ConversionError listing every missing, unexpected
     (when strict), misshapen or wrongly typed key. `model` may be abstract.
     """
     rows = conversion_table(model)
@@ -174,8 +178,8 @@ def conversion_plan(
         key = prefix + row.torch_key
         target = params[row.flax_path]
         target_shape, target_dtype = tuple(target.shape), jnp.dtype(target.dtype)
-        shape, dtype = tuple(source[row.torch_key].shape), numpy_dtype(source[row.torch_key].dtype)
-        if not _is_float(dtype):
+        shape, dtype = _shape_dtype(source[row.torch_key])
+        if isinstance(dtype, str) or not _is_float(dtype):
             mismatched.append(f"dtype mismatch: {key} is {dtype}, expected a float dtype ({target_dtype.name})")
             continue
         if not (allow_downcast or _is_widening(dtype, target_dtype)):
@@ -218,9 +222,8 @@ def load_torch_state_dict(
     With `copy=False` the model may share memory with the given arrays (on CPU,
     when they are 64-byte aligned); pass it only for arrays nothing else holds.
     """
-    described = {k: v if _has_numpy_dtype(v) else to_numpy(v) for k, v in state_dict.items() if k.startswith(prefix)}
-    plan = conversion_plan(model, described, prefix=prefix, strict=strict, allow_downcast=allow_downcast)
-    return load_planned(model, plan, described, copy=copy)
+    plan = conversion_plan(model, state_dict, prefix=prefix, strict=strict, allow_downcast=allow_downcast)
+    return load_planned(model, plan, state_dict, copy=copy)
 
 
 def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:

@@ -338,9 +338,11 @@ def test_stream_writer_writes_exactly_the_bytes_given(tmp_path, monkeypatch, dir
     monkeypatch.setattr(checkpoints.StreamWriter, "CHUNK", 8192)  # small pages-multiple chunks: writes cross them
     pieces = [np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8) for n in sizes]
     with checkpoints.StreamWriter(tmp_path / "f", direct=direct) as f:
+        opened_direct = f.direct
         for piece in pieces:
             f.write(piece)
     assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
+    assert f.direct == opened_direct  # aligned chunks: O_DIRECT never had to fall back
 
 
 def test_stream_writer_goes_through_the_page_cache_when_o_direct_is_refused(tmp_path, monkeypatch):
@@ -359,6 +361,20 @@ def test_stream_writer_goes_through_the_page_cache_when_o_direct_is_refused(tmp_
             pytest.skip("the test directory's filesystem refuses O_DIRECT at open, so no write can be refused")
         f.write(data)
     assert refused == [0] and (tmp_path / "f").read_bytes() == data.tobytes()
+
+
+def test_stream_writer_raises_a_device_error_instead_of_retrying_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints.StreamWriter, "CHUNK", 8192)
+    original = checkpoints.os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset > 0:
+            raise OSError(5, "Input/output error")
+        return original(fd, data, offset)
+
+    monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
+    with pytest.raises(OSError, match="Input/output error"), checkpoints.StreamWriter(tmp_path / "f") as f:
+        f.write(np.ones(3 * 8192, np.uint8))
 
 
 def test_stream_writer_leaves_the_error_to_the_caller(tmp_path):
@@ -385,16 +401,27 @@ def test_buffer_pool_reuses_by_size_up_to_its_limit():
         pool.give(np.ones(8))
 
 
-def test_flat_safetensors_convert_recycles_read_buffers(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_convert_recycles_buffers_only_once_nothing_reads_them(files, tmp_path, monkeypatch, weights):
     d, modules = files
-    given = []
-    original = checkpoints._BufferPool.give
-    monkeypatch.setattr(checkpoints._BufferPool, "give", lambda self, a: given.append(a.nbytes) or original(self, a))
-    run("convert", d / "bare.safetensors", "--heads", 2, "--format", "safetensors", "-o", tmp_path / "flat")
+    given, recycled = [], []
+    original_give, original_recycle = checkpoints._BufferPool.give, checkpoints._ReadAhead.recycle
+
+    def poisoned(self, value):  # a buffer given back too early would corrupt the output
+        value.base[...] = 0xFF
+        recycled.append(value.nbytes)
+        original_recycle(self, value)
+
+    monkeypatch.setattr(checkpoints._BufferPool, "give", lambda self, a: given.append(a.nbytes) or original_give(self, a))
+    monkeypatch.setattr(checkpoints._ReadAhead, "recycle", poisoned)
+    run("convert", d / "bare.safetensors", "--heads", 2, "--format", weights, "-o", tmp_path / "out")
+    same_as_torch(flax_sgm.load_pretrained(tmp_path / "out"), modules[""], STACKS[SGM + "input_blocks.1.1."])
     reader = checkpoints.open_checkpoint(d / "bare.safetensors")
-    weights = sum(1 for info in reader.infos.values() if len(info.shape) >= 2)
-    assert len(given) == len(reader.infos) + weights  # each converted tensor, and each weight's read buffer
-    same_as_torch(flax_sgm.load_pretrained(tmp_path / "flat"), modules[""], STACKS[SGM + "input_blocks.1.1."])
+    weight_count = sum(1 for info in reader.infos.values() if len(info.shape) >= 2)
+    # Each weight's read buffer once transposed; each converted tensor once written (flat
+    # safetensors only: in the Orbax path jax holds them).
+    assert len(recycled) == (len(reader.infos) if weights == "safetensors" else 0)
+    assert len(given) == weight_count + len(recycled)
 
 
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])

@@ -127,6 +127,18 @@ def test_strict_false_ignores_unknown_keys_but_never_missing_ones():
         convert.load_torch_state_dict(f, sd, strict=False)
 
 
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated, still a real dtype
+def test_tensors_numpy_cannot_hold_are_named_not_crashed_on():
+    t = randomize_(torch_ref.BasicTransformerSingleLayerBlock(16, 2, 8), seed=7)
+    quantized = torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8)
+    f = abstract(flax_sgm.BasicTransformerSingleLayerBlock, (16, 2, 8), {})
+    convert.load_torch_state_dict(f, dict(t.state_dict(), extra_q=quantized), strict=False)  # unused: skipped
+    with pytest.raises(ConversionError, match="unexpected key: extra_q"):
+        convert.load_torch_state_dict(f, dict(t.state_dict(), extra_q=quantized))
+    with pytest.raises(ConversionError, match=r"dtype mismatch: norm1.bias is torch.qint8, expected a float dtype"):
+        convert.load_torch_state_dict(f, dict(t.state_dict(), **{"norm1.bias": quantized}))
+
 def test_narrowing_cast_is_refused_unless_asked_for():
     t = randomize_(torch_ref.BasicTransformerSingleLayerBlock(16, 2, 8), seed=8)
     f = abstract(flax_sgm.BasicTransformerSingleLayerBlock, (16, 2, 8), {}, param_dtype=jnp.bfloat16)
