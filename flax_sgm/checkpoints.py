@@ -666,10 +666,16 @@ class _LazyTensor:
 @functools.lru_cache(maxsize=8)
 def _abstract_parts(config_json: str, param_dtype: str, dtype: str | None):
     config = json.loads(config_json)
-    model = nnx.eval_shape(
-        lambda: SpatialTransformer(**config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.dtype(param_dtype))
-    )
-    return nnx.split(model)
+
+    def build():
+        # RNG state as refs: a plain Variable's update compares `.sharding`, which on a
+        # tracer raises an error whose message walks the whole trace (quadratic in
+        # depth; 0.5 s of SDXL's depth 10 against 0.16 s with refs).
+        with nnx.var_defaults(ref=True):
+            rngs = nnx.Rngs(0)
+        return SpatialTransformer(**config, rngs=rngs, dtype=dtype, param_dtype=jnp.dtype(param_dtype))
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def abstract_model(config: Mapping[str, Any], param_dtype, dtype=None, **overrides) -> SpatialTransformer:
