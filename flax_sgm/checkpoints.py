@@ -651,18 +651,6 @@ class _ReadAhead:
             thread.join()
 
 
-class _LazyTensor:
-    """A tensor taken from the read-ahead when numpy asks for it (convert.to_numpy calls np.asarray)."""
-
-    def __init__(self, source: _ReadAhead, key: str):
-        self.source, self.key = source, key
-        self.shape, self.dtype = source.reader.infos[key]
-
-    def __array__(self, dtype=None, copy=None):
-        value = self.source.get(self.key)
-        return value if dtype is None else value.astype(dtype)
-
-
 @functools.lru_cache(maxsize=8)
 def _abstract_parts(config_json: str, param_dtype: str, dtype: str | None):
     config = json.loads(config_json)
@@ -710,8 +698,7 @@ def convert_stack(reader, stack: StackShape, config: Mapping[str, Any], param_dt
 
 def fill_stack(model: SpatialTransformer, plan: list, source: _ReadAhead) -> SpatialTransformer:
     """`model` filled from the read-ahead along its plan; it keeps the read-ahead's arrays, which are private."""
-    lazy = {step.key: _LazyTensor(source, step.key) for step in plan}
-    return convert.load_planned(model, plan, lazy, copy=False)
+    return convert.load_planned(model, plan, {step.key: source.get(step.key) for step in plan}, copy=False)
 
 
 def write_stack_safetensors(target: Path, plan: list, source: _ReadAhead, metadata: Mapping[str, str]) -> None:

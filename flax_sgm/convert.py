@@ -162,8 +162,9 @@ def conversion_plan(
 
     `sources` maps keys to arrays, torch tensors or anything with `.shape` and
     `.dtype` (jax.ShapeDtypeStruct, a checkpoint's tensor infos); only keys under
-    `prefix` count, and only those the model uses are looked at. Raises one ConversionError listing every missing, unexpected
-    (when strict), misshapen or wrongly typed key. `model` may be abstract.
+    `prefix` count, and only those the model uses are looked at. Raises one
+    ConversionError listing every missing, unexpected (when strict), misshapen or
+    wrongly typed key. `model` may be abstract.
     """
     rows = conversion_table(model)
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
