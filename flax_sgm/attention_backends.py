@@ -17,10 +17,16 @@ Backends:
              platform, dtype, shapes and mask, tested on CPU).
 
 The seed's names map onto these in `resolve_backend`.
+
+The platform the choice is made for is `jax.default_backend()`, or the one set by
+`target_platform(...)` (the single override: lowering for CUDA on a CPU machine).
+`record_attention_calls()` collects what each call really ran, and why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Literal, NamedTuple
 
@@ -51,6 +57,23 @@ CUDNN_MAX_HEAD_DIM = 256
 CHUNK_SIZE = 512
 # Masked logits: finite, so a fully masked row stays NaN-free (it is zeroed after).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)
+_RECORDERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("flax_sgm_attention_recorders", default=())
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Choose backends for `platform` ("cpu", "gpu", "tpu") instead of jax.default_backend() while tracing."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield platform
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def resolve_backend(backend) -> Backend:
@@ -93,8 +116,13 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
     return None
 
 
-def select_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int = LOGITS_BUDGET_BYTES) -> str:
-    """The backend that runs `p`: the requested one, or for "auto" the fastest that fits.
+class Choice(NamedTuple):
+    backend: str  # "xla", "cudnn" or "chunked"
+    reason: str  # why, in a few words
+
+
+def choose_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int = LOGITS_BUDGET_BYTES) -> Choice:
+    """The backend that runs `p` and why: the requested one, or for "auto" the fastest that fits.
 
     An explicit "cudnn" that cannot run raises ValueError with the reason.
     """
@@ -103,18 +131,52 @@ def select_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
         reason = cudnn_unsupported_reason(p)
         if reason:
             raise ValueError(f"attention backend 'cudnn' cannot run this input: {reason}")
-        return "cudnn"
+        return Choice("cudnn", "requested")
     if requested != "auto":
-        return requested
-    if cudnn_unsupported_reason(p) is None:
-        return "cudnn"
+        return Choice(requested, "requested")
+    cudnn_reason = cudnn_unsupported_reason(p)
+    if cudnn_reason is None:
+        return Choice("cudnn", "auto: cuDNN takes this input")
     if p.logits_bytes > budget_bytes:
-        return "chunked"
+        return Choice("chunked", f"auto: {cudnn_reason}; the float32 logits exceed {budget_bytes} bytes")
     # Measured on CPU (BENCHMARKS.md): the chunked path's own backward beats XLA's
     # autodiff of the softmax, except with many query blocks over few keys.
     if p.platform == "cpu" and (p.n <= CHUNK_SIZE or p.m >= CHUNK_SIZE):
-        return "chunked"
-    return "xla"
+        return Choice("chunked", f"auto: {cudnn_reason}; on CPU the chunked path is faster at these lengths")
+    return Choice("xla", f"auto: {cudnn_reason}; the logits fit in memory")
+
+
+def select_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int = LOGITS_BUDGET_BYTES) -> str:
+    """The backend name of `choose_backend`."""
+    return choose_backend(requested, p, budget_bytes=budget_bytes).backend
+
+
+class AttentionCall(NamedTuple):
+    """One dot_product_attention call as traced: what ran and why."""
+
+    backend: str
+    reason: str
+    problem: AttentionProblem
+    padded: tuple[int, int]  # query and key tokens added for cuDNN's even-length rule
+
+
+@contextlib.contextmanager
+def record_attention_calls():
+    """Collect an AttentionCall for every attention traced or run inside the block (in call order).
+
+    The record is made when a call is traced: under jit, once per compilation.
+    """
+    calls: list[AttentionCall] = []
+    token = _RECORDERS.set(_RECORDERS.get() + (calls,))
+    try:
+        yield calls
+    finally:
+        _RECORDERS.reset(token)
+
+
+def _record(call: AttentionCall) -> None:
+    for calls in _RECORDERS.get():
+        calls.append(call)
 
 
 def dot_product_attention(
@@ -125,7 +187,6 @@ def dot_product_attention(
     *,
     scale: float,
     backend: Backend = "auto",
-    platform: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; [b, n, heads, d] x [b, m, heads, d] -> [b, n, heads, d].
 
@@ -137,18 +198,18 @@ def dot_product_attention(
     # Sequence parallel (flax_sgm.sharding): queries split over the mesh, one local call per shard.
     if sharding.sequence_parallel_axis() is not None:
         return sharding.sequence_parallel_attention(
-            dot_product_attention, q, k, v, mask, scale=scale, backend=backend, platform=platform
+            dot_product_attention, q, k, v, mask, scale=scale, backend=backend
         )
     b, n, heads, d_head = q.shape
     m = k.shape[1]
-    problem = AttentionProblem(
-        platform or jax.default_backend(), q.dtype, b, heads, n, m, d_head, mask is not None
-    )
-    choice = select_backend(backend, problem)
+    problem = AttentionProblem(current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None)
+    choice = choose_backend(backend, problem)
+    padded = (n % 2, m % 2) if choice.backend == "cudnn" else (0, 0)
+    _record(AttentionCall(choice.backend, choice.reason, problem, padded))
     bias, row_valid = _mask_to_bias(mask, (b, heads, n, m))
-    if choice == "xla":
+    if choice.backend == "xla":
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
-    elif choice == "cudnn":
+    elif choice.backend == "cudnn":
         out = padded_attention(q, k, v, bias, scale=scale, implementation="cudnn")
     else:
         out = chunked_attention(q, k, v, bias, scale=scale)

@@ -171,3 +171,26 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(backend, rng):
         )
         assert not np.any(np.asarray(out))
         assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_recorded_call_is_what_ran_and_platform_override_is_scoped():
+    import jax.numpy as jnp
+
+    from flax_sgm.attention_backends import (
+        current_platform,
+        dot_product_attention,
+        record_attention_calls,
+        target_platform,
+    )
+
+    q = jnp.ones((1, 5, 2, 8), jnp.bfloat16)
+    with record_attention_calls() as calls:
+        dot_product_attention(q, q, q, scale=0.3, backend="xla")
+        with target_platform("gpu"):
+            assert current_platform() == "gpu"
+            # Chosen for the GPU, then refused by jax's cuDNN version check on this CPU machine.
+            with pytest.raises(RuntimeError, match="cuDNN"):
+                jax.jit(lambda q: dot_product_attention(q, q, q, scale=0.3)).trace(q)
+    assert current_platform() == jax.default_backend()
+    assert [(c.backend, c.padded) for c in calls] == [("xla", (0, 0)), ("cudnn", (1, 1))]
+    assert calls[1].reason.startswith("auto:") and calls[1].problem.platform == "gpu"

@@ -1,0 +1,120 @@
+"""SpatialTransformerConfig: the typed, frozen config every part of flax_sgm passes around.
+
+It holds SpatialTransformer's constructor arguments (torch names and defaults),
+goes to and from JSON, and builds a module, concrete or abstract (nnx.eval_shape:
+shapes only, nothing allocated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_sgm.blocks import DEFAULT_CHECKPOINT_POLICY
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialTransformerConfig:
+    """SpatialTransformer's architecture. `context_dim` is None, an int, or a tuple of one per block."""
+
+    in_channels: int
+    n_heads: int
+    d_head: int
+    depth: int = 1
+    dropout: float = 0.0
+    context_dim: int | tuple[int, ...] | None = None
+    disable_self_attn: bool = False
+    use_linear: bool = False
+    attn_type: str = "softmax"
+    use_checkpoint: bool = True
+    sdp_backend: str | None = None
+    checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY
+
+    def __post_init__(self):
+        if isinstance(self.context_dim, list):
+            object.__setattr__(self, "context_dim", tuple(self.context_dim))
+        for name in ("in_channels", "n_heads", "d_head", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SpatialTransformerConfig: `{name}` must be a positive int; got {value!r}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_heads * self.d_head
+
+    def replace(self, **changes) -> SpatialTransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    # JSON ------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["context_dim"], tuple):
+            d["context_dim"] = list(d["context_dim"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config") -> SpatialTransformerConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a SpatialTransformer config must be a JSON object; got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown SpatialTransformer config keys {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:  # a required key missing, a bad value
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "config") -> SpatialTransformerConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not valid JSON ({err})") from None
+        return cls.from_dict(d, source=source)
+
+    # Modules ---------------------------------------------------------------
+
+    def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        """A SpatialTransformer of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
+        from flax_sgm.transformer import SpatialTransformer
+
+        kwargs = self.to_dict()
+        kwargs["context_dim"] = self.context_dim if not isinstance(self.context_dim, tuple) else list(self.context_dim)
+        return SpatialTransformer(**kwargs, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+
+    def make_abstract(self, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        """The same module with ShapeDtypeStruct leaves (nnx.eval_shape): nothing is allocated."""
+        return nnx.eval_shape(lambda: self.make(dtype=dtype, param_dtype=param_dtype))
+
+
+class Preset(NamedTuple):
+    """A named config with the input sizes it is run at: x [batch, *hw, in_channels], context [batch, context_tokens, .]."""
+
+    config: SpatialTransformerConfig
+    batch: int
+    hw: tuple[int, int]
+    context_tokens: int
+
+
+# The sizes the GPU tables and `flax-sgm lower` use (shared/GPU.md, BENCHMARKS.md).
+PRESETS = {
+    # SDXL's first transformer level (input_blocks.4.1): 2 x 4096 tokens, context 77 x 2048.
+    "sdxl": Preset(SpatialTransformerConfig(640, 10, 64, depth=2, context_dim=2048, use_linear=True), 2, (64, 64), 77),
+    # A long sequence: 1 x 16,384 tokens, context 226 x 4096.
+    "long": Preset(SpatialTransformerConfig(640, 10, 64, depth=1, context_dim=4096, use_linear=True), 1, (128, 128), 226),
+    # SD 1.5's first level: 320 ch, 8 x 40 heads, 32 x 32 latent, context 77 x 768, conv projections.
+    "sd15": Preset(SpatialTransformerConfig(320, 8, 40, depth=1, context_dim=768), 2, (32, 32), 77),
+    # Tiny: tests and quick runs.
+    "default": Preset(SpatialTransformerConfig(64, 2, 32, depth=1, context_dim=48, use_linear=True), 2, (8, 8), 77),
+}
