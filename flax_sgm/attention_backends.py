@@ -11,8 +11,9 @@ Backends:
   "cudnn"    cuDNN fused attention (CUDA GPU, bf16/fp16). Odd lengths are padded to
              even and hidden with query/key_value_seq_lengths, masks are broadcast
              to full size, so forward and backward both run.
-  "chunked"  online softmax over key blocks in pure JAX with a backward that
-             recomputes each block: memory linear in sequence length, any dtype.
+  "chunked"  online softmax over key blocks in pure JAX, with a forward-mode rule whose
+             transpose recomputes each block: memory linear in sequence length, any
+             dtype, jax.grad and jax.jvp alike.
   "auto"     `select_backend` picks one of the three (a pure function of the
              platform, dtype, shapes and mask, tested on CPU).
 
@@ -33,8 +34,10 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from flax_sgm import numerics, sharding
+from flax_sgm.remat import ATTENTION_STATS
 
 Backend = Literal["auto", "xla", "cudnn", "chunked"]
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
@@ -314,12 +317,12 @@ def _bias_block(bias, j, bk):
     return jax.lax.dynamic_slice_in_dim(bias, j * bk, bk, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _attend_block(q, k, v, bias, scale, bk):
-    return _attend_block_fwd(q, k, v, bias, scale, bk)[0]
+    return _online_softmax(q, k, v, bias, scale, bk)[0]
 
 
-def _attend_block_fwd(q, k, v, bias, scale, bk):
+def _online_softmax(q, k, v, bias, scale, bk):
     """One query block against every key block: out [b, bq, heads, d] and lse [b, heads, bq]."""
     b, bq, heads, d = q.shape
     f32 = numerics.STATS_DTYPE
@@ -343,34 +346,43 @@ def _attend_block_fwd(q, k, v, bias, scale, bk):
     kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
     (running_max, denom, acc), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs))
     out = (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [b, bq, heads, d]
-    lse = running_max + jnp.log(denom)
-    return out, (q, k, v, bias, out, lse)
+    return out, running_max + jnp.log(denom)
 
 
-def _attend_block_bwd(scale, bk, residuals, dout):
-    q, k, v, bias, out, lse = residuals
+@_attend_block.defjvp
+def _attend_block_jvp(scale, bk, primals, tangents):
+    """Forward-mode rule; reverse mode is its transpose, so one rule serves jax.jvp and jax.grad.
+
+    With P = softmax(S), S = q k^T * scale + bias and dS = (dq k^T + q dk^T) * scale:
+      d out = sum_j [P_j dv_j + (P_j * dS_j) v_j] - c * out,   c = sum_j rowsum(P_j * dS_j).
+    Each key block's P_j is recomputed from the saved log-sum-exp inside a checkpointed
+    step, so the transpose (the backward pass) also holds one [bq, bk] block at a time:
+    reverse-mode memory stays linear in the sequence length. The bias gets no tangent.
+    """
+    q, k, v, bias = primals
+    dq, dk, dv, _ = tangents
+    out, lse = _online_softmax(q, k, v, bias, scale, bk)
+    # Named for remat policies: what the backward needs, so it need not rerun the forward.
+    out, lse = checkpoint_name(out, ATTENTION_STATS), checkpoint_name(lse, ATTENTION_STATS)
     f32 = numerics.STATS_DTYPE
-    # delta_i = sum_d dout_i * out_i: the softmax backward's row term.
-    delta = jnp.einsum("bnhd,bnhd->bhn", dout.astype(f32), out.astype(f32))
 
-    def step(dq, xs):
-        j, kb, vb = xs
+    @jax.checkpoint
+    def step(carry, xs):
+        acc, c = carry
+        j, kb, vb, dkb, dvb = xs
         s = jnp.einsum("bnhd,bmhd->bhnm", q, kb, preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
         p = jnp.exp(s - lse[..., None])  # [b, heads, bq, bk]
-        dv = jnp.einsum("bhnm,bnhd->bmhd", p, dout.astype(f32))
-        dp = jnp.einsum("bnhd,bmhd->bhnm", dout, vb, preferred_element_type=f32)
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhnm,bmhd->bnhd", ds, kb.astype(f32))
-        dk = jnp.einsum("bhnm,bnhd->bmhd", ds, q.astype(f32))
-        return dq, (dk, dv)
+        ds = (
+            jnp.einsum("bnhd,bmhd->bhnm", dq, kb, preferred_element_type=f32)
+            + jnp.einsum("bnhd,bmhd->bhnm", q, dkb, preferred_element_type=f32)
+        ) * scale
+        pds = p * ds
+        acc = acc + jnp.einsum("bhnm,bmhd->bhnd", p, dvb.astype(f32)) + jnp.einsum("bhnm,bmhd->bhnd", pds, vb.astype(f32))
+        return (acc, c + pds.sum(-1)), None
 
-    kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, f32), (jnp.arange(kbs.shape[0]), kbs, vbs))
-
-    def unblock(t):  # [m_blocks, b, bk, heads, d] -> [b, m, heads, d]
-        return t.swapaxes(0, 1).reshape(k.shape)
-
-    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), jnp.zeros_like(bias)
-
-
-_attend_block.defvjp(_attend_block_fwd, _attend_block_bwd)
+    b, bq, heads, d = q.shape
+    init = (jnp.zeros((b, heads, bq, d), f32), jnp.zeros((b, heads, bq), f32))
+    xs = (jnp.arange(k.shape[1] // bk), *(_key_blocks(t, bk) for t in (k, v, dk, dv)))
+    (acc, c), _ = jax.lax.scan(step, init, xs)
+    dout = acc - c[..., None] * out.transpose(0, 2, 1, 3).astype(f32)
+    return out, dout.transpose(0, 2, 1, 3).astype(q.dtype)
