@@ -119,6 +119,11 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
     return None
 
 
+def is_static(size) -> bool:
+    """A concrete size, not a jax.export symbolic dimension."""
+    return isinstance(size, (int, np.integer))
+
+
 class Choice(NamedTuple):
     backend: str  # "xla", "cudnn" or "chunked"
     reason: str  # why, in a few words
@@ -137,6 +142,10 @@ def choose_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
         return Choice("cudnn", "requested")
     if requested != "auto":
         return Choice(requested, "requested")
+    if not all(is_static(size) for size in (p.batch, p.heads, p.n, p.m, p.d_head)):
+        # A symbolic size (jax.export) cannot be compared with the budget or cuDNN's limits:
+        # take the path that is exact and memory-bounded at every size.
+        return Choice("chunked", "auto: symbolic sizes; the memory-bounded path holds at every size")
     cudnn_reason = cudnn_unsupported_reason(p)
     if cudnn_reason is None:
         return Choice("cudnn", "auto: cuDNN takes this input")
@@ -276,8 +285,9 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
     """
     b, n, heads, d = q.shape
     m = k.shape[1]
-    bq = min(chunk_size, n)
-    bk = min(chunk_size, m)
+    # A symbolic length (jax.export) takes whole chunks: min() of it cannot be decided.
+    bq = min(chunk_size, n) if is_static(n) else chunk_size
+    bk = min(chunk_size, m) if is_static(m) else chunk_size
     n_blocks, m_blocks = -(-n // bq), -(-m // bk)
     n_total, m_total = n_blocks * bq, m_blocks * bk
 
@@ -294,7 +304,7 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
     v = jnp.pad(v, ((0, 0), (0, m_total - m), (0, 0), (0, 0)))
 
     q_blocks = q.reshape(b, n_blocks, bq, heads, d).swapaxes(0, 1)  # [n_blocks, b, bq, heads, d]
-    bias_per_query = bias.shape[2] == n and n > 1
+    bias_per_query = not is_static(bias.shape[2]) or bias.shape[2] != 1  # else one row for every query
     if bias_per_query:
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, n_total - n), (0, 0)))
         bias_blocks = bias.reshape(*bias.shape[:2], n_blocks, bq, m_total).transpose(2, 0, 1, 3, 4)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import TraceContextError
 
 from flax_sgm.attention import CrossAttention, MemoryEfficientCrossAttention
 from flax_sgm.attention_backends import resolve_backend
@@ -35,9 +36,17 @@ def _attention_class(attn_mode: str):
 
 def maybe_checkpointed(module: nnx.Module, method, *args, **static):
     """`method(module, *args, **static)`, checkpointed when `module.checkpoint` is set."""
-    if not module.checkpoint:
-        return method(module, *args, **static)
-    return checkpointed_call(method, module, *args, policy=module.checkpoint_policy, static=static)
+    try:
+        if not module.checkpoint:
+            return method(module, *args, **static)
+        return checkpointed_call(method, module, *args, policy=module.checkpoint_policy, static=static)
+    except TraceContextError:
+        # Only state that changes is written back: here, dropout's RNG counter.
+        raise ValueError(
+            f"{type(module).__name__}: dropout updates its RNG state, which a model closed over by a JAX "
+            "transform (jax.jit, jax.grad, lax.scan) cannot do; call model.eval(), or pass the model through "
+            "nnx.jit or nnx.split/nnx.merge"
+        ) from None
 
 
 class BasicTransformerBlock(nnx.Module):

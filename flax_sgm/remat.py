@@ -56,13 +56,19 @@ def checkpointed_call(method: Callable, module: nnx.Module, *args, policy: str, 
     """
     static = dict(static or {})
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    rest_leaves, rest_def = jax.tree.flatten(rest)
+    changed: list[bool] = []  # per leaf of `rest`, set while tracing
 
     def pure(params, rest, *args):
+        before = jax.tree.leaves(rest)  # read first: merge shares rest's Variables with the module
         inner = nnx.merge(graphdef, params, rest)
         out = method(inner, *args, **static)
-        return out, nnx.state(inner, nnx.Not(nnx.Param))
+        after = jax.tree.leaves(nnx.state(inner, nnx.Not(nnx.Param)))
+        changed[:] = [a is not b for a, b in zip(after, before)]
+        return out, [a for a, c in zip(after, changed) if c]
 
-    out, new_rest = jax.checkpoint(pure, policy=CHECKPOINT_POLICIES[check_policy(policy)])(params, rest, *args)
-    if jax.tree.leaves(rest):
-        nnx.update(module, new_rest)
+    out, updates = jax.checkpoint(pure, policy=CHECKPOINT_POLICIES[check_policy(policy)])(params, rest, *args)
+    if updates:  # e.g. dropout RNG counters; unchanged state is never written
+        updates = iter(updates)
+        nnx.update(module, jax.tree.unflatten(rest_def, [next(updates) if c else v for v, c in zip(rest_leaves, changed)]))
     return out
