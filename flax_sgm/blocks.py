@@ -44,8 +44,8 @@ def maybe_checkpointed(module: nnx.Module, method, *args, **static):
         # Only state that changes is written back: here, dropout's RNG counter.
         raise ValueError(
             f"{type(module).__name__}: dropout updates its RNG state, which a model closed over by a JAX "
-            "transform (jax.jit, jax.grad, lax.scan) cannot do; call model.eval(), or pass the model through "
-            "nnx.jit or nnx.split/nnx.merge"
+            "transform (jax.jit, jax.grad, lax.scan) cannot do; call model.eval(), use the nnx transforms "
+            "(nnx.jit, nnx.grad), or merge its state inside the transform with nnx.merge(..., copy=True)"
         ) from None
 
 
