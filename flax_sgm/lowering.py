@@ -46,18 +46,21 @@ ATTENTION_MODULES = (CrossAttention, SpatialSelfAttention)
 
 
 def _fused_attention_module():
+    """JAX's cuDNN attention module, if it has the version query this file knows (jax 0.10, 0.11)."""
     try:
         from jax._src.cudnn import fused_attention_stablehlo
     except ImportError:  # a JAX without cuDNN attention
         return None
-    return fused_attention_stablehlo
+    return fused_attention_stablehlo if hasattr(fused_attention_stablehlo, "check_cudnn_version") else None
 
 
 def installed_cudnn_version() -> int | None:
     """The cuDNN version JAX's cuDNN attention sees on this machine, or None without cuDNN."""
     fused = _fused_attention_module()
+    if fused is None:
+        return None
     try:
-        return fused.check_cudnn_version() if fused else None
+        return fused.check_cudnn_version()
     except RuntimeError:  # "cuDNN is not detected."
         return None
 
