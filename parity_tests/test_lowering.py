@@ -260,6 +260,14 @@ def test_calls_are_named_only_when_they_match_the_modules(block):
         lowering.name_calls(other, program.calls)
 
 
+def test_calls_are_named_in_call_order_past_ten_blocks(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text(SpatialTransformerConfig(64, 2, 32, depth=12, context_dim=48, use_linear=True).to_json())
+    report = lower_json("--config", path, "--hw", 4, 4, "--context-tokens", 5)
+    assert [a["module"] for a in report["attention"]] == block_modules(12)  # 10 and 11 after 9, not after 1
+    assert [a["m"] for a in report["attention"]] == [16, 5] * 12
+
+
 def test_help_has_examples():
     out = CliRunner().invoke(cli, ["lower", "--help"]).output
     assert "Examples:" in out and "flax-sgm lower --config long --backward" in out
