@@ -9,6 +9,7 @@ speed or numerics on the device: those are test_gpu.py's and bench/'s.
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -213,7 +214,8 @@ def test_cross_frame_attention_lowers_to_cudnn(block):
 
 def test_sequence_parallel_program_runs_cudnn_inside_each_shard():
     # A fresh process: the four virtual CPU devices the mesh is placed on must be set before JAX starts.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     args = ["lower", "--config", "sdxl", "--mesh", "1,4,1", "--backward", "--no-checkpoint", "--json"]
     out = subprocess.run([sys.executable, "-m", "flax_sgm", *args], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
