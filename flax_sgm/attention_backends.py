@@ -19,6 +19,11 @@ Backends:
 
 The seed's names map onto these in `resolve_backend`.
 
+`dot_product_attention` is the entry point; `local_attention` is the attention on
+one device's arrays. Under a mesh with a sequence axis (flax_sgm.sharding) the entry
+point hands `local_attention` to `sharding.sequence_parallel_attention`, which runs
+it once per shard; otherwise it calls `local_attention` directly.
+
 The platform the choice is made for is `jax.default_backend()`, or the one set by
 `target_platform(...)` (the single override: lowering for CUDA on a CPU machine).
 `record_attention_calls()` collects what each call really ran, and why.
@@ -207,11 +212,18 @@ def dot_product_attention(
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b|1, heads|1, n|1, m|1]
-    # Sequence parallel (flax_sgm.sharding): queries split over the mesh, one local call per shard.
     if sharding.sequence_parallel_axis() is not None:
-        return sharding.sequence_parallel_attention(
-            dot_product_attention, q, k, v, mask, scale=scale, backend=backend
-        )
+        # The one place sequence parallelism enters: queries split over the mesh's
+        # sequence axis, `local_attention` once per shard inside shard_map.
+        return sharding.sequence_parallel_attention(local_attention, q, k, v, mask, scale=scale, backend=backend)
+    return local_attention(q, k, v, mask, scale=scale, backend=backend)
+
+
+def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Array:
+    """Attention over the arrays as they are on this device: choose the backend, record the call, run it.
+
+    `mask` is None or rank 4, [b|1, heads|1, n|1, m|1]. No mesh is consulted here.
+    """
     b, n, heads, d_head = q.shape
     m = k.shape[1]
     problem = AttentionProblem(current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None)
