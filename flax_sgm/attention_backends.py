@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.interpreters.ad import JVPTracer
 
 from flax_sgm import numerics, sharding
-from flax_sgm.remat import ATTENTION_STATS
 
 Backend = Literal["auto", "xla", "cudnn", "chunked"]
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
@@ -66,7 +66,12 @@ CHUNK_SIZE = 512
 # Masked logits: finite, so a fully masked row stays NaN-free (it is zeroed after).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+# Names given to tensors for the remat policies (remat.CHECKPOINT_POLICIES).
+ATTENTION_OUT = "attention_out"  # each attention's output, heads merged [b, n, heads * d_head]
+ATTENTION_STATS = "attention_stats"  # what the chunked backward needs: output and log-sum-exp per query
+
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)
+_FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("flax_sgm_forward_mode", default=False)
 _RECORDERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("flax_sgm_attention_recorders", default=())
 
 
@@ -82,6 +87,25 @@ def target_platform(platform: str):
 
 def current_platform() -> str:
     return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def is_forward_mode(*trees) -> bool:
+    """True when the arrays are being traced for forward-mode AD (jax.jvp, jax.jacfwd), here or outside a
+    trace boundary of ours (remat, shard_map) that said so through `forward_mode_scope`.
+
+    jax.grad and jax.linearize trace with LinearizeTracers instead, so reverse mode is not taken for it.
+    """
+    return _FORWARD_MODE.get() or any(isinstance(leaf, JVPTracer) for leaf in jax.tree.leaves(trees))
+
+
+@contextlib.contextmanager
+def forward_mode_scope(active: bool):
+    """Carry `is_forward_mode` into a function traced anew (jax.checkpoint, shard_map), whose tracers hide it."""
+    token = _FORWARD_MODE.set(_FORWARD_MODE.get() or active)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
 
 
 def resolve_backend(backend) -> Backend:
@@ -107,6 +131,7 @@ class AttentionProblem(NamedTuple):
     m: int  # key tokens
     d_head: int
     has_mask: bool
+    forward_mode: bool = False  # traced for jax.jvp / jax.jacfwd
 
     @property
     def logits_bytes(self) -> int:
@@ -121,6 +146,8 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
         return f"cuDNN attention takes bfloat16 or float16; got {jnp.dtype(p.dtype).name}"
     if p.d_head % 8 or p.d_head > CUDNN_MAX_HEAD_DIM:
         return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.d_head}"
+    if p.forward_mode:
+        return "cuDNN attention has no forward-mode AD (jax.jvp); use backend 'chunked' or 'xla'"
     return None
 
 
@@ -215,7 +242,8 @@ def dot_product_attention(
     if sharding.sequence_parallel_axis() is not None:
         # The one place sequence parallelism enters: queries split over the mesh's
         # sequence axis, `local_attention` once per shard inside shard_map.
-        return sharding.sequence_parallel_attention(local_attention, q, k, v, mask, scale=scale, backend=backend)
+        with forward_mode_scope(is_forward_mode(q, k, v)):
+            return sharding.sequence_parallel_attention(local_attention, q, k, v, mask, scale=scale, backend=backend)
     return local_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
@@ -226,7 +254,9 @@ def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Arr
     """
     b, n, heads, d_head = q.shape
     m = k.shape[1]
-    problem = AttentionProblem(current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None)
+    problem = AttentionProblem(
+        current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None, is_forward_mode(q, k, v)
+    )
     choice = choose_backend(backend, problem)
     padded = (n % 2, m % 2) if choice.backend == "cudnn" else (0, 0)
     _record(AttentionCall(choice.backend, choice.reason, problem, padded))

@@ -17,9 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-# Names the attention code gives its tensors for the policies below.
-ATTENTION_OUT = "attention_out"  # each attention's output, heads merged [b, n, heads * d_head]
-ATTENTION_STATS = "attention_stats"  # what the chunked backward needs: output and log-sum-exp per query
+from flax_sgm.attention_backends import ATTENTION_OUT, ATTENTION_STATS, forward_mode_scope, is_forward_mode
 
 # jax's cuDNN fused-attention forward: its outputs hold the softmax statistics that the
 # fused backward reads. Kept by name, or every attention forward runs again in the backward.
@@ -67,7 +65,9 @@ def checkpointed_call(method: Callable, module: nnx.Module, *args, policy: str, 
         changed[:] = [a is not b for a, b in zip(after, before)]
         return out, [a for a, c in zip(after, changed) if c]
 
-    out, updates = jax.checkpoint(pure, policy=CHECKPOINT_POLICIES[check_policy(policy)])(params, rest, *args)
+    # jax.checkpoint traces `pure` afresh: tell the attention inside whether this is forward-mode AD.
+    with forward_mode_scope(is_forward_mode(params, args)):
+        out, updates = jax.checkpoint(pure, policy=CHECKPOINT_POLICIES[check_policy(policy)])(params, rest, *args)
     if updates:  # e.g. dropout RNG counters; unchanged state is never written
         updates = iter(updates)
         nnx.update(module, jax.tree.unflatten(rest_def, [next(updates) if c else v for v, c in zip(rest_leaves, changed)]))

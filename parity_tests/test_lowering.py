@@ -315,3 +315,43 @@ def test_on_a_gpu_the_lowered_program_compiles_with_the_same_custom_calls():
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, rest, x, ctx).compile()
     assert "__cudnn$" in compiled.as_text()  # XLA kept cuDNN's attention through compilation
+
+
+# Forward-mode AD on the GPU path: cuDNN's attention has a VJP only.
+
+
+def _st_bf16(**kwargs):
+    config = SpatialTransformerConfig(64, 2, 32, context_dim=48, use_linear=True, **kwargs)
+    return config.make_abstract(dtype=BF16, param_dtype=BF16)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpoint", "no-checkpoint"])
+def test_jvp_on_gpu_avoids_cudnn_and_grad_keeps_it(checkpoint):
+    graphdef, state = nnx.split(_st_bf16(use_checkpoint=checkpoint))
+    x, c = S((2, 8, 8, 64), BF16), S((2, 77, 48), BF16)
+
+    def jvp(state, x, c):  # a consistency-model step: the model's JVP in the input
+        model = nnx.merge(graphdef, state)
+        return jax.jvp(lambda x: model(x, c), (x,), (x,))[1]
+
+    def grad(state, x, c):
+        model = nnx.merge(graphdef, state)
+        return jax.grad(lambda x: model(x, c).astype(jnp.float32).sum())(x)
+
+    forward_mode = lowering.lower(jvp, state, x, c)
+    assert {call.backend for call in forward_mode.calls} <= {"xla", "chunked"}  # what auto takes without cuDNN
+    assert all("forward-mode" in call.reason for call in forward_mode.calls)
+    assert not cudnn_only(forward_mode.custom_calls)
+    reverse = lowering.lower(grad, state, x, c)
+    assert {call.backend for call in reverse.calls} == {"cudnn"}
+    assert cudnn_only(reverse.custom_calls) == {FWD: 2, BWD: 2}
+
+
+def test_jvp_with_cudnn_requested_is_one_line_naming_the_backends():
+    attention = nnx.eval_shape(lambda: flax_sgm.CrossAttention(64, heads=2, dim_head=32, backend="cudnn",
+                                                               dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(attention)
+    x = S((2, 16, 64), BF16)
+    with pytest.raises(ValueError, match=r"^attention backend 'cudnn' cannot run this input: .*forward-mode.*'chunked'") as err:
+        lowering.lower(lambda state, x: jax.jvp(nnx.merge(graphdef, state), (x,), (x,))[1], state, x)
+    assert "\n" not in str(err.value)
