@@ -194,3 +194,12 @@ def test_recorded_call_is_what_ran_and_platform_override_is_scoped():
     assert current_platform() == jax.default_backend()
     assert [(c.backend, c.padded) for c in calls] == [("xla", (0, 0)), ("cudnn", (1, 1))]
     assert calls[1].reason.startswith("auto:") and calls[1].problem.platform == "gpu"
+
+
+def test_symbolic_sizes_choose_the_bounded_path_without_comparing():
+    from jax import export
+
+    b, n = export.symbolic_shape("b, n")
+    for platform, dtype in [("cpu", jnp.float32), ("gpu", jnp.bfloat16)]:
+        choice = ab.choose_backend("auto", problem(platform=platform, dtype=dtype, b=b, n=n, m=77))
+        assert choice.backend == "chunked" and "symbolic" in choice.reason

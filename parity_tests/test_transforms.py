@@ -281,3 +281,23 @@ def test_transform_matches_eager(case: Case, transform: str):
             tol = TOL.forward if name in ("y", "loop") else TOL.grad
             close(value, case.ref[name], tol, f"{transform}, model {style}: {name}")
     close(case.model(case.x, case.c), eager_y, 0.0, "eager after the transform")
+
+
+@pytest.mark.parametrize("kind", ["SpatialTransformer", "BasicTransformerBlock"])
+def test_export_with_symbolic_spatial_sizes_runs_at_every_size(kind):
+    model = build(kind)
+    if kind == "SpatialTransformer":
+        b, h, w = export.symbolic_shape("b, h, w")
+        spec = jax.ShapeDtypeStruct((b, h, w, 32), jnp.float32)
+        sizes = [(1, 3, 5), (2, 4, 4), (3, 7, 2), (1, 40, 30)]  # the last: 1200 tokens, several chunks
+    else:
+        b, n = export.symbolic_shape("b, n")
+        spec = jax.ShapeDtypeStruct((b, n, 32), jnp.float32)
+        sizes = [(1, 1), (2, 15), (1, 1100)]
+    c_spec = jax.ShapeDtypeStruct((b, 5, 24), jnp.float32)
+    exported = export.export(jax.jit(lambda x, c: model(x, c)))(spec, c_spec)
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        x = jnp.asarray(rng.standard_normal((*size, 32)), jnp.float32)
+        c = jnp.asarray(rng.standard_normal((size[0], 5, 24)), jnp.float32)
+        close(exported.call(x, c), model(x, c), TOL.forward, f"exported at {size}")
