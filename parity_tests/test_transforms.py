@@ -178,6 +178,19 @@ def _jvp(s: Case):
     return {"jvp": closed}, {"jvp": passed}
 
 
+def _linearize(s: Case):
+    _, closed = jax.linearize(lambda x: s.model(x, s.c), s.x)
+    _, passed = jax.linearize(lambda x, m: m(x, s.c), s.x, s.model)
+    return {"jvp": closed(s.t)}, {"jvp": passed(s.t, jax.tree.map(jnp.zeros_like, s.model))}
+
+
+def _jacfwd(s: Case):
+    # d/ds model(x + s t) at s = 0 is the JVP along t: a one-column forward Jacobian.
+    closed = jax.jacfwd(lambda step: s.model(s.x + step * s.t, s.c))(0.0)
+    passed = jax.jacfwd(lambda step, m: m(s.x + step * s.t, s.c))(0.0, s.model)
+    return {"jvp": closed}, {"jvp": passed}
+
+
 def _export(s: Case):
     b, *rest = export.symbolic_shape("b, " + ", ".join(map(str, s.x.shape[1:])) + ", " + ", ".join(map(str, s.c.shape[1:])))
     x_spec = jax.ShapeDtypeStruct((b, *rest[: s.x.ndim - 1]), jnp.float32)
@@ -262,6 +275,8 @@ TRANSFORMS: dict[str, Callable] = {
     "jax.eval_shape": _eval_shape,
     "jax.checkpoint": _checkpoint,
     "jax.jvp": _jvp,
+    "jax.linearize": _linearize,
+    "jax.jacfwd": _jacfwd,
     "jax.export-symbolic-batch": _export,
     "nnx.jit": _nnx_jit,
     "nnx.grad": _nnx_grad,
