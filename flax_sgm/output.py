@@ -153,11 +153,10 @@ def _param_dtype(params: nnx.State) -> str:
 def is_output(path) -> bool:
     """A `flax-sgm convert` output directory (it may still be damaged)."""
     config = Path(path) / CONFIG_FILE
-    if not config.is_file():
-        return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
+        # The text, not the JSON: a damaged config.json still says whose it is.
+        return config.is_file() and re.search(rf'"format":\s*"{FORMAT_NAME}"', config.read_text()) is not None
+    except (OSError, UnicodeDecodeError):
         return False
 
 
@@ -237,7 +236,7 @@ def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
 
 def _short(err: BaseException) -> str:
     text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0].split(". See full TensorStore details")[0] if text else type(err).__name__
     return line if len(line) <= 200 else line[:200] + "..."
 
 

@@ -222,7 +222,7 @@ def _torch_load(path: Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(err)}; nothing in it was run") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # torch raises many types (and hands safetensors files to safetensors)
         raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {_first_line(err)}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
