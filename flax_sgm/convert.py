@@ -99,6 +99,16 @@ def conversion_table(model: nnx.Module) -> list[Row]:
     return rows
 
 
+def torch_shapes(model: nnx.Module, *, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The torch state dict's key -> shape of `model` (which may be abstract), from the table; nothing is allocated."""
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    return {prefix + row.torch_key: _torch_shape(row, params[row.flax_path].shape) for row in conversion_table(model)}
+
+
+def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
+    return row.transform.to_torch(np.broadcast_to(np.empty((), np.bool_), tuple(flax_shape))).shape
+
+
 def to_numpy(value) -> np.ndarray:
     """A torch tensor (bfloat16 too) or array-like as a numpy array, without copying where possible."""
     if hasattr(value, "detach") and type(value).__module__.startswith("torch"):
@@ -189,7 +199,7 @@ def conversion_plan(
                 "precision (build the model with that param_dtype, or pass allow_downcast=True)"
             )
             continue
-        torch_shape_expected = row.transform.to_torch(np.empty(target_shape, dtype=np.bool_)).shape
+        torch_shape_expected = _torch_shape(row, target_shape)
         if shape != torch_shape_expected:
             mismatched.append(
                 f"shape mismatch: {key} has shape {list(shape)}, the model needs {list(torch_shape_expected)}"

@@ -182,7 +182,14 @@ _UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.\d+\.$")
 _MID = re.compile(r"^mid_block\.attentions\.\d+\.$")
 
 
-def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: str) -> dict[str, int]:
+class Heads(NamedTuple):
+    """What a config says about a stack's heads: their number, and their width where it says that too."""
+
+    n_heads: int
+    d_head: int | None = None
+
+
+def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: str) -> dict[str, Heads]:
     """Heads per stack prefix, from a diffusers model's config.json (read as `source`).
 
     UNet2DConditionModel: `num_attention_heads`, or where it is unset (every
@@ -200,10 +207,11 @@ def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: 
         raise CheckpointError(f"{source}: norm_num_groups {groups}; SpatialTransformer's GroupNorm has {GROUPS} groups")
     prefixes = list(prefixes)
     if kind == DIFFUSERS_TRANSFORMER:
-        heads = config.get("num_attention_heads")
-        if not isinstance(heads, int) or heads <= 0:
-            raise CheckpointError(f"{source}: num_attention_heads must be a positive int; got {heads!r}")
-        return {p: heads for p in prefixes if p == ""}
+        heads, width = config.get("num_attention_heads"), config.get("attention_head_dim")
+        for name, value in (("num_attention_heads", heads), ("attention_head_dim", width)):
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"{source}: {name} must be a positive int; got {value!r}")
+        return {p: Heads(heads, width) for p in prefixes if p == ""}
     heads = config.get("num_attention_heads") or config.get("attention_head_dim")
     blocks = config.get("down_block_types")
     if not isinstance(blocks, list) or not blocks:
@@ -227,5 +235,5 @@ def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: 
             continue
         if index >= len(table):
             raise CheckpointError(f"{source}: {len(table)} blocks, but the weights have a stack at {prefix!r}")
-        found[prefix] = table[index]
+        found[prefix] = Heads(table[index])
     return found

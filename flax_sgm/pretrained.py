@@ -52,7 +52,7 @@ def inspect_stacks(source: Source) -> tuple[list[dict], dict[str, str]]:
             continue
         floats = [i.dtype for i in infos.values() if jnp.issubdtype(i.dtype, jnp.floating)]
         found.append({
-            "prefix": prefix, **shape._asdict(), "heads": heads.get(prefix),
+            "prefix": prefix, **shape._asdict(), "heads": heads[prefix].n_heads if prefix in heads else None,
             "dtype": np.dtype(jnp.result_type(*floats)).name if floats else None,
             "tensors": len(infos), "bytes": sum(i.nbytes for i in infos.values()),
         })
@@ -135,15 +135,18 @@ def plan_stacks(
     return stacks, skipped
 
 
-def _heads_from_config(source: Source, prefix: str, inner: int, n_heads: int, heads, head_dim) -> tuple[int, None]:
-    said = f"{source.config_path} gives {prefix!r} {n_heads} heads"
+def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Heads, heads, head_dim) -> tuple[int, None]:
+    n_heads = said.n_heads
+    gives = f"{source.config_path} gives {prefix!r} {n_heads} heads"
+    if said.d_head is not None and n_heads * said.d_head != inner:
+        raise CheckpointError(f"{gives} of {said.d_head}, but its weights have an inner dim of {inner}")
     if inner % n_heads:
-        raise CheckpointError(f"{said}, which do not divide the inner dim {inner} of its weights")
+        raise CheckpointError(f"{gives}, which do not divide the inner dim {inner} of its weights")
     if (heads is not None or head_dim is not None) and layout.resolve_heads(inner, heads, head_dim, prefix) != (
         n_heads, inner // n_heads
     ):
         given = f"--heads {heads}" if heads is not None else f"--head-dim {head_dim}"
-        raise CheckpointError(f"{given} contradicts {said} of {inner // n_heads}; leave it out")
+        raise CheckpointError(f"{given} contradicts {gives} of {inner // n_heads}; leave it out")
     return n_heads, None
 
 

@@ -131,6 +131,10 @@ def test_a_transformer2d_directory(tmp_path):
     flax_module = flax_sgm.load_pretrained(tmp_path / "transformer")
     assert flax_module.transformer_blocks[1].attn2.heads == 4
     assert_same(flax_module, model, 32, diffusers=True)
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"attention_head_dim": 16}))
+    with pytest.raises(CheckpointError, match="gives '' 4 heads of 16, but its weights have an inner dim of 32"):
+        flax_sgm.load_pretrained(tmp_path / "transformer")
 
 
 def test_cli_inspects_converts_and_verifies_a_diffusers_directory(unet, tmp_path):
