@@ -13,7 +13,6 @@ place only when complete; a damaged one is reported in one line naming the file.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -96,7 +95,7 @@ class OutputWriter:
         record = StackRecord(prefix, stack_name(prefix), dtype, config)
         if self.checkpointer is None:
             self.checkpointer = _orbax().StandardCheckpointer()
-        with _quiet():
+        with self._writing(prefix), _quiet():
             self.checkpointer.save((self.tmp / record.path).absolute(), params)  # waits for the previous save
         self.records.append(record)
 
@@ -105,14 +104,26 @@ class OutputWriter:
         from safetensors.numpy import save_file
 
         record = StackRecord(prefix, stack_name(prefix) + ".safetensors", dtype, config)
-        save_file(dict(arrays), self.tmp / record.path, metadata={CONFIG_METADATA: json.dumps(record.to_dict())})
+        with self._writing(prefix):
+            save_file(dict(arrays), self.tmp / record.path, metadata={CONFIG_METADATA: json.dumps(record.to_dict())})
         self.records.append(record)
+
+    @contextlib.contextmanager
+    def _writing(self, prefix: str | None):
+        """A write error as one line naming the output, never the staging directory."""
+        try:
+            yield
+        except Exception as err:
+            what = f"stack {prefix!r}" if prefix is not None else "the last stack"
+            reason = _short(err).replace(str(self.tmp.absolute()), str(self.out)).replace(str(self.tmp), str(self.out))
+            raise CheckpointError(f"{self.out}: could not write {what}: {reason}") from None
 
     def __exit__(self, exc_type, exc, tb):
         try:
             if self.checkpointer is not None:
-                self.checkpointer.wait_until_finished()
-                self.checkpointer.close()
+                with self._writing(None), _quiet():
+                    self.checkpointer.wait_until_finished()
+                    self.checkpointer.close()
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -254,8 +265,7 @@ def _quiet():
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

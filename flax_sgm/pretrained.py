@@ -50,10 +50,9 @@ def inspect_stacks(source: Source) -> tuple[list[dict], dict[str, str]]:
         except CheckpointError as err:
             unsupported[prefix] = str(err)
             continue
-        floats = [i.dtype for i in infos.values() if jnp.issubdtype(i.dtype, jnp.floating)]
         found.append({
             "prefix": prefix, **shape._asdict(), "heads": heads[prefix].n_heads if prefix in heads else None,
-            "dtype": np.dtype(jnp.result_type(*floats)).name if floats else None,
+            "dtype": _float_dtype(infos).name,
             "tensors": len(infos), "bytes": sum(i.nbytes for i in infos.values()),
         })
     return found, unsupported
@@ -129,9 +128,7 @@ def plan_stacks(
         config = SpatialTransformerConfig.from_weights(
             infos, prefix, heads=n_heads, head_dim=n_dim, disable_self_attn=disable_self_attn
         )
-        floats = [i.dtype for i in infos.values() if jnp.issubdtype(i.dtype, jnp.floating)]
-        dtype = np.dtype(jnp.result_type(*floats)) if floats else np.dtype("float32")
-        stacks.append(Stack(prefix, config, tuple(infos), dtype, sum(i.nbytes for i in infos.values())))
+        stacks.append(Stack(prefix, config, tuple(infos), _float_dtype(infos), sum(i.nbytes for i in infos.values())))
     return stacks, skipped
 
 
@@ -148,6 +145,12 @@ def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Hea
         given = f"--heads {heads}" if heads is not None else f"--head-dim {head_dim}"
         raise CheckpointError(f"{given} contradicts {gives} of {inner // n_heads}; leave it out")
     return n_heads, None
+
+
+def _float_dtype(infos: dict[str, TensorInfo]) -> np.dtype:
+    """A stack's float tensors' dtypes, promoted (float32 when it has none)."""
+    floats = [i.dtype for i in infos.values() if jnp.issubdtype(i.dtype, jnp.floating)]
+    return np.dtype(jnp.result_type(*floats)) if floats else np.dtype("float32")
 
 
 def _under(source: Source, prefix: str) -> dict[str, TensorInfo]:
@@ -342,6 +345,7 @@ def convert_file(
                     model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once, then cached
                     writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read))
                     del model  # the saver holds the weights until they are written
+                source.release()  # the next stack maps its own pages
                 params = sum(math.prod(step.shape) for step in plan)
                 written.append(ConvertedStack(stack.prefix, stack.config, plan[0].dtype.name, params, stack.nbytes))
         return written

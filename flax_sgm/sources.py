@@ -61,28 +61,40 @@ class Source:
     `config_path` where it came from.
     """
 
-    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], readers: dict[str, Any],
+    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], places: dict[str, Any],
                  config: dict | None = None, config_path: Path | None = None):
         self.path, self.kind, self.infos = path, kind, infos
-        self._readers = readers  # key -> a safe_open handle or a {key: torch tensor} dict
+        self._places = places  # key -> its safetensors file, or the {key: torch tensor} dict holding it
+        self._handles: dict[Path, Any] = {}  # open safe_open handles, by file
         self.config, self.config_path = config, config_path
 
     def read(self, key: str) -> np.ndarray:
         """The tensor as a numpy array (bfloat16 as ml_dtypes.bfloat16)."""
-        reader = self._readers[key]
-        if isinstance(reader, dict):
+        place = self._places[key]
+        if isinstance(place, dict):
             from flax_sgm.convert import to_numpy
 
-            return to_numpy(reader[key])
+            return to_numpy(place[key])
         try:
-            return reader.get_tensor(key)
+            if place not in self._handles:
+                from safetensors import safe_open
+
+                self._handles[place] = safe_open(place, framework="numpy")
+            return self._handles[place].get_tensor(key)
         except Exception as err:  # safetensors raises its own error type
-            raise CheckpointError(f"{self.path}: cannot read {key}: {_first_line(err)}") from None
+            raise CheckpointError(f"{place}: cannot read {key}: {_first_line(err)}") from None
 
     __getitem__ = read  # a Mapping of values for convert.load_planned
 
+    def release(self) -> None:
+        """Unmap the files read so far (safe_open maps them, and mapped pages count as the process's memory)."""
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles = {}
+
     def close(self) -> None:
-        self._readers = {}
+        self.release()
+        self._places = {}
 
     def __enter__(self) -> Source:
         return self
@@ -100,8 +112,8 @@ def open_source(path) -> Source:
         return _open_directory(path)
     if path.name.endswith(INDEX_SUFFIX):
         return _open_index(path, path)
-    infos, readers, kind = _open_file(path)
-    return Source(path, kind, infos, readers)
+    infos, places, kind = _open_file(path)
+    return Source(path, kind, infos, places)
 
 
 def _open_directory(path: Path) -> Source:
@@ -121,8 +133,8 @@ def _open_directory(path: Path) -> Source:
     if indexes:
         source = _open_index(indexes[0], path)
     else:
-        infos, readers, kind = _open_file(weights[0])
-        source = Source(path, kind, infos, readers)
+        infos, places, kind = _open_file(weights[0])
+        source = Source(path, kind, infos, places)
     source.config, source.config_path = config, config_path if config is not None else None
     return source
 
@@ -148,22 +160,22 @@ def _open_index(index: Path, shown: Path) -> Source:
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
-    infos, readers = {}, {}
+    infos, places = {}, {}
     for shard, keys in shards.items():
         file = index.parent / shard
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {shard}, which does not exist ({file})")
-        shard_infos, shard_readers, _ = _open_file(file, torch_too=False)
+        shard_infos, shard_places, _ = _open_file(file, torch_too=False)
         absent = [k for k in keys if k not in shard_infos]
         if absent:
             raise CheckpointError(f"{file}: has no {absent[0]}, which {index.name} places there")
         infos |= {k: shard_infos[k] for k in keys}
-        readers |= {k: shard_readers[k] for k in keys}
-    return Source(shown, f"safetensors, {len(shards)} shards", infos, readers)
+        places |= {k: shard_places[k] for k in keys}
+    return Source(shown, f"safetensors, {len(shards)} shards", infos, places)
 
 
 def _open_file(path: Path, *, torch_too: bool = True):
-    """(infos, readers, kind) through whichever library accepts the file."""
+    """(infos, places, kind) through whichever library accepts the file."""
     try:
         return _open_safetensors(path)
     except CheckpointError as err:
@@ -190,17 +202,18 @@ def _open_safetensors(path: Path):
     from safetensors import safe_open
 
     try:
-        handle = safe_open(path, framework="numpy")
-        infos = {}
-        for key in handle.keys():
-            part = handle.get_slice(key)
-            infos[key] = TensorInfo(tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype(), np.dtype(np.void)))
+        with safe_open(path, framework="numpy") as handle:
+            infos = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), np.dtype(np.void))
+                infos[key] = TensorInfo(tuple(part.get_shape()), dtype)
     except Exception as err:  # safetensors' own error type, or an OSError
         reason = _first_line(err).removeprefix("Error while deserializing header: ")
         if "not fully covered" in reason or "invalid header length" in reason:
             reason += "; truncated?"
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
-    return infos, {k: handle for k in infos}, "safetensors"
+    return infos, {k: path for k in infos}, "safetensors"
 
 
 def _torch_dtype(dtype) -> np.dtype:
