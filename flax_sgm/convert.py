@@ -237,19 +237,30 @@ def load_torch_state_dict(
     return load_planned(model, plan, state_dict, copy=copy)
 
 
+# Above this size a transform runs in XLA: its transposes are tiled and threaded, about 4x numpy's strided
+# copy on a checkpoint's fp16 weights (BENCHMARKS.md); below it the dispatch would cost more than the copy.
+XLA_TRANSFORM_BYTES = 1 << 20
+
+
 def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:
-    """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict."""
+    """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict.
+
+    Values are read one at a time, in plan order (`values` may read lazily).
+    """
     updates = []
     for step in plan:
-        value = step.row.transform.to_flax(to_numpy(values[step.key]))
-        if value.dtype == step.dtype and not copy:
-            value = jax.device_put(value, may_alias=True)
+        value = to_numpy(values[step.key])
+        if value.nbytes >= XLA_TRANSFORM_BYTES:
+            # A forced copy first: on CPU, device_put and jnp.asarray share 64-byte-aligned host
+            # buffers even with may_alias=False (jax-ml/jax#37830), and torch tensors are aligned.
+            moved = jnp.array(value, copy=True) if copy else jax.device_put(value, may_alias=True)
+            value = step.row.transform.to_flax(moved).astype(step.dtype)
         else:
-            # On CPU, device_put and jnp.asarray(x, dtype) share 64-byte-aligned host
-            # buffers even with may_alias=False (jax-ml/jax#37830): torch tensors are
-            # aligned, so without a forced copy a later in-place torch update would
-            # change these parameters.
-            value = jnp.array(value, dtype=step.dtype, copy=True)
+            value = step.row.transform.to_flax(value)
+            if value.dtype == step.dtype and not copy:
+                value = jax.device_put(value, may_alias=True)
+            else:
+                value = jnp.array(value, dtype=step.dtype, copy=True)  # as above: never shared unless told
         updates.append((step.row.flax_path, value))
     nnx.update(model, nnx.from_flat_state(updates))
     return model

@@ -65,9 +65,8 @@ def check_output(out: Path, overwrite: bool) -> None:
 class OutputWriter:
     """Writes an output directory stack by stack; `out` appears only when the `with` block completes.
 
-    Orbax saves run in the background (StandardCheckpointer is asynchronous): a
-    stack is written while the next is converted, and `add` waits for the previous
-    save first, so at most two stacks are held. Any failure removes the staging
+    Orbax saves run in the background (StandardCheckpointer is asynchronous); `wait`
+    waits for them, so that a caller can hold one stack at a time. Any failure removes the staging
     directory; with `overwrite` an old `out` is replaced only by a complete new one.
     """
 
@@ -98,6 +97,12 @@ class OutputWriter:
         with self._writing(prefix), _quiet():
             self.checkpointer.save((self.tmp / record.path).absolute(), params)  # waits for the previous save
         self.records.append(record)
+
+    def wait(self) -> None:
+        """Until the stacks given so far are written (Orbax saves in the background)."""
+        if self.checkpointer is not None:
+            with self._writing(None), _quiet():
+                self.checkpointer.wait_until_finished()
 
     def add_arrays(self, prefix: str, config: SpatialTransformerConfig, arrays: Mapping[str, np.ndarray], dtype: str):
         """A flat safetensors file of `arrays`, keyed by Flax paths."""

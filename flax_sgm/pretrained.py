@@ -328,24 +328,15 @@ def convert_file(
             plans.append(stack_plan(source, stack, stack.config.make_abstract(param_dtype=dtype), downcast))
         if on_plan:
             on_plan(stacks, skipped)
-        read = _Reads(source, progress)
+        read, private = _Reads(source, progress), source.private
         written = []
         with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(source_path).name) as writer:
             for stack, plan in zip(stacks, plans):
-                if weights == "safetensors":  # numpy straight to the file: no jax arrays
-                    arrays = {
-                        ".".join(map(str, step.row.flax_path)): np.ascontiguousarray(
-                            step.row.transform.to_flax(read[step.key]), dtype=step.dtype
-                        )
-                        for step in plan
-                    }
-                    writer.add_arrays(stack.prefix, stack.config, arrays, plan[0].dtype.name)
-                    del arrays
-                else:
-                    model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once, then cached
-                    writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read))
-                    del model  # the saver holds the weights until they are written
-                source.release()  # the next stack maps its own pages
+                writer.wait()  # the previous stack is written: at most one is in memory
+                model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once per config, then cached
+                writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read, copy=not private))
+                del model  # the writer holds the weights until they are written
+                source.release()
                 params = sum(math.prod(step.shape) for step in plan)
                 written.append(ConvertedStack(stack.prefix, stack.config, plan[0].dtype.name, params, stack.nbytes))
         return written

@@ -31,6 +31,9 @@ import numpy as np
 from flax_sgm.layout import CheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
+# after this many bytes.
+MAPPED_BYTES = 256 << 20
 CONFIG_FILE = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 # What diffusers' save_pretrained writes, by preference.
@@ -66,7 +69,13 @@ class Source:
         self.path, self.kind, self.infos = path, kind, infos
         self._places = places  # key -> its safetensors file, or the {key: torch tensor} dict holding it
         self._handles: dict[Path, Any] = {}  # open safe_open handles, by file
+        self._mapped = 0  # bytes read through them
         self.config, self.config_path = config, config_path
+
+    @property
+    def private(self) -> bool:
+        """Whether `read` returns arrays nothing else holds (safetensors copies; torch tensors are shared)."""
+        return all(not isinstance(place, dict) for place in self._places.values())
 
     def read(self, key: str) -> np.ndarray:
         """The tensor as a numpy array (bfloat16 as ml_dtypes.bfloat16)."""
@@ -80,9 +89,13 @@ class Source:
                 from safetensors import safe_open
 
                 self._handles[place] = safe_open(place, framework="numpy")
-            return self._handles[place].get_tensor(key)
+            value = self._handles[place].get_tensor(key)  # a copy
         except Exception as err:  # safetensors raises its own error type
             raise CheckpointError(f"{place}: cannot read {key}: {_first_line(err)}") from None
+        self._mapped += value.nbytes
+        if self._mapped > MAPPED_BYTES:
+            self.release()
+        return value
 
     __getitem__ = read  # a Mapping of values for convert.load_planned
 
@@ -90,7 +103,7 @@ class Source:
         """Unmap the files read so far (safe_open maps them, and mapped pages count as the process's memory)."""
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
-        self._handles = {}
+        self._handles, self._mapped = {}, 0
 
     def close(self) -> None:
         self.release()
