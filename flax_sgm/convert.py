@@ -251,16 +251,19 @@ def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any],
     for step in plan:
         value = to_numpy(values[step.key])
         if value.nbytes >= XLA_TRANSFORM_BYTES:
-            # A forced copy first: on CPU, device_put and jnp.asarray share 64-byte-aligned host
-            # buffers even with may_alias=False (jax-ml/jax#37830), and torch tensors are aligned.
-            moved = jnp.array(value, copy=True) if copy else jax.device_put(value, may_alias=True)
-            value = step.row.transform.to_flax(moved).astype(step.dtype)
+            moved = jax.device_put(value, may_alias=True)
+            converted = step.row.transform.to_flax(moved).astype(step.dtype)
+            # A transpose or a cast made a new buffer; an identity may still share the caller's.
+            value = jnp.array(converted, copy=True) if copy and converted is moved else converted
         else:
             value = step.row.transform.to_flax(value)
             if value.dtype == step.dtype and not copy:
                 value = jax.device_put(value, may_alias=True)
             else:
-                value = jnp.array(value, dtype=step.dtype, copy=True)  # as above: never shared unless told
+                # On CPU, device_put and jnp.asarray share 64-byte-aligned host buffers even with
+                # may_alias=False (jax-ml/jax#37830): torch tensors are aligned, so without a forced
+                # copy a later in-place torch update would change these parameters.
+                value = jnp.array(value, dtype=step.dtype, copy=True)
         updates.append((step.row.flax_path, value))
     nnx.update(model, nnx.from_flat_state(updates))
     return model

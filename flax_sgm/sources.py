@@ -33,7 +33,7 @@ from flax_sgm.layout import CheckpointError
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
 # after this many bytes.
-MAPPED_BYTES = 256 << 20
+MAPPED_BYTES = 64 << 20
 CONFIG_FILE = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 # What diffusers' save_pretrained writes, by preference.

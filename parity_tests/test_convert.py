@@ -82,6 +82,23 @@ def test_loading_copies_unless_told_the_arrays_are_private():
     assert np.array_equal(np.asarray(f.norm1.bias[...]), t.state_dict()["norm1.bias"].numpy())
 
 
+@pytest.mark.parametrize("use_linear", [False, True], ids=["conv1x1", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_weights_convert_bit_exactly_and_are_copied(use_linear, dtype):
+    # 512 x 512 float32 is 1 MiB, convert.XLA_TRANSFORM_BYTES: from there the transforms run in XLA.
+    t = randomize_(torch_ref.SpatialTransformer(512, 2, 256, context_dim=16, use_linear=use_linear), seed=6).to(dtype)
+    sd = t.state_dict()
+    assert sd["proj_in.weight"].numel() * 4 >= convert.XLA_TRANSFORM_BYTES
+    param_dtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
+    config = dict(context_dim=16, use_linear=use_linear)
+    f = convert.load_torch_state_dict(abstract(flax_sgm.SpatialTransformer, (512, 2, 256), config, param_dtype), sd)
+    expected = {k: v.clone() for k, v in sd.items()}
+    with torch.no_grad():
+        t.proj_in.weight.zero_()  # the torch tensors change; the flax model must not
+    back = convert.as_torch_tensors(convert.to_torch_state_dict(f))
+    assert all(torch.equal(back[k], v) for k, v in expected.items())
+
+
 def test_prefix_selects_one_stack_of_a_whole_model_checkpoint():
     a = randomize_(torch_ref.SpatialTransformer(32, 2, 8, context_dim=16), seed=4)
     b = randomize_(torch_ref.SpatialTransformer(32, 2, 8, context_dim=16), seed=5)
