@@ -131,8 +131,10 @@ def open_source(path) -> Source:
 
 def _open_directory(path: Path) -> Source:
     config_path = path / CONFIG_FILE
-    indexes = sorted(path.glob("*" + INDEX_SUFFIX))
-    weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()]
+    # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
+    index = path / (DIFFUSERS_WEIGHTS[0] + ".index.json")
+    indexes = [index] if index.is_file() else sorted(path.glob("*" + INDEX_SUFFIX))
+    weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()][:1]
     if not weights:
         weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
     if not indexes and not weights:

@@ -2,6 +2,7 @@
 config.json), sharded indexes, SGM single files; loaded directly or converted, every stack equal to the
 torch module it came from, and every bad input one line naming the file."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -128,7 +129,10 @@ def test_a_transformer2d_directory(tmp_path):
     model = randomize_(Transformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32,
                                           cross_attention_dim=CONTEXT, num_layers=2), seed=2).eval()
     model.save_pretrained(tmp_path / "transformer")
+    copy.deepcopy(model).half().save_pretrained(tmp_path / "transformer", variant="fp16")  # as repositories hold them
+    torch.save(model.state_dict(), tmp_path / "transformer" / "diffusion_pytorch_model.bin")
     flax_module = flax_sgm.load_pretrained(tmp_path / "transformer")
+    assert flax_module.proj_in.kernel.dtype == np.float32  # diffusers' own file, not a variant
     assert flax_module.transformer_blocks[1].attn2.heads == 4
     assert_same(flax_module, model, 32, diffusers=True)
     config = tmp_path / "transformer" / "config.json"
