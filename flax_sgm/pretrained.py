@@ -143,7 +143,10 @@ def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Hea
         n_heads, inner // n_heads
     ):
         given = f"--heads {heads}" if heads is not None else f"--head-dim {head_dim}"
-        raise CheckpointError(f"{given} contradicts {gives} of {inner // n_heads}; leave it out")
+        raise CheckpointError(
+            f"{given} contradicts {source.config_path}, which gives {prefix!r} {n_heads} heads of {inner // n_heads}; "
+            "leave it out"
+        )
     return n_heads, None
 
 

@@ -118,7 +118,7 @@ def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
 
 def test_heads_contradicting_config_json_are_refused(unet):
     path, _ = unet
-    with pytest.raises(CheckpointError, match=r"--heads 2 contradicts .*config.json gives 'down_blocks.0.attentions.0.' 4"):
+    with pytest.raises(CheckpointError, match=r"--heads 2 contradicts .*config.json, which gives 'down_blocks.0.attentions.0.' 4 heads of 8"):
         flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", heads=2)
     flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", head_dim=8)  # the same split, said the other way
 
@@ -152,6 +152,8 @@ def test_cli_inspects_converts_and_verifies_a_diffusers_directory(unet, tmp_path
         assert_same(flax_module, submodule(model, prefix), submodule(model, prefix).config.in_channels, diffusers=True)
     report = json.loads(cli("verify", "--checkpoint", path, "--prefix", "down_blocks.0.attentions.0", "--json").stdout)
     assert report["passed"] and report["config"]["n_heads"] == 4
+    line = one_line_error("convert", path, "--prefix", "down_blocks.0.attentions.0", "--heads", 2, "-o", tmp_path / "x")
+    assert "--heads 2 contradicts" in line and not (tmp_path / "x").exists()
 
 
 def copy_unet(unet, tmp_path) -> Path:
