@@ -11,10 +11,11 @@ directory). The CLI: cli.py. Meshes: sharding.py.
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
 from flax_sgm.attention_backends import dot_product_attention, select_backend
-from flax_sgm.blocks import CHECKPOINT_POLICIES, BasicTransformerBlock, BasicTransformerSingleLayerBlock
+from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.pretrained import load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
+from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
 
 __all__ = [

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm import layout
-from flax_sgm.blocks import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
 
