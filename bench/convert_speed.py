@@ -1,15 +1,18 @@
-"""Convert speed against plain reading, on a synthetic multi-GB safetensors file of SDXL-shaped stacks.
+"""Convert speed against a plain copy, on a synthetic multi-GB safetensors file of SDXL-shaped stacks.
 
 One run writes the file to a temporary directory, then times in fresh child
 processes (each reports its own peak RSS):
-  read      every byte of the file, sequentially (the floor for any reader)
-  write     as many bytes, sequentially, to where convert writes, through the page cache
-  write:direct  the same through checkpoints.StreamWriter (O_DIRECT where allowed:
-            the flat safetensors writer's floor)
-  copy      read every byte and write it through StreamWriter as it comes: the I/O a
-            flat safetensors convert cannot avoid (reads and writes share the disk)
-  tensors   every tensor through flax_sgm's safetensors reader
-  convert   `flax-sgm convert --all` to Orbax and to flat safetensors
+  read      every byte of the file, sequentially (the floor of any reader)
+  copy      read every byte and write it to where convert writes, 8 MB at a time: the
+            floor of any converter on this disk (it reads the file and writes as many bytes)
+  tensors   every tensor through safetensors.safe_open
+  convert   `flax-sgm convert --all` to flat safetensors and to Orbax, as this tree does it
+            (library-only: safe_open, numpy, safetensors.numpy.save_file, Orbax's
+            StandardCheckpointer)
+  hand-written
+            the same conversion by the hand-written I/O engine this tree replaced (its own
+            safetensors parser, read-ahead threads, buffer pool, O_DIRECT writer), taken from
+            git at --handwritten-ref and run from a temporary copy
 each from a cold page cache (the file's pages dropped with posix_fadvise) and warm,
 best of --repeat runs.
 Nothing is fsynced (neither does `convert`); the time to flush what is left in
@@ -36,42 +39,37 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+# The last commit with the hand-written engine (flax_sgm/checkpoints.py).
+HANDWRITTEN_REF = "22e7606"
 # SDXL's stacks: (in_channels, depth, context_dim); heads are 64 wide.
 SDXL_LARGE = (1280, 10, 2048)
 SDXL_SMALL = (640, 2, 2048)
 
 
-def stack_tensors(prefix: str, channels: int, depth: int, context: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of a use_linear SpatialTransformer's state dict, seed key names."""
-    c = channels
-    shapes = {"norm.weight": (c,), "norm.bias": (c,), "proj_in.weight": (c, c), "proj_in.bias": (c,)}
-    for i in range(depth):
-        b = f"transformer_blocks.{i}."
-        for attn, width in (("attn1", c), ("attn2", context)):
-            a = b + attn
-            shapes |= {f"{a}.to_q.weight": (c, c), f"{a}.to_k.weight": (c, width), f"{a}.to_v.weight": (c, width),
-                       f"{a}.to_out.0.weight": (c, c), f"{a}.to_out.0.bias": (c,)}
-        shapes |= {f"{b}ff.net.0.proj.weight": (8 * c, c), f"{b}ff.net.0.proj.bias": (8 * c,),
-                   f"{b}ff.net.2.weight": (c, 4 * c), f"{b}ff.net.2.bias": (c,)}
-        shapes |= {f"{b}norm{j}.{p}": (c,) for j in (1, 2, 3) for p in ("weight", "bias")}
-    shapes |= {"proj_out.weight": (c, c), "proj_out.bias": (c,)}
-    return {prefix + k: v for k, v in shapes.items()}
+def stack_shapes(prefix: str, channels: int, depth: int, context: int) -> dict[str, tuple[int, ...]]:
+    """A use_linear SpatialTransformer's torch state dict shapes, from the conversion table."""
+    from flax_sgm import convert
+    from flax_sgm.config import SpatialTransformerConfig
+
+    config = SpatialTransformerConfig(channels, channels // 64, 64, depth=depth, context_dim=context, use_linear=True)
+    return convert.torch_shapes(config.make_abstract(), prefix=prefix)
 
 
 def synthetic_layout(size_bytes: int, itemsize: int) -> dict[str, tuple[int, ...]]:
     """SDXL-shaped stacks until the file reaches about `size_bytes`."""
-    shapes, i = {}, 0
-    while sum(np.prod(s) for s in shapes.values()) * itemsize < size_bytes:
-        left = size_bytes - sum(np.prod(s) for s in shapes.values()) * itemsize
-        big = stack_tensors("", *SDXL_LARGE)
-        template = SDXL_LARGE if sum(np.prod(s) for s in big.values()) * itemsize <= left else SDXL_SMALL
-        shapes |= stack_tensors(f"model.diffusion_model.blocks.{i}.1.", *template)
-        i += 1
+    large, small = stack_shapes("", *SDXL_LARGE), stack_shapes("", *SDXL_SMALL)
+    nbytes = {t: sum(int(np.prod(s)) for s in shapes.values()) * itemsize for t, shapes in ((SDXL_LARGE, large), (SDXL_SMALL, small))}
+    shapes, total, i = {}, 0, 0
+    while total < size_bytes:
+        template = SDXL_LARGE if nbytes[SDXL_LARGE] <= size_bytes - total else SDXL_SMALL
+        shapes |= {f"model.diffusion_model.blocks.{i}.1.{k}": v for k, v in (large if template == SDXL_LARGE else small).items()}
+        total, i = total + nbytes[template], i + 1
     return shapes
 
 
 def write_file(path: Path, size_gb: float, dtype: str) -> int:
-    from flax_sgm.checkpoints import TensorInfo, write_safetensors
+    from safetensors.numpy import save_file
 
     dtype = np.dtype(dtype)
     shapes = synthetic_layout(int(size_gb * 1e9), dtype.itemsize)
@@ -82,8 +80,15 @@ def write_file(path: Path, size_gb: float, dtype: str) -> int:
         offset = 0 if offset + n > pool.size else offset
         tensors[key] = pool[offset : offset + n].reshape(shape)
         offset += n
-    write_safetensors(path, {k: TensorInfo(v.shape, v.dtype) for k, v in tensors.items()}, tensors.values())
+    save_file(tensors, path)  # safetensors writes from the arrays' memory: no copy of the file is made
     return len(shapes)
+
+
+def extract_handwritten(ref: str, into: Path) -> Path:
+    """flax_sgm as of `ref` (git archive), to run the hand-written engine from."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "flax_sgm"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def drop_cache(path: Path) -> None:
@@ -105,40 +110,37 @@ def child(args) -> dict:
             while f.readinto(buf):
                 pass
         return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
-    if args.phase.startswith("write") or args.phase == "copy":  # the same number of bytes, to where convert writes
-        from flax_sgm.checkpoints import StreamWriter
-
-        buf, left = np.ones(64 << 20, np.uint8), path.stat().st_size
+    if args.phase == "copy":  # the same bytes, to where convert writes
+        buf = memoryview(bytearray(8 << 20))
         Path(args.out).mkdir()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        if args.phase == "copy":
-            with open(path, "rb", buffering=0) as src, StreamWriter(Path(args.out) / "bytes") as f:
-                while n := src.readinto(buf):
-                    f.write(buf[:n])
-        elif args.phase == "write:direct":
-            with StreamWriter(Path(args.out) / "bytes") as f:
-                while left > 0:
-                    f.write(buf[: min(left, buf.size)])
-                    left -= min(left, buf.size)
-        else:
-            with open(Path(args.out) / "bytes", "wb", buffering=0) as f:
-                while left > 0:
-                    left -= f.write(buf[: min(left, buf.size)])
+        with open(path, "rb", buffering=0) as src, open(Path(args.out) / "bytes", "wb", buffering=0) as dst:
+            while n := src.readinto(buf):
+                dst.write(buf[:n])
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         sync_start = time.perf_counter()
         os.sync()
         return {"seconds": seconds, "cpu_seconds": cpu, "sync_seconds": time.perf_counter() - sync_start}
-    from flax_sgm import checkpoints
+    import jax  # noqa: F401  (imported by every converter: not part of its time or growth)
+    import orbax.checkpoint  # noqa: F401
+    from safetensors import safe_open
 
+    if args.phase.startswith("handwritten"):
+        from flax_sgm import checkpoints  # from the hand-written tree, on PYTHONPATH
+
+        convert_file = checkpoints.convert_file
+    else:
+        from flax_sgm import pretrained
+
+        convert_file = pretrained.convert_file
     base_rss, base_cpu = _peak_rss(), _cpu_seconds()
     start = time.perf_counter()
     if args.phase == "tensors":
-        reader = checkpoints.open_checkpoint(path)
-        for key in reader.infos:
-            reader.read(key)
-        reader.close()
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                f.get_tensor(key)
     else:
-        checkpoints.convert_file(path, args.out, all_stacks=True, head_dim=64, weights=args.phase.split(":")[1])
+        convert_file(path, args.out, all_stacks=True, head_dim=64, weights=args.phase.split(":")[1])
     seconds = time.perf_counter() - start
     cpu = _cpu_seconds()
     sync_start = time.perf_counter()
@@ -160,16 +162,22 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(phase: str, path: Path, out: Path, cold: bool, repeat: int) -> dict:
+def measure(phase: str, path: Path, out: Path, cold: bool, repeat: int, handwritten: Path) -> dict:
     """The fastest of `repeat` runs (the machine may be shared), each in a fresh process."""
     runs = []
+    env = dict(os.environ)
+    tree = handwritten if phase.startswith("handwritten") else REPO
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(REPO), env.get("PYTHONPATH", "")])
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
         if cold:
             drop_cache(path)
         cmd = [sys.executable, __file__, "--phase", phase, "--file", str(path), "--out", str(out)]
-        runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"{phase} failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return min(runs, key=lambda r: r["seconds"])
 
 
@@ -183,6 +191,8 @@ def main():
     parser.add_argument("--out-dir",
                         help="where convert writes (default: beside the file); e.g. /dev/shm to leave the disk out")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts (default 3)")
+    parser.add_argument("--handwritten-ref", default=HANDWRITTEN_REF,
+                        help=f"git revision of the hand-written engine to compare with (default {HANDWRITTEN_REF})")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -197,38 +207,47 @@ def main():
         import ml_dtypes  # noqa: F401  (registers the dtype with numpy)
 
         args.dtype = ml_dtypes.bfloat16
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, tempfile.TemporaryDirectory(dir=args.out_dir) as out_tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=args.dir) as tmp,
+        tempfile.TemporaryDirectory(dir=args.out_dir) as out_tmp,
+        tempfile.TemporaryDirectory() as code_tmp,
+    ):
         path, out = Path(tmp) / "synthetic.safetensors", Path(out_tmp) / "converted"
+        handwritten = extract_handwritten(args.handwritten_ref, Path(code_tmp))
         start = time.perf_counter()
         n_tensors = write_file(path, args.size_gb, args.dtype)
         os.sync()
         size = path.stat().st_size
         print(f"wrote {path.name}: {size / 1e9:.2f} GB, {n_tensors} tensors, {np.dtype(args.dtype).name}, "
               f"in {time.perf_counter() - start:.1f} s")
-        from flax_sgm import checkpoints
+        from flax_sgm import pretrained
+        from flax_sgm.sources import open_source
 
-        reader = checkpoints.open_checkpoint(path)
-        stacks = [checkpoints.infer_stack(reader.infos, p) for p in checkpoints.find_stacks(reader.infos)]
-        reader.close()
-        largest = max(s.nbytes for s in stacks)
-        print(f"{len(stacks)} stacks, largest {largest / 1e9:.2f} GB; output to {out.parent}")
+        with open_source(path) as source:
+            stacks, _ = pretrained.inspect_stacks(source)
+        largest = max(s["bytes"] for s in stacks)
+        print(f"{len(stacks)} stacks, largest {largest / 1e9:.2f} GB; output to {out.parent}; "
+              f"hand-written engine from {args.handwritten_ref}")
         print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}")
         print()
-        print(f"best of {args.repeat}; cpu = user + sys seconds of every thread; RSS = VmHWM; 'grown' = peak minus RSS after imports")
-        print(f"{'phase':20s} {'cache':5s} {'seconds':>7s} {'GB/s':>5s} {'vs read':>7s} {'cpu s':>6s} {'+sync s':>7s} "
+        print(f"best of {args.repeat}; cpu = user + sys seconds of every thread; RSS = VmHWM; "
+              "'grown' = peak minus RSS after imports")
+        print(f"{'phase':26s} {'cache':5s} {'seconds':>7s} {'GB/s':>5s} {'vs copy':>7s} {'cpu s':>6s} {'+sync s':>7s} "
               f"{'peak RSS':>8s} {'grown':>6s}")
-        reads = {}
+        phases = ("read", "copy", "tensors", "convert:safetensors", "handwritten:safetensors", "convert:orbax",
+                  "handwritten:orbax")
+        copies = {}
         for cold in (True, False):
             cache = "cold" if cold else "warm"
-            for phase in ("read", "write", "write:direct", "copy", "tensors", "convert:orbax", "convert:safetensors"):
-                r = measure(phase, path, out, cold, args.repeat)
-                if phase == "read":
-                    reads[cache] = r["seconds"]
+            for phase in phases:
+                r = measure(phase, path, out, cold, args.repeat, handwritten)
+                if phase == "copy":
+                    copies[cache] = r["seconds"]
+                vs_copy = f"{r['seconds'] / copies[cache]:6.2f}x" if cache in copies else f"{'':7s}"
                 sync = f"{r['sync_seconds']:7.2f}" if "sync_seconds" in r else f"{'':7s}"
                 grown = f"{(r['peak_rss'] - r['rss_before']) / 1e9:5.2f}G" if "rss_before" in r else f"{'':6s}"
-                print(f"{phase:20s} {cache:5s} {r['seconds']:7.2f} {size / r['seconds'] / 1e9:5.2f} "
-                      f"{reads[cache] / r['seconds']:7.0%} {r['cpu_seconds']:6.2f} {sync} {r['peak_rss'] / 1e9:7.2f}G {grown}",
-                      flush=True)
+                print(f"{phase:26s} {cache:5s} {r['seconds']:7.2f} {size / r['seconds'] / 1e9:5.2f} "
+                      f"{vs_copy} {r['cpu_seconds']:6.2f} {sync} {r['peak_rss'] / 1e9:7.2f}G {grown}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
 

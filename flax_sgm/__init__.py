@@ -3,14 +3,17 @@
 Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_backends: the
 one attention function and its backend choice; attention: the attention modules)
 -> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
-Tolerances and the torch comparison: parity.py. Files and the CLI: checkpoints.py,
-cli.py. Meshes: sharding.py.
+Tolerances and the torch comparison: parity.py. Configs: config.py. Checkpoints:
+layout.py (where stacks sit, what keys mean), sources.py (reading files and diffusers
+directories), pretrained.py (load_pretrained, convert_file), output.py (the converted
+directory). The CLI: cli.py. Meshes: sharding.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
 from flax_sgm.attention_backends import dot_product_attention, select_backend
 from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
-from flax_sgm.checkpoints import load_pretrained
+from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.pretrained import load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
@@ -27,8 +30,10 @@ __all__ = [
     "Normalize",
     "SpatialSelfAttention",
     "SpatialTransformer",
+    "SpatialTransformerConfig",
     "dot_product_attention",
     "load_pretrained",
+    "load_pretrained_all",
     "select_backend",
     "zero_module",
 ]

@@ -1,7 +1,8 @@
 """The `flax-sgm` command line: verify, convert, inspect.
 
-Commands only: the work is in checkpoints.py (files) and parity.py (torch vs flax).
-torch is imported only by `verify` and by reading .pt/.ckpt files.
+Commands only: the work is in pretrained.py (checkpoints in, modules or a converted
+directory out) and parity.py (torch vs flax). torch is imported only by `verify`
+and by reading torch pickles.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 
 import click
 
-from flax_sgm import checkpoints
+from flax_sgm import output, pretrained
+from flax_sgm.layout import CheckpointError
 
 # Exit statuses.
 PARITY_FAILED = 1
@@ -44,7 +46,7 @@ def _clean_errors(f):
         except Exception as err:
             if debug:
                 raise
-            if isinstance(err, (checkpoints.CheckpointError, ValueError)):
+            if isinstance(err, (CheckpointError, ValueError)):
                 message = str(err)  # ours and ConversionError: already say what is wrong
             elif isinstance(err, OSError):
                 message = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
@@ -83,6 +85,7 @@ Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors --prefix model.diffusion_model.input_blocks.4.1 \\
       --head-dim 64 -o input_blocks.4.1
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 -o sd15-attention
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o sdxl-attention
 
 Exit status: 0 ok, 1 parity failed (verify), 2 bad input.""",
 )
@@ -100,11 +103,11 @@ Examples:
   flax-sgm verify --dtype bfloat16
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
-  flax-sgm verify --checkpoint unet/diffusion_pytorch_model.safetensors \\
-      --prefix down_blocks.1.attentions.0 --heads 8"""
+  flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0"""
 )
 @click.option("--checkpoint", type=click.Path(),
-              help="Weights file (.safetensors, .ckpt, .pt, .pth, .bin); default: seeded random weights.")
+              help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory or a "
+                   "sharded *.safetensors.index.json; default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
@@ -119,7 +122,7 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
     channels, 10 heads of 64, depth 2, context 2048, linear projections) with seeded
     random weights. With --checkpoint: the stack at --prefix, its config read off the
-    shapes; give --heads or --head-dim, which the weights cannot show.
+    shapes; its heads from a diffusers config.json, or else --heads or --head-dim.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out): max absolute and relative error of the forward output (the Flax
@@ -137,20 +140,24 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
         config, source = dict(parity.VERIFY_DEFAULT), {"weights": f"embedded default, seeded random (seed {seed})"}
         report = parity.verify_pair(config, seed=seed, dtype=dtype)
     else:
-        reader = checkpoints.open_checkpoint(checkpoint)
-        try:
-            (chosen,) = checkpoints.select_stacks(reader, [prefix] if prefix is not None else [])
-            stack = checkpoints.infer_stack(reader.infos, chosen, disable_self_attn=disable_self_attn)
-            config = checkpoints.module_config(stack, heads, head_dim)
-            flax_module = checkpoints.convert_stack(reader, stack, config, dtype)
-            torch_state = {k[len(chosen):]: reader.read(k) for k in stack.keys}
-        finally:
-            reader.close()
-        source = {"weights": str(checkpoint), "prefix": chosen, "dtype in file": stack.dtype.name}
+        stack, flax_module, torch_state = pretrained.load_stack(
+            checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, param_dtype=dtype
+        )
+        config = _seed_arguments(stack.config)
+        source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
         report = parity.verify_pair(config, torch_state, flax_module, seed=seed, dtype=dtype)
     report = {"config": config, "source": source, **report}
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     sys.exit(0 if report["passed"] else PARITY_FAILED)
+
+
+def _seed_arguments(config) -> dict:
+    """The architecture arguments torch_ref's SpatialTransformer takes."""
+    names = ("in_channels", "n_heads", "d_head", "depth", "context_dim", "disable_self_attn", "use_linear")
+    arguments = {name: getattr(config, name) for name in names}
+    if isinstance(arguments["context_dim"], tuple):
+        arguments["context_dim"] = list(arguments["context_dim"])
+    return arguments
 
 
 def _report_head(report: dict) -> list[str]:
@@ -219,7 +226,8 @@ Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64 -o xl-in4
   flax-sgm convert sd_xl_base_1.0.safetensors --all --head-dim 64 -o xl-attention
-  flax-sgm convert unet/diffusion_pytorch_model.safetensors \\
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o xl-attention
+  flax-sgm convert unet/diffusion_pytorch_model.safetensors.index.json \\
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
 
@@ -230,41 +238,50 @@ Then in Python:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
 @click.option("--all", "all_stacks", is_flag=True,
-              help="Every SpatialTransformer stack in the file (see `flax-sgm inspect`).")
+              help="Every SpatialTransformer stack in the checkpoint (see `flax-sgm inspect`).")
+@click.option("--skip-unsupported", is_flag=True,
+              help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @_stack_options
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
-@click.option("--format", "weights", type=click.Choice(checkpoints.WEIGHT_FORMATS), default="orbax", show_default=True,
+@click.option("--format", "weights", type=click.Choice(output.WEIGHT_FORMATS), default="orbax", show_default=True,
               help="orbax: an Orbax checkpoint per stack; safetensors: a flat file of Flax paths per stack.")
-@click.option("--param-dtype", type=click.Choice(checkpoints.PARAM_DTYPES),
-              help="Storage dtype of the parameters; default: the file's (a narrower one rounds).")
+@click.option("--param-dtype", type=click.Choice(pretrained.PARAM_DTYPES),
+              help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @_clean_errors
-def convert(checkpoint, prefix, all_stacks, heads, head_dim, disable_self_attn, out, weights, param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, out, weights,
+            param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
-    The config of each stack is read off its shapes; --heads or --head-dim says how its
-    inner dim splits into heads. .safetensors files are read lazily (only the selected
-    keys); torch files with torch.load(weights_only=True). Stacks are converted one at
+    CHECKPOINT is a file (.safetensors, or a torch pickle read with
+    torch.load(weights_only=True)), a diffusers model directory (config.json and its
+    weights, sharded or not) or a sharded *.safetensors.index.json. The config of each
+    stack is read off its shapes; a diffusers config.json gives the heads, elsewhere
+    --heads or --head-dim says how each inner dim splits. Stacks are converted one at
     a time, and the output appears only once complete. Load it with
     flax_sgm.load_pretrained(OUTPUT).
     """
     _exclusive_heads(heads, head_dim)
+    if skip_unsupported and not all_stacks:
+        raise click.UsageError("--skip-unsupported goes with --all")
     start = time.perf_counter()
     bar = None
 
-    def plan(stacks):
+    def plan(stacks, skipped):
         nonlocal bar
         from tqdm import tqdm
 
+        for prefix, why in skipped.items():
+            click.echo(f"skipping {prefix}: {why}", err=True)
         total = sum(s.nbytes for s in stacks)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {len(stacks)} stack(s)", file=sys.stderr,
                    disable=None, leave=False)
 
     try:
-        written = checkpoints.convert_file(
-            checkpoint, out, prefix, all_stacks=all_stacks, heads=heads, head_dim=head_dim, weights=weights,
-            param_dtype=param_dtype, disable_self_attn=disable_self_attn, overwrite=overwrite,
-            progress=lambda n: bar.update(n), on_plan=plan,
+        written = pretrained.convert_file(
+            checkpoint, out, prefix, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
+            head_dim=head_dim, weights=weights, param_dtype=param_dtype, disable_self_attn=disable_self_attn,
+            overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
         )
     finally:
         if bar is not None:
@@ -276,46 +293,45 @@ def convert(checkpoint, prefix, all_stacks, heads, head_dim, disable_self_attn, 
     )
     for s in written:
         c = s.config
-        click.echo(f"  {s.prefix or '(root)'}  {c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, "
-                   f"depth {c['depth']}, context {c['context_dim']}, {s.param_dtype}")
+        click.echo(f"  {s.prefix or '(root)'}  {c.in_channels} ch, {c.n_heads}x{c.d_head} heads, "
+                   f"depth {c.depth}, context {_context(c.context_dim)}, {s.param_dtype}")
     if len(written) == 1:
         click.echo(f"load: flax_sgm.load_pretrained({str(out)!r})")
     else:
         click.echo(f"load: flax_sgm.load_pretrained({str(out)!r}, prefix={written[0].prefix!r}), "
-                   f"or all: flax_sgm.checkpoints.load_pretrained_all({str(out)!r})")
+                   f"or all: flax_sgm.load_pretrained_all({str(out)!r})")
+
+
+def _context(context_dim) -> str:
+    return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
 
 
 @cli.command(
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
+  flax-sgm inspect stable-diffusion-xl-base-1.0/unet
   flax-sgm inspect v1-5-pruned.ckpt --json"""
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_clean_errors
 def inspect(checkpoint, as_json):
-    """List the SpatialTransformer stacks in CHECKPOINT and what their shapes say about them."""
-    reader = checkpoints.open_checkpoint(checkpoint)
-    try:
-        problems = {}
-        summaries = []
-        for p in checkpoints.find_stacks(reader.infos):
-            try:
-                summaries.append(checkpoints.infer_stack(reader.infos, p).summary())
-            except checkpoints.CheckpointError as err:
-                problems[p] = str(err)
+    """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
+    index) and what their shapes say about them."""
+    from flax_sgm.sources import open_source
+
+    with open_source(checkpoint) as source:
+        summaries, problems = pretrained.inspect_stacks(source)
         info = {
             "file": str(checkpoint),
-            "format": reader.kind,
-            "tensors": len(reader.infos),
-            "bytes": sum(i.nbytes for i in reader.infos.values()),
-            "top_level_prefixes": checkpoints.top_level_prefixes(reader.infos),
+            "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
+            "tensors": len(source.infos),
+            "bytes": sum(i.nbytes for i in source.infos.values()),
+            "top_level_prefixes": _top_level(source.infos),
             "stacks": summaries,
             "unsupported": problems,
         }
-    finally:
-        reader.close()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -328,12 +344,21 @@ def inspect(checkpoint, as_json):
     for s in summaries:
         proj = "linear" if s["use_linear"] else "conv"
         extra = ", disable_self_attn" if s["disable_self_attn"] else ""
-        click.echo(f"  {s['prefix'] or '(root)':45s} {s['in_channels']:5d} ch, inner {s['inner_dim']}, depth {s['depth']}, "
-                   f"context {s['context_dim']}, {proj} proj{extra}, {s['dtype']}, {s['bytes'] / 1e6:.1f} MB")
+        heads = f", {s['heads']} heads" if s["heads"] else ""
+        click.echo(f"  {s['prefix'] or '(root)':45s} {s['in_channels']:5d} ch, inner {s['inner_dim']}{heads}, "
+                   f"depth {s['depth']}, context {_context(s['context_dim'])}, {proj} proj{extra}, {s['dtype']}, "
+                   f"{s['bytes'] / 1e6:.1f} MB")
     for p, why in problems.items():
         click.echo(f"  {p:45s} not convertible: {why}")
-    click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
-               "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+    if any(s["heads"] is None for s in summaries):
+        click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
+                   "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+
+
+def _top_level(keys) -> list[str]:
+    from flax_sgm.layout import top_level_prefixes
+
+    return top_level_prefixes(keys)
 
 
 def main(argv=None):

@@ -99,6 +99,16 @@ def conversion_table(model: nnx.Module) -> list[Row]:
     return rows
 
 
+def torch_shapes(model: nnx.Module, *, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The torch state dict's key -> shape of `model` (which may be abstract), from the table; nothing is allocated."""
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    return {prefix + row.torch_key: _torch_shape(row, params[row.flax_path].shape) for row in conversion_table(model)}
+
+
+def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
+    return row.transform.to_torch(np.broadcast_to(np.empty((), np.bool_), tuple(flax_shape))).shape
+
+
 def to_numpy(value) -> np.ndarray:
     """A torch tensor (bfloat16 too) or array-like as a numpy array, without copying where possible."""
     if hasattr(value, "detach") and type(value).__module__.startswith("torch"):
@@ -189,7 +199,7 @@ def conversion_plan(
                 "precision (build the model with that param_dtype, or pass allow_downcast=True)"
             )
             continue
-        torch_shape_expected = row.transform.to_torch(np.empty(target_shape, dtype=np.bool_)).shape
+        torch_shape_expected = _torch_shape(row, target_shape)
         if shape != torch_shape_expected:
             mismatched.append(
                 f"shape mismatch: {key} has shape {list(shape)}, the model needs {list(torch_shape_expected)}"
@@ -227,19 +237,33 @@ def load_torch_state_dict(
     return load_planned(model, plan, state_dict, copy=copy)
 
 
+# Above this size a transform runs in XLA: its transposes are tiled and threaded, about 4x numpy's strided
+# copy on a checkpoint's fp16 weights (BENCHMARKS.md); below it the dispatch would cost more than the copy.
+XLA_TRANSFORM_BYTES = 1 << 20
+
+
 def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:
-    """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict."""
+    """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict.
+
+    Values are read one at a time, in plan order (`values` may read lazily).
+    """
     updates = []
     for step in plan:
-        value = step.row.transform.to_flax(to_numpy(values[step.key]))
-        if value.dtype == step.dtype and not copy:
-            value = jax.device_put(value, may_alias=True)
+        value = to_numpy(values[step.key])
+        if value.nbytes >= XLA_TRANSFORM_BYTES:
+            moved = jax.device_put(value, may_alias=True)
+            converted = step.row.transform.to_flax(moved).astype(step.dtype)
+            # A transpose or a cast made a new buffer; an identity may still share the caller's.
+            value = jnp.array(converted, copy=True) if copy and converted is moved else converted
         else:
-            # On CPU, device_put and jnp.asarray(x, dtype) share 64-byte-aligned host
-            # buffers even with may_alias=False (jax-ml/jax#37830): torch tensors are
-            # aligned, so without a forced copy a later in-place torch update would
-            # change these parameters.
-            value = jnp.array(value, dtype=step.dtype, copy=True)
+            value = step.row.transform.to_flax(value)
+            if value.dtype == step.dtype and not copy:
+                value = jax.device_put(value, may_alias=True)
+            else:
+                # On CPU, device_put and jnp.asarray share 64-byte-aligned host buffers even with
+                # may_alias=False (jax-ml/jax#37830): torch tensors are aligned, so without a forced
+                # copy a later in-place torch update would change these parameters.
+                value = jnp.array(value, dtype=step.dtype, copy=True)
         updates.append((step.row.flax_path, value))
     nnx.update(model, nnx.from_flat_state(updates))
     return model

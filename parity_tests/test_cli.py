@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
-from flax_sgm import checkpoints, parity
+from flax_sgm import parity, pretrained
+from flax_sgm.layout import CheckpointError
 from flax_sgm.attention_backends import BACKENDS
 from flax_sgm.cli import cli
 from flax_sgm.parity import TOLERANCES, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
@@ -239,11 +240,11 @@ def test_convert_then_load_pretrained_matches_torch(files, tmp_path, name, args,
 def test_convert_all_and_repeated_prefix(files, tmp_path):
     d, modules = files
     run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "all")
-    loaded = checkpoints.load_pretrained_all(tmp_path / "all")
+    loaded = flax_sgm.load_pretrained_all(tmp_path / "all")
     assert list(loaded) == list(STACKS)
     for prefix, model in loaded.items():
         same_as_torch(model, modules[prefix], STACKS[prefix])
-    with pytest.raises(checkpoints.CheckpointError, match="holds 2 stacks"):
+    with pytest.raises(CheckpointError, match="holds 2 stacks"):
         flax_sgm.load_pretrained(tmp_path / "all")
     prefixes = [a for p in STACKS for a in ("--prefix", p)]
     run("convert", d / "sgm.ckpt", *prefixes, "--heads", 2, "-o", tmp_path / "two", "--format", "safetensors")
@@ -272,156 +273,11 @@ def test_convert_infers_disable_self_attn_and_keeps_the_file_dtype(files, tmp_pa
     assert flax_sgm.load_pretrained(tmp_path / "fp32").proj_in.kernel.dtype == np.float32
 
 
-def test_convert_reads_only_the_selected_keys(files, tmp_path, monkeypatch):
-    d, _ = files
-    read = []
-    original = checkpoints.SafetensorsReader.read
-    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", lambda self, k, **kw: read.append(k) or original(self, k, **kw))
-    run("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.1.1.", "--heads", 2, "-o", tmp_path / "o")
-    assert read and all(k.startswith(SGM + "input_blocks.1.1.") for k in read)
-
-
-@pytest.mark.parametrize("shape", [(6, 300), (300, 6, 1, 1), (5,), (3, 4, 2)])
-@pytest.mark.parametrize("owned", [True, False])
-def test_conversion_layout_keeps_values_aligns_and_makes_weights_column_major(shape, owned):
-    value = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
-    out = checkpoints.conversion_layout(value, owned=owned, tile=(4, 7))  # small tiles: every edge case
-    assert out.shape == value.shape and out.dtype == value.dtype and np.array_equal(out, value)
-    assert out.ctypes.data % checkpoints.ALIGNMENT == 0
-    weight = len(shape) >= 2 and all(d == 1 for d in shape[2:])
-    assert out.flags.f_contiguous if weight else out.flags.c_contiguous
-    assert (out is value) == (owned and not weight and value.ctypes.data % checkpoints.ALIGNMENT == 0)
-    assert not np.shares_memory(out, value) or out is value
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("budget", [0, 64, 1 << 20])
-def test_read_ahead_delivers_every_tensor_in_any_order(files, workers, budget):
-    d, _ = files
-    reader = checkpoints.open_checkpoint(d / "sgm.safetensors")
-    keys = list(reader.infos)
-    ahead = checkpoints._ReadAhead(reader, keys, budget=budget, workers=workers)
-    try:
-        for key in reversed(keys):  # against file order: the consumer reads some itself
-            assert np.array_equal(ahead.get(key), reader.read(key)), key
-        assert not ahead.ready and not ahead.reading
-    finally:
-        ahead.close()
-        reader.close()
-
-
-def test_read_ahead_passes_a_read_error_to_the_consumer(files, monkeypatch):
-    d, _ = files
-    reader = checkpoints.open_checkpoint(d / "sgm.safetensors")
-    keys = list(reader.infos)
-    original = checkpoints.SafetensorsReader.read
-
-    def failing(self, key, **kw):
-        if key == keys[1]:
-            raise checkpoints.CheckpointError("disk went away")
-        return original(self, key, **kw)
-
-    monkeypatch.setattr(checkpoints.SafetensorsReader, "read", failing)
-    ahead = checkpoints._ReadAhead(reader, keys, workers=2)
-    try:
-        ahead.get(keys[0])
-        with pytest.raises(checkpoints.CheckpointError, match="disk went away"):
-            ahead.get(keys[1])
-    finally:
-        ahead.close()
-        reader.close()
-
-
-@pytest.mark.parametrize("direct", [True, False])
-@pytest.mark.parametrize("sizes", [[0], [5], [8192], [7000, 9000, 20000, 1], [16384, 3]])
-def test_stream_writer_writes_exactly_the_bytes_given(tmp_path, monkeypatch, direct, sizes):
-    monkeypatch.setattr(checkpoints.StreamWriter, "CHUNK", 8192)  # small pages-multiple chunks: writes cross them
-    pieces = [np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8) for n in sizes]
-    with checkpoints.StreamWriter(tmp_path / "f", direct=direct) as f:
-        opened_direct = f.direct
-        for piece in pieces:
-            f.write(piece)
-    assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
-    assert f.direct == opened_direct  # aligned chunks: O_DIRECT never had to fall back
-
-
-def test_stream_writer_goes_through_the_page_cache_when_o_direct_is_refused(tmp_path, monkeypatch):
-    original, refused = checkpoints.os.pwrite, []
-
-    def pwrite(fd, data, offset):
-        if checkpoints.os.O_DIRECT & __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL):
-            refused.append(offset)
-            raise OSError(22, "Invalid argument")
-        return original(fd, data, offset)
-
-    monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
-    data = np.arange(10_000, dtype=np.uint16).view(np.uint8)
-    with checkpoints.StreamWriter(tmp_path / "f") as f:
-        if not f.direct:
-            pytest.skip("the test directory's filesystem refuses O_DIRECT at open, so no write can be refused")
-        f.write(data)
-    assert refused == [0] and (tmp_path / "f").read_bytes() == data.tobytes()
-
-
-def test_stream_writer_raises_a_device_error_instead_of_retrying_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints.StreamWriter, "CHUNK", 8192)
-    original = checkpoints.os.pwrite
-
-    def pwrite(fd, data, offset):
-        if offset > 0:
-            raise OSError(5, "Input/output error")
-        return original(fd, data, offset)
-
-    monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
-    with pytest.raises(OSError, match="Input/output error"), checkpoints.StreamWriter(tmp_path / "f") as f:
-        f.write(np.ones(3 * 8192, np.uint8))
-
-
-def test_stream_writer_leaves_the_error_to_the_caller(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), checkpoints.StreamWriter(tmp_path / "f") as f:
-        f.write(np.ones(100, np.uint8))
-        raise RuntimeError("boom")
-    with pytest.raises(ValueError, match="the header says"):
-        checkpoints.write_safetensors(
-            tmp_path / "g", {"a": checkpoints.TensorInfo((2,), np.dtype(np.float32))}, [np.ones(3, np.float32)]
-        )
-    with pytest.raises(ValueError, match="shorter|longer"):  # zip(strict=True): every tensor or none
-        checkpoints.write_safetensors(tmp_path / "h", {"a": checkpoints.TensorInfo((2,), np.dtype(np.float32))}, [])
-
-
-def test_buffer_pool_reuses_by_size_up_to_its_limit():
-    pool = checkpoints._BufferPool(limit=96)
-    a, b = pool.take(64), pool.take(64)
-    assert a.ctypes.data % checkpoints.ALIGNMENT == 0 and a.nbytes == 64
-    pool.give(a.view(np.float16).reshape(4, 8).T)  # any view of a buffer gives it back
-    pool.give(b)  # over the limit: dropped
-    assert pool.take(64).ctypes.data == a.ctypes.data and pool.take(64).ctypes.data not in (a.ctypes.data, b.ctypes.data)
-    assert pool.take(32).nbytes == 32
-    with pytest.raises(ValueError, match="not a buffer from this pool"):
-        pool.give(np.ones(8))
-
-
-@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
-def test_convert_recycles_buffers_only_once_nothing_reads_them(files, tmp_path, monkeypatch, weights):
+def test_convert_reads_only_the_selected_keys(files, tmp_path):
     d, modules = files
-    given, recycled = [], []
-    original_give, original_recycle = checkpoints._BufferPool.give, checkpoints._ReadAhead.recycle
-
-    def poisoned(self, value):  # a buffer given back too early would corrupt the output
-        value.base[...] = 0xFF
-        recycled.append(value.nbytes)
-        original_recycle(self, value)
-
-    monkeypatch.setattr(checkpoints._BufferPool, "give", lambda self, a: given.append(a.nbytes) or original_give(self, a))
-    monkeypatch.setattr(checkpoints._ReadAhead, "recycle", poisoned)
-    run("convert", d / "bare.safetensors", "--heads", 2, "--format", weights, "-o", tmp_path / "out")
-    same_as_torch(flax_sgm.load_pretrained(tmp_path / "out"), modules[""], STACKS[SGM + "input_blocks.1.1."])
-    reader = checkpoints.open_checkpoint(d / "bare.safetensors")
-    weight_count = sum(1 for info in reader.infos.values() if len(info.shape) >= 2)
-    # Each weight's read buffer once transposed; each converted tensor once written (flat
-    # safetensors only: in the Orbax path jax holds them).
-    assert len(recycled) == (len(reader.infos) if weights == "safetensors" else 0)
-    assert len(given) == weight_count + len(recycled)
+    read = []
+    pretrained.convert_file(d / "sgm.safetensors", tmp_path / "o", [SGM + "input_blocks.1.1."], heads=2, progress=read.append)
+    assert sum(read) == sum(v.numel() * v.element_size() for v in modules[SGM + "input_blocks.1.1."].state_dict().values())
 
 
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
@@ -458,7 +314,7 @@ def test_convert_safetensors_without_torch(files, tmp_path):
 
 def test_missing_file_and_directory(tmp_path):
     assert "no such file" in fail("convert", tmp_path / "nope.safetensors", "--heads", 2, "-o", tmp_path / "o")
-    assert "is a directory" in fail("convert", tmp_path, "--heads", 2, "-o", tmp_path / "o")
+    assert "no checkpoint file or sharded index" in fail("convert", tmp_path, "--heads", 2, "-o", tmp_path / "o")
     assert "no such file" in fail("inspect", tmp_path / "nope.ckpt")
 
 
@@ -529,32 +385,38 @@ def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
     same_as_torch(flax_sgm.load_pretrained(out), modules[""], STACKS[SGM + "input_blocks.1.1."])
 
 
-def test_an_interrupted_convert_leaves_no_output(files, tmp_path, monkeypatch):
-    d, _ = files
-    saved = []
-    original = checkpoints.save_orbax
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_an_interrupted_convert_leaves_no_output(files, tmp_path, weights):
+    d, modules = files
+    first = sum(v.numel() * v.element_size() for v in modules[SGM + "input_blocks.1.1."].state_dict().values())
+    read = []
 
-    def save_then_interrupt(*args):
-        if saved:
+    def interrupt_in_the_second_stack(n):
+        read.append(n)
+        if sum(read) > first:
             raise KeyboardInterrupt
-        saved.append(original(*args))
 
-    monkeypatch.setattr(checkpoints, "save_orbax", save_then_interrupt)
-    result = run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", ok=False)
-    assert result.exit_code != 0 and saved
+    def convert(**kw):
+        pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", all_stacks=True, heads=2, weights=weights,
+                                progress=interrupt_in_the_second_stack, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        convert()
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
     (tmp_path / "out").mkdir()  # an older output survives an interrupted --overwrite
-    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out", "--overwrite", ok=False)
+    read.clear()
+    with pytest.raises(KeyboardInterrupt):
+        convert(overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
 
 
-def test_load_pretrained_needs_a_convert_output(tmp_path):
-    with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
+def test_load_pretrained_needs_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint file or sharded index"):
         flax_sgm.load_pretrained(tmp_path)
 
 
 def test_debug_shows_the_traceback(tmp_path):
     result = run("--debug", "inspect", tmp_path / "nope.safetensors", ok=False)
-    assert isinstance(result.exception, checkpoints.CheckpointError)
+    assert isinstance(result.exception, CheckpointError)
     result = run("inspect", tmp_path / "nope.safetensors", "--debug", ok=False)
-    assert isinstance(result.exception, checkpoints.CheckpointError)
+    assert isinstance(result.exception, CheckpointError)

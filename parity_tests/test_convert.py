@@ -72,14 +72,31 @@ def test_loading_copies_unless_told_the_arrays_are_private():
     given["norm1.weight"][:] = 7.0  # the caller's array changes; the model must not
     assert not np.any(np.asarray(f.norm1.scale[...]) == 7.0)
 
-    from flax_sgm.checkpoints import aligned_empty
-
-    bias = aligned_empty((16,), np.float32)
+    raw = np.empty(16 + 16, np.float32)  # XLA:CPU shares 64-byte-aligned host buffers
+    start = (-raw.ctypes.data % 64) // 4
+    bias = raw[start : start + 16]
     bias[...] = t.state_dict()["norm1.bias"].numpy()
     private = dict(given, **{"norm1.bias": bias})
     f = convert.load_torch_state_dict(abstract(flax_sgm.BasicTransformerBlock, (16, 2, 8), {}), private, copy=False)
     assert f.norm1.bias[...].unsafe_buffer_pointer() == bias.ctypes.data  # shared, not copied
     assert np.array_equal(np.asarray(f.norm1.bias[...]), t.state_dict()["norm1.bias"].numpy())
+
+
+@pytest.mark.parametrize("use_linear", [False, True], ids=["conv1x1", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_weights_convert_bit_exactly_and_are_copied(use_linear, dtype):
+    # 512 x 512 float32 is 1 MiB, convert.XLA_TRANSFORM_BYTES: from there the transforms run in XLA.
+    t = randomize_(torch_ref.SpatialTransformer(512, 2, 256, context_dim=16, use_linear=use_linear), seed=6).to(dtype)
+    sd = t.state_dict()
+    assert sd["proj_in.weight"].numel() * 4 >= convert.XLA_TRANSFORM_BYTES
+    param_dtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
+    config = dict(context_dim=16, use_linear=use_linear)
+    f = convert.load_torch_state_dict(abstract(flax_sgm.SpatialTransformer, (512, 2, 256), config, param_dtype), sd)
+    expected = {k: v.clone() for k, v in sd.items()}
+    with torch.no_grad():
+        t.proj_in.weight.zero_()  # the torch tensors change; the flax model must not
+    back = convert.as_torch_tensors(convert.to_torch_state_dict(f))
+    assert all(torch.equal(back[k], v) for k, v in expected.items())
 
 
 def test_prefix_selects_one_stack_of_a_whole_model_checkpoint():

@@ -1,0 +1,358 @@
+"""Checkpoints in, SpatialTransformers out: `load_pretrained`, `load_stack`, `convert_file`.
+
+A checkpoint (sources.py: a file, a sharded index, a diffusers model directory)
+holds stacks (layout.py); each stack's SpatialTransformerConfig is read off its
+shapes, its heads from the diffusers config.json or the caller. Conversion is
+convert.py's table, strict. `convert_file` writes the output directory of
+output.py; `load_pretrained` reads either kind of input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_sgm import convert, layout, output
+from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.layout import CheckpointError
+from flax_sgm.sources import Source, TensorInfo, open_source
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Stack(NamedTuple):
+    """A stack of a checkpoint: where it is, its config, and its tensors."""
+
+    prefix: str
+    config: SpatialTransformerConfig
+    keys: tuple[str, ...]
+    dtype: np.dtype  # its float tensors promoted: the parameters' dtype unless another is asked for
+    nbytes: int
+
+
+def inspect_stacks(source: Source) -> tuple[list[dict], dict[str, str]]:
+    """What every stack's shapes say (and its heads, where a diffusers config.json gives them), and why the
+    others cannot be converted."""
+    found, unsupported = [], {}
+    prefixes = layout.find_stacks(source.infos)
+    heads = layout.diffusers_heads(source.config, prefixes, str(source.config_path)) if source.config is not None else {}
+    for prefix in prefixes:
+        infos = _under(source, prefix)
+        try:
+            shape = layout.read_stack(infos, prefix)
+        except CheckpointError as err:
+            unsupported[prefix] = str(err)
+            continue
+        found.append({
+            "prefix": prefix, **shape._asdict(), "heads": heads[prefix].n_heads if prefix in heads else None,
+            "dtype": _float_dtype(infos).name,
+            "tensors": len(infos), "bytes": sum(i.nbytes for i in infos.values()),
+        })
+    return found, unsupported
+
+
+def select_prefixes(
+    source: Source, prefixes: Iterable[str] = (), *, all_stacks: bool = False, offer_all: bool = False
+) -> list[str]:
+    """The prefixes asked for: the given ones, every stack (`all_stacks`), or the checkpoint's only stack.
+
+    `offer_all`: the caller takes --all, so a refusal may suggest it.
+    """
+    keys = list(source.infos)
+    prefixes = [layout.normalize_prefix(p) for p in prefixes]
+    if all_stacks and prefixes:
+        raise CheckpointError("give --prefix or --all, not both")
+    for prefix in prefixes:
+        if not any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{source.path}: no key starts with {prefix!r}; {layout.prefix_hint(keys, prefix)}")
+    if prefixes:
+        return list(dict.fromkeys(prefixes))
+    found = layout.find_stacks(keys)
+    if not found:
+        raise CheckpointError(f"{source.path}: no SpatialTransformer stack found; {layout.prefix_hint(keys, '')}")
+    if all_stacks or len(found) == 1:
+        return found
+    raise CheckpointError(
+        f"{source.path} holds {len(found)} SpatialTransformer stacks; choose one with --prefix"
+        f"{' (or all with --all)' if offer_all else ''}: "
+        f"{layout.listing(found, 6)}"
+    )
+
+
+def plan_stacks(
+    source: Source,
+    prefixes: Iterable[str] = (),
+    *,
+    all_stacks: bool = False,
+    skip_unsupported: bool = False,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    disable_self_attn: bool | None = None,
+    offer_all: bool = False,
+) -> tuple[list[Stack], dict[str, str]]:
+    """The selected stacks with their configs, checked before any weight is read; and the skipped ones with why.
+
+    Under `all_stacks` a stack SpatialTransformer cannot build is refused, naming
+    --prefix, unless `skip_unsupported`. Heads: a diffusers config.json gives them
+    per stack (and `heads`/`head_dim` must then agree); otherwise `heads` or
+    `head_dim` splits every stack's inner dim.
+    """
+    selected = select_prefixes(source, prefixes, all_stacks=all_stacks, offer_all=offer_all)
+    from_config = (
+        layout.diffusers_heads(source.config, selected, str(source.config_path)) if source.config is not None else {}
+    )
+    stacks, skipped = [], {}
+    for prefix in selected:
+        infos = _under(source, prefix)
+        try:
+            shape = layout.read_stack(infos, prefix, disable_self_attn=disable_self_attn)
+        except CheckpointError as err:
+            if not all_stacks:
+                raise
+            if not skip_unsupported:
+                raise CheckpointError(
+                    f"{err}; convert the other stacks with --prefix, or pass --skip-unsupported to leave it out"
+                ) from None
+            skipped[prefix] = str(err)
+            continue
+        n_heads, n_dim = heads, head_dim
+        if prefix in from_config:
+            n_heads, n_dim = _heads_from_config(source, prefix, shape.inner_dim, from_config[prefix], heads, head_dim)
+        config = SpatialTransformerConfig.from_weights(
+            infos, prefix, heads=n_heads, head_dim=n_dim, disable_self_attn=disable_self_attn
+        )
+        stacks.append(Stack(prefix, config, tuple(infos), _float_dtype(infos), sum(i.nbytes for i in infos.values())))
+    return stacks, skipped
+
+
+def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Heads, heads, head_dim) -> tuple[int, None]:
+    n_heads = said.n_heads
+    gives = f"{source.config_path} gives {prefix!r} {n_heads} heads"
+    if said.d_head is not None and n_heads * said.d_head != inner:
+        raise CheckpointError(f"{gives} of {said.d_head}, but its weights have an inner dim of {inner}")
+    if inner % n_heads:
+        raise CheckpointError(f"{gives}, which do not divide the inner dim {inner} of its weights")
+    if (heads is not None or head_dim is not None) and layout.resolve_heads(inner, heads, head_dim, prefix) != (
+        n_heads, inner // n_heads
+    ):
+        given = f"--heads {heads}" if heads is not None else f"--head-dim {head_dim}"
+        raise CheckpointError(
+            f"{given} contradicts {source.config_path}, which gives {prefix!r} {n_heads} heads of {inner // n_heads}; "
+            "leave it out"
+        )
+    return n_heads, None
+
+
+def _float_dtype(infos: dict[str, TensorInfo]) -> np.dtype:
+    """A stack's float tensors' dtypes, promoted (float32 when it has none)."""
+    floats = [i.dtype for i in infos.values() if jnp.issubdtype(i.dtype, jnp.floating)]
+    return np.dtype(jnp.result_type(*floats)) if floats else np.dtype("float32")
+
+
+def _under(source: Source, prefix: str) -> dict[str, TensorInfo]:
+    return {k: i for k, i in source.infos.items() if k.startswith(prefix)}
+
+
+def _param_dtype(stack: Stack, param_dtype) -> tuple[np.dtype, bool]:
+    """The parameters' dtype, and whether a narrowing cast is allowed (only when the caller picked the dtype)."""
+    if param_dtype is None:
+        return stack.dtype, False
+    try:
+        dtype = np.dtype(jnp.dtype(param_dtype))
+    except TypeError:
+        raise CheckpointError(f"param dtype must be one of {PARAM_DTYPES}; got {param_dtype!r}") from None
+    if dtype.name not in PARAM_DTYPES:
+        raise CheckpointError(f"param dtype must be one of {PARAM_DTYPES}; got {dtype.name}")
+    return dtype, True
+
+
+def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: bool) -> list[convert.Step]:
+    """The stack's checked conversion_plan into `model`; no tensor is read."""
+    return convert.conversion_plan(
+        model, {k: source.infos[k] for k in stack.keys}, prefix=stack.prefix, allow_downcast=allow_downcast
+    )
+
+
+def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, seed: int = 0, **options):
+    """The stack's weights in a ready SpatialTransformer, tensor by tensor (convert.load_planned)."""
+    param_dtype, downcast = _param_dtype(stack, param_dtype)
+    model = stack.config.replace(**options).make_abstract(dtype=dtype, param_dtype=param_dtype)
+    plan = stack_plan(source, stack, model, downcast)
+    convert.load_planned(model, plan, source)
+    return _concrete(model, seed)
+
+
+def load_stack(
+    path,
+    prefix: str | None = None,
+    *,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    disable_self_attn: bool | None = None,
+    dtype=None,
+    param_dtype=None,
+) -> tuple[Stack, nnx.Module, dict[str, np.ndarray]]:
+    """(the stack, its SpatialTransformer, its torch-named weights without the prefix) from a checkpoint.
+
+    For comparing against torch (`flax-sgm verify`): the weights are read once and
+    kept. `prefix` may be left out when the checkpoint holds one stack.
+    """
+    with open_source(path) as source:
+        (stack,), _ = plan_stacks(
+            source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim,
+            disable_self_attn=disable_self_attn,
+        )
+        values = {k: source.read(k) for k in stack.keys}
+    param_dtype, downcast = _param_dtype(stack, param_dtype)
+    model = stack.config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+    plan = convert.conversion_plan(model, values, prefix=stack.prefix, allow_downcast=downcast)
+    convert.load_planned(model, plan, values)
+    return stack, _concrete(model, 0), {k[len(stack.prefix):]: v for k, v in values.items()}
+
+
+def load_pretrained(
+    path, prefix: str | None = None, *, heads: int | None = None, head_dim: int | None = None, dtype=None,
+    param_dtype=None, seed: int = 0, **options,
+) -> nnx.Module:
+    """A ready SpatialTransformer from a `flax-sgm convert` output or any checkpoint (sources.open_source).
+
+    `prefix` picks a stack when there are several. `heads`/`head_dim` split the inner
+    dim where no config says it (a single file). `dtype` is the compute dtype,
+    `param_dtype` the parameters' (default: as stored). `options` are other
+    config fields (use_checkpoint, sdp_backend, checkpoint_policy); `seed` seeds
+    the dropout keys.
+    """
+    if output.is_output(path):
+        _no_heads_for_output(path, heads, head_dim)
+        weights, records = output.read_output(path)
+        return _restore(path, weights, output.select_record(path, records, prefix), dtype, param_dtype, seed, options)
+    with open_source(path) as source:
+        (stack,), _ = plan_stacks(source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim)
+        return build_stack(source, stack, dtype=dtype, param_dtype=param_dtype, seed=seed, **options)
+
+
+def load_pretrained_all(
+    path, *, heads: int | None = None, head_dim: int | None = None, dtype=None, param_dtype=None,
+    skip_unsupported: bool = False, seed: int = 0, **options,
+) -> dict[str, nnx.Module]:
+    """Every stack of a `flax-sgm convert` output or a checkpoint, by prefix; see load_pretrained."""
+    if output.is_output(path):
+        _no_heads_for_output(path, heads, head_dim)
+        weights, records = output.read_output(path)
+        return {r.prefix: _restore(path, weights, r, dtype, param_dtype, seed, options) for r in records}
+    with open_source(path) as source:
+        stacks, _ = plan_stacks(source, all_stacks=True, skip_unsupported=skip_unsupported, heads=heads, head_dim=head_dim)
+        return {
+            s.prefix: build_stack(source, s, dtype=dtype, param_dtype=param_dtype, seed=seed, **options) for s in stacks
+        }
+
+
+def _no_heads_for_output(path, heads, head_dim) -> None:
+    if heads is not None or head_dim is not None:
+        raise CheckpointError(f"{path}: a converted output says its heads; leave out heads= and head_dim=")
+
+
+def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype, seed: int, options) -> nnx.Module:
+    config = record.config.replace(**options)
+    model = output.restore(path, weights, record, config.make_abstract(dtype=dtype, param_dtype=record.param_dtype))
+    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
+        cast = config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+        params = jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param))
+        nnx.update(cast, params)
+        model = cast
+    return _concrete(model, seed)
+
+
+def _concrete(model: nnx.Module, seed: int) -> nnx.Module:
+    """eval_shape leaves the dropout RNG keys and counts abstract; give them values (keys from `seed`)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    counter = iter(range(1 << 30))
+
+    def concrete(leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), next(counter)), math.prod(leaf.shape))
+            return keys.reshape(leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+
+
+class ConvertedStack(NamedTuple):
+    prefix: str
+    config: SpatialTransformerConfig
+    param_dtype: str
+    params: int
+    nbytes: int
+
+
+def convert_file(
+    source_path,
+    out,
+    prefixes: Iterable[str] = (),
+    *,
+    all_stacks: bool = False,
+    skip_unsupported: bool = False,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    weights: str = "orbax",
+    param_dtype: str | None = None,
+    disable_self_attn: bool | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], Any] | None = None,
+    on_plan: Callable[[list[Stack], dict[str, str]], Any] | None = None,
+) -> list[ConvertedStack]:
+    """Convert stacks of a checkpoint into the output directory `out` (output.py); returns what was written.
+
+    Every stack's config and conversion plan is checked before any weight is read.
+    Stacks are converted one at a time and tensor by tensor; `out` appears only
+    when complete.
+    """
+    if weights not in output.WEIGHT_FORMATS:
+        raise CheckpointError(f"weights format must be one of {output.WEIGHT_FORMATS}; got {weights!r}")
+    out = Path(out)
+    output.check_output(out, overwrite)
+    with open_source(source_path) as source:
+        stacks, skipped = plan_stacks(
+            source, prefixes, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
+            head_dim=head_dim, disable_self_attn=disable_self_attn, offer_all=True,
+        )
+        plans = []
+        for stack in stacks:
+            dtype, downcast = _param_dtype(stack, param_dtype)
+            plans.append(stack_plan(source, stack, stack.config.make_abstract(param_dtype=dtype), downcast))
+        if on_plan:
+            on_plan(stacks, skipped)
+        read, private = _Reads(source, progress), source.private
+        written = []
+        with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(source_path).name) as writer:
+            for stack, plan in zip(stacks, plans):
+                writer.wait()  # the previous stack is written: at most one is in memory
+                model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once per config, then cached
+                writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read, copy=not private))
+                del model  # the writer holds the weights until they are written
+                source.release()
+                params = sum(math.prod(step.shape) for step in plan)
+                written.append(ConvertedStack(stack.prefix, stack.config, plan[0].dtype.name, params, stack.nbytes))
+        return written
+
+
+class _Reads:
+    """source[key], reporting the bytes read."""
+
+    def __init__(self, source: Source, progress: Callable[[int], Any] | None):
+        self.source, self.progress = source, progress
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = self.source.read(key)
+        if self.progress:
+            self.progress(value.nbytes)
+        return value

@@ -1,0 +1,277 @@
+"""Reading checkpoints as users hold them, through the libraries made for them.
+
+Accepted inputs (`open_source`):
+  a file        `.safetensors` through safetensors.safe_open (lazy, per key; needs no
+                torch), or a torch.save pickle through torch.load(weights_only=True),
+                so a pickle that would run code is refused before anything runs. The
+                format is whichever library accepts the file. A top-level
+                `state_dict` entry is unwrapped.
+  a sharded index
+                `*.safetensors.index.json` (diffusers' and transformers' layout above the
+                shard size): its `weight_map` names the shard of every key.
+  a diffusers model directory
+                `config.json` beside the weights (one file or a sharded index); the
+                config says how many heads each stack has (layout.diffusers_heads).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+from flax_sgm.layout import CheckpointError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
+# after this many bytes.
+MAPPED_BYTES = 64 << 20
+CONFIG_FILE = "config.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+# What diffusers' save_pretrained writes, by preference.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# safe_open reports dtypes by safetensors' code.
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+
+
+class TensorInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype  # np.void for what numpy cannot hold (e.g. torch.qint8): listed, refused by conversion
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class Source:
+    """The tensors of one checkpoint by key: shapes and dtypes up front, values read on demand.
+
+    `config` is the diffusers model's config.json (a dict) when the input had one,
+    `config_path` where it came from.
+    """
+
+    def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], places: dict[str, Any],
+                 config: dict | None = None, config_path: Path | None = None):
+        self.path, self.kind, self.infos = path, kind, infos
+        self._places = places  # key -> its safetensors file, or the {key: torch tensor} dict holding it
+        self._handles: dict[Path, Any] = {}  # open safe_open handles, by file
+        self._mapped = 0  # bytes read through them
+        self.config, self.config_path = config, config_path
+
+    @property
+    def private(self) -> bool:
+        """Whether `read` returns arrays nothing else holds (safetensors copies; torch tensors are shared)."""
+        return all(not isinstance(place, dict) for place in self._places.values())
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array (bfloat16 as ml_dtypes.bfloat16)."""
+        place = self._places[key]
+        if isinstance(place, dict):
+            from flax_sgm.convert import to_numpy
+
+            return to_numpy(place[key])
+        try:
+            if place not in self._handles:
+                from safetensors import safe_open
+
+                self._handles[place] = safe_open(place, framework="numpy")
+            value = self._handles[place].get_tensor(key)  # a copy
+        except Exception as err:  # safetensors raises its own error type
+            raise CheckpointError(f"{place}: cannot read {key}: {_first_line(err)}") from None
+        self._mapped += value.nbytes
+        if self._mapped > MAPPED_BYTES:
+            self.release()
+        return value
+
+    __getitem__ = read  # a Mapping of values for convert.load_planned
+
+    def release(self) -> None:
+        """Unmap the files read so far (safe_open maps them, and mapped pages count as the process's memory)."""
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles, self._mapped = {}, 0
+
+    def close(self) -> None:
+        self.release()
+        self._places = {}
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_source(path) -> Source:
+    """A Source for a file, a sharded index or a diffusers model directory; CheckpointError when it is none."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _open_directory(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _open_index(path, path)
+    infos, places, kind = _open_file(path)
+    return Source(path, kind, infos, places)
+
+
+def _open_directory(path: Path) -> Source:
+    config_path = path / CONFIG_FILE
+    # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
+    index = path / (DIFFUSERS_WEIGHTS[0] + ".index.json")
+    indexes = [index] if index.is_file() else sorted(path.glob("*" + INDEX_SUFFIX))
+    weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()][:1]
+    if not weights:
+        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
+    if not indexes and not weights:
+        models = sorted(p.name for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+        hint = f" (a pipeline? its models: {', '.join(models)}/)" if models else ""
+        raise CheckpointError(f"{path}: a directory with no checkpoint file or sharded index{hint}")
+    if len(indexes) > 1 or (not indexes and len(weights) > 1):
+        found = [p.name for p in (indexes or weights)]
+        raise CheckpointError(f"{path}: holds several checkpoints ({', '.join(found[:5])}); pass one of them")
+    config = _read_model_config(config_path) if config_path.is_file() else None
+    if indexes:
+        source = _open_index(indexes[0], path)
+    else:
+        infos, places, kind = _open_file(weights[0])
+        source = Source(path, kind, infos, places)
+    source.config, source.config_path = config, config_path if config is not None else None
+    return source
+
+
+def _read_model_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file ({_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a model config (a JSON {type(config).__name__}, expected an object)")
+    return config
+
+
+def _open_index(index: Path, shown: Path) -> Source:
+    """A sharded checkpoint: `index` maps every key to a shard file beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a sharded checkpoint index ({_first_line(err)})") from None
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    infos, places = {}, {}
+    for shard, keys in shards.items():
+        file = index.parent / shard
+        if not file.is_file():
+            raise CheckpointError(f"{index}: lists shard {shard}, which does not exist ({file})")
+        shard_infos, shard_places, _ = _open_file(file, torch_too=False)
+        absent = [k for k in keys if k not in shard_infos]
+        if absent:
+            raise CheckpointError(f"{file}: has no {absent[0]}, which {index.name} places there")
+        infos |= {k: shard_infos[k] for k in keys}
+        places |= {k: shard_places[k] for k in keys}
+    return Source(shown, f"safetensors, {len(shards)} shards", infos, places)
+
+
+def _open_file(path: Path, *, torch_too: bool = True):
+    """(infos, places, kind) through whichever library accepts the file."""
+    try:
+        return _open_safetensors(path)
+    except CheckpointError as err:
+        refused = err
+    if not torch_too:
+        raise refused
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if path.suffix in TORCH_SUFFIXES:
+            raise CheckpointError(f"{path}: reading a torch checkpoint needs torch (pip install 'flax-sgm[torch]')") from None
+        raise refused from None
+    try:
+        tensors = _torch_load(path)
+    except CheckpointError:
+        if path.suffix in TORCH_SUFFIXES:
+            raise
+        raise refused from None
+    infos = {k: TensorInfo(tuple(t.shape), _torch_dtype(t.dtype)) for k, t in tensors.items()}
+    return infos, {k: tensors for k in tensors}, "torch"
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            infos = {}
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), np.dtype(np.void))
+                infos[key] = TensorInfo(tuple(part.get_shape()), dtype)
+    except Exception as err:  # safetensors' own error type, or an OSError
+        reason = _first_line(err).removeprefix("Error while deserializing header: ")
+        if "not fully covered" in reason or "invalid header length" in reason:
+            reason += "; truncated?"
+        raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
+    return infos, {k: path for k in infos}, "safetensors"
+
+
+def _torch_dtype(dtype) -> np.dtype:
+    from flax_sgm.convert import numpy_dtype
+
+    try:
+        return numpy_dtype(dtype)
+    except TypeError:  # quantized dtypes
+        return np.dtype(np.void)
+
+
+def _torch_load(path: Path) -> dict:
+    import torch
+
+    is_zip = zipfile.is_zipfile(path)  # torch.save's zip layout can be memory-mapped
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(err)}; nothing in it was run") from None
+    except Exception as err:  # torch raises many types (and hands safetensors files to safetensors)
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {_first_line(err)}") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """What torch's weights_only unpickler refused, e.g. 'it calls posix.system'."""
+    text = str(err)
+    if match := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"the pickle is not plain tensors (it calls {match.group(1)})"
+    if match := re.search(r"Unsupported operand (\d+)", text):
+        return f"the pickle is not plain tensors (unsupported pickle opcode {match.group(1)})"
+    return "the pickle is not plain tensors (torch.load weights_only=True)"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,321 @@
+"""Checkpoints as users hold them: diffusers model directories written by diffusers itself (sharded, with
+config.json), sharded indexes, SGM single files; loaded directly or converted, every stack equal to the
+torch module it came from, and every bad input one line naming the file."""
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import flax_sgm
+import torch_ref
+from flax_sgm.layout import CheckpointError
+from flax_sgm.parity import TOLERANCES, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 24
+# Heads per down block (diffusers' legacy `attention_head_dim`): head widths 8 and 32.
+UNET_HEADS = (4, 2)
+UNET_STACK_HEADS = {  # the mid block takes the last; the up blocks them reversed
+    "down_blocks.0.attentions.0.": 4, "down_blocks.1.attentions.0.": 2, "mid_block.attentions.0.": 2,
+    "up_blocks.0.attentions.0.": 2, "up_blocks.0.attentions.1.": 2,
+    "up_blocks.1.attentions.0.": 4, "up_blocks.1.attentions.1.": 4,
+}
+SGM = "model.diffusion_model.input_blocks.1.1."
+SGM_CONFIG = dict(in_channels=32, n_heads=2, d_head=16, depth=2, context_dim=CONTEXT, use_linear=True)
+
+
+def submodule(module, prefix):
+    for part in prefix.rstrip(".").split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def assert_same(flax_module, torch_module, channels, diffusers=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, context = torch.randn(2, channels, 3, 5, generator=gen), torch.randn(2, 6, CONTEXT, generator=gen)
+    with torch.no_grad():
+        out = torch_module(x, encoder_hidden_states=context) if diffusers else torch_module(x, context)
+    expected = (out.sample if diffusers else out).numpy()
+    got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(x.numpy()), context.numpy())))
+    assert rel_err(got, expected) <= TOLERANCES["float32"].forward
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    """A tiny UNet2DConditionModel with different heads per block, saved sharded by diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=UNET_HEADS, layers_per_block=1,
+        cross_attention_dim=CONTEXT, sample_size=8, in_channels=4, out_channels=4,
+    )
+    randomize_(model, seed=0).eval()
+    path = tmp_path_factory.mktemp("diffusers") / "unet"
+    model.save_pretrained(path, max_shard_size="200KB")
+    assert (path / "diffusion_pytorch_model.safetensors.index.json").is_file()  # sharded, as large models are
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def sgm(tmp_path_factory):
+    """An SGM checkpoint holding one stack, as .safetensors and as .ckpt."""
+    d = tmp_path_factory.mktemp("sgm")
+    module = randomize_(torch_ref.SpatialTransformer(**SGM_CONFIG, use_checkpoint=False), seed=1).eval()
+    tensors = {SGM + k: v.contiguous() for k, v in module.state_dict().items()}
+    tensors["model.diffusion_model.out.0.weight"] = torch.ones(4)
+    save_file(tensors, d / "sgm.safetensors")
+    torch.save({"state_dict": tensors, "global_step": 3}, d / "sgm.ckpt")
+    return d, module
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from flax_sgm.cli import cli as command
+
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def one_line_error(*args) -> str:
+    result = cli(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+# --- diffusers model directories ----------------------------------------------------------------
+
+
+def test_a_diffusers_directory_loads_every_stack_with_its_own_heads(unet):
+    path, model = unet
+    loaded = flax_sgm.load_pretrained_all(path)
+    assert {p: m.transformer_blocks[0].attn1.heads for p, m in loaded.items()} == UNET_STACK_HEADS
+    for prefix, flax_module in loaded.items():
+        torch_module = submodule(model, prefix)
+        assert_same(flax_module, torch_module, torch_module.config.in_channels, diffusers=True)
+
+
+def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
+    path, model = unet
+    prefix = "up_blocks.1.attentions.1"
+    assert_same(flax_sgm.load_pretrained(path, prefix), submodule(model, prefix), 32, diffusers=True)
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    # The index alone has no config.json: the heads come from the caller.
+    with pytest.raises(CheckpointError, match="give exactly one of --heads or --head-dim"):
+        flax_sgm.load_pretrained(index, prefix)
+    assert_same(flax_sgm.load_pretrained(index, prefix, heads=4), submodule(model, prefix), 32, diffusers=True)
+
+
+def test_heads_contradicting_config_json_are_refused(unet):
+    path, _ = unet
+    with pytest.raises(CheckpointError, match=r"--heads 2 contradicts .*config.json, which gives 'down_blocks.0.attentions.0.' 4 heads of 8"):
+        flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", heads=2)
+    flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", head_dim=8)  # the same split, said the other way
+
+
+def test_a_transformer2d_directory(tmp_path):
+    from diffusers import Transformer2DModel
+
+    model = randomize_(Transformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32,
+                                          cross_attention_dim=CONTEXT, num_layers=2), seed=2).eval()
+    model.save_pretrained(tmp_path / "transformer")
+    copy.deepcopy(model).half().save_pretrained(tmp_path / "transformer", variant="fp16")  # as repositories hold them
+    torch.save(model.state_dict(), tmp_path / "transformer" / "diffusion_pytorch_model.bin")
+    flax_module = flax_sgm.load_pretrained(tmp_path / "transformer")
+    assert flax_module.proj_in.kernel.dtype == np.float32  # diffusers' own file, not a variant
+    assert flax_module.transformer_blocks[1].attn2.heads == 4
+    assert_same(flax_module, model, 32, diffusers=True)
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"attention_head_dim": 16}))
+    with pytest.raises(CheckpointError, match="gives '' 4 heads of 16, but its weights have an inner dim of 32"):
+        flax_sgm.load_pretrained(tmp_path / "transformer")
+
+
+def test_cli_inspects_converts_and_verifies_a_diffusers_directory(unet, tmp_path):
+    path, model = unet
+    info = json.loads(cli("inspect", path, "--json").stdout)
+    assert {s["prefix"]: s["heads"] for s in info["stacks"]} == UNET_STACK_HEADS
+    result = cli("convert", path, "--all", "--format", "safetensors", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for prefix, flax_module in flax_sgm.load_pretrained_all(tmp_path / "out").items():
+        assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix]
+        assert_same(flax_module, submodule(model, prefix), submodule(model, prefix).config.in_channels, diffusers=True)
+    report = json.loads(cli("verify", "--checkpoint", path, "--prefix", "down_blocks.0.attentions.0", "--json").stdout)
+    assert report["passed"] and report["config"]["n_heads"] == 4
+    line = one_line_error("convert", path, "--prefix", "down_blocks.0.attentions.0", "--heads", 2, "-o", tmp_path / "x")
+    assert "--heads 2 contradicts" in line and not (tmp_path / "x").exists()
+
+
+def copy_unet(unet, tmp_path) -> Path:
+    path = tmp_path / "unet"
+    shutil.copytree(unet[0], path)
+    return path
+
+
+def test_a_missing_shard_is_named(unet, tmp_path):
+    path = copy_unet(unet, tmp_path)
+    shard = sorted(path.glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    line = one_line_error("inspect", path)
+    assert f"lists shard {shard.name}, which does not exist" in line
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("{not json", "config.json: not a readable JSON file"),
+        ('{"_class_name": "AutoencoderKL"}', "a AutoencoderKL config, not a diffusers UNet2DConditionModel"),
+        ("[1, 2]", "not a model config"),
+        (None, "attention_head_dim (the heads per down block) must be a positive int or 2 of them; got [4, 2, 1]"),
+        ("heads", "config.json gives 'down_blocks.0.attentions.0.' 3 heads, which do not divide the inner dim 32"),
+    ],
+    ids=["not-json", "not-a-unet", "not-an-object", "heads-per-block", "heads-do-not-divide"],
+)
+def test_a_bad_config_json_is_one_line_naming_it(unet, tmp_path, config, message):
+    path = copy_unet(unet, tmp_path)
+    document = json.loads((path / "config.json").read_text())
+    if config is None:
+        config = json.dumps(document | {"attention_head_dim": [4, 2, 1]})
+    elif config == "heads":
+        config = json.dumps(document | {"attention_head_dim": [3, 2]})
+    (path / "config.json").write_text(config)
+    line = one_line_error("convert", path, "--all", "-o", tmp_path / "out")
+    assert message in line and str(path / "config.json") in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_directory_names_its_models(unet, tmp_path):
+    copy_unet(unet, tmp_path)
+    assert "a pipeline? its models: unet/" in one_line_error("inspect", tmp_path)
+
+
+# --- SGM single files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sgm.safetensors", "sgm.ckpt"])
+def test_an_sgm_file_loads_directly(sgm, name):
+    d, module = sgm
+    flax_module = flax_sgm.load_pretrained(d / name, SGM, head_dim=16)
+    assert_same(flax_module, module, 32)
+    half = flax_sgm.load_pretrained(d / name, SGM, heads=2, param_dtype="bfloat16")
+    assert half.proj_in.kernel.dtype == np.dtype("bfloat16")
+
+
+def test_load_pretrained_param_dtype_on_a_converted_output(sgm, tmp_path):
+    d, module = sgm
+    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2)
+    same = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="float32")
+    assert_same(same, module, 32)
+    half = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="bfloat16")
+    assert half.proj_in.kernel.dtype == np.dtype("bfloat16")
+    np.testing.assert_array_equal(half.proj_in.kernel[...], same.proj_in.kernel[...].astype("bfloat16"))
+
+
+def test_convert_all_names_prefix_when_a_stack_cannot_be_converted(sgm, tmp_path):
+    d, module = sgm
+    tensors = {SGM + k: v.contiguous() for k, v in module.state_dict().items()}
+    plain = "model.diffusion_model.input_blocks.2.1."
+    tensors |= {plain + k: v.clone() for k, v in module.state_dict().items()}
+    for i in range(2):  # a non-gated feed-forward: SpatialTransformer cannot build it
+        tensors[f"{plain}transformer_blocks.{i}.ff.net.0.proj.weight"] = torch.zeros(128, 32)
+        tensors[f"{plain}transformer_blocks.{i}.ff.net.0.proj.bias"] = torch.zeros(128)
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    line = one_line_error("convert", tmp_path / "mixed.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out")
+    assert "gated_ff=False" in line and "--prefix" in line and "--skip-unsupported" in line
+    result = cli("convert", tmp_path / "mixed.safetensors", "--all", "--skip-unsupported", "--heads", 2,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0 and f"skipping {plain}" in result.stderr
+    assert list(flax_sgm.load_pretrained_all(tmp_path / "out")) == [SGM]
+
+
+def test_verify_offers_no_all(sgm, tmp_path):
+    d, module = sgm
+    tensors = {p + k: v.clone() for p in (SGM, "b.") for k, v in module.state_dict().items()}
+    save_file(tensors, tmp_path / "two.safetensors")
+    line = one_line_error("verify", "--checkpoint", tmp_path / "two.safetensors", "--heads", 2)
+    assert "choose one with --prefix" in line and "--all" not in line
+
+
+# --- the format is what the library accepts -----------------------------------------------------
+
+
+def safetensors_with_header_start(path: Path, tensors: dict, first_bytes: bytes) -> None:
+    """A valid safetensors file whose 8-byte header length starts with `first_bytes` (padded by metadata)."""
+    want = int.from_bytes(first_bytes, "little")
+    modulus = 1 << (8 * len(first_bytes))
+    save_file(tensors, path)
+    base = int.from_bytes(path.read_bytes()[:8], "little")
+    for extra in range(modulus + 8):
+        save_file(tensors, path, metadata={"pad": "x" * extra})
+        if int.from_bytes(path.read_bytes()[:8], "little") % modulus == want:
+            return
+    raise AssertionError(f"no padding gives a header length starting {first_bytes!r} (from {base})")
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["pickle-byte", "zip-magic"])
+def test_safetensors_that_look_like_a_pickle_or_a_zip_need_no_torch(sgm, tmp_path, first_bytes):
+    d, module = sgm
+    path = tmp_path / "model.safetensors"
+    safetensors_with_header_start(path, {k: v.contiguous() for k, v in module.state_dict().items()}, first_bytes)
+    assert path.read_bytes()[: len(first_bytes)] == first_bytes
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` fails
+        "import flax_sgm\n"
+        f"model = flax_sgm.load_pretrained({str(path)!r}, heads=2)\n"
+        "print(model.transformer_blocks[1].attn2.heads)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+
+
+# --- damaged outputs ------------------------------------------------------------------------------
+
+
+def load_in_a_fresh_process(path) -> subprocess.CompletedProcess:
+    code = (
+        "import flax_sgm\n"
+        "from flax_sgm.layout import CheckpointError\n"
+        "try:\n"
+        f"    flax_sgm.load_pretrained({str(path)!r})\n"
+        "except CheckpointError as err:\n"
+        "    print(err)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+
+def damage(out: Path, how: str) -> Path:
+    arrays = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "config.json" and p.stat().st_size > 1000)
+    if how == "truncated":
+        victim = arrays[-1]
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif how == "missing":
+        for p in arrays:
+            p.unlink()
+        victim = arrays[0]
+    else:
+        victim = out / "config.json"
+        victim.write_text(victim.read_text()[:-40])
+    return victim
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "config"])
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
+    d, _ = sgm
+    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights=weights)
+    damage(tmp_path / "out", how)
+    done = load_in_a_fresh_process(tmp_path / "out")
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "out") in lines[0], done.stdout[-3000:]
+    assert ".partial-" not in lines[0] and (how != "config" or "config.json" in lines[0])
