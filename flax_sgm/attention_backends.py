@@ -181,6 +181,9 @@ def choose_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
     cudnn_reason = cudnn_unsupported_reason(p)
     if cudnn_reason is None:
         return Choice("cudnn", "auto: cuDNN takes this input")
+    if jnp.dtype(p.dtype) == jnp.float64:
+        # jax.nn.dot_product_attention's XLA path takes its softmax in float32.
+        return Choice("chunked", f"auto: {cudnn_reason}; float64 keeps float64 statistics on the chunked path only")
     if p.logits_bytes > budget_bytes:
         return Choice("chunked", f"auto: {cudnn_reason}; the float32 logits exceed {budget_bytes} bytes")
     # Measured on CPU (BENCHMARKS.md): the chunked path's own backward beats XLA's
@@ -273,7 +276,9 @@ def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Arr
 
 
 def _mask_to_bias(mask, full_shape):
-    """A boolean or additive mask [b|1, heads|1, n|1, m|1] as a finite float32 bias, plus the rows that keep a key.
+    """A boolean or additive mask [b|1, heads|1, n|1, m|1] as a finite float bias, plus the rows that keep a key.
+
+    An additive mask keeps its gradient (torch SDPA differentiates `attn_mask` too).
 
     Returns (bias of the mask's shape or None, row_valid [b, n, heads, 1] or None).
     """
@@ -283,8 +288,8 @@ def _mask_to_bias(mask, full_shape):
         keep = mask
         bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
     else:
-        mask = jax.lax.stop_gradient(mask.astype(jnp.float32))
-        keep = mask > -jnp.inf
+        mask = mask.astype(_accumulation_dtype(mask.dtype))
+        keep = jax.lax.stop_gradient(mask) > -jnp.inf
         bias = jnp.maximum(mask, MASK_VALUE)
     row_valid = jnp.any(jnp.broadcast_to(keep, full_shape), axis=-1, keepdims=True)  # [b, heads, n, 1]
     return bias, jnp.transpose(row_valid, (0, 2, 1, 3))
@@ -310,10 +315,10 @@ def padded_attention(q, k, v, bias, *, scale, implementation):
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, n_pad), (0, m_pad))).astype(q.dtype)
     lengths = {}
     if n_pad or m_pad:
-        lengths = dict(
-            query_seq_lengths=jnp.full((b,), n, jnp.int32),
-            key_value_seq_lengths=jnp.full((b,), m, jnp.int32),
-        )
+        # Zeros computed from q, not a constant: under jax.vmap they are batched as q is, which
+        # the cuDNN call's batching rule assumes (a constant raised a reshape error there).
+        zero = jax.lax.stop_gradient(q[:, 0, 0, 0]).astype(jnp.int32) * 0  # [b]
+        lengths = dict(query_seq_lengths=zero + n, key_value_seq_lengths=zero + m)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation, **lengths)
     return out[:, :n]
 
@@ -323,7 +328,8 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
 
     Peak memory is O(chunk_size ** 2) logits per (batch, head); the backward pass
     recomputes each block from the saved log-sum-exp instead of storing logits.
-    `bias` is float32 and broadcasts to [b, heads, n, m]; it gets no gradient.
+    `bias` is float and broadcasts to [b, heads, n, m]. Statistics are float32, or
+    float64 for float64 inputs.
     """
     b, n, heads, d = q.shape
     m = k.shape[1]
@@ -356,6 +362,11 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
     return out.swapaxes(0, 1).reshape(b, n_total, heads, d)[:, :n]
 
 
+def _accumulation_dtype(dtype) -> np.dtype:
+    """Softmax statistics: float32 (numerics.STATS_DTYPE), float64 for float64 inputs (jax_enable_x64)."""
+    return jnp.promote_types(dtype, numerics.STATS_DTYPE)
+
+
 def _key_blocks(t, bk):
     """[b, m, heads, d] -> [m_blocks, b, bk, heads, d]."""
     b, m, heads, d = t.shape
@@ -377,7 +388,7 @@ def _attend_block(q, k, v, bias, scale, bk):
 def _online_softmax(q, k, v, bias, scale, bk):
     """One query block against every key block: out [b, bq, heads, d] and lse [b, heads, bq]."""
     b, bq, heads, d = q.shape
-    f32 = numerics.STATS_DTYPE
+    f32 = _accumulation_dtype(q.dtype)
 
     def step(carry, xs):
         running_max, denom, acc = carry
@@ -409,14 +420,14 @@ def _attend_block_jvp(scale, bk, primals, tangents):
       d out = sum_j [P_j dv_j + (P_j * dS_j) v_j] - c * out,   c = sum_j rowsum(P_j * dS_j).
     Each key block's P_j is recomputed from the saved log-sum-exp inside a checkpointed
     step, so the transpose (the backward pass) also holds one [bq, bk] block at a time:
-    reverse-mode memory stays linear in the sequence length. The bias gets no tangent.
+    reverse-mode memory stays linear in the sequence length. The bias's tangent adds to dS.
     """
     q, k, v, bias = primals
-    dq, dk, dv, _ = tangents
+    dq, dk, dv, dbias = tangents
     out, lse = _online_softmax(q, k, v, bias, scale, bk)
     # Named for remat policies: what the backward needs, so it need not rerun the forward.
     out, lse = checkpoint_name(out, ATTENTION_STATS), checkpoint_name(lse, ATTENTION_STATS)
-    f32 = numerics.STATS_DTYPE
+    f32 = _accumulation_dtype(q.dtype)
 
     @jax.checkpoint
     def step(carry, xs):
@@ -427,7 +438,7 @@ def _attend_block_jvp(scale, bk, primals, tangents):
         ds = (
             jnp.einsum("bnhd,bmhd->bhnm", dq, kb, preferred_element_type=f32)
             + jnp.einsum("bnhd,bmhd->bhnm", q, dkb, preferred_element_type=f32)
-        ) * scale
+        ) * scale + _bias_block(dbias, j, bk)
         pds = p * ds
         acc = acc + jnp.einsum("bhnm,bmhd->bhnd", p, dvb.astype(f32)) + jnp.einsum("bhnm,bmhd->bhnd", pds, vb.astype(f32))
         return (acc, c + pds.sum(-1)), None

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 
@@ -95,6 +96,11 @@ class BasicTransformerBlock(nnx.Module):
         n_times_crossframe_attn_in_self: int = 0,
     ) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
+        if not isinstance(n_times_crossframe_attn_in_self, (int, np.integer)):
+            raise ValueError(
+                f"{type(self).__name__}: `n_times_crossframe_attn_in_self` must be a Python int (it fixes shapes); "
+                f"got {type(n_times_crossframe_attn_in_self).__name__}"
+            )
         return maybe_checkpointed(
             self,
             type(self)._forward,
@@ -148,6 +154,11 @@ class BasicTransformerSingleLayerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
+        if not isinstance(n_times_crossframe_attn_in_self, (int, np.integer)):
+            raise ValueError(
+                f"{type(self).__name__}: `n_times_crossframe_attn_in_self` must be a Python int (it fixes shapes); "
+                f"got {type(n_times_crossframe_attn_in_self).__name__}"
+            )
         return maybe_checkpointed(self, type(self)._forward, x, context)
 
     def _forward(self, x, context):

@@ -112,7 +112,8 @@ def lower(fn: Callable, *args, platform: str = "cuda") -> Program:
         attention_backends.target_platform(PLATFORMS[platform]),
         attention_backends.record_attention_calls() as calls,
     ):
-        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+        # A fresh function: jit's trace cache is keyed on it, not on the platform or scopes set above.
+        lowered = jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=(platform,))
     total, per_shard = count_custom_calls(lowered.compiler_ir("stablehlo"))
     return Program(list(calls), total, per_shard, lowered)
 

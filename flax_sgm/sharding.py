@@ -125,6 +125,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # Placement ------------------------------------------------------------------
 
 
+MAX_LISTED = 4  # problems a placement error lists before counting the rest
+
+
 def _check_divisible(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[str]:
     return [
         f"{what}: dimension {i} ({dim}) is not divisible by mesh axes {a} ({_axis_size(mesh, a)} devices)"
@@ -134,18 +137,18 @@ def _check_divisible(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[
 
 
 def _check_heads(model: nnx.Module, mesh: Mesh, rules) -> list[str]:
-    """Tensor parallelism splits whole heads: every attention's head count must divide."""
+    """Tensor parallelism splits whole heads: every attention's head count must divide (one line per count)."""
     size = _axis_size(mesh, _rule("heads", rules))
-    problems = []
+    by_heads: dict[int, list[str]] = {}
     for path, module in nnx.iter_modules(model):
         heads = getattr(module, "heads", None)
         if isinstance(heads, int) and heads > 1 and heads % size:
-            where = ".".join(map(str, path)) or type(module).__name__
-            problems.append(
-                f"{where}: {heads} heads do not split over {size} devices of the heads axis; "
-                "put those devices on the 'seq' or 'data' axis instead"
-            )
-    return problems
+            by_heads.setdefault(heads, []).append(".".join(map(str, path)) or type(module).__name__)
+    return [
+        f"{heads} heads ({where[0]}{f' and {len(where) - 1} more attentions' if len(where) > 1 else ''}) do not split "
+        f"over {size} devices of the heads axis; put those devices on the 'seq' or 'data' axis instead"
+        for heads, where in by_heads.items()
+    ]
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.State:
@@ -170,7 +173,8 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         problems += _check_divisible(".".join(map(str, path)), value.shape, sharding.spec, mesh)
     if problems:
-        raise ValueError("shard_model: the model does not fit the mesh:\n  " + "\n  ".join(problems))
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise ValueError("shard_model: the model does not fit the mesh:\n  " + "\n  ".join(shown))
 
     def put(value, sharding):
         if isinstance(value, jax.ShapeDtypeStruct):

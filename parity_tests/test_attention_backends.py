@@ -203,3 +203,44 @@ def test_symbolic_sizes_choose_the_bounded_path_without_comparing():
     for platform, dtype in [("cpu", jnp.float32), ("gpu", jnp.bfloat16)]:
         choice = ab.choose_backend("auto", problem(platform=platform, dtype=dtype, b=b, n=n, m=77))
         assert choice.backend == "chunked" and "symbolic" in choice.reason
+
+
+def _softmax_reference(q, k, v, bias, scale):
+    """Attention written out with the full logits: the reference for mask gradients and float64."""
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k) * scale + bias
+    return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("backend", ["xla", "chunked"])
+@pytest.mark.parametrize("mask_shape", [(2, 3, 70, 50), (1, 1, 1, 50)], ids=["full", "per-key"])
+def test_additive_mask_gets_its_gradient(backend, mask_shape, rng, monkeypatch):
+    """torch SDPA differentiates a float attn_mask (a learned bias); so does every backend here."""
+    monkeypatch.setattr(ab, "CHUNK_SIZE", 16)  # several query and key blocks
+    q = jnp.asarray(rng.standard_normal((2, 70, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 50, 3, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.standard_normal(mask_shape), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(mask, attend):
+        return (attend(mask) * cot).sum()
+
+    got = jax.grad(loss)(mask, lambda m: ab.dot_product_attention(q, k, v, m, scale=0.3, backend=backend))
+    want = jax.grad(loss)(mask, lambda m: _softmax_reference(q, k, v, m, 0.3))
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    _, tangent = jax.jvp(lambda m: ab.dot_product_attention(q, k, v, m, scale=0.3, backend=backend), (mask,), (mask,))
+    _, want_tangent = jax.jvp(lambda m: _softmax_reference(q, k, v, m, 0.3), (mask,), (mask,))
+    np.testing.assert_allclose(tangent, want_tangent, rtol=0, atol=2e-6 * np.abs(want_tangent).max())
+
+
+def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
+    monkeypatch.setattr(ab, "CHUNK_SIZE", 16)
+    with jax.enable_x64(True):
+        q = jnp.asarray(rng.standard_normal((1, 40, 2, 8)), jnp.float64)
+        k, v = (jnp.asarray(rng.standard_normal((1, 33, 2, 8)), jnp.float64) for _ in range(2))
+        want = _softmax_reference(q, k, v, 0.0, 0.5)
+        # "auto" takes the chunked path: jax's XLA attention computes its softmax in float32.
+        for backend in ("chunked", "auto"):
+            got = ab.dot_product_attention(q, k, v, scale=0.5, backend=backend)
+            assert got.dtype == jnp.float64
+            assert np.abs(got - want).max() < 1e-12, backend

@@ -355,3 +355,38 @@ def test_jvp_with_cudnn_requested_is_one_line_naming_the_backends():
     with pytest.raises(ValueError, match=r"^attention backend 'cudnn' cannot run this input: .*forward-mode.*'chunked'") as err:
         lowering.lower(lambda state, x: jax.jvp(nnx.merge(graphdef, state), (x,), (x,))[1], state, x)
     assert "\n" not in str(err.value)
+
+
+def test_forward_mode_through_a_transform_boundary_needs_the_explicit_scope():
+    """Inside jax.vmap / lax.scan / a user's jax.checkpoint, jax.jvp's tracers are not visible to auto:
+    forward_mode_scope(True) says it, and auto leaves cuDNN."""
+    from flax_sgm.attention_backends import forward_mode_scope
+
+    graphdef, state = nnx.split(_st_bf16())
+    x, c = S((2, 8, 8, 64), BF16), S((2, 77, 48), BF16)
+
+    def jvp_of_vmap(state, x, c):
+        f = jax.vmap(lambda x, c: nnx.merge(graphdef, state)(x[None], c[None])[0])
+        return jax.jvp(lambda x: f(x, c), (x,), (x,))[1]
+
+    with pytest.raises(TypeError, match="forward-mode autodiff"):  # JAX's own error: cuDNN has a VJP only
+        lowering.lower(jvp_of_vmap, state, x, c)
+    with forward_mode_scope(True):
+        program = lowering.lower(jvp_of_vmap, state, x, c)
+    assert program.calls and all(call.backend != "cudnn" for call in program.calls)
+    assert not cudnn_only(program.custom_calls)
+
+
+def test_vmap_over_the_model_with_odd_lengths_lowers_to_cudnn():
+    """Per-example programs (jax.vmap) with 77 text tokens: the padded cuDNN call batches, forward and backward."""
+    graphdef, state = nnx.split(_st_bf16())
+    x, c = S((2, 8, 8, 64), BF16), S((2, 77, 48), BF16)
+
+    def per_example(state, x, c):
+        return jax.vmap(lambda x, c: nnx.merge(graphdef, state)(x[None], c[None])[0])(x, c)
+
+    def grad(state, x, c):
+        return jax.grad(lambda x: per_example(state, x, c).astype(jnp.float32).sum())(x)
+
+    assert cudnn_only(lowering.lower(per_example, state, x, c).custom_calls) == {FWD: 2}
+    assert cudnn_only(lowering.lower(grad, state, x, c).custom_calls) == {FWD: 2, BWD: 2}

@@ -127,3 +127,11 @@ def test_cross_frame_count_is_static():
     out = jax.jit(lambda x: model(x, c, n_times_crossframe_attn_in_self=2))(x)
     np.testing.assert_allclose(out, model(x, c, n_times_crossframe_attn_in_self=2), rtol=1e-6, atol=1e-6)
     assert not np.allclose(out, model(x, c))  # the count reached the attention
+
+
+def test_a_traced_cross_frame_count_is_one_clear_error():
+    x, c = inputs()
+    model = block()
+    with pytest.raises(ValueError, match=r"`n_times_crossframe_attn_in_self` must be a Python int") as err:
+        jax.jit(lambda x, n: model(x, c, n_times_crossframe_attn_in_self=n))(x, 2)
+    assert "\n" not in str(err.value).split("\n---")[0]
