@@ -133,11 +133,16 @@ def _grad_params(s: Case):
     return {"grad_params": grads}, {"grad_params": jitted}
 
 
-def _vmap(s: Case):
-    one = lambda m, x, c: m(x[None], c[None])[0]  # noqa: E731
-    closed = jax.vmap(lambda x, c: one(s.model, x, c))(s.x, s.c)
-    passed = jax.vmap(one, in_axes=(None, 0, 0))(s.model, s.x, s.c)
-    return {"y": closed}, {"y": passed}
+def _vmapped(vmap: Callable) -> Callable:
+    """Per-example calls through `vmap` (jax.vmap or nnx.vmap)."""
+
+    def run(s: Case):
+        one = lambda m, x, c: m(x[None], c[None])[0]  # noqa: E731
+        closed = vmap(lambda x, c: one(s.model, x, c))(s.x, s.c)
+        passed = vmap(one, in_axes=(None, 0, 0))(s.model, s.x, s.c)
+        return {"y": closed}, {"y": passed}
+
+    return run
 
 
 def _scan(s: Case):
@@ -225,13 +230,6 @@ def _nnx_grad(s: Case):
     return {"grad_x": closed}, {"grad_params": nnx.state(passed, nnx.Param)}
 
 
-def _nnx_vmap(s: Case):
-    one = lambda m, x, c: m(x[None], c[None])[0]  # noqa: E731
-    closed = nnx.vmap(lambda x, c: one(s.model, x, c))(s.x, s.c)
-    passed = nnx.vmap(one, in_axes=(None, 0, 0))(s.model, s.x, s.c)
-    return {"y": closed}, {"y": passed}
-
-
 def _nnx_scan(s: Case):
     step = nnx.scan(lambda x: 0.5 * x + 0.1 * s.model(x, s.c), in_axes=nnx.Carry, out_axes=nnx.Carry, length=2)
     closed = step(s.x)
@@ -269,7 +267,7 @@ TRANSFORMS: dict[str, Callable] = {
     "jax.jit": _jit,
     "jax.grad-input": _grad_input,
     "jax.grad-params": _grad_params,
-    "jax.vmap": _vmap,
+    "jax.vmap": _vmapped(jax.vmap),
     "lax.scan": _scan,
     "lax.fori_loop": _fori_loop,
     "jax.eval_shape": _eval_shape,
@@ -280,7 +278,7 @@ TRANSFORMS: dict[str, Callable] = {
     "jax.export-symbolic-batch": _export,
     "nnx.jit": _nnx_jit,
     "nnx.grad": _nnx_grad,
-    "nnx.vmap": _nnx_vmap,
+    "nnx.vmap": _vmapped(nnx.vmap),
     "nnx.scan": _nnx_scan,
     "nnx.bridge.to_linen": _linen,
 }
