@@ -83,5 +83,5 @@ def test_fp32_gpu_matches_torch_at_full_precision(rng):
         f = flax_twin(t, flax_sgm.SpatialTransformer, 64, 4, 16, depth=2, context_dim=32, use_linear=True)
         x = rng.standard_normal((2, 64, 9, 7)).astype(np.float32)
         ctx = rng.standard_normal((2, 11, 32)).astype(np.float32)
-        result = compare(t, f, {"x": x, "context": ctx}, image_inputs=("x",), image_output=True)
+        result = compare(t, f, {"x": x, "context": ctx})
         assert_parity(result, "SpatialTransformer (GPU fp32)")

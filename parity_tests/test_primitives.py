@@ -41,7 +41,7 @@ def test_normalize(channels, rng):
     convert.load_torch_state_dict(f, t.state_dict())
     # A large mean makes E[x^2] - E[x]^2 (flax's fast variance) visibly wrong.
     x = (rng.standard_normal((2, channels, 5, 7)) * 0.5 + 30.0).astype(np.float32)
-    result = compare(t, f, {"x": x}, image_inputs=("x",), image_output=True, torch_call=lambda x: t(x))
+    result = compare(t, f, {"x": x})
     assert_parity(result, "Normalize (GroupNorm)")
 
 
@@ -50,7 +50,7 @@ def test_layer_norm_matches_torch(rng):
     f = nnx.eval_shape(lambda: LayerNorm(24, rngs=nnx.Rngs(0), dtype=None, param_dtype=jnp.float32))
     convert.load_torch_state_dict(f, t.state_dict())
     x = (rng.standard_normal((2, 5, 24)) * 0.05 + 1.0).astype(np.float32)  # small variance: eps matters
-    assert_parity(compare(t, f, {"x": x}, torch_call=lambda x: t(x)), "LayerNorm")
+    assert_parity(compare(t, f, {"x": x}), "LayerNorm")
 
 
 def test_framework_defaults_would_fail_parity(rng):
