@@ -99,6 +99,29 @@ def conversion_table(model: nnx.Module) -> list[Row]:
     return rows
 
 
+def flax_submodule(model: nnx.Module, torch_name: str) -> nnx.Module:
+    """The flax submodule of a torch submodule name: 'transformer_blocks.0.ff.net.2' -> ...ff.project_out.
+
+    Walks CHILD_NAMES backwards (a torch name may span two parts, `to_out.0`); raises
+    ValueError when `model` has no such submodule.
+    """
+    node, parts = model, [p for p in torch_name.split(".") if p]
+    while parts:
+        renames = {torch: flax for flax, torch in (_lookup(CHILD_NAMES, node) or {}).items()}
+        two = ".".join(parts[:2])
+        if len(parts) > 1 and two in renames:
+            attr, parts = renames[two], parts[2:]
+        else:
+            attr, parts = renames.get(parts[0], parts[0]), parts[1:]
+        try:
+            node = node[int(attr)] if attr.isdigit() else getattr(node, attr)
+        except (AttributeError, IndexError, TypeError, KeyError):
+            raise ValueError(f"{type(model).__name__} has no submodule for torch's {torch_name!r} (at {attr!r})") from None
+        if not isinstance(node, nnx.Module):
+            raise ValueError(f"{type(model).__name__}: torch's {torch_name!r} names a {type(node).__name__}, not a module")
+    return node
+
+
 def to_numpy(value) -> np.ndarray:
     """A torch tensor (bfloat16 too) or array-like as a numpy array, without copying where possible."""
     if hasattr(value, "detach") and type(value).__module__.startswith("torch"):

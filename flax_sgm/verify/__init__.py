@@ -10,6 +10,7 @@
 from flax_sgm.verify.adapters import CallAdapter, adapter_for
 from flax_sgm.verify.criteria import CRITERIA, NEGLIGIBLE_GRAD, Criterion
 from flax_sgm.verify.harness import Comparison, compare, nchw_to_nhwc, nhwc_to_nchw, rel_err
+from flax_sgm.verify.modules import Report, Row, submodule_names, verify_modules
 from flax_sgm.verify.seeded import flax_twin, randomize_, sample_inputs
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "Comparison",
     "Criterion",
     "NEGLIGIBLE_GRAD",
+    "Report",
+    "Row",
     "adapter_for",
     "compare",
     "flax_twin",
@@ -26,4 +29,6 @@ __all__ = [
     "randomize_",
     "rel_err",
     "sample_inputs",
+    "submodule_names",
+    "verify_modules",
 ]

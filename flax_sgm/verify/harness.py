@@ -77,7 +77,7 @@ def rel_err(actual, expected, scale: float | None = None) -> float:
     return diff / scale if scale > 0 else diff
 
 
-class _Run(NamedTuple):
+class Run(NamedTuple):
     out: np.ndarray  # float64, torch layout
     grads: dict[str, np.ndarray]  # "input:<name>" and torch parameter names
 
@@ -96,7 +96,7 @@ def _flat(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtype, device: str) -> tuple[_Run, np.ndarray]:
+def run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtype, device: str) -> tuple[Run, np.ndarray]:
     """torch's output and gradients; `cotangent` is an array or a function of the output's shape."""
     def tensor(name, v):
         if isinstance(v, list):
@@ -117,10 +117,10 @@ def _run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dty
     grads = {f"input:{k}": t.grad for k, t in _flat(ts).items() if isinstance(t, torch.Tensor) and t.grad is not None}
     grads |= {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
     as_f64 = {k: g.detach().cpu().to(torch.float64).numpy() for k, g in grads.items()}
-    return _Run(out.detach().cpu().to(torch.float64).numpy(), as_f64), cotangent
+    return Run(out.detach().cpu().to(torch.float64).numpy(), as_f64), cotangent
 
 
-def _run_flax(module, inputs, cotangent, dtype) -> tuple[_Run, str, tuple[str, ...]]:
+def _run_flax(module, inputs, cotangent, dtype) -> tuple[Run, str, tuple[str, ...]]:
     image = np.ndim(inputs["x"]) == 4
 
     def array(name, v):
@@ -152,7 +152,12 @@ def _run_flax(module, inputs, cotangent, dtype) -> tuple[_Run, str, tuple[str, .
     p_grads = nnx.state(p_grads, nnx.Param)
     grads |= {k: np.asarray(v, np.float32).astype(np.float64) for k, v in convert.to_torch_state_dict(module, p_grads).items()}
     backends = tuple(dict.fromkeys(c.backend for c in calls))
-    return _Run(out, grads), out_dtype, backends
+    return Run(out, grads), out_dtype, backends
+
+
+def cast_module(module: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    # torch.nn.Module.to itself: diffusers' override warns on every cast.
+    return torch.nn.Module.to(module, device, dtype)
 
 
 def seeded_cotangent(seed: int):
@@ -160,15 +165,21 @@ def seeded_cotangent(seed: int):
     return lambda shape: np.random.default_rng([seed, 0xC07]).standard_normal(shape).astype(np.float32)
 
 
+def prepare_inputs(inputs: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """Arrays and tensors as numpy, float ones as float32 holding values of `dtype` (what every run starts from)."""
+    return _rounded(_as_float32(inputs), dtype)
+
+
 def _as_float32(inputs):
     def one(v):
         if isinstance(v, list):
             return [one(e) for e in v]
         if isinstance(v, torch.Tensor):
-            v = convert.to_numpy(v)
-        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
-            return v.astype(np.float32)
-        return np.asarray(v) if isinstance(v, np.ndarray) else v
+            v = v.detach().cpu()
+            v = (v.float() if v.is_floating_point() else v).numpy()
+        if isinstance(v, np.ndarray) and jnp.issubdtype(v.dtype, jnp.floating):
+            return v.astype(np.float32)  # bfloat16 too (ml_dtypes)
+        return v
 
     return {k: one(v) for k, v in inputs.items()}
 
@@ -215,14 +226,14 @@ def compare(
     if "x" not in inputs:
         raise ValueError(f"compare: `inputs` must hold `x`, the first argument; got {sorted(inputs)}")
     adapter = adapter or adapter_for(torch_module)
-    inputs = _rounded(_as_float32(inputs), dtype)
+    inputs = prepare_inputs(inputs, dtype)
     cotangent = seeded_cotangent(seed) if cotangent is None else np.asarray(cotangent, np.float32)
 
-    low = copy.deepcopy(torch_module).to(device, getattr(torch, dtype))
-    torch_run, cotangent = _run_torch(low, inputs, adapter, cotangent, getattr(torch, dtype), device)
+    low = cast_module(copy.deepcopy(torch_module), device, getattr(torch, dtype))
+    torch_run, cotangent = run_torch(low, inputs, adapter, cotangent, getattr(torch, dtype), device)
     if reference == "float64":
-        ref = copy.deepcopy(low).to("cpu", torch.float64)
-        expected, _ = _run_torch(ref, inputs, adapter, cotangent, torch.float64, "cpu")
+        ref = cast_module(copy.deepcopy(low), "cpu", torch.float64)
+        expected, _ = run_torch(ref, inputs, adapter, cotangent, torch.float64, "cpu")
     else:
         expected = torch_run
     with jax.default_matmul_precision("highest"):
@@ -230,7 +241,7 @@ def compare(
     return Comparison(_errors(flax_run, torch_run, expected), dtype, reference, flax_dtype, backends)
 
 
-def _errors(flax_run: _Run, torch_run: _Run, expected: _Run) -> dict[str, tuple[float, float]]:
+def _errors(flax_run: Run, torch_run: Run, expected: Run) -> dict[str, tuple[float, float]]:
     """Per tensor of `expected`: (flax's, torch's) relative error. Negligible gradients: criteria.NEGLIGIBLE_GRAD."""
     missing = sorted(set(expected.grads) - set(flax_run.grads))
     if missing:

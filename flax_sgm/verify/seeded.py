@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
 from flax_sgm import convert
-from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.config import PRESETS, SpatialTransformerConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -55,4 +59,35 @@ def torch_spatial_transformer(config: SpatialTransformerConfig) -> torch.nn.Modu
 
     kwargs = config.to_dict()
     del kwargs["checkpoint_policy"]  # flax_sgm's only
+    kwargs["sdp_backend"] = None  # flax_sgm's backend names; torch's kernel choice does not change the math
     return torch_ref.SpatialTransformer(**kwargs)
+
+
+# SDXL's first transformer level (input_blocks.4.1) at 16 x 16 pixels: realistic widths, seconds on a CPU.
+VERIFY_DEFAULT = PRESETS["sdxl"].config.replace(use_checkpoint=False)
+
+
+def spatial_transformer_pair(
+    config: SpatialTransformerConfig,
+    torch_state: Mapping[str, Any] | None = None,
+    flax_module: nnx.Module | None = None,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[torch.nn.Module, nnx.Module, dict]:
+    """torch_ref's SpatialTransformer of `config`, its flax_sgm twin and seeded inputs: what `verify_modules` takes.
+
+    Weights: `torch_state` (torch names; arrays or tensors) or, without it, seeded random
+    ones. The flax side is `flax_module` (e.g. converted from a file) or converted from
+    torch's weights rounded to `dtype`, computing in `dtype`.
+    """
+    torch_module = torch_spatial_transformer(config)
+    if torch_state is None:
+        randomize_(torch_module, seed)
+    else:
+        torch_module.load_state_dict(convert.as_torch_tensors(torch_state), strict=True)
+    if flax_module is None:
+        jdtype = jnp.dtype(dtype)
+        flax_module = config.make_abstract(dtype=jdtype, param_dtype=jdtype)
+        convert.load_torch_state_dict(flax_module, torch_module.state_dict(), allow_downcast=True)
+    return torch_module, flax_module, sample_inputs(config, seed=seed)
