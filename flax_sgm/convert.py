@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.attention import CrossAttention
-from flax_sgm.primitives import GELU, FeedForward
+from flax_sgm.primitives import GELU, Conv1x1, FeedForward, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
@@ -49,10 +49,10 @@ CHILD_NAMES: dict[type, dict[str, str]] = {
 
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
-    nnx.Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
-    nnx.Conv: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
-    nnx.LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
-    nnx.GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
+    Conv1x1: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
+    LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
 }
 
 

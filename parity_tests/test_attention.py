@@ -179,5 +179,5 @@ def test_spatial_modules_bad_input():
         flax_sgm.LinearAttention(24, rngs=nnx.Rngs(0))(jnp.zeros((1, 24, 5, 5)))
     with pytest.raises(ValueError, match=r"SpatialSelfAttention: `x` must have rank 4"):
         flax_sgm.SpatialSelfAttention(32, rngs=nnx.Rngs(0))(jnp.zeros((1, 5, 32)))
-    with pytest.raises(ValueError, match=r"Normalize: `in_channels` must be divisible by 32 groups; got 20"):
+    with pytest.raises(ValueError, match=r"Normalize \(GroupNorm\): `in_channels` must be divisible by 32 groups; got 20"):
         flax_sgm.SpatialSelfAttention(20, rngs=nnx.Rngs(0))
