@@ -251,7 +251,8 @@ def _errors(flax_run: Run, torch_run: Run, expected: Run) -> dict[str, tuple[flo
     errors = {"out": (rel_err(flax_run.out, expected.out), rel_err(torch_run.out, expected.out))}
     largest = max((float(np.abs(g).max()) for g in expected.grads.values() if g.size), default=0.0)
     for k, g in expected.grads.items():
-        scale = max(float(np.abs(g).max()) if g.size else 0.0, criteria.NEGLIGIBLE_GRAD * largest)
+        own = float(np.abs(g).max()) if g.size else 0.0
+        scale = own if own > criteria.NEGLIGIBLE_GRAD * largest else largest
         try:
             errors[k] = (rel_err(flax_run.grads[k], g, scale), rel_err(torch_run.grads[k], g, scale))
         except ValueError as err:
