@@ -26,6 +26,7 @@ from flax_sgm.verify import (  # noqa: F401  (re-exported for the test modules)
     rel_err,
 )
 from flax_sgm.verify import criteria
+from flax_sgm.verify.criteria import REORDERED  # noqa: F401
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
