@@ -3,8 +3,8 @@
 Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_backends: the
 one attention function and its backend choice; attention: the attention modules)
 -> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
-Tolerances and the torch comparison: parity.py. Files and the CLI: checkpoints.py,
-cli.py. Meshes: sharding.py.
+Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
+here). Files and the CLI: checkpoints.py, cli.py. Meshes: sharding.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention

@@ -42,6 +42,7 @@ class Row:
     backend: str | None  # the attention backend flax_sgm ran (recorded by the attention function)
     flax_dtype: str
     problems: tuple[str, ...]
+    errors: dict[str, tuple[float, float]]  # every tensor: "out", "input:<name>", parameter names
 
     @property
     def passed(self) -> bool:
@@ -122,6 +123,7 @@ def _row(name: str, comparison: harness.Comparison, *, median: bool) -> Row:
         backend=", ".join(comparison.backends) or None,
         flax_dtype=comparison.flax_dtype,
         problems=tuple(comparison.problems(median=median)),
+        errors=dict(comparison.errors),
     )
 
 
