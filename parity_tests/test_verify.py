@@ -9,6 +9,7 @@ from diffusers.models.attention import BasicTransformerBlock
 import flax_sgm
 import torch_ref
 from conftest import CRITERIA, CallAdapter, compare, flax_twin, randomize_
+from test_torch_ref import seed, seed_text  # noqa: F401  (the seed file as a module)
 from flax_sgm.verify import criteria, verify_modules
 
 BLOCK_PARTS = ["norm1", "attn1", "norm2", "attn2", "norm3", "ff"]
@@ -60,6 +61,14 @@ def test_diffusers_basic_transformer_block(rng):
               "context": rng.standard_normal((2, 7, 24)).astype(np.float32)}
     report = verify_modules(block, twin, inputs)
     assert [r.name for r in report.rows] == BLOCK_PARTS and report.passed, report.format()
+
+
+def test_the_seed_files_own_module(seed, rng):
+    """The seed's SpatialTransformer itself (the file run as a module: test_torch_ref's `seed` fixture)."""
+    t = randomize_(seed.SpatialTransformer(32, 2, 16, context_dim=24, use_linear=True, use_checkpoint=False), seed=5)
+    f = flax_twin(t, flax_sgm.SpatialTransformer, 32, 2, 16, context_dim=24, use_linear=True)
+    report = verify_modules(t, f, image_inputs(rng))
+    assert len(report.rows) == 9 and report.passed, report.format()
 
 
 def test_an_explicit_adapter_calls_another_convention(rng):

@@ -98,6 +98,7 @@ def _flat(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtype, device: str) -> tuple[Run, np.ndarray]:
     """torch's output and gradients; `cotangent` is an array or a function of the output's shape."""
+
     def tensor(name, v):
         if isinstance(v, list):
             return [tensor(name, e) for e in v]
@@ -121,6 +122,7 @@ def run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtyp
 
 
 def _run_flax(module, inputs, cotangent, dtype) -> tuple[Run, str, tuple[str, ...]]:
+    """flax_sgm's output and gradients (torch layout and names), its output dtype, the attention backends it ran."""
     image = np.ndim(inputs["x"]) == 4
 
     def array(name, v):
