@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import emit, environment, median_ms, jax_sync, torch_median_ms
+from common import emit, environment, jax_sync, median_ms, torch_median_ms, write_json
 from flax_sgm.attention_backends import AttentionProblem, dot_product_attention, select_backend
 
 # (b, n, m, heads, d): the shapes measured in ../shared/GPU.md.
@@ -80,6 +80,7 @@ def main():
 
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment()
     rows = []
     for b, n, m, heads, d in shapes:
         rng = np.random.default_rng(0)
@@ -112,7 +113,9 @@ def main():
                 "flax fwd+bwd TFLOP/s": 3.5 * flops / jax_fb / 1e9,
             }
         )
-    emit(rows, environment(), args.json)
+        if args.json:  # after every shape: a run stopped by its time limit keeps what it measured
+            write_json(rows, env, args.json)
+    emit(rows, env, args.json)
 
 
 if __name__ == "__main__":

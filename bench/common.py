@@ -87,5 +87,9 @@ def emit(rows: list[dict], env: dict, json_path: str | None) -> None:
         for row in rows:
             print("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(rows, env, json_path)
+
+
+def write_json(rows: list[dict], env: dict, json_path: str) -> None:
+    with open(json_path, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -1,28 +1,102 @@
 #!/usr/bin/env bash
-# Everything that needs the lent GPU, in one device call per stage; results under $OUT.
-#   device run: bash bench/gpu_all.sh tests      (GPU tests, ~2 min)
-#   device run: bash bench/gpu_all.sh attention  (attention table)
-#   device run: bash bench/gpu_all.sh module     (SpatialTransformer tables, memory)
-# The device machine has jax/flax/torch preinstalled and no registry: nothing is
-# installed, the repo is put on PYTHONPATH.
+# Everything that needs the lent GPU, in ONE device call that stops by itself before DEADLINE seconds.
+#
+#   device run (timeout_s 480):  bash bench/gpu_all.sh
+#   a rerun of some stages:      bash bench/gpu_all.sh module-long attention
+#   a CPU smoke run:             ATTENTION_ARGS="--shapes 1,256,256,2,64 --iters 2" MODULE_ARGS="--no-compile" \
+#                                    bash bench/gpu_all.sh lower tests attention module-default
+#
+# Stages, in this order (most important first), each under its own time cap:
+#   lower        flax-sgm lower --backward on the GPU itself (the real cuDNN, no stand-in)
+#   tests        parity_tests/test_gpu.py and the GPU test of test_lowering.py
+#   attention    bench/attention.py: flax_sgm "auto" vs torch SDPA, fwd and fwd+bwd, the GPU.md shapes
+#   module-sdxl  bench/module.py --config sdxl: jit vs torch_ref eager vs torch.compile, checkpoint off/on, memory
+#   module-long  bench/module.py --config long: the same
+# Results under $OUT, at most 8 files, no folders (what the device tool brings back):
+#   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, run.log
+# Nothing is installed: the H200 image has jax 0.11.2 (CUDA 13), flax, torch 2.11, einops,
+# click, tqdm, safetensors, orbax-checkpoint and pytest (the device tool's KINDS.md); the repo
+# goes on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench" PYTHONUNBUFFERED=1
+# jax and torch share the GPU: jax allocates as it goes instead of taking 75% up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Compile caches on local disk: the AOT compile of bench/module.py's memory analysis and a
+# rerun on the same (still warm) machine reuse them.
+export JAX_COMPILATION_CACHE_DIR=/tmp/flax-sgm-jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export TORCHINDUCTOR_CACHE_DIR=/tmp/flax-sgm-inductor-cache
+PY="${PYTHON:-python3}"  # the image's python3 holds jax and torch
 OUT="${OUT:-/tmp/flax-sgm-gpu}"
+DEADLINE="${DEADLINE:-420}"  # seconds for the whole script; stages that do not fit are skipped
 mkdir -p "$OUT"
-stage="${1:-all}"
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(lower tests attention module-sdxl module-long)
+log="$OUT/run.log"
+declare -A status
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.txt" 2>&1
-python3 -c "import jax, flax, torch; print(jax.__version__, flax.__version__, torch.__version__, jax.devices())" >> "$OUT/device.txt" 2>&1
+# run_stage NAME CAP COMMAND...: the command under `timeout`, never past the deadline.
+run_stage() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS - 5))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 20)); then
+        status[$name]="skipped (deadline: ${left}s left)"
+        echo "== $name: skipped, ${left}s left before the deadline" | tee -a "$log"
+        return
+    fi
+    echo "== $name (limit ${limit}s, at ${SECONDS}s)" | tee -a "$log"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    case $rc in
+        0) status[$name]="ok in $((SECONDS - start))s" ;;
+        124 | 137) status[$name]="TIMED OUT after ${limit}s (partial results kept)" ;;
+        *) status[$name]="FAILED rc=$rc after $((SECONDS - start))s" ;;
+    esac
+    echo "== $name: ${status[$name]}" | tee -a "$log"
+}
 
-if [[ $stage == tests || $stage == all ]]; then
-    python3 -m pytest parity_tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-fi
-if [[ $stage == attention || $stage == all ]]; then
-    python3 bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.md"
-fi
-if [[ $stage == module || $stage == all ]]; then
-    for config in sdxl long; do
-        python3 bench/module.py --config "$config" --json "$OUT/module_$config.json" 2>&1 | tee "$OUT/module_$config.md"
-    done
-fi
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+    "$PY" - <<'EOF' 2>&1
+import jax, flax, torch
+print("python", __import__("sys").version.split()[0], "| jax", jax.__version__, "| flax", flax.__version__,
+      "| torch", torch.__version__, "| cuDNN (torch)", torch.backends.cudnn.version())
+print("jax devices:", jax.devices())
+EOF
+} > "$OUT/device.txt"
+cat "$OUT/device.txt" | tee -a "$log"
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        lower)
+            run_stage lower 45 bash -o pipefail -c "$PY -m flax_sgm lower --config sdxl --backward --json > '$OUT/lower.json' \
+                && $PY -m flax_sgm lower --config sdxl --backward --no-checkpoint | tee -a '$log'"
+            ;;
+        tests)
+            run_stage tests 110 bash -o pipefail -c "$PY -m pytest -p no:cacheprovider -n 0 -m gpu -v -rA \
+                parity_tests/test_gpu.py parity_tests/test_lowering.py > '$OUT/tests.log' 2>&1; rc=\$?; \
+                tail -n 25 '$OUT/tests.log' | tee -a '$log'; exit \$rc"
+            ;;
+        attention)
+            run_stage attention 75 bash -o pipefail -c "$PY bench/attention.py --iters 20 ${ATTENTION_ARGS:-} \
+                --json '$OUT/attention.json' 2>&1 | tee -a '$log'"
+            ;;
+        module-*)
+            config=${stage#module-}
+            run_stage "$stage" 130 bash -o pipefail -c "$PY bench/module.py --config $config --iters 10 ${MODULE_ARGS:-} \
+                --json '$OUT/module_$config.json' 2>&1 | tee -a '$log'"
+            ;;
+        *)
+            echo "unknown stage $stage (lower tests attention module-CONFIG)" | tee -a "$log"
+            ;;
+    esac
+done
+
+echo "== summary after ${SECONDS}s (deadline ${DEADLINE}s)" | tee -a "$log"
+for stage in "${stages[@]}"; do
+    echo "  $stage: ${status[$stage]:-not run}" | tee -a "$log"
+done

@@ -6,7 +6,7 @@ max_memory_allocated on GPU; for JAX the compiled program's memory analysis
 (arguments + outputs + temporaries).
 
     python bench/module.py --config sdxl --json sdxl.json          # GPU, bf16
-    python bench/module.py --config cpu-small --dtype float32       # the 2-core CPU figure
+    python bench/module.py --config sd15 --dtype float32 --no-compile  # the CPU figure (SD1.5-like)
 """
 
 from __future__ import annotations
@@ -20,15 +20,22 @@ from flax import nnx
 
 import flax_sgm
 import torch_ref
-from common import emit, environment, jax_sync, median_ms, torch_median_ms
+from common import emit, environment, jax_sync, median_ms, torch_median_ms, write_json
 from flax_sgm import convert
+from flax_sgm.config import PRESETS, Preset, SpatialTransformerConfig
 
-# name: (SpatialTransformer kwargs, batch, latent h = w, context tokens)
-CONFIGS = {
-    "sdxl": (dict(in_channels=640, n_heads=10, d_head=64, depth=2, context_dim=2048, use_linear=True), 2, 64, 77),
-    "long": (dict(in_channels=640, n_heads=10, d_head=64, depth=1, context_dim=4096, use_linear=True), 1, 128, 226),
-    "cpu-small": (dict(in_channels=128, n_heads=4, d_head=32, depth=1, context_dim=256, use_linear=True), 1, 16, 77),
+# name -> Preset(config, batch, hw, context tokens): flax_sgm.config's presets (sdxl, long, sd15,
+# default), plus the small config of the first CPU table.
+CONFIGS = dict(PRESETS) | {
+    "cpu-small": Preset(SpatialTransformerConfig(128, 4, 32, depth=1, context_dim=256, use_linear=True), 1, (16, 16), 77),
 }
+
+
+def torch_kwargs(config: SpatialTransformerConfig) -> dict:
+    """torch_ref.SpatialTransformer's arguments: the config less what only flax_sgm has."""
+    kwargs = config.to_dict()
+    del kwargs["checkpoint_policy"]
+    return kwargs
 
 
 def flax_steps(model):
@@ -58,26 +65,26 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--policy", default="save_attention", choices=sorted(flax_sgm.CHECKPOINT_POLICIES))
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--checkpoint", nargs="+", type=lambda s: {"off": False, "on": True}[s], default=[False, True],
+                        metavar="off|on", help="gradient checkpointing settings to run (default: off on)")
     parser.add_argument("--json")
     args = parser.parse_args()
     import torch
 
-    kwargs, batch, hw, m = CONFIGS[args.config]
+    preset = CONFIGS[args.config]
+    batch, (h, w), m = preset.batch, preset.hw, preset.context_tokens
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t_dtype, j_dtype = getattr(torch, args.dtype), jnp.dtype(args.dtype)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, kwargs["in_channels"], hw, hw)).astype(np.float32)
-    ctx = rng.standard_normal((batch, m, kwargs["context_dim"])).astype(np.float32)
+    x = rng.standard_normal((batch, preset.config.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((batch, m, preset.config.context_dim)).astype(np.float32)
+    env = environment()
     rows = []
-    for checkpoint in (False, True):
+    for checkpoint in args.checkpoint:
+        config = preset.config.replace(use_checkpoint=checkpoint, checkpoint_policy=args.policy)
         torch.manual_seed(0)
-        t = torch_ref.SpatialTransformer(**kwargs, use_checkpoint=checkpoint).to(device, t_dtype)
-        abstract = nnx.eval_shape(
-            lambda: flax_sgm.SpatialTransformer(
-                **kwargs, use_checkpoint=checkpoint, checkpoint_policy=args.policy,
-                rngs=nnx.Rngs(0), dtype=j_dtype, param_dtype=j_dtype,
-            )
-        )
+        t = torch_ref.SpatialTransformer(**torch_kwargs(config)).to(device, t_dtype)
+        abstract = config.make_abstract(dtype=j_dtype, param_dtype=j_dtype)
         model = convert.load_torch_state_dict(abstract, t.state_dict())
         params, fwd, fwd_bwd = flax_steps(model)
         jx = jnp.asarray(x.transpose(0, 2, 3, 1), j_dtype)  # NCHW -> NHWC at the torch boundary
@@ -119,7 +126,9 @@ def main():
             row["fwd x compile"] = row["torch.compile fwd ms"] / row["flax fwd ms"]
             row["fwd+bwd x compile"] = row["torch.compile fwd+bwd ms"] / row["flax fwd+bwd ms"]
         rows.append(row)
-    emit(rows, environment(), args.json)
+        if args.json:  # after every row: a run stopped by its time limit keeps what it measured
+            write_json(rows, env, args.json)
+    emit(rows, env, args.json)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,14 @@ def main():
     parser.add_argument("--time", action="store_true", help="also run and time each program")
     parser.add_argument("--json")
     args = parser.parse_args()
-    kwargs, batch, hw, m = CONFIGS[args.config]
+    preset = CONFIGS[args.config]
     dtype = jnp.dtype(args.dtype)
-    x = jnp.zeros((batch, hw, hw, kwargs["in_channels"]), dtype)
-    ctx = jnp.zeros((batch, m, kwargs["context_dim"]), dtype)
+    x = jnp.zeros((preset.batch, *preset.hw, preset.config.in_channels), dtype)
+    ctx = jnp.zeros((preset.batch, preset.context_tokens, preset.config.context_dim), dtype)
     rows = []
     for policy in [None, *sorted(flax_sgm.CHECKPOINT_POLICIES)]:
-        model = flax_sgm.SpatialTransformer(
-            **kwargs, use_checkpoint=policy is not None, checkpoint_policy=policy or "recompute",
-            rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-        )
+        config = preset.config.replace(use_checkpoint=policy is not None, checkpoint_policy=policy or "recompute")
+        model = config.make(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
         params, _, fwd_bwd = flax_steps(model)
         row = {"config": args.config, "policy": policy or "no checkpoint", "fwd+bwd GiB": jax_peak_bytes(fwd_bwd, params, x, ctx) / 2**30}
         if args.time:

@@ -9,9 +9,10 @@ here). Files and the CLI: checkpoints.py, cli.py. Meshes: sharding.py.
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
 from flax_sgm.attention_backends import dot_product_attention, select_backend
-from flax_sgm.blocks import CHECKPOINT_POLICIES, BasicTransformerBlock, BasicTransformerSingleLayerBlock
+from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.checkpoints import load_pretrained
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
+from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
 
 __all__ = [

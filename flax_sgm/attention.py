@@ -14,15 +14,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from flax_sgm import numerics
-from flax_sgm.attention_backends import dot_product_attention, resolve_backend
+from flax_sgm.attention_backends import ATTENTION_OUT, dot_product_attention, resolve_backend
 from flax_sgm.checks import expect_broadcastable, expect_shape
 from flax_sgm.primitives import Conv1x1, Dropout, Linear, Normalize
 from flax_sgm.sharding import constrain
 
 Dtype = Any
-
-# The name remat policies use to keep attention outputs (see blocks.CHECKPOINT_POLICIES).
-ATTENTION_OUT = "attention_out"
 
 
 class CrossAttention(nnx.Module):

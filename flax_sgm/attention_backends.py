@@ -11,12 +11,18 @@ Backends:
   "cudnn"    cuDNN fused attention (CUDA GPU, bf16/fp16). Odd lengths are padded to
              even and hidden with query/key_value_seq_lengths, masks are broadcast
              to full size, so forward and backward both run.
-  "chunked"  online softmax over key blocks in pure JAX with a backward that
-             recomputes each block: memory linear in sequence length, any dtype.
+  "chunked"  online softmax over key blocks in pure JAX, with a forward-mode rule whose
+             transpose recomputes each block: memory linear in sequence length, any
+             dtype, jax.grad and jax.jvp alike.
   "auto"     `select_backend` picks one of the three (a pure function of the
              platform, dtype, shapes and mask, tested on CPU).
 
 The seed's names map onto these in `resolve_backend`.
+
+`dot_product_attention` is the entry point; `local_attention` is the attention on
+one device's arrays. Under a mesh with a sequence axis (flax_sgm.sharding) the entry
+point hands `local_attention` to `sharding.sequence_parallel_attention`, which runs
+it once per shard; otherwise it calls `local_attention` directly.
 
 The platform the choice is made for is `jax.default_backend()`, or the one set by
 `target_platform(...)` (the single override: lowering for CUDA on a CPU machine).
@@ -33,6 +39,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.interpreters.ad import JVPTracer
 
 from flax_sgm import numerics, sharding
 
@@ -58,7 +66,12 @@ CHUNK_SIZE = 512
 # Masked logits: finite, so a fully masked row stays NaN-free (it is zeroed after).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+# Names given to tensors for the remat policies (remat.CHECKPOINT_POLICIES).
+ATTENTION_OUT = "attention_out"  # each attention's output, heads merged [b, n, heads * d_head]
+ATTENTION_STATS = "attention_stats"  # what the chunked backward needs: output and log-sum-exp per query
+
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)
+_FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("flax_sgm_forward_mode", default=False)
 _RECORDERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("flax_sgm_attention_recorders", default=())
 
 
@@ -74,6 +87,25 @@ def target_platform(platform: str):
 
 def current_platform() -> str:
     return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def is_forward_mode(*trees) -> bool:
+    """True when the arrays are being traced for forward-mode AD (jax.jvp, jax.jacfwd), here or outside a
+    trace boundary of ours (remat, shard_map) that said so through `forward_mode_scope`.
+
+    jax.grad and jax.linearize trace with LinearizeTracers instead, so reverse mode is not taken for it.
+    """
+    return _FORWARD_MODE.get() or any(isinstance(leaf, JVPTracer) for leaf in jax.tree.leaves(trees))
+
+
+@contextlib.contextmanager
+def forward_mode_scope(active: bool):
+    """Carry `is_forward_mode` into a function traced anew (jax.checkpoint, shard_map), whose tracers hide it."""
+    token = _FORWARD_MODE.set(_FORWARD_MODE.get() or active)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
 
 
 def resolve_backend(backend) -> Backend:
@@ -99,6 +131,7 @@ class AttentionProblem(NamedTuple):
     m: int  # key tokens
     d_head: int
     has_mask: bool
+    forward_mode: bool = False  # traced for jax.jvp / jax.jacfwd
 
     @property
     def logits_bytes(self) -> int:
@@ -113,7 +146,14 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
         return f"cuDNN attention takes bfloat16 or float16; got {jnp.dtype(p.dtype).name}"
     if p.d_head % 8 or p.d_head > CUDNN_MAX_HEAD_DIM:
         return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.d_head}"
+    if p.forward_mode:
+        return "cuDNN attention has no forward-mode AD (jax.jvp); use backend 'chunked' or 'xla'"
     return None
+
+
+def is_static(size) -> bool:
+    """A concrete size, not a jax.export symbolic dimension."""
+    return isinstance(size, (int, np.integer))
 
 
 class Choice(NamedTuple):
@@ -134,6 +174,10 @@ def choose_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
         return Choice("cudnn", "requested")
     if requested != "auto":
         return Choice(requested, "requested")
+    if not all(is_static(size) for size in (p.batch, p.heads, p.n, p.m, p.d_head)):
+        # A symbolic size (jax.export) cannot be compared with the budget or cuDNN's limits:
+        # take the path that is exact and memory-bounded at every size.
+        return Choice("chunked", "auto: symbolic sizes; the memory-bounded path holds at every size")
     cudnn_reason = cudnn_unsupported_reason(p)
     if cudnn_reason is None:
         return Choice("cudnn", "auto: cuDNN takes this input")
@@ -195,14 +239,24 @@ def dot_product_attention(
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [b|1, heads|1, n|1, m|1]
-    # Sequence parallel (flax_sgm.sharding): queries split over the mesh, one local call per shard.
     if sharding.sequence_parallel_axis() is not None:
-        return sharding.sequence_parallel_attention(
-            dot_product_attention, q, k, v, mask, scale=scale, backend=backend
-        )
+        # The one place sequence parallelism enters: queries split over the mesh's
+        # sequence axis, `local_attention` once per shard inside shard_map.
+        with forward_mode_scope(is_forward_mode(q, k, v)):
+            return sharding.sequence_parallel_attention(local_attention, q, k, v, mask, scale=scale, backend=backend)
+    return local_attention(q, k, v, mask, scale=scale, backend=backend)
+
+
+def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Array:
+    """Attention over the arrays as they are on this device: choose the backend, record the call, run it.
+
+    `mask` is None or rank 4, [b|1, heads|1, n|1, m|1]. No mesh is consulted here.
+    """
     b, n, heads, d_head = q.shape
     m = k.shape[1]
-    problem = AttentionProblem(current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None)
+    problem = AttentionProblem(
+        current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None, is_forward_mode(q, k, v)
+    )
     choice = choose_backend(backend, problem)
     padded = (n % 2, m % 2) if choice.backend == "cudnn" else (0, 0)
     _record(AttentionCall(choice.backend, choice.reason, problem, padded))
@@ -273,8 +327,9 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
     """
     b, n, heads, d = q.shape
     m = k.shape[1]
-    bq = min(chunk_size, n)
-    bk = min(chunk_size, m)
+    # A symbolic length (jax.export) takes whole chunks: min() of it cannot be decided.
+    bq = min(chunk_size, n) if is_static(n) else chunk_size
+    bk = min(chunk_size, m) if is_static(m) else chunk_size
     n_blocks, m_blocks = -(-n // bq), -(-m // bk)
     n_total, m_total = n_blocks * bq, m_blocks * bk
 
@@ -291,7 +346,7 @@ def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE
     v = jnp.pad(v, ((0, 0), (0, m_total - m), (0, 0), (0, 0)))
 
     q_blocks = q.reshape(b, n_blocks, bq, heads, d).swapaxes(0, 1)  # [n_blocks, b, bq, heads, d]
-    bias_per_query = bias.shape[2] == n and n > 1
+    bias_per_query = not is_static(bias.shape[2]) or bias.shape[2] != 1  # else one row for every query
     if bias_per_query:
         bias = jnp.pad(bias, ((0, 0), (0, 0), (0, n_total - n), (0, 0)))
         bias_blocks = bias.reshape(*bias.shape[:2], n_blocks, bq, m_total).transpose(2, 0, 1, 3, 4)
@@ -314,12 +369,12 @@ def _bias_block(bias, j, bk):
     return jax.lax.dynamic_slice_in_dim(bias, j * bk, bk, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _attend_block(q, k, v, bias, scale, bk):
-    return _attend_block_fwd(q, k, v, bias, scale, bk)[0]
+    return _online_softmax(q, k, v, bias, scale, bk)[0]
 
 
-def _attend_block_fwd(q, k, v, bias, scale, bk):
+def _online_softmax(q, k, v, bias, scale, bk):
     """One query block against every key block: out [b, bq, heads, d] and lse [b, heads, bq]."""
     b, bq, heads, d = q.shape
     f32 = numerics.STATS_DTYPE
@@ -343,34 +398,43 @@ def _attend_block_fwd(q, k, v, bias, scale, bk):
     kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
     (running_max, denom, acc), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs))
     out = (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [b, bq, heads, d]
-    lse = running_max + jnp.log(denom)
-    return out, (q, k, v, bias, out, lse)
+    return out, running_max + jnp.log(denom)
 
 
-def _attend_block_bwd(scale, bk, residuals, dout):
-    q, k, v, bias, out, lse = residuals
+@_attend_block.defjvp
+def _attend_block_jvp(scale, bk, primals, tangents):
+    """Forward-mode rule; reverse mode is its transpose, so one rule serves jax.jvp and jax.grad.
+
+    With P = softmax(S), S = q k^T * scale + bias and dS = (dq k^T + q dk^T) * scale:
+      d out = sum_j [P_j dv_j + (P_j * dS_j) v_j] - c * out,   c = sum_j rowsum(P_j * dS_j).
+    Each key block's P_j is recomputed from the saved log-sum-exp inside a checkpointed
+    step, so the transpose (the backward pass) also holds one [bq, bk] block at a time:
+    reverse-mode memory stays linear in the sequence length. The bias gets no tangent.
+    """
+    q, k, v, bias = primals
+    dq, dk, dv, _ = tangents
+    out, lse = _online_softmax(q, k, v, bias, scale, bk)
+    # Named for remat policies: what the backward needs, so it need not rerun the forward.
+    out, lse = checkpoint_name(out, ATTENTION_STATS), checkpoint_name(lse, ATTENTION_STATS)
     f32 = numerics.STATS_DTYPE
-    # delta_i = sum_d dout_i * out_i: the softmax backward's row term.
-    delta = jnp.einsum("bnhd,bnhd->bhn", dout.astype(f32), out.astype(f32))
 
-    def step(dq, xs):
-        j, kb, vb = xs
+    @jax.checkpoint
+    def step(carry, xs):
+        acc, c = carry
+        j, kb, vb, dkb, dvb = xs
         s = jnp.einsum("bnhd,bmhd->bhnm", q, kb, preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
         p = jnp.exp(s - lse[..., None])  # [b, heads, bq, bk]
-        dv = jnp.einsum("bhnm,bnhd->bmhd", p, dout.astype(f32))
-        dp = jnp.einsum("bnhd,bmhd->bhnm", dout, vb, preferred_element_type=f32)
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhnm,bmhd->bnhd", ds, kb.astype(f32))
-        dk = jnp.einsum("bhnm,bnhd->bmhd", ds, q.astype(f32))
-        return dq, (dk, dv)
+        ds = (
+            jnp.einsum("bnhd,bmhd->bhnm", dq, kb, preferred_element_type=f32)
+            + jnp.einsum("bnhd,bmhd->bhnm", q, dkb, preferred_element_type=f32)
+        ) * scale
+        pds = p * ds
+        acc = acc + jnp.einsum("bhnm,bmhd->bhnd", p, dvb.astype(f32)) + jnp.einsum("bhnm,bmhd->bhnd", pds, vb.astype(f32))
+        return (acc, c + pds.sum(-1)), None
 
-    kbs, vbs = _key_blocks(k, bk), _key_blocks(v, bk)
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, f32), (jnp.arange(kbs.shape[0]), kbs, vbs))
-
-    def unblock(t):  # [m_blocks, b, bk, heads, d] -> [b, m, heads, d]
-        return t.swapaxes(0, 1).reshape(k.shape)
-
-    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), jnp.zeros_like(bias)
-
-
-_attend_block.defvjp(_attend_block_fwd, _attend_block_bwd)
+    b, bq, heads, d = q.shape
+    init = (jnp.zeros((b, heads, bq, d), f32), jnp.zeros((b, heads, bq), f32))
+    xs = (jnp.arange(k.shape[1] // bk), *(_key_blocks(t, bk) for t in (k, v, dk, dv)))
+    (acc, c), _ = jax.lax.scan(step, init, xs)
+    dout = acc - c[..., None] * out.transpose(0, 2, 1, 3).astype(f32)
+    return out, dout.transpose(0, 2, 1, 3).astype(q.dtype)

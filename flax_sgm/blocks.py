@@ -1,8 +1,8 @@
 """Transformer blocks: BasicTransformerBlock and BasicTransformerSingleLayerBlock, on [b, n, dim].
 
-`checkpoint=True` wraps the block in `nnx.remat` with a policy from
-CHECKPOINT_POLICIES; values and gradients are the same as without it, and unlike the
-seed every call argument still reaches the block.
+`checkpoint=True` runs the block under gradient checkpointing (remat.py) with a
+policy from remat.CHECKPOINT_POLICIES; values and gradients are the same as without
+it, and unlike the seed every call argument still reaches the block.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import TraceContextError
 
-from flax_sgm.attention import ATTENTION_OUT, CrossAttention, MemoryEfficientCrossAttention
+from flax_sgm.attention import CrossAttention, MemoryEfficientCrossAttention
 from flax_sgm.attention_backends import resolve_backend
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import FeedForward, LayerNorm
+from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY, check_policy, checkpointed_call
 from flax_sgm.sharding import TOKENS, constrain
 
 Dtype = Any
@@ -26,38 +28,25 @@ ATTENTION_MODES = {
     "softmax-xformers": MemoryEfficientCrossAttention,
 }
 
-# Remat policies by name. "recompute" saves nothing (what torch's checkpoint does);
-# "save_attention" keeps each attention's output so the backward pass does not run
-# the attention forward again.
-CHECKPOINT_POLICIES = {
-    "recompute": jax.checkpoint_policies.nothing_saveable,
-    "save_attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
-}
-DEFAULT_CHECKPOINT_POLICY = "save_attention"
-
-
 def _attention_class(attn_mode: str):
     if attn_mode not in ATTENTION_MODES:
         raise ValueError(f"attn_mode must be one of {sorted(ATTENTION_MODES)}; got {attn_mode!r}")
     return ATTENTION_MODES[attn_mode]
 
 
-def _checkpoint_policy(name: str):
-    if name not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint_policy must be one of {sorted(CHECKPOINT_POLICIES)}; got {name!r}")
-    return CHECKPOINT_POLICIES[name]
-
-
-def maybe_remat(method, module: nnx.Module, *args):
-    """Call `method(module, *args)`, under nnx.remat when `module.checkpoint` is set.
-
-    Python scalars among `args` are static (the cross-frame count).
-    """
-    if not module.checkpoint:
-        return method(module, *args)
-    static = tuple(i + 1 for i, a in enumerate(args) if isinstance(a, int))
-    policy = _checkpoint_policy(module.checkpoint_policy)
-    return nnx.remat(method, policy=policy, static_argnums=static)(module, *args)
+def maybe_checkpointed(module: nnx.Module, method, *args, **static):
+    """`method(module, *args, **static)`, checkpointed when `module.checkpoint` is set."""
+    try:
+        if not module.checkpoint:
+            return method(module, *args, **static)
+        return checkpointed_call(method, module, *args, policy=module.checkpoint_policy, static=static)
+    except TraceContextError:
+        # Only state that changes is written back: here, dropout's RNG counter.
+        raise ValueError(
+            f"{type(module).__name__}: dropout updates its RNG state, which a model closed over by a JAX "
+            "transform (jax.jit, jax.grad, lax.scan) cannot do; call model.eval(), use the nnx transforms "
+            "(nnx.jit, nnx.grad), or merge its state inside the transform with nnx.merge(..., copy=True)"
+        ) from None
 
 
 class BasicTransformerBlock(nnx.Module):
@@ -83,7 +72,7 @@ class BasicTransformerBlock(nnx.Module):
     ):
         attn_cls = _attention_class(attn_mode)
         backend = "auto" if attn_mode == "softmax-xformers" else resolve_backend(sdp_backend)
-        _checkpoint_policy(checkpoint_policy)
+        check_policy(checkpoint_policy)
         self.dim = dim
         self.disable_self_attn = disable_self_attn
         self.checkpoint = checkpoint
@@ -106,11 +95,16 @@ class BasicTransformerBlock(nnx.Module):
         n_times_crossframe_attn_in_self: int = 0,
     ) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
-        return maybe_remat(
-            type(self)._forward, self, x, context, additional_tokens, int(n_times_crossframe_attn_in_self)
+        return maybe_checkpointed(
+            self,
+            type(self)._forward,
+            x,
+            context,
+            additional_tokens,
+            n_times_crossframe_attn_in_self=int(n_times_crossframe_attn_in_self),
         )
 
-    def _forward(self, x, context, additional_tokens, n_times_crossframe_attn_in_self):
+    def _forward(self, x, context, additional_tokens, *, n_times_crossframe_attn_in_self):
         x = constrain(x, TOKENS)  # the residual stream [b, n, dim]
         x = x + self.attn1(
             self.norm1(x),
@@ -142,7 +136,7 @@ class BasicTransformerSingleLayerBlock(nnx.Module):
         checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY,
     ):
         attn_cls = _attention_class(attn_mode)
-        _checkpoint_policy(checkpoint_policy)
+        check_policy(checkpoint_policy)
         self.dim = dim
         self.checkpoint = checkpoint
         self.checkpoint_policy = checkpoint_policy
@@ -154,7 +148,7 @@ class BasicTransformerSingleLayerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
-        return maybe_remat(type(self)._forward, self, x, context)
+        return maybe_checkpointed(self, type(self)._forward, x, context)
 
     def _forward(self, x, context):
         x = constrain(x, TOKENS)  # the residual stream [b, n, dim]

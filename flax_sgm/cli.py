@@ -17,6 +17,7 @@ from flax_sgm import checkpoints
 
 # Exit statuses.
 PARITY_FAILED = 1
+LOWERING_FAILED = 1  # `lower`: the program does not lower for the platform
 BAD_INPUT = 2
 
 
@@ -300,3 +301,144 @@ def inspect(checkpoint, as_json):
 
 def main(argv=None):
     cli.main(args=argv, prog_name="flax-sgm")
+
+
+# --- lower ------------------------------------------------------------------------------------
+
+
+class _OneLineUsageErrors(click.Command):
+    """Flag errors as one line (click's own add the usage and a hint): exit 2."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:
+            raise UserError(err.format_message()) from None
+
+
+def _lower_config(name_or_path: str):
+    """A preset of flax_sgm.config.PRESETS, or a SpatialTransformerConfig JSON file."""
+    import pathlib
+
+    from flax_sgm.config import PRESETS, SpatialTransformerConfig
+
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = pathlib.Path(name_or_path)
+    if not path.is_file():
+        raise UserError(f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    config = SpatialTransformerConfig.from_json(path.read_text(), source=str(path))
+    return PRESETS["sdxl"]._replace(config=config)  # the SDXL-like input sizes unless given
+
+
+def _parse_mesh(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--mesh: expected three positive integers DATA,SEQ,MODEL (e.g. 1,4,1); got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+@cli.command(
+    cls=_OneLineUsageErrors,
+    epilog="""\b
+Examples:
+  flax-sgm lower                                  # SDXL-like, bf16, lowered for CUDA
+  flax-sgm lower --backward --json > lowered.json
+  flax-sgm lower --config long --backward
+  flax-sgm lower --config sdxl --mesh 1,4,1 --backward
+  flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32""",
+)
+@click.option("--config", "config_name", default="sdxl", show_default=True,
+              help="A preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS) or a SpatialTransformerConfig "
+                   "JSON file (then the sdxl sizes unless given).")
+@click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
+              help="The platform to lower for; it need not be this machine's.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Compute and parameter dtype.")
+@click.option("--batch", type=click.IntRange(min=1), help="Batch size (default: the preset's).")
+@click.option("--hw", type=click.IntRange(min=1), nargs=2, help="Latent height and width (default: the preset's).")
+@click.option("--context-tokens", type=click.IntRange(min=1), help="Context length M (default: the preset's).")
+@click.option("--backward", is_flag=True, help="Also lower forward + backward (gradients of every parameter and input).")
+@click.option("--no-checkpoint", is_flag=True, help="Turn gradient checkpointing off (the presets have it on).")
+@click.option("--mesh", help="DATA,SEQ,MODEL: lower under a mesh of that many devices (CPU devices where there "
+                             "are too few), e.g. 1,4,1 for sequence parallelism.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_clean_errors
+def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_checkpoint, mesh, as_json):
+    """Lower a SpatialTransformer for a platform (default CUDA) without its hardware; report what was chosen.
+
+    The weights are abstract (nothing is allocated). Reported: for each attention call,
+    the backend chosen and why and the lengths padded for cuDNN; the custom calls of the
+    lowered forward program and, with --backward, of the forward + backward program
+    (cuDNN's fused attention: __cudnn$fmha...). Lowering for CUDA on a machine without
+    cuDNN answers JAX's cuDNN version query with a stand-in (flax_sgm.lowering). This
+    checks what is decided at trace time, not XLA's compilation, speed or numerics on
+    the device. Exit 0 when it lowers, 1 when the program does not lower, 2 on bad input.
+    """
+    mesh_shape = _parse_mesh(mesh) if mesh else None
+    if mesh_shape is not None and mesh_shape[0] * mesh_shape[1] * mesh_shape[2] > 1:
+        import jax
+
+        try:  # virtual CPU devices to place the shards on; only possible before JAX starts
+            jax.config.update("jax_num_cpu_devices", mesh_shape[0] * mesh_shape[1] * mesh_shape[2])
+        except RuntimeError:
+            pass  # JAX has started: the mesh must fit the devices it has
+    import jax.numpy as jnp
+
+    from flax_sgm import lowering
+
+    preset = _lower_config(config_name)
+    config = preset.config.replace(use_checkpoint=False) if no_checkpoint else preset.config
+    inputs = lowering.Inputs(
+        batch=batch or preset.batch,
+        hw=tuple(hw) if hw else preset.hw,
+        context_tokens=context_tokens or preset.context_tokens,
+        dtype=jnp.dtype(dtype),
+    )
+    try:
+        device_mesh = lowering.lowering_mesh(*mesh_shape) if mesh_shape else None
+        if device_mesh is not None:
+            from flax_sgm import sharding
+
+            sharding.shard_model(config.make_abstract(), device_mesh)  # refuses a mesh the heads do not fit
+    except ValueError as err:
+        raise UserError(str(err).replace(":\n  ", ": ").replace("\n  ", "; ")) from None  # one line
+    try:
+        report = lowering.lower_spatial_transformer(
+            config, inputs, platform=platform, backward=backward, mesh=device_mesh
+        )
+    except NotImplementedError as err:  # cuDNN's refusals at trace time
+        click.echo(f"Error: does not lower for {platform}: {' '.join(str(err).split())}", err=True)
+        sys.exit(LOWERING_FAILED)
+    click.echo(json.dumps(report, indent=2) if as_json else format_lowering(report))
+
+
+def format_lowering(report: dict) -> str:
+    c = report["config"]
+    inputs = report["inputs"]
+    cudnn = report["cudnn_version"]
+    head = (
+        f"SpatialTransformer({c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, depth {c['depth']}, "
+        f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "
+        f"context {inputs['context']}, {inputs['dtype']}"
+    )
+    where = f"lowered for {report['platform']} (attention chosen for {report['attention_platform']}"
+    if cudnn["version"] is not None:
+        where += f"; cuDNN {cudnn['version']}" + (", a stand-in: no cuDNN on this machine" if cudnn["stand_in"] else "")
+    where += ")"
+    if report["mesh"]:
+        where += f", mesh {report['mesh']}"
+    lines = [head, where, "", f"{'attention':28s} {'backend':8s} {'n x m':>13s} {'padded':>7s}  reason"]
+    for a in report["attention"]:
+        pad = f"+{a['padded']['n']},+{a['padded']['m']}" if a["padded"]["n"] or a["padded"]["m"] else "-"
+        lines.append(f"{a['module']:28s} {a['backend']:8s} {a['n']:>6d} x {a['m']:<4d} {pad:>7s}  {a['reason']}")
+    for program, label in (("forward", "forward"), ("backward", "forward+backward")):
+        calls = report["custom_calls"][program]
+        if calls is None:
+            continue
+        listed = ", ".join(f"{t} x{n}" for t, n in calls.items()) or "none"
+        lines.append(f"custom calls, {label}: {listed}")
+        if report.get("custom_calls_per_shard"):
+            shard = report["custom_calls_per_shard"][program]
+            lines.append(f"  inside the per-shard program: {', '.join(f'{t} x{n}' for t, n in shard.items()) or 'none'}")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm.blocks import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
 

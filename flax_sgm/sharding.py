@@ -216,6 +216,8 @@ def sequence_parallel_axis():
 def sequence_parallel_attention(attend: Callable, q, k, v, mask=None, **kwargs) -> jax.Array:
     """`attend(q, k, v, mask, **kwargs)` with the queries split over the sequence axis.
 
+    `attend` is a single-device attention (attention_backends.local_attention): it
+    runs once per shard inside shard_map and never sees the mesh.
     q [b, n, heads, d], k and v [b, m, heads, d], mask None or [b|1, heads|1, n|1, m|1]
     (attention_backends.dot_product_attention brings it to rank 4 before calling this).
     Each shard holds n / seq queries and every key and value (gathered), so the

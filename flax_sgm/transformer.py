@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm.blocks import DEFAULT_CHECKPOINT_POLICY, BasicTransformerBlock
+from flax_sgm.blocks import BasicTransformerBlock
+from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import Conv1x1, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain

@@ -1,5 +1,7 @@
 """Blocks tier parity: BasicTransformerBlock and BasicTransformerSingleLayerBlock, and checkpointing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,16 +84,16 @@ def test_checkpointing_gives_the_same_values_and_gradients(policy, rng):
 
 
 def test_checkpointing_recomputes_in_the_backward_pass():
-    """remat is really applied: the jaxpr of the gradient holds a remat (checkpoint) primitive."""
+    """remat is really applied: the block adds one checkpoint to the jaxpr (the chunked attention has its own)."""
     block = flax_sgm.BasicTransformerBlock(16, 2, 8, checkpoint=True, rngs=nnx.Rngs(0))
     x = jnp.ones((1, 4, 16))
 
-    def grad_jaxpr():
-        return str(jax.make_jaxpr(nnx.grad(lambda m, x: m(x).sum()))(block, x))
+    def checkpoints():
+        return len(re.findall(r"\b(?:remat2|checkpoint)\[", str(jax.make_jaxpr(lambda x: block(x).sum())(x))))
 
-    assert "checkpoint[" in grad_jaxpr() or "remat" in grad_jaxpr()
+    with_checkpoint = checkpoints()
     block.checkpoint = False
-    assert "checkpoint[" not in grad_jaxpr() and "remat" not in grad_jaxpr()
+    assert with_checkpoint == checkpoints() + 1
 
 
 def test_block_dropout_changes_output_only_in_train_mode(rng):

@@ -1,0 +1,283 @@
+"""Modules built with their defaults (checkpointing on) inside the JAX programs users write.
+
+Each module runs through every transform twice: closed over, as users write it
+first, and passed in as an argument (the model itself, or its split state). Every
+result is compared with the eager module (values) or with eager autodiff of an
+unchecked, plain-XLA-attention twin holding the same weights (derivatives), within
+the fp32 tolerances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.nnx import bridge
+from jax import export
+
+import flax_sgm
+from conftest import TOLERANCES
+
+TOL = TOLERANCES["float32"]
+
+# Tiny widths, odd lengths: (constructor, kwargs, x shape, context shape).
+MODULES = {
+    "SpatialTransformer": (flax_sgm.SpatialTransformer, dict(in_channels=32, n_heads=2, d_head=16, context_dim=24), (2, 3, 5, 32)),
+    "BasicTransformerBlock": (flax_sgm.BasicTransformerBlock, dict(dim=32, n_heads=2, d_head=16, context_dim=24), (2, 15, 32)),
+    "BasicTransformerSingleLayerBlock": (
+        flax_sgm.BasicTransformerSingleLayerBlock,
+        dict(dim=32, n_heads=2, d_head=16, context_dim=24),
+        (2, 15, 32),
+    ),
+    "CrossAttention": (flax_sgm.CrossAttention, dict(query_dim=32, context_dim=24, heads=2, dim_head=16), (2, 15, 32)),
+}
+CONTEXT = (2, 5, 24)
+CHECKPOINT_ARG = {"SpatialTransformer": "use_checkpoint", "BasicTransformerBlock": "checkpoint",
+                  "BasicTransformerSingleLayerBlock": "checkpoint"}
+
+
+def build(kind: str, *, checkpoint: bool | None = None, xla: bool = False):
+    """The module with default arguments (and random weights from seed 0, proj_out included)."""
+    cls, kwargs, _ = MODULES[kind]
+    kwargs = dict(kwargs)
+    if checkpoint is not None:
+        kwargs[CHECKPOINT_ARG[kind]] = checkpoint
+    model = cls(**kwargs, rngs=nnx.Rngs(0))
+    if xla:  # plain XLA attention, no custom rules: the reference for derivatives
+        for _, attention in nnx.iter_modules(model):
+            if isinstance(attention, flax_sgm.CrossAttention):
+                attention.backend = "xla"
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    random = [0.3 * jax.random.normal(key, leaf.shape, leaf.dtype) for key, leaf in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, random))
+    return model
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str
+    model: nnx.Module
+    x: jax.Array
+    c: jax.Array
+    t: jax.Array  # a tangent / cotangent shaped like x
+    ref: dict  # eager references
+
+
+def loss(model, x, c, t):
+    return (model(x, c) * t).sum()
+
+
+def references(kind, x, c, t) -> dict:
+    twin = build(kind, checkpoint=False, xla=True) if kind in CHECKPOINT_ARG else build(kind, xla=True)
+    y = twin(x, c)
+    graphdef, params = nnx.split(twin, nnx.Param)
+    rest = nnx.state(twin, nnx.Not(nnx.Param))
+    grad_params, grad_x = jax.grad(lambda p, x: loss(nnx.merge(graphdef, p, rest), x, c, t), argnums=(0, 1))(params, x)
+    _, tangent = jax.jvp(lambda x: twin(x, c), (x,), (t,))
+    step = lambda x: 0.5 * x + 0.1 * twin(x, c)  # noqa: E731  (a sampler step)
+    return dict(y=y, grad_x=grad_x, grad_params=grad_params, jvp=tangent, loop=step(step(x)))
+
+
+@pytest.fixture(scope="module", params=[(k, ck) for k in MODULES for ck in ((True, False) if k in CHECKPOINT_ARG else (None,))],
+                ids=lambda p: p[0] + ("" if p[1] is None else ("-checkpoint" if p[1] else "-no-checkpoint")))
+def case(request):
+    kind, checkpoint = request.param
+    rng = np.random.default_rng(0)
+    x_shape = MODULES[kind][2]
+    x, t = (jnp.asarray(rng.standard_normal(x_shape), jnp.float32) for _ in range(2))
+    c = jnp.asarray(rng.standard_normal(CONTEXT), jnp.float32)
+    model = build(kind, checkpoint=checkpoint)
+    if checkpoint is None:
+        assert kind == "CrossAttention"
+    elif checkpoint:  # the seed's default, kept
+        assert all(b.checkpoint for _, b in nnx.iter_modules(model) if hasattr(b, "checkpoint"))
+    return Case(kind, model, x, c, t, references(kind, x, c, t))
+
+
+def close(got, want, tol: float, what: str):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
+        err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)
+        assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+# Each transform: (closed-over program, argument-passing program); each returns {reference name: value}.
+
+
+def _jit(s: Case):
+    closed = jax.jit(lambda x, c: s.model(x, c))(s.x, s.c)
+    passed = jax.jit(lambda m, x, c: m(x, c))(s.model, s.x, s.c)
+    return {"y": closed}, {"y": passed}
+
+
+def _grad_input(s: Case):
+    closed = jax.grad(lambda x: loss(s.model, x, s.c, s.t))(s.x)
+    graphdef, state = nnx.split(s.model)
+    passed = jax.grad(lambda x, st: loss(nnx.merge(graphdef, st), x, s.c, s.t))(s.x, state)
+    return {"grad_x": closed}, {"grad_x": passed}
+
+
+def _grad_params(s: Case):
+    graphdef, params, rest = nnx.split(s.model, nnx.Param, ...)
+    grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest), s.x, s.c, s.t))(params)
+    jitted = jax.jit(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p, rest), x, s.c, s.t)))(params, s.x)
+    return {"grad_params": grads}, {"grad_params": jitted}
+
+
+def _vmap(s: Case):
+    one = lambda m, x, c: m(x[None], c[None])[0]  # noqa: E731
+    closed = jax.vmap(lambda x, c: one(s.model, x, c))(s.x, s.c)
+    passed = jax.vmap(one, in_axes=(None, 0, 0))(s.model, s.x, s.c)
+    return {"y": closed}, {"y": passed}
+
+
+def _scan(s: Case):
+    closed, _ = jax.lax.scan(lambda x, _: (0.5 * x + 0.1 * s.model(x, s.c), None), s.x, length=2)
+    graphdef, state = nnx.split(s.model)
+
+    def body(carry, _):
+        x, st = carry
+        return (0.5 * x + 0.1 * nnx.merge(graphdef, st)(x, s.c), st), None
+
+    (passed, _), _ = jax.lax.scan(body, (s.x, state), length=2)
+    return {"loop": closed}, {"loop": passed}
+
+
+def _fori_loop(s: Case):
+    closed = jax.lax.fori_loop(0, 2, lambda i, x: 0.5 * x + 0.1 * s.model(x, s.c), s.x)
+    graphdef, state = nnx.split(s.model)
+    passed = jax.lax.fori_loop(0, 2, lambda i, x: 0.5 * x + 0.1 * nnx.merge(graphdef, state)(x, s.c), s.x)
+    return {"loop": closed}, {"loop": passed}
+
+
+def _eval_shape(s: Case):
+    closed = jax.eval_shape(lambda x, c: s.model(x, c), s.x, s.c)
+    passed = jax.eval_shape(lambda m, x, c: m(x, c), s.model, s.x, s.c)
+    # Shapes and dtypes against eager, carried as zeros of the abstract result.
+    return {"y": jnp.zeros(closed.shape, closed.dtype) + s.ref["y"]}, {"y": jnp.zeros(passed.shape, passed.dtype) + s.ref["y"]}
+
+
+def _checkpoint(s: Case):
+    closed = jax.grad(jax.checkpoint(lambda x: loss(s.model, x, s.c, s.t)))(s.x)
+    passed = jax.grad(jax.checkpoint(lambda x, m: loss(m, x, s.c, s.t)))(s.x, s.model)
+    return {"grad_x": closed}, {"grad_x": passed}
+
+
+def _jvp(s: Case):
+    _, closed = jax.jvp(lambda x: s.model(x, s.c), (s.x,), (s.t,))
+    _, passed = jax.jvp(lambda m, x: m(x, s.c), (s.model, s.x), (jax.tree.map(jnp.zeros_like, s.model), s.t))
+    return {"jvp": closed}, {"jvp": passed}
+
+
+def _export(s: Case):
+    b, *rest = export.symbolic_shape("b, " + ", ".join(map(str, s.x.shape[1:])) + ", " + ", ".join(map(str, s.c.shape[1:])))
+    x_spec = jax.ShapeDtypeStruct((b, *rest[: s.x.ndim - 1]), jnp.float32)
+    c_spec = jax.ShapeDtypeStruct((b, *rest[s.x.ndim - 1 :]), jnp.float32)
+    closed = export.export(jax.jit(lambda x, c: s.model(x, c)))(x_spec, c_spec)
+    graphdef, state = nnx.split(s.model)
+    leaves, treedef = jax.tree.flatten(state)  # serving passes the weights as a flat list
+    passed = export.export(jax.jit(lambda w, x, c: nnx.merge(graphdef, jax.tree.unflatten(treedef, w))(x, c)))(
+        leaves, x_spec, c_spec
+    )
+    # Serialized, read back, run at two batch sizes.
+    closed, passed = (export.deserialize(e.serialize()) for e in (closed, passed))
+    for n in (1, 3):
+        xs, cs = jnp.concatenate([s.x] * 2)[:n], jnp.concatenate([s.c] * 2)[:n]
+        close(closed.call(xs, cs), s.model(xs, cs), TOL.forward, f"export at batch {n}")
+        close(passed.call(leaves, xs, cs), s.model(xs, cs), TOL.forward, f"export (weights passed) at batch {n}")
+    return {"y": closed.call(s.x, s.c)}, {"y": passed.call(leaves, s.x, s.c)}
+
+
+def _nnx_jit(s: Case):
+    closed = nnx.jit(lambda x, c: s.model(x, c))(s.x, s.c)
+    passed = nnx.jit(lambda m, x, c: m(x, c))(s.model, s.x, s.c)
+    # Guidance inside nnx.jit: jax.grad w.r.t. the input of a model merged inside the trace.
+    guided = nnx.jit(lambda m, x: jax.grad(lambda x: loss(m, x, s.c, s.t))(x))(s.model, s.x)
+    close(guided, s.ref["grad_x"], TOL.grad, "jax.grad inside nnx.jit")
+    return {"y": closed}, {"y": passed}
+
+
+def _nnx_grad(s: Case):
+    closed = nnx.grad(lambda x: loss(s.model, x, s.c, s.t))(s.x)
+    passed = nnx.grad(lambda m: loss(m, s.x, s.c, s.t))(s.model)
+    return {"grad_x": closed}, {"grad_params": nnx.state(passed, nnx.Param)}
+
+
+def _nnx_vmap(s: Case):
+    one = lambda m, x, c: m(x[None], c[None])[0]  # noqa: E731
+    closed = nnx.vmap(lambda x, c: one(s.model, x, c))(s.x, s.c)
+    passed = nnx.vmap(one, in_axes=(None, 0, 0))(s.model, s.x, s.c)
+    return {"y": closed}, {"y": passed}
+
+
+def _nnx_scan(s: Case):
+    step = nnx.scan(lambda x: 0.5 * x + 0.1 * s.model(x, s.c), in_axes=nnx.Carry, out_axes=nnx.Carry, length=2)
+    closed = step(s.x)
+
+    def passed_step(carry):
+        m, x = carry
+        return m, 0.5 * x + 0.1 * m(x, s.c)
+
+    _, passed = nnx.scan(passed_step, in_axes=nnx.Carry, out_axes=nnx.Carry, length=2)((s.model, s.x))
+    return {"loop": closed}, {"loop": passed}
+
+
+def _linen(s: Case):
+    cls, kwargs, _ = MODULES[s.kind]
+    kwargs = dict(kwargs)
+
+    class Wrapper(nn.Module):  # a Linen codebase holding a flax_sgm module
+        @nn.compact
+        def __call__(self, x, c):
+            return bridge.to_linen(cls, **kwargs, name="inner")(x, c)
+
+    variables = Wrapper().init(jax.random.key(0), s.x, s.c)
+    # Give the Linen copy the test's weights, then init / apply / grad through Linen.
+    params = nnx.state(s.model, nnx.Param)
+    inner = jax.tree.map(lambda meta, p: meta.replace(value=p) if hasattr(meta, "replace") else p,
+                         variables["params"]["inner"], nnx.to_pure_dict(params),
+                         is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
+    variables = {"params": {"inner": inner}}
+    y = Wrapper().apply(variables, s.x, s.c)
+    grad_x = jax.grad(lambda x: (Wrapper().apply(variables, x, s.c) * s.t).sum())(s.x)
+    return {"y": y}, {"grad_x": grad_x}
+
+
+TRANSFORMS: dict[str, Callable] = {
+    "jax.jit": _jit,
+    "jax.grad-input": _grad_input,
+    "jax.grad-params": _grad_params,
+    "jax.vmap": _vmap,
+    "lax.scan": _scan,
+    "lax.fori_loop": _fori_loop,
+    "jax.eval_shape": _eval_shape,
+    "jax.checkpoint": _checkpoint,
+    "jax.jvp": _jvp,
+    "jax.export-symbolic-batch": _export,
+    "nnx.jit": _nnx_jit,
+    "nnx.grad": _nnx_grad,
+    "nnx.vmap": _nnx_vmap,
+    "nnx.scan": _nnx_scan,
+    "nnx.bridge.to_linen": _linen,
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_transform_matches_eager(case: Case, transform: str):
+    eager_y = case.model(case.x, case.c)  # and the module still works eagerly after every transform
+    close(eager_y, case.ref["y"], TOL.forward, "eager")
+    closed, passed = TRANSFORMS[transform](case)
+    for style, results in (("closed over", closed), ("passed in", passed)):
+        for name, value in results.items():
+            tol = TOL.forward if name in ("y", "loop") else TOL.grad
+            close(value, case.ref[name], tol, f"{transform}, model {style}: {name}")
+    close(case.model(case.x, case.c), eager_y, 0.0, "eager after the transform")
