@@ -3,10 +3,11 @@
 Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_backends: the
 one attention function and its backend choice; attention: the attention modules)
 -> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
-Tolerances and the torch comparison: parity.py. Configs: config.py. Checkpoints:
-layout.py (where stacks sit, what keys mean), sources.py (reading files and diffusers
-directories), pretrained.py (load_pretrained, convert_file), output.py (the converted
-directory). The CLI: cli.py. Meshes: sharding.py.
+Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
+here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
+mean), sources.py (reading files and diffusers directories), pretrained.py
+(load_pretrained, convert_file), output.py (the converted directory). The CLI:
+cli.py. Meshes: sharding.py. Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention

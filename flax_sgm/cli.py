@@ -1,8 +1,8 @@
 """The `flax-sgm` command line: verify, convert, inspect.
 
 Commands only: the work is in pretrained.py (checkpoints in, modules or a converted
-directory out) and parity.py (torch vs flax). torch is imported only by `verify`
-and by reading torch pickles.
+directory out), flax_sgm.verify (torch vs flax) and lowering.py. torch is imported
+only by `verify` and by reading torch pickles.
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ Examples:
   flax-sgm verify --dtype bfloat16
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
-  flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0"""
+  flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0
+
+\b
+In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
+  flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
 @click.option("--checkpoint", type=click.Path(),
               help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory or a "
@@ -111,8 +115,7 @@ Examples:
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Dtype of both sides. float32: against torch, flax_sgm.parity.TOLERANCES. bfloat16: both "
-                   "against float64, flax_sgm's error per tensor against torch's (parity.low_precision_problems).")
+              help="Dtype both sides run in; both are judged against float64 by flax_sgm.verify.criteria.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_clean_errors
@@ -125,99 +128,48 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     shapes; its heads from a diffusers config.json, or else --heads or --head-dim.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
-    proj_out): max absolute and relative error of the forward output (the Flax
-    submodule on torch's recorded inputs) and of the parameter gradients, the
-    attention backend, pass/fail against flax_sgm.parity.TOLERANCES. With --dtype
-    bfloat16: per output and gradient tensor, flax_sgm's and torch's relative error
-    against a float64 run of the same (bf16-rounded) weights, and their ratio.
+    proj_out) and for the whole model: flax_sgm's and torch's relative error against
+    a float64 run of torch's module, of the output (the Flax submodule on torch's
+    recorded inputs) and of the worst gradient (its VJP of torch's recorded output
+    cotangent), the attention backend that ran, and pass/fail by
+    flax_sgm.verify.criteria: an error fails when above both a floor and a few times
+    torch's own (bfloat16: no floor, and a bound on the median ratio).
     """
     _exclusive_heads(heads, head_dim)
-    from flax_sgm import parity  # needs torch
+    from flax_sgm.verify import seeded, verify_modules  # needs torch
 
+    torch_state = flax_module = None
     if checkpoint is None:
         if prefix is not None or heads is not None or head_dim is not None or disable_self_attn is not None:
             raise click.UsageError("--prefix, --heads, --head-dim and --disable-self-attn need --checkpoint")
-        config, source = dict(parity.VERIFY_DEFAULT), {"weights": f"embedded default, seeded random (seed {seed})"}
-        report = parity.verify_pair(config, seed=seed, dtype=dtype)
+        config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
     else:
         stack, flax_module, torch_state = pretrained.load_stack(
             checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, param_dtype=dtype
         )
-        config = _seed_arguments(stack.config)
         source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
-        report = parity.verify_pair(config, torch_state, flax_module, seed=seed, dtype=dtype)
-    report = {"config": config, "source": source, **report}
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-    sys.exit(0 if report["passed"] else PARITY_FAILED)
-
-
-def _seed_arguments(config) -> dict:
-    """The architecture arguments torch_ref's SpatialTransformer takes."""
-    names = ("in_channels", "n_heads", "d_head", "depth", "context_dim", "disable_self_attn", "use_linear")
-    arguments = {name: getattr(config, name) for name in names}
-    if isinstance(arguments["context_dim"], tuple):
-        arguments["context_dim"] = list(arguments["context_dim"])
-    return arguments
-
-
-def _report_head(report: dict) -> list[str]:
-    config = ", ".join(f"{k}={v}" for k, v in report["config"].items())
-    inputs = ", ".join(f"{k} {v}" for k, v in report["inputs"].items())
-    source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in report["source"].items())
-    return [
-        f"SpatialTransformer({config})",
-        f"weights: {source}",
-        f"input: {inputs} (x NCHW for torch, NHWC for flax)   {report['dtype']} on {report['platform']}",
-        "",
-    ]
-
-
-def format_report(report: dict) -> str:
-    if "tensors" in report:
-        return format_low_precision_report(report)
-    tol = report["tolerance"]
-    lines = _report_head(report) + [
-        f"{'submodule':30s} {'fwd abs':>9s} {'fwd rel':>9s} {'grad abs':>9s} {'grad rel':>9s}  {'backend':8s} result",
-    ]
-    for row in report["submodules"]:
-        f, g = row["forward"], row["grad"]
-        lines.append(
-            f"{row['name']:30s} {f['abs']:9.2e} {f['rel']:9.2e} {g['abs']:9.2e} {g['rel']:9.2e}  "
-            f"{row['backend'] or '-':8s} {'ok' if row['passed'] else 'FAIL'}"
-        )
-    model = report["model"]
-    lines.append(
-        f"{'whole model':30s} {model['forward']['abs']:9.2e} {model['forward']['rel']:9.2e} "
-        f"{'':9s} {'':9s}  {'':8s} {'ok' if model['passed'] else 'FAIL'}"
+        config = stack.config.replace(use_checkpoint=False)
+    torch_module, flax_module, inputs = seeded.spatial_transformer_pair(
+        config, torch_state, flax_module, dtype=dtype, seed=seed
     )
-    for name, e in model["grads"].items():
-        lines.append(f"{'  grad of ' + name.removeprefix('input:'):30s} {'':9s} {'':9s} {e['abs']:9.2e} {e['rel']:9.2e}")
-    lines += [
-        "",
-        f"tolerances ({report['dtype']}): relative error <= {tol['forward']:g} forward, <= {tol['grad']:g} gradients",
-        "PASS" if report["passed"] else "FAIL",
-    ]
-    return "\n".join(lines)
+    report = verify_modules(torch_module, flax_module, inputs, dtype=dtype, seed=seed)
+    if as_json:
+        click.echo(json.dumps({"config": config.to_dict(), "source": source, **report.to_dict()}, indent=2))
+    else:
+        click.echo("\n".join([*_report_head(config, source, report), report.format()]))
+    sys.exit(0 if report.passed else PARITY_FAILED)
 
 
-def format_low_precision_report(report: dict) -> str:
-    crit = report["criterion"]
-    lines = _report_head(report) + [
-        f"relative error against float64 of the same {report['dtype']}-rounded weights:",
-        f"{'tensor':50s} {'flax_sgm':>9s} {'torch':>9s} {'ratio':>6s}",
-    ]
-    for row in report["tensors"]:
-        flag = "" if row["ratio"] <= crit["per_tensor_ratio"] else "  FAIL"
-        lines.append(f"{row['name']:50s} {row['flax']:9.2e} {row['torch']:9.2e} {row['ratio']:6.2f}{flag}")
-    lines += [
+def _report_head(config, source: dict, report) -> list[str]:
+    args = ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
+    inputs = ", ".join(f"{k} {v}" for k, v in report.inputs.items())
+    source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in source.items())
+    return [
+        f"SpatialTransformer({args})",
+        f"weights: {source}",
+        f"input: {inputs} (x NCHW for torch, NHWC for flax)",
         "",
-        f"median ratio {report['median_ratio']:.2f}",
-        f"criterion: every ratio <= {crit['per_tensor_ratio']:g}, median <= {crit['median_ratio']:g} "
-        "(flax_sgm.parity.low_precision_problems)",
-        *report["problems"],
-        "PASS" if report["passed"] else "FAIL",
     ]
-    return "\n".join(lines)
 
 
 @cli.command(

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.attention import CrossAttention
-from flax_sgm.primitives import GELU, FeedForward
+from flax_sgm.primitives import GELU, Conv1x1, FeedForward, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
@@ -49,10 +49,10 @@ CHILD_NAMES: dict[type, dict[str, str]] = {
 
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
-    nnx.Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
-    nnx.Conv: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
-    nnx.LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
-    nnx.GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
+    Conv1x1: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
+    LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
 }
 
 
@@ -107,6 +107,29 @@ def torch_shapes(model: nnx.Module, *, prefix: str = "") -> dict[str, tuple[int,
 
 def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
     return row.transform.to_torch(np.broadcast_to(np.empty((), np.bool_), tuple(flax_shape))).shape
+
+
+def flax_submodule(model: nnx.Module, torch_name: str) -> nnx.Module:
+    """The flax submodule of a torch submodule name: 'transformer_blocks.0.ff.net.2' -> ...ff.project_out.
+
+    Walks CHILD_NAMES backwards (a torch name may span two parts, `to_out.0`); raises
+    ValueError when `model` has no such submodule.
+    """
+    node, parts = model, [p for p in torch_name.split(".") if p]
+    while parts:
+        renames = {torch: flax for flax, torch in (_lookup(CHILD_NAMES, node) or {}).items()}
+        two = ".".join(parts[:2])
+        if len(parts) > 1 and two in renames:
+            attr, parts = renames[two], parts[2:]
+        else:
+            attr, parts = renames.get(parts[0], parts[0]), parts[1:]
+        try:
+            node = node[int(attr)] if attr.isdigit() else getattr(node, attr)
+        except (AttributeError, IndexError, TypeError, KeyError):
+            raise ValueError(f"{type(model).__name__} has no submodule for torch's {torch_name!r} (at {attr!r})") from None
+        if not isinstance(node, nnx.Module):
+            raise ValueError(f"{type(model).__name__}: torch's {torch_name!r} names a {type(node).__name__}, not a module")
+    return node
 
 
 def to_numpy(value) -> np.ndarray:

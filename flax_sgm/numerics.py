@@ -5,6 +5,8 @@ torch's values are the spec. Flax's own defaults differ for several of them
 module relies on a framework default for any of these.
 """
 
+import functools
+
 import jax
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default
@@ -16,15 +18,20 @@ USE_FAST_VARIANCE = False
 STATS_DTYPE = jax.numpy.float32
 
 
+def in_float32(f, *xs: jax.Array, out_dtype=None) -> jax.Array:
+    """f(*xs) computed in (at least) float32, its result rounded once to `out_dtype` (default: xs[0]'s).
+
+    torch computes GELU, bias gradients and norms of bf16/fp16 tensors in float32 and
+    rounds once, forward and backward; JAX's autodiff of the same formula in bf16
+    rounds at every step (test_low_precision.py). In float32 the casts are no-ops.
+    """
+    acc = jax.numpy.promote_types(xs[0].dtype, STATS_DTYPE)
+    return f(*(x.astype(acc) for x in xs)).astype(out_dtype or xs[0].dtype)
+
 
 def gelu(x: jax.Array) -> jax.Array:
-    """torch.nn.GELU(): the exact erf form, computed in float32 and rounded once.
-
-    torch evaluates it (and its derivative) in float32 for bf16/fp16 inputs; JAX's
-    autodiff of the formula in bf16 rounds at every step (test_low_precision.py).
-    """
-    acc = jax.numpy.promote_types(x.dtype, STATS_DTYPE)
-    return jax.nn.gelu(x.astype(acc), approximate=False).astype(x.dtype)
+    """torch.nn.GELU(): the exact erf form, in float32 and rounded once."""
+    return in_float32(functools.partial(jax.nn.gelu, approximate=False), x)
 
 
 def attention_scale(d_head: int) -> float:

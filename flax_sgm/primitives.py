@@ -1,9 +1,9 @@
-"""Primitives: the norms, GEGLU and FeedForward, and the layer factories every tier uses.
+"""Primitives: the layers every tier uses (Linear, Conv1x1, LayerNorm, GroupNorm), GEGLU and FeedForward.
 
-Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage).
-The factories also take the logical axis names of their parameters (`axes`: in and
-out features; `axis`: normalized features), which sharding.RULES maps onto a mesh.
-Numerical choices that differ between torch and flax come from `numerics`.
+Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage),
+and the logical axis names of its parameters (`axes`: in and out features; `axis`:
+normalized features), which sharding.RULES maps onto a mesh. The layers subclass
+flax's. Numerical choices that differ between torch and flax come from `numerics`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ Axes = tuple[str | None, str | None]
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """y + bias (over the last axis), its gradient summed in float32 as torch does.
+    """y + bias (over the last axis) in float32, rounded once: its gradient is summed in float32 as torch does.
 
-    In bf16, XLA sums the bias gradient over every token in bf16: 3-4x torch's
-    error (test_low_precision.py). In float32 the casts are no-ops.
+    In bf16, XLA sums the bias gradient over every token in bf16: 3-4x torch's error.
     """
-    acc = jnp.promote_types(y.dtype, jnp.float32)
-    return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
+    return numerics.in_float32(jnp.add, y, bias)
 
 
 def _dense(layer: nnx.Linear | nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -40,114 +38,129 @@ def _dense(layer: nnx.Linear | nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax
     return y if bias is None else add_bias(y, bias)
 
 
-class _Linear(nnx.Linear):
+class Linear(nnx.Linear):
+    """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in]).
+
+    `axes`: the logical names of the in and out features (sharding.RULES maps them onto a mesh).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_metadata=param_metadata(*axes),
+            bias_metadata=param_metadata(axes[1]),
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return _dense(self, x, self.kernel[...])
 
 
-class _Conv1x1(nnx.Conv):
-    # A 1x1 convolution on channels-last input is a matmul over the channel axis.
+class Conv1x1(nnx.Conv):
+    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out].
+
+    `axes`: the logical names of the in and out channels.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size=(1, 1),
+            use_bias=use_bias,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_metadata=param_metadata(None, None, *axes),
+            bias_metadata=param_metadata(axes[1]),
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        # A 1x1 convolution on channels-last input is a matmul over the channel axis.
         return _dense(self, x, self.kernel[...][0, 0])
 
 
-class _Float32Norm:
-    """A flax norm computed in float32 (the wrapped layer's dtype), its output rounded once to `out_dtype`.
+class LayerNorm(nnx.LayerNorm):
+    """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance; `axis`: the features' logical name.
 
-    torch normalizes bf16/fp16 in float32 and rounds once, forward and backward;
-    flax's norms compute in the compute dtype. `out_dtype` None: flax's inference,
-    the input's dtype promoted with the parameters'.
+    Computed in float32 and rounded once to `dtype` (None: the input's dtype promoted
+    with the parameters'), as torch normalizes bf16.
     """
 
-    out_dtype: Dtype
+    def __init__(self, dim: int, *, axis: str = "embed", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        super().__init__(
+            dim,
+            epsilon=numerics.LAYER_NORM_EPS,
+            use_fast_variance=numerics.USE_FAST_VARIANCE,
+            rngs=rngs,
+            dtype=numerics.STATS_DTYPE,
+            param_dtype=param_dtype,
+            scale_metadata=param_metadata(axis),
+            bias_metadata=param_metadata(axis),
+        )
+        self.out_dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
-        return super().__call__(x).astype(out_dtype)
+        return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
 
 
-class _LayerNorm(_Float32Norm, nnx.LayerNorm):
-    pass
+class GroupNorm(nnx.GroupNorm):
+    """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, exact variance, affine; channels-last.
 
+    `axis`: the channels' logical name. Computed in float32 and rounded once, as LayerNorm.
+    """
 
-class _GroupNorm(_Float32Norm, nnx.GroupNorm):
-    pass
-
-
-def _float32_norm(cls, *args, dtype: Dtype, **kwargs):
-    norm = cls(*args, dtype=numerics.STATS_DTYPE, **kwargs)
-    norm.out_dtype = dtype
-    return norm
-
-
-def Linear(
-    in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
-) -> nnx.Linear:
-    """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in])."""
-    return _Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata=param_metadata(*axes),
-        bias_metadata=param_metadata(axes[1]),
-    )
-
-
-def Conv1x1(
-    in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype
-) -> nnx.Conv:
-    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out]."""
-    return _Conv1x1(
-        in_features,
-        out_features,
-        kernel_size=(1, 1),
-        use_bias=use_bias,
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata=param_metadata(None, None, *axes),
-        bias_metadata=param_metadata(axes[1]),
-    )
-
-
-def LayerNorm(dim: int, *, axis: str = "embed", rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> nnx.LayerNorm:
-    """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance."""
-    return _float32_norm(
-        _LayerNorm,
-        dim,
-        epsilon=numerics.LAYER_NORM_EPS,
-        use_fast_variance=numerics.USE_FAST_VARIANCE,
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_metadata=param_metadata(axis),
-        bias_metadata=param_metadata(axis),
-    )
-
-
-def Normalize(
-    in_channels: int, *, axis: str = "channels", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
-) -> nnx.GroupNorm:
-    """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, affine; channels-last."""
-    if in_channels % numerics.GROUP_NORM_GROUPS:
-        raise ValueError(
-            f"Normalize: `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
+    def __init__(
+        self, in_channels: int, *, axis: str = "channels", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+    ):
+        if in_channels % numerics.GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"Normalize (GroupNorm): `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
+            )
+        super().__init__(
+            in_channels,
+            num_groups=numerics.GROUP_NORM_GROUPS,
+            epsilon=numerics.GROUP_NORM_EPS,
+            use_fast_variance=numerics.USE_FAST_VARIANCE,
+            rngs=rngs,
+            dtype=numerics.STATS_DTYPE,
+            param_dtype=param_dtype,
+            scale_metadata=param_metadata(axis),
+            bias_metadata=param_metadata(axis),
         )
-    return _float32_norm(
-        _GroupNorm,
-        in_channels,
-        num_groups=numerics.GROUP_NORM_GROUPS,
-        epsilon=numerics.GROUP_NORM_EPS,
-        use_fast_variance=numerics.USE_FAST_VARIANCE,
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_metadata=param_metadata(axis),
-        bias_metadata=param_metadata(axis),
-    )
+        self.out_dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
+        return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
+
+
+Normalize = GroupNorm  # the seed's name for it
 
 
 def Dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:

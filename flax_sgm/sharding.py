@@ -1,7 +1,7 @@
 """Running flax_sgm over a jax Mesh: logical axes, parameter placement, sequence-parallel attention.
 
 Every parameter carries logical axis names (`out_sharding` metadata, set by the
-layer factories in primitives.py) and activations are constrained with the same
+layer classes in primitives.py) and activations are constrained with the same
 names through `constrain`. RULES maps the logical names onto the mesh axes of
 `make_mesh`:
 

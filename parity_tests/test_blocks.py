@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import flax_sgm
 import torch_ref
-from conftest import assert_parity, compare, flax_twin, randomize_
+from conftest import CRITERIA, assert_close, assert_parity, compare, flax_twin, nhwc_to_nchw, randomize_, rel_err
+from flax_sgm import convert
 
 BLOCK_OPTIONS = {
     "self-only": dict(context_dim=None),
@@ -76,9 +78,9 @@ def test_checkpointing_gives_the_same_values_and_gradients(policy, rng):
     context = jnp.asarray(rng.standard_normal((2, 4, 16)).astype(np.float32))
     v0, g0 = _value_and_grads(plain, x, context)
     v1, g1 = _value_and_grads(remat, x, context)
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    for a, b in zip(g1, g0):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_close(v1, v0, what="value")
+    for i, (a, b) in enumerate(zip(g1, g0)):
+        assert_close(a, b, what=f"gradient {i}")
 
 
 def test_checkpointing_recomputes_in_the_backward_pass():
@@ -115,11 +117,21 @@ def test_block_bad_input():
 
 
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
-def test_functional_jit_over_split_state(checkpoint):
-    """jax.jit(jax.grad) over nnx.split/merge works with remat: without dropout there is no RNG state to carry."""
+def test_functional_jit_over_split_state(checkpoint, rng):
+    """jax.jit(jax.grad) over nnx.split/merge, remat or not: parameters only, and torch's gradient values."""
     model = flax_sgm.SpatialTransformer(32, 2, 8, context_dim=16, use_checkpoint=checkpoint, rngs=nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda p: p + 0.05, nnx.state(model, nnx.Param)))  # proj_out non-zero
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     assert not jax.tree.leaves(rest)  # parameters only
+    x = rng.standard_normal((1, 3, 3, 32)).astype(np.float32)
+    context = rng.standard_normal((1, 4, 16)).astype(np.float32)
     step = jax.jit(jax.grad(lambda p, x, c: nnx.merge(graphdef, p, rest)(x, context=c).sum()))
-    grads = step(params, jnp.ones((1, 3, 3, 32)), jnp.ones((1, 4, 16)))
+    grads = step(params, jnp.asarray(x), jnp.asarray(context))
     assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+    t = torch_ref.SpatialTransformer(32, 2, 8, context_dim=16, use_checkpoint=False)
+    t.load_state_dict(convert.as_torch_tensors(convert.to_torch_state_dict(model)), strict=True)
+    t(torch.from_numpy(nhwc_to_nchw(x).copy()), context=torch.from_numpy(context)).sum().backward()
+    got = convert.to_torch_state_dict(model, grads)
+    for name, p in t.named_parameters():
+        assert rel_err(got[name], p.grad.numpy()) <= CRITERIA["float32"].grad, name

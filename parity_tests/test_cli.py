@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
-from flax_sgm import parity, pretrained
+from flax_sgm import pretrained
 from flax_sgm.layout import CheckpointError
 from flax_sgm.attention_backends import BACKENDS
 from flax_sgm.cli import cli
-from flax_sgm.parity import TOLERANCES, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.verify import CRITERIA, criteria, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err, seeded
 
 SGM = "model.diffusion_model."
 STACKS = {  # prefix in the SGM file -> SpatialTransformer config
@@ -90,7 +91,7 @@ def fail(*args, code=2):
 
 
 def same_as_torch(flax_module, torch_module, config, seed=3):
-    inputs = parity.verify_inputs(config, seed=seed, hw=(3, 5), context_tokens=6)
+    inputs = seeded.sample_inputs(SpatialTransformerConfig.from_dict(config), seed=seed, hw=(3, 5), context_tokens=6)
     context = inputs.get("context")
     if isinstance(context, list):
         t_ctx = [torch.from_numpy(c) for c in context]
@@ -99,7 +100,7 @@ def same_as_torch(flax_module, torch_module, config, seed=3):
     with torch.no_grad():
         expected = torch_module(torch.from_numpy(inputs["x"]), t_ctx).numpy()
     got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(inputs["x"]), context)))
-    assert rel_err(got, expected) <= TOLERANCES["float32"].forward
+    assert rel_err(got, expected) <= CRITERIA["float32"].forward
 
 
 # --- help --------------------------------------------------------------------------------------
@@ -122,13 +123,16 @@ def test_every_command_has_examples(command):
 @pytest.fixture
 def small_default(monkeypatch):
     # The embedded default at unit-test widths (the real one runs under -m slow).
-    monkeypatch.setattr(parity, "VERIFY_DEFAULT", STACKS[SGM + "input_blocks.1.1."])
+    monkeypatch.setattr(seeded, "VERIFY_DEFAULT", SpatialTransformerConfig(**STACKS[SGM + "input_blocks.1.1."], use_checkpoint=False))
+
+
+PARTS = ["norm", "proj_in", *(f"transformer_blocks.0.{p}" for p in ("norm1", "attn1", "norm2", "attn2", "norm3", "ff")),
+         "proj_out"]
 
 
 def test_verify_default_reports_every_submodule_and_passes(small_default):
     out = run("verify").output
-    for part in ["norm", "proj_in", "transformer_blocks.0.attn1", "transformer_blocks.0.attn2",
-                 "transformer_blocks.0.ff", "transformer_blocks.0.norm3", "proj_out", "whole model"]:
+    for part in [*PARTS, "whole model"]:
         assert f"\n{part} " in out, part
     attn_rows = [line for line in out.splitlines() if line.startswith("transformer_blocks.0.attn")]
     assert len(attn_rows) == 2 and all(line.split()[-2] in BACKENDS for line in attn_rows)
@@ -137,11 +141,13 @@ def test_verify_default_reports_every_submodule_and_passes(small_default):
 
 def test_verify_json_and_parity_failure_exits_1(small_default, monkeypatch):
     report = json.loads(run("verify", "--json", "--seed", "1").stdout)
-    assert report["passed"] and report["seed"] == 1 and report["config"] == parity.VERIFY_DEFAULT
-    backends = {r["name"]: r["backend"] for r in report["submodules"]}
-    assert backends["transformer_blocks.0.attn2"] in BACKENDS and backends["transformer_blocks.0.ff"] is None
-    assert all(r["forward"]["rel"] <= report["tolerance"]["forward"] for r in report["submodules"])
-    monkeypatch.setitem(parity.TOLERANCES, "float32", parity.Tolerance(forward=0.0, grad=0.0))
+    assert report["passed"] and report["seed"] == 1 and report["reference"] == "float64"
+    assert report["config"] == seeded.VERIFY_DEFAULT.to_dict()
+    rows = {r["name"]: r for r in report["submodules"]}
+    assert list(rows) == PARTS
+    assert rows["transformer_blocks.0.attn2"]["backend"] in BACKENDS and rows["transformer_blocks.0.ff"]["backend"] is None
+    assert all(r["forward"][0] <= report["criterion"]["forward"] for r in rows.values())
+    monkeypatch.setitem(criteria.CRITERIA, "float32", criteria.Criterion(slack=0.0, forward=0.0, grad=0.0))
     result = run("verify", "--json", ok=False)
     assert result.exit_code == 1 and not json.loads(result.stdout)["passed"]
 
@@ -151,22 +157,21 @@ def test_verify_checkpoint_infers_the_config(files):
     prefix = SGM + "middle_block.1"
     report = json.loads(run("verify", "--checkpoint", d / "sgm.ckpt", "--prefix", prefix, "--head-dim", 16, "--json").stdout)
     assert report["passed"] and report["source"]["prefix"] == prefix + "."
-    expected = dict(STACKS[prefix + "."], disable_self_attn=False)  # use_linear is in STACKS
-    assert report["config"] == expected
-    assert [r["name"] for r in report["submodules"]] == parity.spatial_transformer_parts(2)
+    expected = SpatialTransformerConfig(**STACKS[prefix + "."], use_checkpoint=False)  # use_linear is in STACKS
+    assert report["config"] == expected.to_dict()
+    assert [r["name"] for r in report["submodules"]][-3:] == ["transformer_blocks.1.norm3", "transformer_blocks.1.ff", "proj_out"]
 
 
 def test_verify_bfloat16_against_float64(small_default, monkeypatch):
     out = run("verify", "--dtype", "bfloat16").output
-    assert "\nout " in out and "\ninput:x " in out and "median ratio" in out and out.rstrip().endswith("PASS")
+    assert "against float64 (bfloat16" in out and "median ratio" in out and out.rstrip().endswith("PASS")
     report = json.loads(run("verify", "--dtype", "bfloat16", "--json").stdout)
-    assert report["passed"] and report["dtype"] == "bfloat16" and not report["problems"]
-    names = [r["name"] for r in report["tensors"]]
-    assert {"out", "input:x", "input:context", "proj_in.weight", "transformer_blocks.0.attn1.to_q.weight"} <= set(names)
-    assert all(1e-4 < r["torch"] < 0.1 and r["ratio"] == r["flax"] / r["torch"] for r in report["tensors"])
-    monkeypatch.setattr(parity, "LOW_PRECISION_SLACK", 0.5)
+    assert report["passed"] and report["dtype"] == "bfloat16"
+    low, high = criteria.BF16_ERROR_RANGE
+    assert all(low < r["forward"][1] < high and r["flax_dtype"] == "bfloat16" for r in report["submodules"])
+    monkeypatch.setitem(criteria.CRITERIA, "bfloat16", CRITERIA["bfloat16"]._replace(slack=0.5))
     result = run("verify", "--dtype", "bfloat16", "--json", ok=False)
-    assert result.exit_code == 1 and json.loads(result.stdout)["problems"]
+    assert result.exit_code == 1 and json.loads(result.stdout)["model"]["problems"]
 
 
 def test_verify_bfloat16_on_a_float32_checkpoint(files):
@@ -176,7 +181,7 @@ def test_verify_bfloat16_on_a_float32_checkpoint(files):
         run("verify", "--checkpoint", d / "sgm.safetensors", "--prefix", prefix, "--heads", 2, "--dtype", "bfloat16",
             "--json").stdout
     )
-    assert report["passed"] and report["source"]["dtype in file"] == "float32" and len(report["tensors"]) > 10
+    assert report["passed"] and report["source"]["dtype in file"] == "float32" and len(report["submodules"]) == len(PARTS)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Random configurations (hypothesis): SpatialTransformer and CrossAttention against torch_ref.
 
-100 examples in the default run; `pytest -m slow` runs 1000 more.
+100 examples in the default run; `pytest -m slow` runs 1000 more. Judged by the float64
+referee (flax_sgm.verify.criteria), so the full input range is drawn, ill-conditioned corners included.
 """
 
 import numpy as np
@@ -37,11 +38,11 @@ def transformer_configs(draw):
         use_linear=draw(st.booleans()),
         use_checkpoint=draw(st.booleans()),
     )
-    # GroupNorm groups (channels / 32 x pixels) of at least 4 values: torch refuses a group of one, and a
-    # group of two is ill-conditioned (1 / sigma of two close values): there torch's own fp32 input
-    # gradient was 1.35e-4 off a float64 reference while flax_sgm's was 1.8e-6 (32 channels, 1x2 image).
+    # GroupNorm groups (channels / 32 x pixels) of two values or more (torch refuses a group of one). A group
+    # of two is ill-conditioned (1 / sigma of two close values): torch's own fp32 error from float64 can be
+    # large there, which the float64 referee (flax_sgm.verify.criteria) allows for.
     h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    assume(config["in_channels"] // 32 * h * w >= 4)
+    assume(config["in_channels"] // 32 * h * w >= 2)
     shape = dict(batch=draw(st.integers(1, 2)), h=h, w=w, m=draw(st.integers(1, 9)))
     return config, shape, draw(st.integers(0, 2**16))
 
@@ -57,7 +58,7 @@ def check_transformer(config, shape, seed):
         inputs["context"] = [rng.standard_normal((b, shape["m"], d)).astype(np.float32) for d in dims]
     elif dims is not None:
         inputs["context"] = rng.standard_normal((b, shape["m"], dims)).astype(np.float32)
-    assert_parity(compare(t, f, inputs, image_inputs=("x",), image_output=True), "SpatialTransformer (hypothesis)")
+    assert_parity(compare(t, f, inputs), "SpatialTransformer (hypothesis)")
 
 
 @settings(max_examples=100, **COMMON)
@@ -86,8 +87,6 @@ def attention_cases(draw):
 @settings(max_examples=30, **COMMON)
 @given(attention_cases())
 def test_cross_attention_random_cases(case):
-    import torch
-
     c, seed = case
     rng = np.random.default_rng(seed)
     t = randomize_(torch_ref.CrossAttention(c["query_dim"], c["context_dim"], c["heads"], c["d_head"]), seed=seed)
@@ -98,9 +97,8 @@ def test_cross_attention_random_cases(case):
         inputs["context"] = rng.standard_normal((c["b"], m, c["context_dim"])).astype(np.float32)
     if c["extra"]:
         inputs["additional_tokens"] = rng.standard_normal((c["b"], c["extra"], c["query_dim"])).astype(np.float32)
-    static, flax_static = {}, {}
     if c["mask"] != "none":
         keep = rng.random((c["n"] + c["extra"], m)) > 0.3
         mask = keep if c["mask"] == "bool" else np.where(keep, 0.5, -np.inf).astype(np.float32)
-        static, flax_static = {"mask": torch.from_numpy(mask)}, {"mask": mask}
-    assert_parity(compare(t, f, inputs, static=static, flax_static=flax_static), "CrossAttention (hypothesis)")
+        inputs["mask"] = mask
+    assert_parity(compare(t, f, inputs), "CrossAttention (hypothesis)")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import flax_sgm
 import torch_ref
 from flax_sgm.layout import CheckpointError
-from flax_sgm.parity import TOLERANCES, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from conftest import CRITERIA, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 24
@@ -45,7 +45,7 @@ def assert_same(flax_module, torch_module, channels, diffusers=False, seed=0):
         out = torch_module(x, encoder_hidden_states=context) if diffusers else torch_module(x, context)
     expected = (out.sample if diffusers else out).numpy()
     got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(x.numpy()), context.numpy())))
-    assert rel_err(got, expected) <= TOLERANCES["float32"].forward
+    assert rel_err(got, expected) <= CRITERIA["float32"].forward
 
 
 @pytest.fixture(scope="module")

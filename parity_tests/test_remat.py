@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 import flax_sgm
+from conftest import assert_close
 
 DIM, HEADS, D_HEAD, TOKENS, CONTEXT = 64, 2, 32, 24, (2, 7, 48)
 
@@ -86,7 +87,7 @@ def test_checkpointed_values_and_gradients_equal_unchecked(policy, dropout):
     got, want = value_and_grads(checked), value_and_grads(plain)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         if jnp.issubdtype(w.dtype, jnp.floating):
-            assert np.abs(g - w).max() <= 1e-6 * np.abs(w).max()
+            assert_close(g, w)
         else:  # RNG counters and keys: advanced alike
             np.testing.assert_array_equal(jax.random.key_data(g) if jnp.issubdtype(g.dtype, jax.dtypes.prng_key) else g,
                                           jax.random.key_data(w) if jnp.issubdtype(w.dtype, jax.dtypes.prng_key) else w)
@@ -108,7 +109,7 @@ def test_dropout_under_a_closed_over_jit_is_one_clear_error():
         jax.jit(lambda x: model(x, c))(x)
     assert "\n" not in str(err.value)
     model.eval()  # no state changes in eval mode: the closure is fine
-    np.testing.assert_allclose(jax.jit(lambda x: model(x, c))(x), model(x, c), rtol=1e-6, atol=1e-6)
+    assert_close(jax.jit(lambda x: model(x, c))(x), model(x, c))
 
 
 def test_a_failing_call_leaves_the_module_whole():
@@ -125,7 +126,7 @@ def test_cross_frame_count_is_static():
     x, c = inputs()
     model = block()
     out = jax.jit(lambda x: model(x, c, n_times_crossframe_attn_in_self=2))(x)
-    np.testing.assert_allclose(out, model(x, c, n_times_crossframe_attn_in_self=2), rtol=1e-6, atol=1e-6)
+    assert_close(out, model(x, c, n_times_crossframe_attn_in_self=2))
     assert not np.allclose(out, model(x, c))  # the count reached the attention
 
 

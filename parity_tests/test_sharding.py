@@ -183,9 +183,9 @@ def _ten_heads_error() -> str:
 
 
 def fp32_tolerance():
-    from conftest import TOLERANCES  # here, not at the top: conftest imports torch, the worker needs none
+    from conftest import CRITERIA  # here, not at the top: conftest imports torch, the worker needs none
 
-    return TOLERANCES["float32"]
+    return CRITERIA["float32"]
 
 
 @pytest.fixture(scope="module")

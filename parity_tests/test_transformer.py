@@ -35,5 +35,5 @@ def test_spatial_transformer(name, batch, hw, checkpoint, rng):
     context = context_for(config, batch, rng)
     if context is not None:
         inputs["context"] = context
-    result = compare(t, f, inputs, image_inputs=("x",), image_output=True)
+    result = compare(t, f, inputs)
     assert_parity(result, "SpatialTransformer")

@@ -1,0 +1,78 @@
+"""Call conventions: how a torch module and its flax_sgm twin are called on the same inputs.
+
+Inputs are named as flax_sgm names its arguments (`x`, `context`, `mask`,
+`additional_tokens`, ...). `x` goes first and positionally to both sides; an `x` of
+rank 4 is an NCHW image for torch and NHWC for flax_sgm, and so is the output.
+torch_ref's and the seed's modules take flax_sgm's names; diffusers' take others and
+return other types, which `adapter_for` knows. Any other module: pass a CallAdapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclasses.dataclass(frozen=True)
+class CallAdapter:
+    """How to call a torch module: `names` maps a flax_sgm argument name to torch's where they differ,
+    `torch_kwargs` are constant keywords added to torch's call, `output` picks the tensor out of what
+    torch returns, `method` is the torch method called (default: the module itself)."""
+
+    names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    torch_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    output: Callable[[Any], Any] = _first
+    method: str | None = None
+
+    def call_torch(self, module, x, kwargs: Mapping[str, Any]):
+        call = module if self.method is None else getattr(module, self.method)
+        renamed = {self.names.get(k, k): v for k, v in kwargs.items()}
+        return self.output(call(x, **renamed, **self.torch_kwargs))
+
+    def flax_names(self, torch_module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """A recorded torch call (args, kwargs) as flax_sgm-named inputs; `x` is the first argument.
+
+        None arguments are dropped. Raises ValueError for an argument flax_sgm has no name for.
+        """
+        forward = torch_module.forward if self.method is None else getattr(torch_module, self.method)
+        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+        params = inspect.signature(forward).parameters
+        back = {torch_name: ours for ours, torch_name in self.names.items()}
+        named = {}
+        for i, (name, value) in enumerate(bound.items()):
+            pairs = value.items() if params[name].kind == inspect.Parameter.VAR_KEYWORD else [(name, value)]
+            for torch_name, v in pairs:
+                if v is None or torch_name in self.torch_kwargs:
+                    continue
+                if i == 0:
+                    named["x"] = v
+                elif self.names and torch_name not in back:
+                    raise ValueError(
+                        f"{type(torch_module).__name__} was called with `{torch_name}`, which its flax_sgm twin does "
+                        "not take; verify it through an explicit CallAdapter"
+                    )
+                else:
+                    named[back.get(torch_name, torch_name)] = v
+        return named
+
+
+SGM = CallAdapter()
+# diffusers' Attention, BasicTransformerBlock and Transformer2DModel: hidden_states, encoder_hidden_states.
+DIFFUSERS = CallAdapter(names={"context": "encoder_hidden_states"})
+DIFFUSERS_TRANSFORMER_2D = CallAdapter(names={"context": "encoder_hidden_states"}, torch_kwargs={"return_dict": False})
+
+
+def adapter_for(torch_module) -> CallAdapter:
+    """The call convention of torch_ref's, the seed's and diffusers' modules."""
+    cls = type(torch_module)
+    if not cls.__module__.startswith("diffusers"):
+        return SGM
+    if cls.__name__ == "Transformer2DModel":
+        return DIFFUSERS_TRANSFORMER_2D
+    return DIFFUSERS

@@ -1,0 +1,93 @@
+"""Seeded random weights and inputs: what `flax-sgm verify` runs without a checkpoint, and the tests' fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from flax_sgm import convert
+from flax_sgm.config import PRESETS, SpatialTransformerConfig
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (proj_out too, which the seed zeroes), in place.
+
+    Weights ~ N(0, 1 / fan_in) so activations stay O(1); biases ~ N(0, 1/16);
+    norm scales 1 + N(0, 0.01).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim > 1:  # Linear [out, in] or Conv2d [out, in, kh, kw]
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # LayerNorm / GroupNorm scale
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.25 * noise)
+    return module
+
+
+def flax_twin(torch_module: torch.nn.Module, flax_cls, *args, **kwargs):
+    """The flax module of the same config, built abstractly and filled from torch's weights."""
+    model = nnx.eval_shape(lambda: flax_cls(*args, rngs=nnx.Rngs(0), **kwargs))
+    return convert.load_torch_state_dict(model, torch_module.state_dict())
+
+
+def sample_inputs(
+    config: SpatialTransformerConfig, *, seed: int, batch: int = 2, hw: tuple[int, int] = (16, 16), context_tokens: int = 77
+) -> dict:
+    """Seeded inputs of a SpatialTransformer config: x NCHW and, when it has a context_dim, a context (or one per block)."""
+    rng = np.random.default_rng(seed)
+    inputs = {"x": rng.standard_normal((batch, config.in_channels, *hw)).astype(np.float32)}
+    dims = config.context_dim
+    if isinstance(dims, tuple):
+        inputs["context"] = [rng.standard_normal((batch, context_tokens, d)).astype(np.float32) for d in dims]
+    elif dims is not None:
+        inputs["context"] = rng.standard_normal((batch, context_tokens, dims)).astype(np.float32)
+    return inputs
+
+
+def torch_spatial_transformer(config: SpatialTransformerConfig) -> torch.nn.Module:
+    """torch_ref's SpatialTransformer of `config` (its constructor's arguments)."""
+    import torch_ref
+
+    kwargs = config.to_dict()
+    del kwargs["checkpoint_policy"]  # flax_sgm's only
+    kwargs["sdp_backend"] = None  # flax_sgm's backend names; torch's kernel choice does not change the math
+    return torch_ref.SpatialTransformer(**kwargs)
+
+
+# SDXL's first transformer level (input_blocks.4.1) at 16 x 16 pixels: realistic widths, seconds on a CPU.
+VERIFY_DEFAULT = PRESETS["sdxl"].config.replace(use_checkpoint=False)
+
+
+def spatial_transformer_pair(
+    config: SpatialTransformerConfig,
+    torch_state: Mapping[str, Any] | None = None,
+    flax_module: nnx.Module | None = None,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[torch.nn.Module, nnx.Module, dict]:
+    """torch_ref's SpatialTransformer of `config`, its flax_sgm twin and seeded inputs: what `verify_modules` takes.
+
+    Weights: `torch_state` (torch names; arrays or tensors) or, without it, seeded random
+    ones. The flax side is `flax_module` (e.g. converted from a file) or converted from
+    torch's weights rounded to `dtype`, computing in `dtype`.
+    """
+    torch_module = torch_spatial_transformer(config)
+    if torch_state is None:
+        randomize_(torch_module, seed)
+    else:
+        torch_module.load_state_dict(convert.as_torch_tensors(torch_state), strict=True)
+    if flax_module is None:
+        jdtype = jnp.dtype(dtype)
+        flax_module = config.make_abstract(dtype=jdtype, param_dtype=jdtype)
+        convert.load_torch_state_dict(flax_module, torch_module.state_dict(), allow_downcast=True)
+    return torch_module, flax_module, sample_inputs(config, seed=seed)
