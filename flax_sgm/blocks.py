@@ -154,11 +154,6 @@ class BasicTransformerSingleLayerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
-        if not isinstance(n_times_crossframe_attn_in_self, (int, np.integer)):
-            raise ValueError(
-                f"{type(self).__name__}: `n_times_crossframe_attn_in_self` must be a Python int (it fixes shapes); "
-                f"got {type(n_times_crossframe_attn_in_self).__name__}"
-            )
         return maybe_checkpointed(self, type(self)._forward, x, context)
 
     def _forward(self, x, context):
