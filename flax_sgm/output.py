@@ -45,9 +45,11 @@ class StackRecord(NamedTuple):
     path: str  # relative to the directory
     param_dtype: str
     config: SpatialTransformerConfig
+    files: tuple[tuple[str, int], ...] = ()  # (path relative to the directory, size in bytes), as written
 
     def to_dict(self) -> dict:
-        return {"prefix": self.prefix, "path": self.path, "param_dtype": self.param_dtype, "config": self.config.to_dict()}
+        record = {"prefix": self.prefix, "path": self.path, "param_dtype": self.param_dtype, "config": self.config.to_dict()}
+        return record | ({"files": dict(self.files)} if self.files else {})
 
 
 def stack_name(prefix: str) -> str:
@@ -140,7 +142,7 @@ class OutputWriter:
             "version": FORMAT_VERSION,
             "weights": self.weights,
             "source": self.source,
-            "stacks": [r.to_dict() for r in self.records],
+            "stacks": [r._replace(files=_written_files(self.tmp, r.path)).to_dict() for r in self.records],
         }
         (self.tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
         try:
@@ -156,6 +158,12 @@ class OutputWriter:
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         return False
+
+
+def _written_files(root: Path, stack_path: str) -> tuple[tuple[str, int], ...]:
+    top = root / stack_path
+    files = sorted(top.rglob("*")) if top.is_dir() else [top]
+    return tuple((p.relative_to(root).as_posix(), p.stat().st_size) for p in files if p.is_file())
 
 
 def _param_dtype(params: nnx.State) -> str:
@@ -191,7 +199,8 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
-                        SpatialTransformerConfig.from_dict(s["config"], source=f"stack {s['prefix']!r}"))
+                        SpatialTransformerConfig.from_dict(s["config"], source=f"stack {s['prefix']!r}"),
+                        tuple((str(name), int(size)) for name, size in s.get("files", {}).items()))
             for s in document["stacks"]
         ]
     except CheckpointError:
@@ -219,6 +228,7 @@ def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.M
     target = Path(path) / record.path
     if not target.exists():
         raise CheckpointError(f"{target}: missing (the output directory is damaged)")
+    _check_sizes(Path(path), record)
     abstract = nnx.state(model, nnx.Param)
     if weights == "safetensors":
         restored = _restore_safetensors(target, abstract)
@@ -232,6 +242,18 @@ def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.M
             raise CheckpointError(f"{target}: damaged Orbax checkpoint ({_short(err)})") from None
     nnx.update(model, restored)
     return model
+
+
+def _check_sizes(path: Path, record: StackRecord) -> None:
+    """Missing or truncated files, found before a reader meets them (Orbax would fail noisily, or worse)."""
+    for name, size in record.files:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the output directory is damaged)")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file}: {file.stat().st_size} bytes, {path / CONFIG_FILE} records {size} (the output directory is damaged)"
+            )
 
 
 def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:

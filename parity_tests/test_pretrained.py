@@ -313,9 +313,9 @@ def damage(out: Path, how: str) -> Path:
 def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
     d, _ = sgm
     flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights=weights)
-    damage(tmp_path / "out", how)
+    victim = damage(tmp_path / "out", how)
     done = load_in_a_fresh_process(tmp_path / "out")
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1 and str(tmp_path / "out") in lines[0], done.stdout[-3000:]
+    assert len(lines) == 1 and str(victim) in lines[0], done.stdout[-3000:]
     assert ".partial-" not in lines[0] and (how != "config" or "config.json" in lines[0])
