@@ -13,15 +13,19 @@ place only when complete; a damaged one is reported in one line naming the file.
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +40,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
+
+T = TypeVar("T")
 
 
 class StackRecord(NamedTuple):
@@ -96,15 +102,14 @@ class OutputWriter:
         record = StackRecord(prefix, stack_name(prefix), dtype, config)
         if self.checkpointer is None:
             self.checkpointer = _orbax().StandardCheckpointer()
-        with self._writing(prefix), _quiet():
-            self.checkpointer.save((self.tmp / record.path).absolute(), params)  # waits for the previous save
+        path = (self.tmp / record.path).absolute()
+        self._orbax_write(prefix, lambda: self.checkpointer.save(path, params))  # waits for the previous save
         self.records.append(record)
 
     def wait(self) -> None:
         """Until the stacks given so far are written (Orbax saves in the background)."""
         if self.checkpointer is not None:
-            with self._writing(None), _quiet():
-                self.checkpointer.wait_until_finished()
+            self._orbax_write(None, self.checkpointer.wait_until_finished)
 
     def add_arrays(self, prefix: str, config: SpatialTransformerConfig, arrays: Mapping[str, np.ndarray], dtype: str):
         """A flat safetensors file of `arrays`, keyed by Flax paths."""
@@ -117,20 +122,37 @@ class OutputWriter:
 
     @contextlib.contextmanager
     def _writing(self, prefix: str | None):
-        """A write error as one line naming the output, never the staging directory."""
         try:
             yield
         except Exception as err:
-            what = f"stack {prefix!r}" if prefix is not None else "the last stack"
-            reason = _short(err).replace(str(self.tmp.absolute()), str(self.out)).replace(str(self.tmp), str(self.out))
-            raise CheckpointError(f"{self.out}: could not write {what}: {reason}") from None
+            raise self._write_error(prefix, _short(err)) from None
+
+    def _orbax_write(self, prefix: str | None, call: Callable[[], Any]) -> None:
+        def attempt():
+            try:
+                call()
+            except Exception:
+                # Its failed background tasks go with it, collected while Orbax's noise is held.
+                checkpointer, self.checkpointer = self.checkpointer, None
+                with contextlib.suppress(Exception):
+                    checkpointer.close()
+                raise
+
+        _, error = _quietly(attempt)
+        if error is not None:
+            raise self._write_error(prefix, error)
+
+    def _write_error(self, prefix: str | None, reason: str) -> CheckpointError:
+        """A write error as one line naming the output, never the staging directory."""
+        what = f"stack {prefix!r}" if prefix is not None else "the last stack"
+        reason = reason.replace(str(self.tmp.absolute()), str(self.out)).replace(str(self.tmp), str(self.out))
+        return CheckpointError(f"{self.out}: could not write {what}: {reason}")
 
     def __exit__(self, exc_type, exc, tb):
         try:
             if self.checkpointer is not None:
-                with self._writing(None), _quiet():
-                    self.checkpointer.wait_until_finished()
-                    self.checkpointer.close()
+                self._orbax_write(None, self.checkpointer.wait_until_finished)
+                self._orbax_write(None, self.checkpointer.close)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -235,11 +257,14 @@ def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.M
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         wanted = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-        try:
-            with _quiet(), _orbax().StandardCheckpointer() as checkpointer:
-                restored = checkpointer.restore(target.absolute(), wanted)
-        except Exception as err:  # tensorstore and orbax raise many types
-            raise CheckpointError(f"{target}: damaged Orbax checkpoint ({_short(err)})") from None
+
+        def read():
+            with _orbax().StandardCheckpointer() as checkpointer:
+                return checkpointer.restore(target.absolute(), wanted)
+
+        restored, error = _quietly(read)
+        if error is not None:
+            raise CheckpointError(f"{target}: damaged Orbax checkpoint ({error})")
     nnx.update(model, restored)
     return model
 
@@ -284,15 +309,48 @@ def _orbax():
     return ocp
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Orbax's absl warnings and asyncio's task reports are not for the user: a failure is raised instead."""
+def _quietly(call: Callable[[], T]) -> tuple[T | None, str | None]:
+    """`(call(), None)`, or `(None, the error in one line)`, with Orbax's noise kept from the user.
+
+    Orbax logs through absl; after a failure, the tensorstore operations it abandoned print
+    "Event loop is closed" tracebacks from their callbacks, and its coroutines complain when
+    collected, at random. All of it goes to sys.stderr, which is held for the call (process-wide):
+    passed on after a success, dropped after a failure, which the caller reports in one line.
+    After a failure, sys.stderr is given back once the abandoned work has settled.
+    """
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
+    stderr, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    result, error = None, None
     try:
-        yield
+        try:
+            result = call()
+        except Exception as err:  # tensorstore and orbax raise many types
+            error = _short(err)
+        if error is not None:
+            _settle(held)
     finally:
+        sys.stderr = stderr
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+    if error is None:
+        stderr.write(held.getvalue())
+    return result, error
+
+
+def _settle(held: io.StringIO, quiet_s: float = 0.25, limit_s: float = 2.0) -> None:
+    """Until nothing more is printed for `quiet_s` (at most `limit_s`), collecting what a failure abandoned.
+
+    The tensorstore operations a failed Orbax call leaves behind finish on their own threads, each
+    printing its callback's traceback as it does; their coroutines are finalized with them.
+    """
+    start = last_change = time.monotonic()
+    size = -1
+    while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
+        gc.collect()
+        if held.tell() != size:
+            size, last_change = held.tell(), time.monotonic()
+        time.sleep(0.02)

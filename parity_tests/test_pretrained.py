@@ -295,8 +295,15 @@ def load_in_a_fresh_process(path) -> subprocess.CompletedProcess:
 
 def damage(out: Path, how: str) -> Path:
     arrays = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "config.json" and p.stat().st_size > 1000)
+    if how == "truncated, sizes unrecorded":  # as written before config.json recorded sizes: the reader meets it
+        config = json.loads((out / "config.json").read_text())
+        for stack in config["stacks"]:
+            del stack["files"]
+        (out / "config.json").write_text(json.dumps(config))
+        damage(out, "truncated")
+        return out
     if how == "truncated":
-        victim = arrays[-1]
+        victim = max(arrays, key=lambda p: p.stat().st_size)  # the weights themselves, not spare bytes
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     elif how == "missing":
         for p in arrays:
@@ -308,7 +315,7 @@ def damage(out: Path, how: str) -> Path:
     return victim
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing", "config"])
+@pytest.mark.parametrize("how", ["truncated", "missing", "config", "truncated, sizes unrecorded"])
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
 def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
     d, _ = sgm
@@ -319,3 +326,30 @@ def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, h
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and str(victim) in lines[0], done.stdout[-3000:]
     assert ".partial-" not in lines[0] and (how != "config" or "config.json" in lines[0])
+
+
+# --- a disk that fills up ------------------------------------------------------------------------
+
+DISK_FULL = """
+import resource, signal, sys
+from flax_sgm.cli import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+cli(sys.argv[1:], prog_name="flax-sgm")
+"""
+
+
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_a_write_that_fails_is_one_line_and_leaves_nothing(sgm, tmp_path, weights):
+    d, _ = sgm
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, "convert", str(d / "sgm.safetensors"), "--heads", "2",
+         "--format", weights, "-o", str(out)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode != 0 and done.stdout == "", done.stdout[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{out}: could not write" in lines[0], done.stderr[-3000:]
+    assert ".partial-" not in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
