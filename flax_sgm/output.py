@@ -1,7 +1,8 @@
 """The directory `flax-sgm convert` writes, and reading it back.
 
   config.json           format, version, weights format, source file name, and per stack:
-                        prefix, path, param dtype, SpatialTransformerConfig
+                        prefix, path, param dtype, SpatialTransformerConfig, the size of each
+                        file written for it (checked before reading: truncated or missing)
   <stack>/              an Orbax checkpoint of the stack's nnx.Param state
                         (orbax's StandardCheckpointer, for both save and restore), or
   <stack>.safetensors   a flat file keyed by Flax paths (`transformer_blocks.0.attn1.to_q.kernel`).
