@@ -126,7 +126,7 @@ class OutputWriter:
         try:
             yield
         except Exception as err:
-            raise self._write_error(prefix, _short(err)) from None
+            raise self._write_error(prefix, _first_line(err)) from None
 
     def _orbax_write(self, prefix: str | None, call: Callable[[], Any]) -> None:
         def attempt():
@@ -147,7 +147,7 @@ class OutputWriter:
         """A write error as one line naming the output, never the staging directory."""
         what = f"stack {prefix!r}" if prefix is not None else "the last stack"
         reason = reason.replace(str(self.tmp.absolute()), str(self.out)).replace(str(self.tmp), str(self.out))
-        return CheckpointError(f"{self.out}: could not write {what}: {reason}")
+        return CheckpointError(f"{self.out}: could not write {what}: {_clip(reason)}")
 
     def __exit__(self, exc_type, exc, tb):
         try:
@@ -265,7 +265,7 @@ def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.M
 
         restored, error = _quietly(read)
         if error is not None:
-            raise CheckpointError(f"{target}: damaged Orbax checkpoint ({error})")
+            raise CheckpointError(f"{target}: damaged Orbax checkpoint ({_clip(error)})")
     nnx.update(model, restored)
     return model
 
@@ -298,10 +298,17 @@ def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
     return nnx.from_flat_state({p: jnp.asarray(v) for p, v in values.items()})
 
 
-def _short(err: BaseException) -> str:
+def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    line = text.splitlines()[0].split(". See full TensorStore details")[0] if text else type(err).__name__
+    return text.splitlines()[0].split(". See full TensorStore details")[0] if text else type(err).__name__
+
+
+def _clip(line: str) -> str:
     return line if len(line) <= 200 else line[:200] + "..."
+
+
+def _short(err: BaseException) -> str:
+    return _clip(_first_line(err))
 
 
 def _orbax():
@@ -317,8 +324,10 @@ def _quietly(call: Callable[[], T]) -> tuple[T | None, str | None]:
     "Event loop is closed" tracebacks from their callbacks, and its coroutines complain when
     collected, at random. All of it goes to sys.stderr, which is held for the call (process-wide):
     passed on after a success, dropped after a failure, which the caller reports in one line.
-    After a failure, sys.stderr is given back once the abandoned work has settled.
+    After a failure, sys.stderr is given back once the abandoned work has settled; a failed Orbax
+    task collected even later is kept out of the asyncio log by `_OrbaxTaskFilter`.
     """
+    _install_task_filter()
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -330,7 +339,7 @@ def _quietly(call: Callable[[], T]) -> tuple[T | None, str | None]:
         try:
             result = call()
         except Exception as err:  # tensorstore and orbax raise many types
-            error = _short(err)
+            error = _first_line(err)
         if error is not None:
             _settle(held)
     finally:
@@ -342,7 +351,7 @@ def _quietly(call: Callable[[], T]) -> tuple[T | None, str | None]:
     return result, error
 
 
-def _settle(held: io.StringIO, quiet_s: float = 0.25, limit_s: float = 2.0) -> None:
+def _settle(held: io.StringIO, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
     """Until nothing more is printed for `quiet_s` (at most `limit_s`), collecting what a failure abandoned.
 
     The tensorstore operations a failed Orbax call leaves behind finish on their own threads, each
@@ -355,3 +364,18 @@ def _settle(held: io.StringIO, quiet_s: float = 0.25, limit_s: float = 2.0) -> N
         if held.tell() != size:
             size, last_change = held.tell(), time.monotonic()
         time.sleep(0.02)
+
+
+class _OrbaxTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's own tasks: their failure was
+    already reported in one line; the task was only collected late."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "/orbax/" in message)
+
+
+def _install_task_filter() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxTaskFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxTaskFilter())
