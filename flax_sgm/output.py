@@ -276,10 +276,8 @@ def _check_sizes(path: Path, record: StackRecord) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (the output directory is damaged)")
-        if file.stat().st_size != size:
-            raise CheckpointError(
-                f"{file}: {file.stat().st_size} bytes, {path / CONFIG_FILE} records {size} (the output directory is damaged)"
-            )
+        if (found := file.stat().st_size) != size:
+            raise CheckpointError(f"{file}: {found} bytes, {path / CONFIG_FILE} records {size} (the output directory is damaged)")
 
 
 def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
