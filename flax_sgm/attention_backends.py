@@ -323,14 +323,15 @@ def padded_attention(q, k, v, bias, *, scale, implementation):
     return out[:, :n]
 
 
-def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int = CHUNK_SIZE):
+def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int | None = None):
     """Memory-bounded attention: query blocks mapped, key blocks scanned with an online softmax.
 
     Peak memory is O(chunk_size ** 2) logits per (batch, head); the backward pass
     recomputes each block from the saved log-sum-exp instead of storing logits.
     `bias` is float and broadcasts to [b, heads, n, m]. Statistics are float32, or
-    float64 for float64 inputs.
+    float64 for float64 inputs. `chunk_size` defaults to CHUNK_SIZE as it is at the call.
     """
+    chunk_size = chunk_size or CHUNK_SIZE
     b, n, heads, d = q.shape
     m = k.shape[1]
     # A symbolic length (jax.export) takes whole chunks: min() of it cannot be decided.
@@ -380,6 +381,10 @@ def _bias_block(bias, j, bk):
     return jax.lax.dynamic_slice_in_dim(bias, j * bk, bk, axis=-1)
 
 
+# symbolic_zeros: an input without a tangent (k and v from a fixed context, a constant bias)
+# arrives as a SymbolicZero and its terms are never built. Instantiated zero tangents were
+# a dot against broadcast(0.0), which XLA:CPU's YNNPACK fusion (jaxlib 0.10.2) computed as
+# garbage (1e30, -inf) at single-block sizes such as 256 x 256; see test_chunked_jvp.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _attend_block(q, k, v, bias, scale, bk):
     return _online_softmax(q, k, v, bias, scale, bk)[0]
@@ -412,40 +417,65 @@ def _online_softmax(q, k, v, bias, scale, bk):
     return out, running_max + jnp.log(denom)
 
 
-@_attend_block.defjvp
+def _is_zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+@functools.partial(_attend_block.defjvp, symbolic_zeros=True)
 def _attend_block_jvp(scale, bk, primals, tangents):
     """Forward-mode rule; reverse mode is its transpose, so one rule serves jax.jvp and jax.grad.
 
-    With P = softmax(S), S = q k^T * scale + bias and dS = (dq k^T + q dk^T) * scale:
+    With P = softmax(S), S = q k^T * scale + bias and dS = (dq k^T + q dk^T) * scale + dbias:
       d out = sum_j [P_j dv_j + (P_j * dS_j) v_j] - c * out,   c = sum_j rowsum(P_j * dS_j).
     Each key block's P_j is recomputed from the saved log-sum-exp inside a checkpointed
     step, so the transpose (the backward pass) also holds one [bq, bk] block at a time:
-    reverse-mode memory stays linear in the sequence length. The bias's tangent adds to dS.
+    reverse-mode memory stays linear in the sequence length. Terms of absent tangents
+    (symbolic zeros) are left out, so every combination of q, k, v and bias tangents
+    builds only what it needs.
     """
     q, k, v, bias = primals
     dq, dk, dv, dbias = tangents
     out, lse = _online_softmax(q, k, v, bias, scale, bk)
     # Named for remat policies: what the backward needs, so it need not rerun the forward.
     out, lse = checkpoint_name(out, ATTENTION_STATS), checkpoint_name(lse, ATTENTION_STATS)
+    if all(_is_zero(t) for t in tangents):
+        return out, jax.custom_derivatives.SymbolicZero(jax.typeof(out))
     f32 = _accumulation_dtype(q.dtype)
+    has_ds = not (_is_zero(dq) and _is_zero(dk) and _is_zero(dbias))
+    # The dot operands: the query block's, and the key blocks' (scanned); tangents only where present.
+    primal = ({"q": q}, {"k": k, "v": v})
+    tangent = ({} if _is_zero(dq) else {"dq": dq}, {name: t for name, t in (("dk", dk), ("dv", dv)) if not _is_zero(t)})
 
     @jax.checkpoint
     def step(carry, xs):
         acc, c = carry
-        j, kb, vb, dkb, dvb = xs
-        s = jnp.einsum("bnhd,bmhd->bhnm", q, kb, preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
+        j, (kp, kt) = xs
+        # Barriers (primal and tangent apart, so the transpose sees a linear one), so a tangent
+        # that is zero without being symbolic (jnp.zeros_like passed by the caller) reaches each
+        # dot as a buffer, not as the broadcast(0.0) that XLA:CPU's YNNPACK fusion miscomputes.
+        (qp, kp), (qt, kt) = jax.lax.optimization_barrier((primal[0], kp)), jax.lax.optimization_barrier((tangent[0], kt))
+        qb, kb = qp | qt, kp | kt
+        s = jnp.einsum("bnhd,bmhd->bhnm", qb["q"], kb["k"], preferred_element_type=f32) * scale + _bias_block(bias, j, bk)
         p = jnp.exp(s - lse[..., None])  # [b, heads, bq, bk]
-        ds = (
-            jnp.einsum("bnhd,bmhd->bhnm", dq, kb, preferred_element_type=f32)
-            + jnp.einsum("bnhd,bmhd->bhnm", q, dkb, preferred_element_type=f32)
-        ) * scale + _bias_block(dbias, j, bk)
-        pds = p * ds
-        acc = acc + jnp.einsum("bhnm,bmhd->bhnd", p, dvb.astype(f32)) + jnp.einsum("bhnm,bmhd->bhnd", pds, vb.astype(f32))
-        return (acc, c + pds.sum(-1)), None
+        if "dv" in kb:
+            acc = acc + jnp.einsum("bhnm,bmhd->bhnd", p, kb["dv"].astype(f32))
+        if has_ds:
+            ds = jnp.zeros((), f32)
+            if "dq" in qb:
+                ds = ds + jnp.einsum("bnhd,bmhd->bhnm", qb["dq"], kb["k"], preferred_element_type=f32) * scale
+            if "dk" in kb:
+                ds = ds + jnp.einsum("bnhd,bmhd->bhnm", qb["q"], kb["dk"], preferred_element_type=f32) * scale
+            if not _is_zero(dbias):
+                ds = ds + _bias_block(dbias, j, bk)
+            pds = p * ds
+            acc = acc + jnp.einsum("bhnm,bmhd->bhnd", pds, kb["v"].astype(f32))
+            c = c + pds.sum(-1)
+        return (acc, c), None
 
     b, bq, heads, d = q.shape
     init = (jnp.zeros((b, heads, bq, d), f32), jnp.zeros((b, heads, bq), f32))
-    xs = (jnp.arange(k.shape[1] // bk), *(_key_blocks(t, bk) for t in (k, v, dk, dv)))
+    blocks = tuple({name: _key_blocks(t, bk) for name, t in part[1].items()} for part in (primal, tangent))
+    xs = (jnp.arange(k.shape[1] // bk), blocks)
     (acc, c), _ = jax.lax.scan(step, init, xs)
-    dout = acc - c[..., None] * out.transpose(0, 2, 1, 3).astype(f32)
+    dout = acc - c[..., None] * out.transpose(0, 2, 1, 3).astype(f32) if has_ds else acc
     return out, dout.transpose(0, 2, 1, 3).astype(q.dtype)

@@ -107,7 +107,7 @@ class Conv1x1(nnx.Conv):
 class LayerNorm(nnx.LayerNorm):
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance; `axis`: the features' logical name.
 
-    Computed in float32 and rounded once to `dtype` (None: the input's dtype promoted
+    Computed in float32 (float64 for float64 inputs) and rounded once to `dtype` (None: the input's dtype promoted
     with the parameters'), as torch normalizes bf16.
     """
 
@@ -117,7 +117,7 @@ class LayerNorm(nnx.LayerNorm):
             epsilon=numerics.LAYER_NORM_EPS,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,
-            dtype=numerics.STATS_DTYPE,
+            dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64
             param_dtype=param_dtype,
             scale_metadata=param_metadata(axis),
             bias_metadata=param_metadata(axis),
@@ -148,7 +148,7 @@ class GroupNorm(nnx.GroupNorm):
             epsilon=numerics.GROUP_NORM_EPS,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,
-            dtype=numerics.STATS_DTYPE,
+            dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64
             param_dtype=param_dtype,
             scale_metadata=param_metadata(axis),
             bias_metadata=param_metadata(axis),

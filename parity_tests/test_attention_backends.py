@@ -1,5 +1,7 @@
 """The attention function's backends on CPU: selection for every branch, the chunked and padded paths vs XLA."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +247,70 @@ def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
             got = ab.dot_product_attention(q, k, v, scale=0.5, backend=backend)
             assert got.dtype == jnp.float64
             assert_close([got], [want], rtol=criteria.REORDERED_FLOAT64)
+
+
+# Forward mode with some inputs fixed: cross-attention to a fixed text context holds k and v
+# fixed, a constant mask has no tangent. Sizes (queries, keys, chunk): one block each way
+# above 36 queries at the default chunk (where instantiated zero tangents went wrong on
+# XLA:CPU), and both axes across chunk edges with a smaller chunk. A set without "bias" runs
+# without a mask and with a fixed one.
+TANGENT_SETS = [names for r in range(1, 5) for names in itertools.combinations(("q", "k", "v", "bias"), r)]
+JVP_SIZES = [(256, 256, ab.CHUNK_SIZE), (100, 90, 32)]
+
+
+def _attention_cases(varying, rng):
+    """(primals, tangents) per size and mask: every input random, the mask None or an additive bias."""
+    for n, m, chunk in JVP_SIZES:
+        shapes = dict(q=(1, n, 2, 8), k=(1, m, 2, 8), v=(1, m, 2, 8), bias=(1, 2, n, m))
+        primals = {name: jnp.asarray(rng.standard_normal(s), jnp.float32) for name, s in shapes.items()}
+        tangents = {name: jnp.asarray(rng.standard_normal(s), jnp.float32) for name, s in shapes.items()}
+        for with_mask in (True,) if "bias" in varying else (False, True):
+            yield chunk, primals | ({} if with_mask else {"bias": None}), tangents
+
+
+def _attention_of(backend, primals, varying):
+    """Attention as a function of the `varying` inputs, the others closed over (no tangent)."""
+
+    def f(*args):
+        inputs = primals | dict(zip(varying, args))
+        return ab.dot_product_attention(inputs["q"], inputs["k"], inputs["v"], inputs["bias"], scale=8**-0.5, backend=backend)
+
+    return f
+
+
+@pytest.mark.parametrize("varying", TANGENT_SETS, ids="+".join)
+def test_chunked_forward_mode_for_every_set_of_tangents(varying, rng, monkeypatch):
+    """jax.jvp with tangents on `varying` only: absent ones closed over, and passed as explicit zeros."""
+    for chunk, primals, tangents in _attention_cases(varying, rng):
+        monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+        at = tuple(primals[k] for k in varying)
+        along = tuple(tangents[k] for k in varying)
+        want, got = (
+            jax.jit(lambda *t: jax.jvp(_attention_of(backend, primals, varying), at, t)[1])(*along)
+            for backend in ("xla", "chunked")
+        )
+        assert_close([got], [want], rtol=REORDERED)
+        # Every input varying, the absent tangents zeros made inside the jitted program.
+        every = [k for k, value in primals.items() if value is not None]
+
+        @jax.jit
+        def explicit(*t):
+            zeros_or_tangent = tuple(t[varying.index(k)] if k in varying else jnp.zeros_like(primals[k]) for k in every)
+            return jax.jvp(_attention_of("chunked", primals, every), tuple(primals[k] for k in every), zeros_or_tangent)[1]
+
+        assert_close([explicit(*along)], [want], rtol=REORDERED)
+
+
+@pytest.mark.parametrize("varying", TANGENT_SETS, ids="+".join)
+def test_chunked_reverse_mode_for_every_set_of_inputs(varying, rng, monkeypatch):
+    """jax.grad (the transpose of the forward-mode rule) w.r.t. `varying` only, the rest closed over."""
+    for chunk, primals, tangents in _attention_cases(varying, rng):
+        monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+        cot = tangents["q"]
+
+        def grads(backend):
+            f = _attention_of(backend, primals, varying)
+            loss = lambda *a: (f(*a) * cot).sum()  # noqa: E731
+            return jax.jit(jax.grad(loss, argnums=tuple(range(len(varying)))))(*[primals[k] for k in varying])
+
+        assert_close(grads("chunked"), grads("xla"), rtol=REORDERED)

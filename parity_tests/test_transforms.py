@@ -313,3 +313,54 @@ def test_export_with_symbolic_spatial_sizes_runs_at_every_size(kind):
         x = jnp.asarray(rng.standard_normal((*size, 32)), jnp.float32)
         c = jnp.asarray(rng.standard_normal((size[0], 5, 24)), jnp.float32)
         close(exported.call(x, c), model(x, c), TOL.forward, f"exported at {size}")
+
+
+def _spatial_transformer(hw: int, *, xla: bool = False, seed: int = 0):
+    """A default-built SpatialTransformer (checkpointing on) with every weight random, and its inputs.
+
+    77 context tokens; `hw` x `hw` pixels: 16 x 16 is one 256-query block, 24 x 24 crosses the chunk edge.
+    """
+    model = flax_sgm.SpatialTransformer(64, 2, 32, context_dim=48, sdp_backend="xla" if xla else None, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)]))
+    rng = np.random.default_rng(seed)
+    x, dx = (jnp.asarray(rng.standard_normal((2, hw, hw, 64)), jnp.float32) for _ in range(2))
+    c, dc = (jnp.asarray(rng.standard_normal((2, 77, 48)), jnp.float32) for _ in range(2))
+    return model, (x, c), (dx, dc)
+
+
+FORWARD_MODES = {
+    "jax.jvp": lambda f, at, along: jax.jvp(f, at, along)[1],
+    "jax.linearize": lambda f, at, along: jax.linearize(f, *at)[1](*along),
+    # d/ds f(at + s along) at s = 0: a one-column forward Jacobian.
+    "jax.jacfwd": lambda f, at, along: jax.jacfwd(lambda s: f(*(a + s * t for a, t in zip(at, along))))(0.0),
+}
+
+
+@pytest.mark.parametrize("hw", [16, 24], ids=["256-tokens", "576-tokens"])
+@pytest.mark.parametrize("varying", ["x", "x+context"], ids=["context-fixed", "all-varying"])
+@pytest.mark.parametrize("mode", list(FORWARD_MODES))
+def test_forward_mode_above_one_chunk(mode, varying, hw):
+    """Forward mode on the model closed over in jax.jit, the context held fixed (the user's case, as in
+    consistency-model training) and varying, against the XLA-attention twin and a float64 central difference."""
+    model, (x, c), (dx, dc) = _spatial_transformer(hw)
+    twin, *_ = _spatial_transformer(hw, xla=True)
+    if varying == "x":
+        at, along, f, g = (x,), (dx,), (lambda x: model(x, c)), (lambda x: twin(x, c))
+    else:
+        at, along, f, g = (x, c), (dx, dc), model, twin
+    derivative = FORWARD_MODES[mode]
+    got = jax.jit(lambda *t: derivative(f, at, t))(*along)
+    close(got, derivative(g, at, along), TOL.grad, f"{mode} against the XLA backend")
+
+    with jax.enable_x64(True):
+        model64 = nnx.clone(model)
+        nnx.update(model64, jax.tree.map(lambda p: p.astype(jnp.float64), nnx.state(model64, nnx.Param)))
+        at64, along64 = ([jnp.asarray(a, jnp.float64) for a in args] for args in (at, along))
+        h = 1e-4
+        plus, minus = ([a + s * h * t for a, t in zip(at64, along64)] for s in (1, -1))
+        call = (lambda x: model64(x, jnp.asarray(c, jnp.float64))) if varying == "x" else model64
+        finite_difference = (call(*plus) - call(*minus)) / (2 * h)
+        close(got, finite_difference, TOL.grad, f"{mode} against a float64 central difference")
