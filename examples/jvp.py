@@ -5,7 +5,7 @@ taken inside a jitted step with the model closed over, as consistency-model trai
 checked against a central finite difference of F along the same path.
 
     python examples/jvp.py
-    python examples/jvp.py --tiny     # what CI runs
+    python examples/jvp.py --tiny     # a quick look (CI runs the default size)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import flax_sgm
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (CI)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, for a quick look")
     args = parser.parse_args()
     channels, heads, d_head, hw = (32, 2, 16, 6) if args.tiny else (320, 8, 40, 16)
 

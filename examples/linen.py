@@ -1,7 +1,7 @@
 """flax_sgm inside a Linen codebase through nnx.bridge: init, apply and grad the Linen way.
 
     python examples/linen.py
-    python examples/linen.py --tiny     # what CI runs
+    python examples/linen.py --tiny     # a quick look (CI runs the default size)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class UNetLevel(nn.Module):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (CI)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, for a quick look")
     args = parser.parse_args()
     channels, heads, d_head, hw = (32, 2, 16, 6) if args.tiny else (320, 8, 40, 16)
 

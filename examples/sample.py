@@ -8,7 +8,7 @@ not a picture). Built with its defaults, checkpointing included; load real weigh
 flax_sgm.load_pretrained.
 
     python examples/sample.py
-    python examples/sample.py --tiny     # what CI runs
+    python examples/sample.py --tiny     # a quick look (CI runs the default size)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def ddim_schedule(steps: int):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a tiny model and few steps (CI)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and few steps, for a quick look")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
     parser.add_argument("--grad-scale", type=float, default=0.1, help="input-gradient guidance weight")
     args = parser.parse_args()

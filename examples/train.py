@@ -3,7 +3,7 @@
 The loss must fall on a fixed target; the script exits non-zero if it does not.
 
     python examples/train.py            # SD1.5-like widths on a 16 x 16 latent
-    python examples/train.py --tiny     # what CI runs
+    python examples/train.py --tiny     # a quick look (CI runs the default size)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import flax_sgm
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a tiny model and few steps (CI)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and few steps, for a quick look")
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()
     channels, heads, d_head, hw, steps = (64, 2, 32, 6, 30) if args.tiny else (320, 8, 40, 16, 100)
