@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 
@@ -27,6 +28,22 @@ class UserError(click.ClickException):
     """One line on stderr, exit status 2; the traceback only with --debug."""
 
     exit_code = BAD_INPUT
+
+
+def _finite(value):
+    """`value` with every non-finite float as None: JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(value) -> str:
+    """Strict JSON (no Infinity, no NaN), as every --json prints it."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
 def _debug_option(f):
@@ -154,7 +171,7 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     )
     report = verify_modules(torch_module, flax_module, inputs, dtype=dtype, seed=seed)
     if as_json:
-        click.echo(json.dumps({"config": config.to_dict(), "source": source, **report.to_dict()}, indent=2))
+        click.echo(_json({"config": config.to_dict(), "source": source, **report.to_dict()}))
     else:
         click.echo("\n".join([*_report_head(config, source, report), report.format()]))
     sys.exit(0 if report.passed else PARITY_FAILED)
@@ -285,7 +302,7 @@ def inspect(checkpoint, as_json):
             "unsupported": problems,
         }
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(_json(info))
         return
     click.echo(f"{info['file']}: {info['format']}, {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
     click.echo(f"top-level prefixes: {', '.join(info['top_level_prefixes'])}")
@@ -424,7 +441,7 @@ def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_
     except NotImplementedError as err:  # cuDNN's refusals at trace time
         click.echo(f"Error: does not lower for {platform}: {' '.join(str(err).split())}", err=True)
         sys.exit(LOWERING_FAILED)
-    click.echo(json.dumps(report, indent=2) if as_json else format_lowering(report))
+    click.echo(_json(report) if as_json else format_lowering(report))
 
 
 def format_lowering(report: dict) -> str:
