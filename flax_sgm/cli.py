@@ -113,6 +113,7 @@ def cli(debug):
 
 
 @cli.command(
+    short_help="Check Flax against torch, submodule by submodule.",
     epilog="""\b
 Examples:
   flax-sgm verify
@@ -190,6 +191,7 @@ def _report_head(config, source: dict, report) -> list[str]:
 
 
 @cli.command(
+    short_help="Convert SpatialTransformer stacks to Flax (Orbax or safetensors).",
     epilog="""\b
 Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
@@ -276,6 +278,7 @@ def _context(context_dim) -> str:
 
 
 @cli.command(
+    short_help="List the SpatialTransformer stacks in a checkpoint.",
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
@@ -370,6 +373,7 @@ def _parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 @cli.command(
+    short_help="Lower for a platform without its hardware; report the backends.",
     cls=_OneLineUsageErrors,
     epilog="""\b
 Examples:
@@ -380,8 +384,8 @@ Examples:
   flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
-              help="A preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS) or a SpatialTransformerConfig "
-                   "JSON file (then the sdxl sizes unless given).")
+              help="A preset name, one of sdxl, long, sd15 and default (flax_sgm.config.PRESETS), or a "
+                   "SpatialTransformerConfig JSON file (run at the sdxl preset's sizes unless given).")
 @click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
               help="The platform to lower for; it need not be this machine's.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,

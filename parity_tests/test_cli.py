@@ -111,6 +111,13 @@ def test_python_dash_m_help_lists_the_commands():
     assert "Usage: flax-sgm" in out and all(c in out for c in ("verify", "convert", "inspect", "Examples"))
 
 
+def test_top_level_help_describes_each_command_in_a_whole_sentence():
+    commands = run("--help").output.split("Commands:", 1)[1].split("Examples:", 1)[0]
+    rows = [line.split(None, 1) for line in commands.strip().splitlines()]
+    assert [name for name, _ in rows] == ["convert", "inspect", "lower", "verify"]
+    assert all(text.endswith(".") and not text.endswith("...") for _, text in rows), rows
+
+
 @pytest.mark.parametrize("command", ["verify", "convert", "inspect"])
 def test_every_command_has_examples(command):
     out = run(command, "--help").output
