@@ -4,6 +4,7 @@ The examples' defaults cross the sizes where bugs hid: jvp.py's 16 x 16 latent i
 256-query attention block with 77 fixed context tokens (forward mode went wrong there).
 """
 
+import os
 import pathlib
 import re
 import subprocess
@@ -37,3 +38,14 @@ def test_readme_program_snippet_runs_and_prints_what_the_readme_says(capsys):
     assert printed == said
     # The JVP (every weight random, the context fixed) agrees with the central difference.
     assert float(printed.rsplit(" ", 1)[1]) < 1e-3
+
+
+def test_readme_sharding_program_runs_on_8_cpu_devices():
+    """The README's mesh program as a whole file, with the XLA_FLAGS line it gives for a CPU."""
+    section = (ROOT / "README.md").read_text().split("## Several devices: the model over a jax Mesh", 1)[1].split("\n## ", 1)[0]
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=8" in section
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "8 devices; to_q kernel gradient split as P(None, 'model')"
