@@ -1,7 +1,7 @@
 """The chunked (memory-bounded) attention path under autodiff on CPU: time and compiled memory.
 
 Forward, reverse mode (jax.grad of a sum) and forward mode (jax.jvp), jitted, fp32.
-With `--against REV`, the chunked path of flax_sgm/attention_backends.py at git
+With `--against REV`, the chunked path of flax_sgm/chunked_attention.py (attention_backends.py before it) at git
 revision REV runs interleaved with the working tree's, same process, same inputs:
 how the forward-mode rule was checked not to slow reverse mode (BENCHMARKS.md).
 
@@ -21,18 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import emit, environment, jax_sync, median_ms
-from flax_sgm import attention_backends
+from flax_sgm import chunked_attention
 
 SHAPES = ["1,1024,1024,4,32", "1,4096,77,5,64", "1,2048,2048,2,64"]
 
 
 def module_at(rev: str):
-    """flax_sgm.attention_backends as it was at git revision `rev`."""
+    """The module holding chunked_attention as it was at git revision `rev`."""
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(
-        ["git", "show", f"{rev}:flax_sgm/attention_backends.py"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / f"attention_backends_{rev}.py"
+    for name in ("chunked_attention", "attention_backends"):  # the kernel moved out of attention_backends
+        shown = subprocess.run(["git", "show", f"{rev}:flax_sgm/{name}.py"], cwd=root, capture_output=True, text=True)
+        if shown.returncode == 0 and "def chunked_attention" in shown.stdout:
+            break
+    else:
+        raise SystemExit(f"no chunked_attention at {rev}")
+    source = shown.stdout
+    path = Path(tempfile.mkdtemp()) / f"{name}_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -59,7 +63,7 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    impls = {"now": attention_backends}
+    impls = {"now": chunked_attention}
     if args.against:
         impls[args.against] = module_at(args.against)
     rows = []

@@ -1,7 +1,8 @@
 """flax-sgm: Stable Diffusion's sgm attention module in Flax NNX, with parity to its PyTorch original.
 
-Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_backends: the
-one attention function and its backend choice; attention: the attention modules)
+Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_policy: which
+backend runs and why; chunked_attention: the O(n) kernel; attention_backends: the one
+attention function, its dispatch and scopes; attention: the attention modules)
 -> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
 Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
 here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
@@ -11,7 +12,8 @@ cli.py. Meshes: sharding.py. Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
-from flax_sgm.attention_backends import dot_product_attention, select_backend
+from flax_sgm.attention_backends import dot_product_attention, forward_mode_scope, record_attention_calls, target_platform
+from flax_sgm.attention_policy import AttentionProblem, Choice, choose_backend, select_backend
 from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.pretrained import load_pretrained, load_pretrained_all
@@ -20,9 +22,11 @@ from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
 
 __all__ = [
+    "AttentionProblem",
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
+    "Choice",
     "CrossAttention",
     "FeedForward",
     "GEGLU",
@@ -32,9 +36,13 @@ __all__ = [
     "SpatialSelfAttention",
     "SpatialTransformer",
     "SpatialTransformerConfig",
+    "choose_backend",
     "dot_product_attention",
+    "forward_mode_scope",
     "load_pretrained",
     "load_pretrained_all",
+    "record_attention_calls",
     "select_backend",
+    "target_platform",
     "zero_module",
 ]

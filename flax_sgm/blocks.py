@@ -16,7 +16,7 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 from flax_sgm.attention import CrossAttention, MemoryEfficientCrossAttention
-from flax_sgm.attention_backends import resolve_backend
+from flax_sgm.attention_policy import resolve_backend
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import FeedForward, LayerNorm
 from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY, check_policy, checkpointed_call

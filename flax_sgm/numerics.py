@@ -18,6 +18,11 @@ USE_FAST_VARIANCE = False
 STATS_DTYPE = jax.numpy.float32
 
 
+def stats_dtype(dtype) -> jax.numpy.dtype:
+    """Where softmax and norm statistics are kept: float32, or float64 for float64 inputs (jax_enable_x64)."""
+    return jax.numpy.promote_types(dtype, STATS_DTYPE)
+
+
 def in_float32(f, *xs: jax.Array, out_dtype=None) -> jax.Array:
     """f(*xs) computed in (at least) float32, its result rounded once to `out_dtype` (default: xs[0]'s).
 
@@ -25,7 +30,7 @@ def in_float32(f, *xs: jax.Array, out_dtype=None) -> jax.Array:
     rounds once, forward and backward; JAX's autodiff of the same formula in bf16
     rounds at every step (test_low_precision.py). In float32 the casts are no-ops.
     """
-    acc = jax.numpy.promote_types(xs[0].dtype, STATS_DTYPE)
+    acc = stats_dtype(xs[0].dtype)
     return f(*(x.astype(acc) for x in xs)).astype(out_dtype or xs[0].dtype)
 
 

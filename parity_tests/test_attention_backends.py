@@ -9,7 +9,9 @@ import pytest
 
 from conftest import REORDERED, criteria
 from flax_sgm import attention_backends as ab
-from flax_sgm.attention_backends import AttentionProblem, select_backend
+from flax_sgm import attention_policy
+from flax_sgm.attention_policy import AttentionProblem, select_backend
+from flax_sgm.chunked_attention import chunked_attention
 
 
 def problem(platform="gpu", dtype=jnp.bfloat16, b=2, heads=10, n=4096, m=4096, d=64, has_mask=False):
@@ -76,9 +78,9 @@ def test_unknown_backend_is_an_error():
 def test_torch_sdp_backend_members_map_by_name():
     from torch.nn.attention import SDPBackend
 
-    assert ab.resolve_backend(SDPBackend.MATH) == "xla"
-    assert ab.resolve_backend(SDPBackend.FLASH_ATTENTION) == "cudnn"
-    assert ab.resolve_backend(SDPBackend.EFFICIENT_ATTENTION) == "cudnn"
+    assert attention_policy.resolve_backend(SDPBackend.MATH) == "xla"
+    assert attention_policy.resolve_backend(SDPBackend.FLASH_ATTENTION) == "cudnn"
+    assert attention_policy.resolve_backend(SDPBackend.EFFICIENT_ATTENTION) == "cudnn"
 
 
 def qkv(rng, b=2, n=37, m=29, heads=3, d=8, dtype=np.float32):
@@ -116,7 +118,7 @@ def assert_close(got, want, rtol):
 def test_chunked_matches_xla_forward_and_gradients(chunk, mask_kind, rng, monkeypatch):
     q, k, v = qkv(rng)
     mask = masks(rng, 2, 3, 37, 29)[mask_kind]
-    monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+    monkeypatch.setattr(attention_policy, "CHUNK_SIZE", chunk)
     scale = 8**-0.5
 
     def run(backend):
@@ -127,7 +129,7 @@ def test_chunked_matches_xla_forward_and_gradients(chunk, mask_kind, rng, monkey
 
 def test_chunked_directly_with_long_sequences_is_exact(rng):
     q, k, v = qkv(rng, b=1, n=1500, m=1300, heads=2, d=16)
-    out = ab.chunked_attention(q, k, v, scale=0.25, chunk_size=512)
+    out = chunked_attention(q, k, v, scale=0.25, chunk_size=512)
     ref = jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation="xla")
     assert_close([out], [ref], rtol=REORDERED)
 
@@ -204,7 +206,7 @@ def test_symbolic_sizes_choose_the_bounded_path_without_comparing():
 
     b, n = export.symbolic_shape("b, n")
     for platform, dtype in [("cpu", jnp.float32), ("gpu", jnp.bfloat16)]:
-        choice = ab.choose_backend("auto", problem(platform=platform, dtype=dtype, b=b, n=n, m=77))
+        choice = attention_policy.choose_backend("auto", problem(platform=platform, dtype=dtype, b=b, n=n, m=77))
         assert choice.backend == "chunked" and "symbolic" in choice.reason
 
 
@@ -218,7 +220,7 @@ def _softmax_reference(q, k, v, bias, scale):
 @pytest.mark.parametrize("mask_shape", [(2, 3, 70, 50), (1, 1, 1, 50)], ids=["full", "per-key"])
 def test_additive_mask_gets_its_gradient(backend, mask_shape, rng, monkeypatch):
     """torch SDPA differentiates a float attn_mask (a learned bias); so does every backend here."""
-    monkeypatch.setattr(ab, "CHUNK_SIZE", 16)  # several query and key blocks
+    monkeypatch.setattr(attention_policy, "CHUNK_SIZE", 16)  # several query and key blocks
     q = jnp.asarray(rng.standard_normal((2, 70, 3, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((2, 50, 3, 8)), jnp.float32) for _ in range(2))
     mask = jnp.asarray(rng.standard_normal(mask_shape), jnp.float32)
@@ -237,7 +239,7 @@ def test_additive_mask_gets_its_gradient(backend, mask_shape, rng, monkeypatch):
 
 
 def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
-    monkeypatch.setattr(ab, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(attention_policy, "CHUNK_SIZE", 16)
     with jax.enable_x64(True):
         q = jnp.asarray(rng.standard_normal((1, 40, 2, 8)), jnp.float64)
         k, v = (jnp.asarray(rng.standard_normal((1, 33, 2, 8)), jnp.float64) for _ in range(2))
@@ -255,7 +257,7 @@ def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
 # XLA:CPU), and both axes across chunk edges with a smaller chunk. A set without "bias" runs
 # without a mask and with a fixed one.
 TANGENT_SETS = [names for r in range(1, 5) for names in itertools.combinations(("q", "k", "v", "bias"), r)]
-JVP_SIZES = [(256, 256, ab.CHUNK_SIZE), (100, 90, 32)]
+JVP_SIZES = [(256, 256, attention_policy.CHUNK_SIZE), (100, 90, 32)]
 
 
 def _attention_cases(varying, rng):
@@ -282,7 +284,7 @@ def _attention_of(backend, primals, varying):
 def test_chunked_forward_mode_for_every_set_of_tangents(varying, rng, monkeypatch):
     """jax.jvp with tangents on `varying` only: absent ones closed over, and passed as explicit zeros."""
     for chunk, primals, tangents in _attention_cases(varying, rng):
-        monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+        monkeypatch.setattr(attention_policy, "CHUNK_SIZE", chunk)
         at = tuple(primals[k] for k in varying)
         along = tuple(tangents[k] for k in varying)
         want, got = (
@@ -305,7 +307,7 @@ def test_chunked_forward_mode_for_every_set_of_tangents(varying, rng, monkeypatc
 def test_chunked_reverse_mode_for_every_set_of_inputs(varying, rng, monkeypatch):
     """jax.grad (the transpose of the forward-mode rule) w.r.t. `varying` only, the rest closed over."""
     for chunk, primals, tangents in _attention_cases(varying, rng):
-        monkeypatch.setattr(ab, "CHUNK_SIZE", chunk)
+        monkeypatch.setattr(attention_policy, "CHUNK_SIZE", chunk)
         cot = tangents["q"]
 
         def grads(backend):

@@ -16,7 +16,7 @@ import flax_sgm
 import torch_ref
 from flax_sgm import pretrained
 from flax_sgm.layout import CheckpointError
-from flax_sgm.attention_backends import BACKENDS
+from flax_sgm.attention_policy import BACKENDS
 from flax_sgm.cli import cli
 from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.verify import CRITERIA, criteria, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err, seeded

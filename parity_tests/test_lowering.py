@@ -21,7 +21,7 @@ from flax import nnx
 
 import flax_sgm
 from flax_sgm import lowering
-from flax_sgm.attention_backends import AttentionProblem, choose_backend
+from flax_sgm.attention_policy import AttentionProblem, choose_backend
 from flax_sgm.cli import cli
 from flax_sgm.config import PRESETS, SpatialTransformerConfig
 
