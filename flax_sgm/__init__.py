@@ -16,7 +16,9 @@ from flax_sgm.attention_backends import dot_product_attention, forward_mode_scop
 from flax_sgm.attention_policy import AttentionProblem, Choice, choose_backend, select_backend
 from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.pretrained import load_pretrained, load_pretrained_all
+from flax_sgm.convert import ConversionError
+from flax_sgm.layout import CheckpointError
+from flax_sgm.pretrained import convert_file, load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
@@ -26,7 +28,9 @@ __all__ = [
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
+    "CheckpointError",
     "Choice",
+    "ConversionError",
     "CrossAttention",
     "FeedForward",
     "GEGLU",
@@ -37,6 +41,7 @@ __all__ = [
     "SpatialTransformer",
     "SpatialTransformerConfig",
     "choose_backend",
+    "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
     "load_pretrained",

@@ -118,7 +118,8 @@ class MemoryEfficientCrossAttention(CrossAttention):
     """The seed's xformers class: the same attention with backend "auto".
 
     Unlike the seed it takes masks, and its cross-frame attention is the same as
-    CrossAttention's. Extra keyword arguments (the seed passes `backend`) are ignored.
+    CrossAttention's. `backend` (which the seed's BasicTransformerBlock passes and its
+    xformers class ignores) is ignored too; any other argument is a TypeError.
     """
 
     def __init__(
@@ -132,9 +133,9 @@ class MemoryEfficientCrossAttention(CrossAttention):
         rngs: nnx.Rngs,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
-        **kwargs,
+        backend=None,
     ):
-        del kwargs
+        del backend  # "auto" always, as the seed's xformers class
         super().__init__(
             query_dim, context_dim, heads, dim_head, dropout, "auto", rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )

@@ -162,7 +162,7 @@ class Preset(NamedTuple):
     context_tokens: int
 
 
-# The sizes the GPU tables and `flax-sgm lower` use (shared/GPU.md, BENCHMARKS.md).
+# The sizes the GPU tables and `flax-sgm lower` use (BENCHMARKS.md).
 PRESETS = {
     # SDXL's first transformer level (input_blocks.4.1): 2 x 4096 tokens, context 77 x 2048.
     "sdxl": Preset(SpatialTransformerConfig(640, 10, 64, depth=2, context_dim=2048, use_linear=True), 2, (64, 64), 77),

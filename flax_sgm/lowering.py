@@ -38,7 +38,7 @@ from flax_sgm.config import SpatialTransformerConfig
 
 # The lowering platform (jax's name) -> the platform backend selection sees (jax.default_backend()'s name).
 PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
-# cuDNN 9.19: the version on the lent H200 machine (torch 2.11's cuDNN, ../shared/GPU.md).
+# cuDNN 9.19: the version measured on an H200 with torch 2.11's cuDNN (BENCHMARKS.md).
 CUDNN_VERSION_STAND_IN = 91900
 CUDNN_PREFIX = "__cudnn$fmha"
 # The attention modules: the ones that call attention_backends.dot_product_attention.

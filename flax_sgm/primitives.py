@@ -193,7 +193,7 @@ class GEGLU(nnx.Module):
     """x * gelu(gate), both halves of one projection (value first, as torch's chunk)."""
 
     def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        self.dim_in, self.dim_out = dim_in, dim_out
+        self.dim_in = dim_in
         self.proj = Linear(dim_in, dim_out * 2, axes=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:

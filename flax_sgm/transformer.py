@@ -63,8 +63,6 @@ class SpatialTransformer(nnx.Module):
     ):
         context_dims = per_block_context_dims(context_dim, depth)
         self.in_channels = in_channels
-        self.context_dims = tuple(context_dims)
-        self.use_linear = use_linear
         inner_dim = n_heads * d_head
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(in_channels, **layer)

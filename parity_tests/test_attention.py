@@ -181,3 +181,9 @@ def test_spatial_modules_bad_input():
         flax_sgm.SpatialSelfAttention(32, rngs=nnx.Rngs(0))(jnp.zeros((1, 5, 32)))
     with pytest.raises(ValueError, match=r"Normalize \(GroupNorm\): `in_channels` must be divisible by 32 groups; got 20"):
         flax_sgm.SpatialSelfAttention(20, rngs=nnx.Rngs(0))
+
+
+def test_memory_efficient_attention_takes_the_seeds_backend_and_refuses_other_arguments():
+    flax_sgm.MemoryEfficientCrossAttention(16, 12, 2, 8, backend="MATH", rngs=nnx.Rngs(0))  # passed by the seed's block, ignored
+    with pytest.raises(TypeError, match="unexpected keyword argument 'head_dim'"):
+        flax_sgm.MemoryEfficientCrossAttention(16, 12, 2, head_dim=8, rngs=nnx.Rngs(0))

@@ -1,5 +1,8 @@
 """flax_sgm.verify: verify_modules on the modules users bring (torch_ref, diffusers), and the float64 referee."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,10 @@ def test_bad_calls_raise_value_errors(diffusers_pair, rng):
         compare(model, twin, image_inputs(rng), reference="float16")
     with pytest.raises(ValueError, match="bfloat16 is judged against float64"):
         compare(model, twin, image_inputs(rng), dtype="bfloat16", reference="torch")
+
+
+def test_flax_sgm_and_the_criteria_import_without_torch():
+    """Tolerances are read by torch-free code (and import flax_sgm never needs torch)."""
+    code = "import sys, flax_sgm; from flax_sgm.verify import criteria; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -7,11 +7,34 @@
   seeded       seeded random weights and inputs
 """
 
-from flax_sgm.verify.adapters import CallAdapter, adapter_for
+import importlib
+
 from flax_sgm.verify.criteria import CRITERIA, NEGLIGIBLE_GRAD, Criterion
-from flax_sgm.verify.harness import Comparison, compare, nchw_to_nhwc, nhwc_to_nchw, rel_err
-from flax_sgm.verify.modules import Report, Row, submodule_names, verify_modules
-from flax_sgm.verify.seeded import flax_twin, randomize_, sample_inputs
+
+# The torch-backed names load on first use, so `from flax_sgm.verify import criteria` stays torch-free.
+_LAZY = {
+    "CallAdapter": "adapters",
+    "adapter_for": "adapters",
+    "Comparison": "harness",
+    "compare": "harness",
+    "nchw_to_nhwc": "harness",
+    "nhwc_to_nchw": "harness",
+    "rel_err": "harness",
+    "Report": "modules",
+    "Row": "modules",
+    "submodule_names": "modules",
+    "verify_modules": "modules",
+    "flax_twin": "seeded",
+    "randomize_": "seeded",
+    "sample_inputs": "seeded",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"flax_sgm.verify.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'flax_sgm.verify' has no attribute {name!r}")
+
 
 __all__ = [
     "CRITERIA",

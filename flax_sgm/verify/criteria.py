@@ -36,7 +36,6 @@ CRITERIA = {
     # beyond 2.5x, and a median, which a systematic loss moves, of at most 1.1.
     "bfloat16": Criterion(slack=2.5, forward=0.0, grad=0.0, median=1.1),
 }
-DTYPES = tuple(CRITERIA)
 
 # A gradient whose reference values all lie below this fraction of the largest
 # gradient of the comparison is zero as far as fp32 can tell (q and k of an attention
