@@ -213,18 +213,13 @@ def _context_shapes(config: SpatialTransformerConfig, inputs: Inputs):
     return shapes if len(shapes) > 1 else shapes[0]
 
 
-def _check_divisible(what: str, shape, spec, mesh) -> None:
-    for i, (dim, axis) in enumerate(zip(shape, spec)):
-        size = mesh.shape[axis] if axis is not None else 1
-        if dim % size:
-            raise ValueError(f"{what} {list(shape)}: dimension {i} ({dim}) does not split over mesh axis {axis!r} ({size})")
-
-
 def _abstract(shape, dtype, mesh, axes, what):
     if mesh is None:
         return jax.ShapeDtypeStruct(shape, dtype)
     spec = sharding.logical_to_spec(axes)
-    _check_divisible(what, shape, spec, mesh)
+    problems = sharding.check_divisible(f"{what} {list(shape)}", shape, spec, mesh)
+    if problems:
+        raise ValueError("; ".join(problems))
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 

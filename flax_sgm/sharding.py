@@ -128,7 +128,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 MAX_LISTED = 4  # problems a placement error lists before counting the rest
 
 
-def _check_divisible(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[str]:
+def check_divisible(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[str]:
+    """One line per dimension of `shape` that the mesh axes of `spec` (a name, a tuple of names or None) do not split."""
     return [
         f"{what}: dimension {i} ({dim}) is not divisible by mesh axes {a} ({_axis_size(mesh, a)} devices)"
         for i, (dim, a) in enumerate(zip(shape, spec))
@@ -171,7 +172,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
     for (path, value), (_, sharding) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
         value = value.get_value() if isinstance(value, nnx.Variable) else value
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        problems += _check_divisible(".".join(map(str, path)), value.shape, sharding.spec, mesh)
+        problems += check_divisible(".".join(map(str, path)), value.shape, sharding.spec, mesh)
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
         raise ValueError("shard_model: the model does not fit the mesh:\n  " + "\n  ".join(shown))
@@ -188,7 +189,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
 def place(x, axes: Sequence[str | None], mesh: Mesh, rules=RULES) -> jax.Array:
     """Put one array on `mesh` by its logical axes (e.g. IMAGE, TOKENS, CONTEXT)."""
     spec = logical_to_spec(axes, rules)
-    problems = _check_divisible(f"array of shape {jnp.shape(x)}", jnp.shape(x), spec, mesh)
+    problems = check_divisible(f"array of shape {jnp.shape(x)}", jnp.shape(x), spec, mesh)
     if problems:
         raise ValueError("place: " + "; ".join(problems))
     return jax.device_put(x, NamedSharding(mesh, spec))
