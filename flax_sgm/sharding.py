@@ -13,6 +13,11 @@ names through `constrain`. RULES maps the logical names onto the mesh axes of
          the feed-forward input are split by output features, to_out and the
          feed-forward output by input features (one all-reduce each).
 
+`shard_model(..., fsdp=True)` adds fully sharded data parallelism: each parameter
+is also split over `data`, on its largest dimension that axis divides and no other
+splits, so parameters (and the optimizer state made from them) take 1/data of their
+bytes per device; jit gathers each weight where it is used.
+
 Everything here is inert until a mesh and rules are active (`use_mesh`), so
 single-device code is unchanged.
 """
@@ -152,22 +157,51 @@ def _check_heads(model: nnx.Module, mesh: Mesh, rules) -> list[str]:
     ]
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.State:
-    """NamedSharding of every variable of `model` (unannotated ones are replicated)."""
+FSDP_AXIS = "data"
+
+
+def fsdp_spec(shape, spec: PartitionSpec, mesh: Mesh, axis: str = FSDP_AXIS) -> PartitionSpec:
+    """`spec` with `axis` added on the largest dimension of `shape` it divides and no other mesh axis splits.
+
+    A parameter with no such dimension (a bias of odd width) stays as it was: replicated over `axis`.
+    """
+    size = mesh.shape[axis]
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    free = [i for i, (dim, entry) in enumerate(zip(shape, entries)) if entry is None and dim % size == 0]
+    if size == 1 or not free:
+        return spec
+    entries[max(free, key=lambda i: shape[i])] = axis
+    return PartitionSpec(*entries)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=RULES, *, fsdp: bool = False) -> nnx.State:
+    """NamedSharding of every variable of `model` (unannotated ones are replicated); with `fsdp`, parameters
+    are also split over the data axis (`fsdp_spec`)."""
     with nnx.logical_axis_rules(rules):
-        return nnx.get_named_sharding(nnx.state(model), mesh)
+        shardings = nnx.get_named_sharding(nnx.state(model), mesh)
+    if not fsdp:
+        return shardings
+
+    def widen(variable, value):
+        if not isinstance(variable, nnx.Param):
+            return variable
+        sharding = variable.get_value()
+        return variable.replace(NamedSharding(mesh, fsdp_spec(value.shape, sharding.spec, mesh)))
+
+    values = nnx.state(model)
+    return jax.tree.map(widen, shardings, values, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES, *, fsdp: bool = False) -> nnx.Module:
     """Place `model`'s variables on `mesh` by their logical axes, in place; returns the model.
 
     An abstract model (nnx.eval_shape) gets the shardings on its ShapeDtypeStructs
     instead, ready for `jax.jit(...).lower`. Raises ValueError listing every
     parameter that does not divide over its mesh axes, and every attention whose
-    heads do not divide over the heads axis.
+    heads do not divide over the heads axis. `fsdp`: parameters split over `data` too.
     """
     state = nnx.state(model)
-    shardings = param_shardings(model, mesh, rules)
+    shardings = param_shardings(model, mesh, rules, fsdp=fsdp)
     problems = _check_heads(model, mesh, rules)
     for (path, value), (_, sharding) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
         value = value.get_value() if isinstance(value, nnx.Variable) else value

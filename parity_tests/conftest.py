@@ -54,11 +54,18 @@ def assert_parity(result: Comparison, label: str) -> None:
 
 
 def assert_close(got, want, tol: float = criteria.REORDERED, what: str = "") -> None:
-    """Each array within `tol` of the largest magnitude of its reference (same math, another order)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    diff, scale = float(np.abs(got - want).max(initial=0.0)), float(np.abs(want).max(initial=0.0))
-    assert diff <= tol * scale, f"{what}: max diff {diff:.3g} > {tol} x {scale:.3g}"
+    """Each array (of two matching pytrees) within `tol` of the largest magnitude of its reference.
+
+    The default, criteria.REORDERED, is for the same math summed in another order.
+    """
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves), f"{what}: {len(got_leaves)} arrays, expected {len(want_leaves)}"
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        name = f"{what} [{i}]" if len(want_leaves) > 1 else what
+        assert g.shape == w.shape, f"{name}: shape {g.shape}, expected {w.shape}"
+        diff, scale = float(np.abs(g - w).max(initial=0.0)), float(np.abs(w).max(initial=0.0))
+        assert diff <= tol * scale, f"{name}: max diff {diff:.3g} > {tol} x {scale:.3g}"
 
 
 def _merge(measured: dict) -> None:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REORDERED, criteria
+from conftest import assert_close, criteria
 from flax_sgm import attention_backends as ab
 from flax_sgm import attention_policy
 from flax_sgm.attention_policy import AttentionProblem, select_backend
@@ -106,13 +106,6 @@ def output_and_grads(fn, q, k, v):
     return [out, *vjp(cot)]
 
 
-def assert_close(got, want, rtol):
-    """Each array within rtol of the largest magnitude of its reference."""
-    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
-        diff, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
-        assert diff <= rtol * scale, f"{name}: max diff {diff:.3g} > {rtol} x {scale:.3g}"
-
-
 @pytest.mark.parametrize("mask_kind", ["none", "bool-b1nm", "float-1h1m"])
 @pytest.mark.parametrize("chunk", [8, 16, 64], ids=["chunk8", "chunk16", "chunk64"])
 def test_chunked_matches_xla_forward_and_gradients(chunk, mask_kind, rng, monkeypatch):
@@ -124,14 +117,14 @@ def test_chunked_matches_xla_forward_and_gradients(chunk, mask_kind, rng, monkey
     def run(backend):
         return output_and_grads(lambda q, k, v: ab.dot_product_attention(q, k, v, mask, scale=scale, backend=backend), q, k, v)
 
-    assert_close(run("chunked"), run("xla"), rtol=REORDERED)
+    assert_close(run("chunked"), run("xla"))
 
 
 def test_chunked_directly_with_long_sequences_is_exact(rng):
     q, k, v = qkv(rng, b=1, n=1500, m=1300, heads=2, d=16)
     out = chunked_attention(q, k, v, scale=0.25, chunk_size=512)
     ref = jax.nn.dot_product_attention(q, k, v, scale=0.25, implementation="xla")
-    assert_close([out], [ref], rtol=REORDERED)
+    assert_close([out], [ref])
 
 
 def test_chunked_memory_is_bounded():
@@ -164,7 +157,7 @@ def test_padded_path_is_exact(n, m, mask_kind, rng):
     def plain(q, k, v):
         return jnp.where(valid, jax.nn.dot_product_attention(q, k, v, bias=bias, scale=0.3, implementation="xla"), 0)
 
-    assert_close(output_and_grads(padded, q, k, v), output_and_grads(plain, q, k, v), rtol=REORDERED)
+    assert_close(output_and_grads(padded, q, k, v), output_and_grads(plain, q, k, v))
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
@@ -232,10 +225,10 @@ def test_additive_mask_gets_its_gradient(backend, mask_shape, rng, monkeypatch):
     got = jax.grad(loss)(mask, lambda m: ab.dot_product_attention(q, k, v, m, scale=0.3, backend=backend))
     want = jax.grad(loss)(mask, lambda m: _softmax_reference(q, k, v, m, 0.3))
     assert np.abs(want).max() > 0
-    assert_close([got], [want], rtol=REORDERED)
+    assert_close([got], [want])
     _, tangent = jax.jvp(lambda m: ab.dot_product_attention(q, k, v, m, scale=0.3, backend=backend), (mask,), (mask,))
     _, want_tangent = jax.jvp(lambda m: _softmax_reference(q, k, v, m, 0.3), (mask,), (mask,))
-    assert_close([tangent], [want_tangent], rtol=REORDERED)
+    assert_close([tangent], [want_tangent])
 
 
 def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
@@ -248,7 +241,7 @@ def test_float64_inputs_keep_float64_accuracy(rng, monkeypatch):
         for backend in ("chunked", "auto"):
             got = ab.dot_product_attention(q, k, v, scale=0.5, backend=backend)
             assert got.dtype == jnp.float64
-            assert_close([got], [want], rtol=criteria.REORDERED_FLOAT64)
+            assert_close([got], [want], criteria.REORDERED_FLOAT64)
 
 
 # Forward mode with some inputs fixed: cross-attention to a fixed text context holds k and v
@@ -291,7 +284,7 @@ def test_chunked_forward_mode_for_every_set_of_tangents(varying, rng, monkeypatc
             jax.jit(lambda *t: jax.jvp(_attention_of(backend, primals, varying), at, t)[1])(*along)
             for backend in ("xla", "chunked")
         )
-        assert_close([got], [want], rtol=REORDERED)
+        assert_close([got], [want])
         # Every input varying, the absent tangents zeros made inside the jitted program.
         every = [k for k, value in primals.items() if value is not None]
 
@@ -300,7 +293,7 @@ def test_chunked_forward_mode_for_every_set_of_tangents(varying, rng, monkeypatc
             zeros_or_tangent = tuple(t[varying.index(k)] if k in varying else jnp.zeros_like(primals[k]) for k in every)
             return jax.jvp(_attention_of("chunked", primals, every), tuple(primals[k] for k in every), zeros_or_tangent)[1]
 
-        assert_close([explicit(*along)], [want], rtol=REORDERED)
+        assert_close([explicit(*along)], [want])
 
 
 @pytest.mark.parametrize("varying", TANGENT_SETS, ids="+".join)
@@ -315,4 +308,4 @@ def test_chunked_reverse_mode_for_every_set_of_inputs(varying, rng, monkeypatch)
             loss = lambda *a: (f(*a) * cot).sum()  # noqa: E731
             return jax.jit(jax.grad(loss, argnums=tuple(range(len(varying)))))(*[primals[k] for k in varying])
 
-        assert_close(grads("chunked"), grads("xla"), rtol=REORDERED)
+        assert_close(grads("chunked"), grads("xla"))

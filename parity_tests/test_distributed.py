@@ -1,0 +1,156 @@
+"""Training past one device: fully sharded data parallelism, and several processes through jax.distributed.
+
+Each run is a fresh process (this file as a script), since the device count and
+jax.distributed must be set before jax starts: one device; 8 virtual CPU devices with
+parameters split over `data` (FSDP); and 2 processes x 2 CPU devices joined by
+`jax.distributed.initialize` (gloo collectives), each feeding its half of the batch.
+Every run takes the same SGD step on the same weights and global batch and saves the
+loss and the updated parameters, which must equal the one-device run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BATCH = 8  # divides every mesh here
+
+
+def _step(mesh_shape: dict | None, fsdp: bool, out: Path) -> None:
+    """One SGD step of a default-built SpatialTransformer (checkpointing on); saves loss, params and memory figures."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    import flax_sgm
+    from flax_sgm import sharding
+
+    model = flax_sgm.SpatialTransformer(64, 4, 16, context_dim=48, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(lambda p: 0.2 * jax.random.normal(next(keys), p.shape), params))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, 8, 8, 64)).astype(np.float32)
+    context = rng.standard_normal((BATCH, 7, 48)).astype(np.float32)
+    target = rng.standard_normal((BATCH, 8, 8, 64)).astype(np.float32)
+
+    figures = {}
+    if mesh_shape is not None:
+        mesh = sharding.make_mesh(**mesh_shape)
+        sharding.shard_model(model, mesh, fsdp=fsdp)
+        # Each process holds its own rows of the global batch (here: by process index).
+        rows = np.array_split(np.arange(BATCH), jax.process_count())[jax.process_index()]
+
+        def global_array(a):
+            spec = sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1))
+            return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), a[rows], a.shape)
+
+        x, context, target = (global_array(a) for a in (x, context, target))
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        figures["param_bytes"] = sum(p.nbytes for p in leaves)
+        figures["param_bytes_per_device"] = sum(p.addressable_shards[0].data.nbytes for p in leaves)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    def train_step(model, optimizer, x, context, target):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x, context) - target) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    step = nnx.jit(train_step)
+    if mesh_shape is not None:
+        with sharding.use_mesh(mesh):
+            compiled = step.lower(model, optimizer, x, context, target).compile()
+            figures["argument_bytes_per_device"] = compiled.memory_analysis().argument_size_in_bytes
+            loss = step(model, optimizer, x, context, target)
+    else:
+        loss = step(model, optimizer, x, context, target)
+    updated = {".".join(map(str, k)): np.asarray(multihost_utils.process_allgather(v.get_value(), tiled=True))
+               for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if jax.process_index() == 0:
+        np.savez(out.with_suffix(".npz"), **updated)
+        out.write_text(json.dumps({"loss": float(loss), **figures}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args, devices: int = 1, timeout: int = 600) -> list[subprocess.Popen]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, __file__, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait(processes) -> None:
+    for p in processes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run's (figures, params), started together: one device, FSDP over 8 devices, 2 processes x 2 devices."""
+    d = tmp_path_factory.mktemp("distributed")
+    port = _free_port()
+    started = [
+        _run("one", d / "one.json"),
+        _run("fsdp", d / "fsdp.json", devices=8),
+        _run("data", d / "data.json", devices=8),
+        *(_run("process", i, 2, port, d / "processes.json", devices=2) for i in range(2)),
+    ]
+    _wait(started)
+    return {name: (json.loads((d / f"{name}.json").read_text()), dict(np.load(d / f"{name}.npz")))
+            for name in ("one", "fsdp", "data", "processes")}
+
+
+@pytest.mark.parametrize("name", ["fsdp", "processes"], ids=["fsdp-8-devices", "2-processes-x-2-devices"])
+def test_a_training_step_equals_one_devices(runs, name):
+    from conftest import assert_close
+
+    (want, want_params), (got, got_params) = runs["one"], runs[name]
+    assert_close(got["loss"], want["loss"], what="loss")
+    assert got_params.keys() == want_params.keys()
+    for key in want_params:
+        assert_close(got_params[key], want_params[key], what=key)
+
+
+def test_fsdp_splits_the_parameters_over_the_data_axis(runs):
+    fsdp, data = runs["fsdp"][0], runs["data"][0]
+    # Replicated (data parallel): every device holds every parameter.
+    assert data["param_bytes_per_device"] == data["param_bytes"]
+    # FSDP: about 1/8 each; only the few vectors whose width 8 does not divide stay whole.
+    assert fsdp["param_bytes_per_device"] <= 1.05 * fsdp["param_bytes"] / 8
+    # What the compiled step takes in per device (parameters, optimizer state, inputs) falls with them.
+    assert fsdp["argument_bytes_per_device"] < 0.25 * data["argument_bytes_per_device"]
+
+
+def _main(argv: list[str]) -> None:
+    mode, *rest = argv
+    if mode == "one":
+        _step(None, False, Path(rest[0]))
+    elif mode in ("fsdp", "data"):
+        _step({"data": 8}, mode == "fsdp", Path(rest[0]))
+    else:
+        process_id, processes, port, out = int(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3])
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process_id)
+        _step({"data": jax.device_count()}, True, out)
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _main(sys.argv[1:])
