@@ -7,7 +7,9 @@ Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
 here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
 mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
-cli.py. Meshes: sharding.py. Lowering for another platform: lowering.py.
+cli.py. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
+(UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
+layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
@@ -18,6 +20,9 @@ from flax_sgm.pretrained import load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.transformer import SpatialTransformer
+from flax_sgm.pretrained_unet import load_unet
+from flax_sgm.unet import UNetModel
+from flax_sgm.unet_config import UNetConfig
 
 __all__ = [
     "BasicTransformerBlock",
@@ -32,9 +37,12 @@ __all__ = [
     "SpatialSelfAttention",
     "SpatialTransformer",
     "SpatialTransformerConfig",
+    "UNetConfig",
+    "UNetModel",
     "dot_product_attention",
     "load_pretrained",
     "load_pretrained_all",
+    "load_unet",
     "select_backend",
     "zero_module",
 ]

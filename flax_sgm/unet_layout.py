@@ -78,3 +78,103 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
                 pairs += _layer(f"output_blocks.{n}.{m}.", layer, place(layer, up_level, index, down=False))
             n += 1
     return KeyLayout("diffusers", tuple(pairs))
+
+
+# Reading a config off sgm-named weights ------------------------------------------------------
+
+UNET_MARK = "input_blocks.0.0.weight"  # [model_channels, in_channels, 3, 3]: marks a UNet
+
+
+def _count(keys, stem: str) -> int:
+    """How many transformer blocks a stack at `stem` has."""
+    blocks = {k[len(stem):].split(".", 2)[1] for k in keys if k.startswith(stem + "transformer_blocks.")}
+    return len(blocks)
+
+
+def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_dim=None, source: str = "checkpoint", **options):
+    """The UNetConfig of sgm-named weights under `prefix` (anything with `.shape`, by key).
+
+    The shapes give every field but how attention splits into heads: a UNet whose shapes
+    are one of the PRESETS (in/out channels aside: inpainting) takes its heads; any other
+    needs `heads` (sgm's num_heads) or `head_dim` (num_head_channels).
+    """
+    from flax_sgm.layout import CheckpointError, listing, top_level_prefixes
+    from flax_sgm.unet_config import PRESETS
+
+    local = {k[len(prefix):]: tuple(v.shape) for k, v in shapes.items() if k.startswith(prefix)}
+    if UNET_MARK not in local:
+        found = listing(top_level_prefixes(shapes), 8)
+        raise CheckpointError(f"{source}: no UNet under {prefix!r} (no {prefix}{UNET_MARK}); it holds {found}")
+    model_channels, in_channels = local[UNET_MARK][:2]
+    mults, res_blocks, depth, disabled, n, level = [], [], [], [], 1, 0
+    mults.append(None)
+    count = 0
+    while f"input_blocks.{n}.0.op.weight" in local or f"input_blocks.{n}.0.in_layers.0.weight" in local:
+        if f"input_blocks.{n}.0.op.weight" in local:
+            res_blocks.append(count)
+            mults.append(None)
+            count = 0
+        else:
+            out = local[f"input_blocks.{n}.0.in_layers.2.weight"][0]
+            mults[-1] = out // model_channels
+            stem = f"input_blocks.{n}.1."
+            if count == 0:
+                depth.append(_count(local, stem))
+                attn1 = local.get(stem + "transformer_blocks.0.attn1.to_k.weight")
+                disabled.append(attn1 is not None and attn1[1] != out)
+            count += 1
+        n += 1
+    res_blocks.append(count)
+    levels = len(mults)
+    try:
+        adm = local["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in local else None
+        proj_in = next((v for k, v in local.items() if k.endswith("proj_in.weight")), None)
+        context = next((v[1] for k, v in local.items() if k.endswith("attn2.to_k.weight")), None)
+        fields = dict(
+            in_channels=in_channels,
+            out_channels=local["out.2.weight"][0],
+            model_channels=model_channels,
+            channel_mult=tuple(mults),
+            num_res_blocks=tuple(res_blocks),
+            attention_resolutions=tuple(2**lvl for lvl in range(levels) if depth[lvl]),
+            transformer_depth=tuple(depth),
+            transformer_depth_middle=_count(local, "middle_block.1."),
+            context_dim=context,
+            use_linear_in_transformer=proj_in is not None and len(proj_in) == 2,
+            disable_self_attentions=tuple(disabled),
+            use_scale_shift_norm=local["input_blocks.1.0.emb_layers.1.weight"][0] == 2 * local["input_blocks.1.0.in_layers.2.weight"][0],
+            num_classes="sequential" if adm else None,
+            adm_in_channels=adm,
+        )
+    except (KeyError, IndexError, TypeError) as err:
+        raise CheckpointError(f"{source}: the UNet under {prefix!r} is not sgm's UNetModel ({type(err).__name__}: {err})") from None
+    if heads is None and head_dim is None:
+        for name, preset in PRESETS.items():
+            guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
+            guess |= dict(in_channels=preset.in_channels, out_channels=preset.out_channels)
+            if _same(guess, preset):
+                return preset.replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
+        raise CheckpointError(
+            f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
+            "(the weights do not say how attention splits into heads)"
+        )
+    if (heads is None) == (head_dim is None):
+        raise CheckpointError(f"{source}: give heads= or head_dim=, not both")
+    from flax_sgm.unet_config import UNetConfig
+
+    return UNetConfig(**fields, num_heads=heads or -1, num_head_channels=head_dim or -1, **options)
+
+
+def _same(fields: dict, preset) -> bool:
+    """Whether `fields` build the preset's blocks, heads included (a depth where no attention is does not count)."""
+    from flax_sgm.unet_config import UNetConfig
+
+    try:
+        config = UNetConfig(**fields)
+    except ValueError:
+        return False
+    shape = lambda c: (  # noqa: E731
+        c.input_blocks, c.middle_block, c.output_blocks, c.context_dim, c.use_linear_in_transformer,
+        c.use_scale_shift_norm, c.adm_in_channels,
+    )
+    return shape(config) == shape(preset)

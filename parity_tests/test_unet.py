@@ -6,6 +6,7 @@ through the conversion table under diffusers' names.
 """
 
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +15,15 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors.numpy import save_file
 
 from conftest import assert_close, assert_parity, compare, randomize_
-from flax_sgm import convert
+from flax_sgm import convert, load_unet
 from flax_sgm.layout import CheckpointError
 from flax_sgm.unet import sdxl_vector
 from flax_sgm.unet_config import PRESETS, UNetConfig
 from flax_sgm.unet_diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
-from flax_sgm.unet_layout import SGM_PREFIX, diffusers_layout
+from flax_sgm.unet_layout import SGM_PREFIX, config_from_weights, diffusers_layout
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
 CONFIGS = {
@@ -159,6 +161,58 @@ def test_weights_round_trip_both_layouts(name):
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
+def assert_holds(flax, torch_unet) -> None:
+    """`flax` holds `torch_unet`'s weights, bit for bit."""
+    layout = diffusers_layout(flax.config, vector_embedding(torch_unet.config))
+    got = convert.to_torch_state_dict(flax, layout=layout)
+    want = torch_unet.state_dict()
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k].numpy()) for k in want)
+
+
+def test_load_unet_diffusers_directories(tmp_path):
+    """A unet/ directory, a whole pipeline directory (its unet/), and a sharded one."""
+    torch_unet = diffusers_unet("sdxl", seed=7)
+    torch_unet.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "vae").mkdir()
+    (tmp_path / "pipe" / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    torch_unet.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert list((tmp_path / "sharded").glob("*.index.json"))
+    for path in (tmp_path / "pipe" / "unet", tmp_path / "pipe", tmp_path / "sharded"):
+        assert_holds(load_unet(path), torch_unet)
+    with pytest.raises(CheckpointError, match="config.json says the heads; leave out heads="):
+        load_unet(tmp_path / "pipe", heads=2)
+
+
+def sgm_single_file(torch_unet, path) -> None:
+    """An sgm/LDM single file of `torch_unet` beside a VAE and a text encoder. Its UNet keys are checked by
+    diffusers' own converter: convert_ldm_unet_checkpoint maps them back onto the diffusers model exactly."""
+    unet = convert.to_torch_state_dict(flax_unet(torch_unet), prefix=SGM_PREFIX)
+    mapped = convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in unet.items()}, dict(torch_unet.config))
+    want = torch_unet.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+    others = {
+        "first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(16, np.float32),
+    }
+    save_file(unet | others, str(path))
+
+
+def test_load_unet_sgm_single_file(tmp_path):
+    torch_unet = diffusers_unet("sd1", seed=8)
+    sgm_single_file(torch_unet, tmp_path / "model.safetensors")
+    assert_holds(load_unet(tmp_path / "model.safetensors", heads=2), torch_unet)
+    # A UNet of none of the released shapes needs its heads, said in one line.
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a UNet that is none of sd15, .* give heads= or head_dim="):
+        load_unet(tmp_path / "model.safetensors")
+
+
+def test_load_unet_refuses_a_vae_only_file(tmp_path):
+    save_file({"first_stage_model.encoder.conv_in.weight": np.ones((8, 3, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vae.safetensors: no UNet under 'model.diffusion_model.'.*first_stage_model\."):
+        load_unet(tmp_path / "vae.safetensors")
+
+
 def test_missing_and_extra_keys_are_listed_at_once():
     torch_unet = diffusers_unet("sd1")
     config = UNetConfig.from_diffusers(dict(torch_unet.config))
@@ -245,8 +299,14 @@ def test_presets_are_the_released_models(name):
     with torch.device("meta"):
         torch_unet = UNet2DConditionModel(**RELEASED[name])
     want = {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()}
+    model = PRESETS[name].make_abstract()
     layout = diffusers_layout(PRESETS[name], vector_embedding(torch_unet.config))
-    assert convert.torch_shapes(PRESETS[name].make_abstract(), layout=layout) == want
+    assert convert.torch_shapes(model, layout=layout) == want
+    # A single file of it is recognised by its shapes (no heads needed), an inpainting one (9 channels) too.
+    sgm = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in convert.torch_shapes(model, prefix=SGM_PREFIX).items()}
+    assert config_from_weights(sgm) == PRESETS[name]
+    sgm[SGM_PREFIX + "input_blocks.0.0.weight"] = jax.ShapeDtypeStruct((PRESETS[name].model_channels, 9, 3, 3), jnp.float16)
+    assert config_from_weights(sgm) == PRESETS[name].replace(in_channels=9)
 
 
 def test_config_json_round_trip():
