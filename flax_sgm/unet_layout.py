@@ -5,13 +5,15 @@ UNetModel.state_dict(), no prefix). A diffusers UNet2DConditionModel holds the s
 tensors, in the same torch layouts, under other names: `diffusers_layout(config)`
 is the KeyLayout, generated from the config's block specs, that renames each sgm
 prefix to diffusers' (`input_blocks.1.0.in_layers.0.` -> `down_blocks.0.resnets.0.norm1.`).
-Inside a SpatialTransformer both use the seed's names.
+Inside a SpatialTransformer both use the seed's names. `config_from_weights` reads a
+UNetConfig off sgm-named shapes (a single file), recognising the released models.
 """
 
 from __future__ import annotations
 
 from flax_sgm.convert import KeyLayout
-from flax_sgm.unet_config import Attn, ConvIn, Down, Res, UNetConfig, Up
+from flax_sgm.layout import CheckpointError, listing, top_level_prefixes
+from flax_sgm.unet_config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
 
 # sgm/LDM single files hold the UNet under this prefix, beside first_stage_model. and the conditioners.
 SGM_PREFIX = "model.diffusion_model."
@@ -68,7 +70,7 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
             index += 1
     resnets = 0
     for m, layer in enumerate(config.middle_block):
-        target = f"mid_block.attentions.0." if isinstance(layer, Attn) else f"mid_block.resnets.{resnets}."
+        target = "mid_block.attentions.0." if isinstance(layer, Attn) else f"mid_block.resnets.{resnets}."
         resnets += isinstance(layer, Res)
         pairs += _layer(f"middle_block.{m}.", layer, target)
     n = 0
@@ -98,17 +100,38 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
     are one of the PRESETS (in/out channels aside: inpainting) takes its heads; any other
     needs `heads` (sgm's num_heads) or `head_dim` (num_head_channels).
     """
-    from flax_sgm.layout import CheckpointError, listing, top_level_prefixes
-    from flax_sgm.unet_config import PRESETS
-
     local = {k[len(prefix):]: tuple(v.shape) for k, v in shapes.items() if k.startswith(prefix)}
     if UNET_MARK not in local:
         found = listing(top_level_prefixes(shapes), 8)
         raise CheckpointError(f"{source}: no UNet under {prefix!r} (no {prefix}{UNET_MARK}); it holds {found}")
+    try:
+        fields = _read_fields(local)
+    except (KeyError, IndexError, TypeError) as err:
+        raise CheckpointError(f"{source}: the UNet under {prefix!r} is not sgm's UNetModel (no {err})") from None
+    if heads is None and head_dim is None:
+        for name, preset in PRESETS.items():
+            guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
+            guess |= dict(in_channels=preset.in_channels, out_channels=preset.out_channels)
+            if _same(guess, preset):
+                return preset.replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
+        raise CheckpointError(
+            f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
+            "(the weights do not say how attention splits into heads)"
+        )
+    if (heads is None) == (head_dim is None):
+        raise CheckpointError(f"{source}: give heads= or head_dim=, not both")
+    try:
+        return UNetConfig(**fields, num_heads=heads or -1, num_head_channels=head_dim or -1, **options)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def _read_fields(local: dict) -> dict:
+    """UNetConfig's fields, heads aside, from sgm-named shapes (no prefix)."""
     model_channels, in_channels = local[UNET_MARK][:2]
-    mults, res_blocks, depth, disabled, n, level = [], [], [], [], 1, 0
-    mults.append(None)
-    count = 0
+    # Walk the input blocks: ResBlocks (+ a stack at .1) until a Downsample (`op`) opens the next level.
+    mults, res_blocks, depth, disabled = [None], [], [], []
+    n, count = 1, 0
     while f"input_blocks.{n}.0.op.weight" in local or f"input_blocks.{n}.0.in_layers.0.weight" in local:
         if f"input_blocks.{n}.0.op.weight" in local:
             res_blocks.append(count)
@@ -126,49 +149,30 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
         n += 1
     res_blocks.append(count)
     levels = len(mults)
-    try:
-        adm = local["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in local else None
-        proj_in = next((v for k, v in local.items() if k.endswith("proj_in.weight")), None)
-        context = next((v[1] for k, v in local.items() if k.endswith("attn2.to_k.weight")), None)
-        fields = dict(
-            in_channels=in_channels,
-            out_channels=local["out.2.weight"][0],
-            model_channels=model_channels,
-            channel_mult=tuple(mults),
-            num_res_blocks=tuple(res_blocks),
-            attention_resolutions=tuple(2**lvl for lvl in range(levels) if depth[lvl]),
-            transformer_depth=tuple(depth),
-            transformer_depth_middle=_count(local, "middle_block.1."),
-            context_dim=context,
-            use_linear_in_transformer=proj_in is not None and len(proj_in) == 2,
-            disable_self_attentions=tuple(disabled),
-            use_scale_shift_norm=local["input_blocks.1.0.emb_layers.1.weight"][0] == 2 * local["input_blocks.1.0.in_layers.2.weight"][0],
-            num_classes="sequential" if adm else None,
-            adm_in_channels=adm,
-        )
-    except (KeyError, IndexError, TypeError) as err:
-        raise CheckpointError(f"{source}: the UNet under {prefix!r} is not sgm's UNetModel ({type(err).__name__}: {err})") from None
-    if heads is None and head_dim is None:
-        for name, preset in PRESETS.items():
-            guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
-            guess |= dict(in_channels=preset.in_channels, out_channels=preset.out_channels)
-            if _same(guess, preset):
-                return preset.replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
-        raise CheckpointError(
-            f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
-            "(the weights do not say how attention splits into heads)"
-        )
-    if (heads is None) == (head_dim is None):
-        raise CheckpointError(f"{source}: give heads= or head_dim=, not both")
-    from flax_sgm.unet_config import UNetConfig
-
-    return UNetConfig(**fields, num_heads=heads or -1, num_head_channels=head_dim or -1, **options)
+    adm = local["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in local else None
+    proj_in = next((v for k, v in local.items() if k.endswith("proj_in.weight")), None)
+    context = next((v[1] for k, v in local.items() if k.endswith("attn2.to_k.weight")), None)
+    emb_width, out = local["input_blocks.1.0.emb_layers.1.weight"][0], local["input_blocks.1.0.in_layers.2.weight"][0]
+    return dict(
+        in_channels=in_channels,
+        out_channels=local["out.2.weight"][0],
+        model_channels=model_channels,
+        channel_mult=tuple(mults),
+        num_res_blocks=tuple(res_blocks),
+        attention_resolutions=tuple(2**lvl for lvl in range(levels) if depth[lvl]),
+        transformer_depth=tuple(depth),
+        transformer_depth_middle=_count(local, "middle_block.1."),
+        context_dim=context,
+        use_linear_in_transformer=proj_in is not None and len(proj_in) == 2,
+        disable_self_attentions=tuple(disabled),
+        use_scale_shift_norm=emb_width == 2 * out,  # the embedding gives a scale and a shift
+        num_classes="sequential" if adm else None,
+        adm_in_channels=adm,
+    )
 
 
 def _same(fields: dict, preset) -> bool:
     """Whether `fields` build the preset's blocks, heads included (a depth where no attention is does not count)."""
-    from flax_sgm.unet_config import UNetConfig
-
     try:
         config = UNetConfig(**fields)
     except ValueError:
