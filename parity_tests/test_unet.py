@@ -71,6 +71,15 @@ CONFIGS = {
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 2 * 8,
     ),
+    # A vector y through class_embed_type 'projection' (diffusers' class_embedding, sgm's label_emb).
+    "projection": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=12,
+    ),
 }
 
 
@@ -105,6 +114,7 @@ PARITY = [
     pytest.param("sd1", False, (8, 8), id="sd1", marks=pytest.mark.slow),
     pytest.param("sd2", False, (8, 8), id="sd2", marks=pytest.mark.slow),
     pytest.param("refiner", False, (16, 16), id="refiner", marks=pytest.mark.slow),
+    pytest.param("projection", False, (8, 8), id="projection", marks=pytest.mark.slow),
 ]
 
 
