@@ -77,7 +77,14 @@ class NormActConv(nnx.Module):
     """GroupNorm32, SiLU, 3x3 conv: a ResBlock's `in_layers` and the UNet's `out`."""
 
     def __init__(
-        self, channels: int, out_channels: int, *, eps: float, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+        self,
+        channels: int,
+        out_channels: int,
+        *,
+        eps: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
     ):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = GroupNorm(channels, epsilon=eps, **layer)
@@ -168,7 +175,8 @@ class Downsample(nnx.Module):
     """A stride-2 3x3 conv (padding 1): sgm's Downsample with conv_resample."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        self.op = Conv3x3(channels, channels, axes=("channels", "channels"), strides=2, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.op = Conv3x3(channels, channels, axes=("channels", "channels"), strides=2, **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.op(x)
@@ -258,7 +266,9 @@ class UNetModel(nnx.Module):
         b, h, w, _ = x.shape
         factor = 2 ** (c.levels - 1)
         if h % factor or w % factor:
-            raise ValueError(f"UNetModel: `x`'s height and width must be multiples of {factor} (2 ** (levels - 1)); got {h} x {w}")
+            raise ValueError(
+                f"UNetModel: `x`'s height and width must be multiples of {factor} (2 ** (levels - 1)); got {h} x {w}"
+            )
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,)) if jnp.ndim(timesteps) == 0 else timesteps
         expect_shape("UNetModel", "timesteps", timesteps, (b,))
         if c.context_dim is not None:

@@ -97,7 +97,10 @@ def vector_embedding(config: Mapping[str, Any]) -> str | None:
 
 
 def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """UNetConfig's fields from a diffusers UNet2DConditionModel config; CheckpointError (one line) for what sgm cannot compute."""
+    """UNetConfig's fields from a diffusers UNet2DConditionModel config.
+
+    CheckpointError, one line naming the field and its value, for what sgm's UNetModel cannot compute.
+    """
     kind = config.get("_class_name", "UNet2DConditionModel")
     if kind != "UNet2DConditionModel":
         raise CheckpointError(f"{source}: a {kind} config, not a diffusers UNet2DConditionModel")
@@ -107,14 +110,18 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source}: field {unknown[0]} = {config[unknown[0]]!r} is unknown to flax_sgm's UNet")
     for name, default in DEFAULTS.items():
         if name in config and config[name] != default and not (isinstance(default, float) and config[name] == int(default)):
-            raise CheckpointError(f"{source}: {name} = {config[name]!r} is not supported (sgm's UNetModel computes {name} = {default!r})")
+            raise CheckpointError(
+                f"{source}: {name} = {config[name]!r} is not supported (sgm's UNetModel computes {name} = {default!r})"
+            )
 
     channels = config.get("block_out_channels", (320, 640, 1280, 1280))
     if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) and c > 0 for c in channels)):
         raise CheckpointError(f"{source}: block_out_channels must be a list of positive ints; got {channels!r}")
     n, base = len(channels), channels[0]
     if any(c % base for c in channels):
-        raise CheckpointError(f"{source}: block_out_channels {list(channels)} are not multiples of the first (sgm's channel_mult)")
+        raise CheckpointError(
+            f"{source}: block_out_channels {list(channels)} are not multiples of the first (sgm's channel_mult)"
+        )
     down = config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
     up = config.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     for name, types, table in (("down_block_types", down, DOWN_TYPES), ("up_block_types", up, UP_TYPES)):
@@ -123,7 +130,9 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise CheckpointError(f"{source}: {name} {list(types)} must be {n} of {sorted(table)}")
     attention = [DOWN_TYPES[t] for t in down]
     if [UP_TYPES[t] for t in up] != attention[::-1]:
-        raise CheckpointError(f"{source}: up_block_types {list(up)} do not mirror down_block_types {list(down)} (sgm's UNet is symmetric)")
+        raise CheckpointError(
+            f"{source}: up_block_types {list(up)} do not mirror down_block_types {list(down)} (sgm's UNet is symmetric)"
+        )
     mid = config.get("mid_block_type", MID_TYPE)
     if mid != MID_TYPE:
         raise CheckpointError(f"{source}: mid_block_type = {mid!r} is not supported (sgm's middle block is {MID_TYPE})")
