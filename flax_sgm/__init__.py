@@ -8,7 +8,9 @@ Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
 here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
 mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
-cli.py. Meshes: sharding.py. Lowering for another platform: lowering.py.
+cli.py. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
+(UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
+layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
@@ -21,7 +23,10 @@ from flax_sgm.layout import CheckpointError
 from flax_sgm.pretrained import convert_file, load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
+from flax_sgm.pretrained_unet import load_unet
 from flax_sgm.transformer import SpatialTransformer
+from flax_sgm.unet import UNetModel
+from flax_sgm.unet_config import UNetConfig
 
 __all__ = [
     "AttentionProblem",
@@ -40,12 +45,15 @@ __all__ = [
     "SpatialSelfAttention",
     "SpatialTransformer",
     "SpatialTransformerConfig",
+    "UNetConfig",
+    "UNetModel",
     "choose_backend",
     "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
     "load_pretrained",
     "load_pretrained_all",
+    "load_unet",
     "record_attention_calls",
     "select_backend",
     "target_platform",

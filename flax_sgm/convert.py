@@ -4,7 +4,8 @@ Conversion is data: `conversion_table(model)` lists one Row per parameter,
 (torch key, flax path, transform), built by walking the module tree with two
 tables below: CHILD_NAMES (where a torch name differs from the flax attribute,
 i.e. nn.Sequential indices) and LEAF_RULES (each layer's parameters). Both
-directions read the same rows.
+directions read the same rows. A KeyLayout renames the rows' keys for another
+checkpoint layout of the same model (a UNet under diffusers' names: unet_layout.py).
 
 Strict by default: every source key under the prefix is consumed, every
 parameter is filled, shapes and dtypes agree, and one ConversionError lists
@@ -22,8 +23,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from flax_sgm import unet
 from flax_sgm.attention import CrossAttention
-from flax_sgm.primitives import GELU, Conv1x1, FeedForward, GroupNorm, LayerNorm, Linear
+from flax_sgm.primitives import GELU, Conv1x1, Conv3x3, FeedForward, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
@@ -37,6 +39,8 @@ IDENTITY = Transform("identity", lambda w: w, lambda w: w)
 LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
 # torch Conv2d 1x1 weight [out, in, 1, 1] <-> flax kernel [1, 1, in, out] (channels-last).
 CONV1X1 = Transform("conv1x1", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
+# torch Conv2d 3x3 weight [out, in, 3, 3] <-> flax kernel [3, 3, in, out] (channels-last).
+CONV3X3 = Transform("conv3x3", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
 
@@ -45,12 +49,19 @@ CHILD_NAMES: dict[type, dict[str, str]] = {
     CrossAttention: {"to_out": "to_out.0"},  # nn.Sequential(Linear, Dropout)
     FeedForward: {"project_in": "net.0", "project_out": "net.2"},  # nn.Sequential(in, Dropout, Linear)
     GELU: {"proj": "0"},  # nn.Sequential(Linear, GELU)
+    # sgm's UNet: nn.Sequential indices of its layer runs (unet.py names them).
+    unet.EmbeddingMLP: {"linear_1": "0", "linear_2": "2"},  # (Linear, SiLU, Linear)
+    unet.LabelEmbedding: {"mlp": "0"},  # nn.Sequential(nn.Sequential(Linear, SiLU, Linear))
+    unet.NormActConv: {"norm": "0", "conv": "2"},  # (GroupNorm32, SiLU, conv)
+    unet.NormActDropoutConv: {"norm": "0", "conv": "3"},  # (GroupNorm32, SiLU, Dropout, conv)
+    unet.ActLinear: {"linear": "1"},  # (SiLU, Linear)
 }
 
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
     Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
     Conv1x1: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
+    Conv3x3: {"kernel": ("weight", CONV3X3), "bias": ("bias", IDENTITY)},
     LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
     GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
 }
@@ -60,6 +71,22 @@ class Row(NamedTuple):
     torch_key: str
     flax_path: tuple
     transform: Transform
+
+
+class KeyLayout(NamedTuple):
+    """Another checkpoint layout's names for a model's keys: (model's prefix, layout's prefix) pairs.
+
+    A key takes the pair of its longest matching prefix; a key no pair matches is an error.
+    """
+
+    name: str
+    prefixes: tuple[tuple[str, str], ...]
+
+    def rename(self, key: str) -> str:
+        best = max((p for p in self.prefixes if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
+        if best is None:
+            raise TypeError(f"key layout {self.name!r} has no name for {key}")
+        return best[1] + key[len(best[0]):]
 
 
 class ConversionError(ValueError):
@@ -82,8 +109,8 @@ def _lookup(type_table: Mapping[type, Any], node) -> Any:
     return None
 
 
-def conversion_table(model: nnx.Module) -> list[Row]:
-    """One Row per parameter of `model`, in the model's parameter order."""
+def conversion_table(model: nnx.Module, *, layout: KeyLayout | None = None) -> list[Row]:
+    """One Row per parameter of `model`, in the model's parameter order; keys renamed by `layout` if given."""
     rows = []
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         node, torch_parts = model, []
@@ -95,14 +122,16 @@ def conversion_table(model: nnx.Module) -> list[Row]:
         if rules is None or path[-1] not in rules:
             raise TypeError(f"no conversion rule for parameter {'.'.join(map(str, path))} of {type(node).__name__}")
         torch_name, transform = rules[path[-1]]
-        rows.append(Row(".".join(torch_parts + [torch_name]), tuple(path), transform))
+        key = ".".join(torch_parts + [torch_name])
+        rows.append(Row(layout.rename(key) if layout else key, tuple(path), transform))
     return rows
 
 
-def torch_shapes(model: nnx.Module, *, prefix: str = "") -> dict[str, tuple[int, ...]]:
+def torch_shapes(model: nnx.Module, *, prefix: str = "", layout: KeyLayout | None = None) -> dict[str, tuple[int, ...]]:
     """The torch state dict's key -> shape of `model` (which may be abstract), from the table; nothing is allocated."""
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    return {prefix + row.torch_key: _torch_shape(row, params[row.flax_path].shape) for row in conversion_table(model)}
+    rows = conversion_table(model, layout=layout)
+    return {prefix + row.torch_key: _torch_shape(row, params[row.flax_path].shape) for row in rows}
 
 
 def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
@@ -190,6 +219,7 @@ def conversion_plan(
     prefix: str = "",
     strict: bool = True,
     allow_downcast: bool = False,
+    layout: KeyLayout | None = None,
 ) -> list[Step]:
     """Check torch-named sources against `model` without reading a value; one Step per parameter.
 
@@ -197,9 +227,9 @@ def conversion_plan(
     `.dtype` (jax.ShapeDtypeStruct, a checkpoint's tensor infos); only keys under
     `prefix` count, and only those the model uses are looked at. Raises one
     ConversionError listing every missing, unexpected (when strict), misshapen or
-    wrongly typed key. `model` may be abstract.
+    wrongly typed key. `model` may be abstract. `layout`: the sources' key layout (default: the model's own names).
     """
-    rows = conversion_table(model)
+    rows = conversion_table(model, layout=layout)
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     source = {k[len(prefix):]: v for k, v in sources.items() if k.startswith(prefix)}
     known = {row.torch_key for row in rows}
@@ -243,6 +273,7 @@ def load_torch_state_dict(
     strict: bool = True,
     allow_downcast: bool = False,
     copy: bool = True,
+    layout: KeyLayout | None = None,
 ) -> nnx.Module:
     """Fill `model` in place from torch-named weights and return it.
 
@@ -256,7 +287,7 @@ def load_torch_state_dict(
     With `copy=False` the model may share memory with the given arrays (on CPU,
     when they are 64-byte aligned); pass it only for arrays nothing else holds.
     """
-    plan = conversion_plan(model, state_dict, prefix=prefix, strict=strict, allow_downcast=allow_downcast)
+    plan = conversion_plan(model, state_dict, prefix=prefix, strict=strict, allow_downcast=allow_downcast, layout=layout)
     return load_planned(model, plan, state_dict, copy=copy)
 
 
@@ -292,14 +323,18 @@ def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any],
     return model
 
 
-def to_torch_state_dict(model: nnx.Module, params: nnx.State | None = None, *, prefix: str = "") -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    model: nnx.Module, params: nnx.State | None = None, *, prefix: str = "", layout: KeyLayout | None = None
+) -> dict[str, np.ndarray]:
     """`model`'s parameters (or `params`, e.g. gradients, of the same structure) under torch names and layouts.
+
+    `layout`: another checkpoint layout's names (default: the model's own, sgm's).
 
     bfloat16 arrays come back as ml_dtypes.bfloat16; `as_torch_tensors` makes torch tensors of them.
     """
     values = dict(nnx.to_flat_state(params if params is not None else nnx.state(model, nnx.Param)))
     out = {}
-    for row in conversion_table(model):
+    for row in conversion_table(model, layout=layout):
         value = values[row.flax_path]
         value = value.get_value() if isinstance(value, nnx.Variable) else value
         # A writable C-ordered copy: views of jax buffers are read-only.

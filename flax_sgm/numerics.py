@@ -12,6 +12,7 @@ import jax
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default
 GROUP_NORM_EPS = 1e-6  # the seed's Normalize
 GROUP_NORM_GROUPS = 32  # the seed's Normalize
+UNET_GROUP_NORM_EPS = 1e-5  # sgm's GroupNorm32 in the UNet's ResBlocks and `out` (torch's default)
 # Norm variance as E[(x - mean)^2], not E[x^2] - mean^2 (flax's fast variance).
 USE_FAST_VARIANCE = False
 # Softmax and norm statistics are computed in float32 whatever the compute dtype.

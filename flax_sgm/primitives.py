@@ -1,4 +1,4 @@
-"""Primitives: the layers every tier uses (Linear, Conv1x1, LayerNorm, GroupNorm), GEGLU and FeedForward.
+"""Primitives: the layers every tier uses (Linear, Conv1x1, Conv3x3, LayerNorm, GroupNorm), GEGLU and FeedForward.
 
 Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage),
 and the logical axis names of its parameters (`axes`: in and out features; `axis`:
@@ -104,6 +104,44 @@ class Conv1x1(nnx.Conv):
         return _dense(self, x, self.kernel[...][0, 0])
 
 
+class Conv3x3(nnx.Conv):
+    """torch.nn.Conv2d(kernel_size=3, padding=1, stride=strides) on channels-last input; kernel [3, 3, in, out].
+
+    `axes`: the logical names of the in and out channels.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        strides: int = 1,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size=(3, 3),
+            strides=(strides, strides),
+            padding=((1, 1), (1, 1)),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_metadata=param_metadata(None, None, *axes),
+            bias_metadata=param_metadata(axes[1]),
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision
+        )
+        return add_bias(y, bias)
+
+
 class LayerNorm(nnx.LayerNorm):
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance; `axis`: the features' logical name.
 
@@ -132,11 +170,19 @@ class LayerNorm(nnx.LayerNorm):
 class GroupNorm(nnx.GroupNorm):
     """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, exact variance, affine; channels-last.
 
-    `axis`: the channels' logical name. Computed in float32 and rounded once, as LayerNorm.
+    `axis`: the channels' logical name; `epsilon`: sgm's UNet uses torch's 1e-5
+    (numerics.UNET_GROUP_NORM_EPS). Computed in float32 and rounded once, as LayerNorm.
     """
 
     def __init__(
-        self, in_channels: int, *, axis: str = "channels", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+        self,
+        in_channels: int,
+        *,
+        axis: str = "channels",
+        epsilon: float = numerics.GROUP_NORM_EPS,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
     ):
         if in_channels % numerics.GROUP_NORM_GROUPS:
             raise ValueError(
@@ -145,7 +191,7 @@ class GroupNorm(nnx.GroupNorm):
         super().__init__(
             in_channels,
             num_groups=numerics.GROUP_NORM_GROUPS,
-            epsilon=numerics.GROUP_NORM_EPS,
+            epsilon=epsilon,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,
             dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64

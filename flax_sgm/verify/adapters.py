@@ -23,12 +23,14 @@ def _first(out):
 class CallAdapter:
     """How to call a torch module: `names` maps a flax_sgm argument name to torch's where they differ,
     `torch_kwargs` are constant keywords added to torch's call, `output` picks the tensor out of what
-    torch returns, `method` is the torch method called (default: the module itself)."""
+    torch returns, `method` is the torch method called (default: the module itself), `key_layout` gives
+    the flax module's KeyLayout for torch's parameter names (default: the module's own, sgm's)."""
 
     names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     torch_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     output: Callable[[Any], Any] = _first
     method: str | None = None
+    key_layout: Callable[[Any], Any] | None = None
 
     def call_torch(self, module, x, kwargs: Mapping[str, Any]):
         call = module if self.method is None else getattr(module, self.method)
@@ -68,6 +70,48 @@ DIFFUSERS = CallAdapter(names={"context": "encoder_hidden_states"})
 DIFFUSERS_TRANSFORMER_2D = CallAdapter(names={"context": "encoder_hidden_states"}, torch_kwargs={"return_dict": False})
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffusersUNetAdapter(CallAdapter):
+    """diffusers' UNet2DConditionModel called with flax_sgm's (x, timesteps, context, y).
+
+    sgm's vector `y` is what diffusers' add_embedding (SDXL's text_time) or class_embedding
+    ('projection') reads: it is fed there whole, by a forward pre-hook, so its gradient is
+    compared too (sdxl_vector builds y from text_embeds and time_ids).
+    """
+
+    vector: str | None = None  # "add_embedding", "class_embedding" or None
+
+    def call_torch(self, module, x, kwargs: Mapping[str, Any]):
+        kwargs = dict(kwargs)
+        y = kwargs.pop("y", None)
+        if y is None or self.vector is None:
+            return super().call_torch(module, x, kwargs)
+        if self.vector == "class_embedding":
+            return super().call_torch(module, x, kwargs | {"class_labels": y})
+        width = getattr(module.config, "addition_time_embed_dim", None) or 1
+        b = y.shape[0]
+        # Placeholders of a consistent width: the hook replaces what diffusers concatenates from them.
+        added = {"text_embeds": y.new_zeros(b, y.shape[1] % width), "time_ids": y.new_zeros(b, y.shape[1] // width)}
+        handle = module.add_embedding.register_forward_pre_hook(lambda _mod, _args: (y,))
+        try:
+            return super().call_torch(module, x, kwargs | {"added_cond_kwargs": added})
+        finally:
+            handle.remove()
+
+
+def _diffusers_unet(torch_module) -> CallAdapter:
+    from flax_sgm.unet_diffusers import vector_embedding
+    from flax_sgm.unet_layout import diffusers_layout
+
+    vector = vector_embedding(torch_module.config)
+    return DiffusersUNetAdapter(
+        names={"context": "encoder_hidden_states", "timesteps": "timestep"},
+        torch_kwargs={"return_dict": False},
+        key_layout=lambda flax_unet: diffusers_layout(flax_unet.config, vector),
+        vector=vector,
+    )
+
+
 def adapter_for(torch_module) -> CallAdapter:
     """The call convention of torch_ref's, the seed's and diffusers' modules."""
     cls = type(torch_module)
@@ -75,4 +119,6 @@ def adapter_for(torch_module) -> CallAdapter:
         return SGM
     if cls.__name__ == "Transformer2DModel":
         return DIFFUSERS_TRANSFORMER_2D
+    if cls.__name__ == "UNet2DConditionModel":
+        return _diffusers_unet(torch_module)
     return DIFFUSERS

@@ -121,7 +121,7 @@ def run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtyp
     return Run(out.detach().cpu().to(torch.float64).numpy(), as_f64), cotangent
 
 
-def _run_flax(module, inputs, cotangent, dtype) -> tuple[Run, str, tuple[str, ...]]:
+def _run_flax(module, inputs, cotangent, dtype, layout=None) -> tuple[Run, str, tuple[str, ...]]:
     """flax_sgm's output and gradients (torch layout and names), its output dtype, the attention backends it ran."""
     image = np.ndim(inputs["x"]) == 4
 
@@ -152,7 +152,8 @@ def _run_flax(module, inputs, cotangent, dtype) -> tuple[Run, str, tuple[str, ..
     if image:
         out, grads["input:x"] = nhwc_to_nchw(out), nhwc_to_nchw(grads["input:x"])
     p_grads = nnx.state(p_grads, nnx.Param)
-    grads |= {k: np.asarray(v, np.float32).astype(np.float64) for k, v in convert.to_torch_state_dict(module, p_grads).items()}
+    named = convert.to_torch_state_dict(module, p_grads, layout=layout)
+    grads |= {k: np.asarray(v, np.float32).astype(np.float64) for k, v in named.items()}
     backends = tuple(dict.fromkeys(c.backend for c in calls))
     return Run(out, grads), out_dtype, backends
 
@@ -239,7 +240,8 @@ def compare(
     else:
         expected = torch_run
     with jax.default_matmul_precision("highest"):
-        flax_run, flax_dtype, backends = _run_flax(flax_module, inputs, cotangent, jnp.dtype(dtype))
+        layout = adapter.key_layout(flax_module) if adapter.key_layout else None
+        flax_run, flax_dtype, backends = _run_flax(flax_module, inputs, cotangent, jnp.dtype(dtype), layout)
     return Comparison(_errors(flax_run, torch_run, expected), dtype, reference, flax_dtype, backends)
 
 

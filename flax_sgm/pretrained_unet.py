@@ -1,0 +1,62 @@
+"""`load_unet`: a whole UNet from the checkpoints users hold, strictly.
+
+Reads through sources.open_source: a diffusers `unet/` directory (config.json beside
+one weights file or a sharded index), a whole pipeline directory (its `unet/`), or an
+sgm/LDM single file holding the UNet under `model.diffusion_model.` beside the VAE
+and the text encoders. A diffusers config.json is a spec (UNetConfig.from_diffusers);
+a single file's config is read off its shapes (unet_layout.config_from_weights).
+Every UNet key is used and every shape checked before a value is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from flax_sgm import convert
+from flax_sgm.layout import CheckpointError
+from flax_sgm.pretrained import _concrete
+from flax_sgm.sources import CONFIG_FILE, open_source
+from flax_sgm.unet import UNetModel
+from flax_sgm.unet_config import UNetConfig
+from flax_sgm.unet_diffusers import vector_embedding
+from flax_sgm.unet_layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
+
+PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
+
+
+def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, dtype=None, param_dtype=None,
+              seed: int = 0, **options) -> UNetModel:
+    """A ready UNetModel from a checkpoint.
+
+    `heads`/`head_dim` (sgm's num_heads / num_head_channels) only for a single file that is
+    not one of the four released models by its shapes. `dtype` is the compute dtype,
+    `param_dtype` the parameters' (default: as stored). `options` set UNetConfig's own
+    fields (use_checkpoint, checkpoint_policy, sdp_backend); `seed` seeds dropout keys.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
+        path = path / PIPELINE_UNET
+    with open_source(path) as source:
+        if source.config is not None:
+            if heads is not None or head_dim is not None:
+                raise CheckpointError(f"{source.config_path}: config.json says the heads; leave out heads= and head_dim=")
+            config = UNetConfig.from_diffusers(source.config, source=str(source.config_path), **options)
+            layout, prefix = diffusers_layout(config, vector_embedding(source.config)), ""
+        else:
+            prefix = "" if UNET_MARK in source.infos else SGM_PREFIX  # a bare sgm state_dict, or a whole checkpoint
+            config = config_from_weights(source.infos, prefix, heads=heads, head_dim=head_dim, source=str(path), **options)
+            layout = None
+        stored = _stored_dtype(source, path)
+        model = config.make_abstract(dtype=dtype, param_dtype=param_dtype or stored)
+        plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
+        convert.load_planned(model, plan, source, copy=not source.private)
+    return _concrete(model, seed)
+
+
+def _stored_dtype(source, path) -> jnp.dtype:
+    dtypes = {info.dtype for info in source.infos.values() if jnp.issubdtype(info.dtype, jnp.floating)}
+    if not dtypes:
+        raise CheckpointError(f"{path}: holds no floating-point tensors")
+    return jnp.dtype(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))

@@ -1,0 +1,295 @@
+"""sgm's UNetModel: timestep and vector embeddings, ResBlocks, SpatialTransformers, down- and upsampling.
+
+Channels-last: x [b, h, w, in_channels] -> [b, h, w, out_channels]. The model is
+built from a UNetConfig, whose block specs say every layer; attribute names are
+sgm's (`time_embed`, `label_emb`, `input_blocks`, `middle_block`, `output_blocks`,
+`out`; a ResBlock's `in_layers`, `emb_layers`, `out_layers`, `skip_connection`), and
+convert.CHILD_NAMES holds the nn.Sequential indices of sgm's state_dict.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_sgm.blocks import maybe_checkpointed
+from flax_sgm.checks import expect_shape
+from flax_sgm.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
+from flax_sgm.remat import check_policy
+from flax_sgm.sharding import IMAGE, constrain
+from flax_sgm.transformer import SpatialTransformer
+from flax_sgm.unet_config import Attn, ConvIn, Down, Res, UNetConfig, Up
+
+Dtype = Any
+MAX_PERIOD = 10000  # sgm's timestep_embedding
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: int = MAX_PERIOD) -> jax.Array:
+    """sgm's sinusoidal embedding [b] -> [b, dim] in float32: cos then sin (diffusers: flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None]  # [b, half]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+    return embedding
+
+
+def sdxl_vector(pooled: jax.Array, time_ids: jax.Array, dim: int = 256) -> jax.Array:
+    """SDXL's `y`: pooled text embeddings [b, p] beside each size/crop id [b, k] embedded by `dim` sinusoids.
+
+    What sgm's conditioner (ConcatTimestepEmbedderND) and diffusers' `added_cond_kwargs`
+    (text_embeds, time_ids through add_time_proj) give: [b, p + k * dim]. SDXL base: k = 6
+    (original size, crop top-left, target size), the refiner k = 5 (with the aesthetic score).
+    """
+    b, k = time_ids.shape
+    ids = timestep_embedding(time_ids.reshape(-1), dim).reshape(b, k * dim)
+    return jnp.concatenate([pooled.astype(jnp.float32), ids], axis=-1).astype(jnp.result_type(pooled.dtype, jnp.float32))
+
+
+class EmbeddingMLP(nnx.Module):
+    """Linear, SiLU, Linear: sgm's `time_embed` and the inside of `label_emb`."""
+
+    def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        layer = dict(axes=("embed", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear_1 = Linear(in_features, features, **layer)
+        self.linear_2 = Linear(features, features, **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class LabelEmbedding(nnx.Module):
+    """sgm's `label_emb` for num_classes="sequential": the vector y [b, adm_in_channels] -> [b, time_embed_dim]."""
+
+    def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.mlp = EmbeddingMLP(in_features, features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return self.mlp(y)
+
+
+class NormActConv(nnx.Module):
+    """GroupNorm32, SiLU, 3x3 conv: a ResBlock's `in_layers` and the UNet's `out`."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        *,
+        eps: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = GroupNorm(channels, epsilon=eps, **layer)
+        self.conv = Conv3x3(channels, out_channels, axes=("channels", "channels"), **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jax.nn.silu(self.norm(x)))
+
+
+class NormActDropoutConv(nnx.Module):
+    """GroupNorm32, SiLU, dropout, 3x3 conv: a ResBlock's `out_layers` (`norm` alone for scale-shift)."""
+
+    def __init__(
+        self, channels: int, *, eps: float, dropout: float, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+    ):
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = GroupNorm(channels, epsilon=eps, **layer)
+        self.dropout = Dropout(dropout, rngs=rngs)
+        self.conv = Conv3x3(channels, channels, axes=("channels", "channels"), **layer)
+
+    def __call__(self, x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        h = self.norm(x)
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            h = h * (1 + scale) + shift
+        return self.conv(self.dropout(jax.nn.silu(h)))
+
+
+class ActLinear(nnx.Module):
+    """SiLU, Linear: a ResBlock's `emb_layers`."""
+
+    def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.linear = Linear(in_features, features, axes=("embed", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, emb: jax.Array) -> jax.Array:
+        return self.linear(jax.nn.silu(emb))
+
+
+class ResBlock(nnx.Module):
+    """sgm's ResBlock: in_layers, the embedding added (or scale-shift of the out norm), out_layers, skip.
+
+    x [b, h, w, channels], emb [b, emb_channels] -> [b, h, w, out_channels]; the skip is a
+    1x1 conv when the channels change.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        use_checkpoint: bool = True,
+        *,
+        eps: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        checkpoint_policy: str,
+    ):
+        out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.checkpoint, self.checkpoint_policy = use_checkpoint, check_policy(checkpoint_policy)
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_layers = NormActConv(channels, out_channels, eps=eps, **layer)
+        self.emb_layers = ActLinear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels, **layer)
+        self.out_layers = NormActDropoutConv(out_channels, eps=eps, dropout=dropout, **layer)
+        same = out_channels == channels
+        self.skip_connection = None if same else Conv1x1(channels, out_channels, axes=("channels", "channels"), **layer)
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        expect_shape("ResBlock", "x", x, ("b", "h", "w", self.channels))
+        return maybe_checkpointed(self, type(self)._forward, x, emb)
+
+    def _forward(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).astype(h.dtype)[:, None, None, :]  # [b, 1, 1, c or 2c]
+        if self.use_scale_shift_norm:
+            h = self.out_layers(h, scale_shift=tuple(jnp.split(emb_out, 2, axis=-1)))
+        else:
+            h = self.out_layers(h + emb_out)
+        skip = x if self.skip_connection is None else self.skip_connection(x)
+        return constrain(skip + h, IMAGE)
+
+
+class Downsample(nnx.Module):
+    """A stride-2 3x3 conv (padding 1): sgm's Downsample with conv_resample."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.op = Conv3x3(channels, channels, axes=("channels", "channels"), strides=2, **layer)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.op(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2, then a 3x3 conv: sgm's Upsample with conv_resample."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        self.conv = Conv3x3(channels, channels, axes=("channels", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [b, 2h, 2w, c]
+        return self.conv(x)
+
+
+def _run(layers: nnx.List, h: jax.Array, emb: jax.Array, context) -> jax.Array:
+    """sgm's TimestepEmbedSequential: ResBlocks take the embedding, SpatialTransformers the context."""
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context)
+        else:
+            h = layer(h)
+    return h
+
+
+class UNetModel(nnx.Module):
+    """sgm's UNetModel, built from `config`: unet(x, timesteps, context=None, y=None), NHWC in and out.
+
+    x [b, h, w, in_channels], h and w divisible by 2 ** (levels - 1); timesteps [b] (or a
+    scalar for every item); context [b, m, context_dim]; y [b, adm_in_channels] when the
+    config has num_classes="sequential" (SDXL: `sdxl_vector`), else None.
+    """
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        if not isinstance(config, UNetConfig):
+            raise ValueError(f"UNetModel: `config` must be a UNetConfig; got {type(config).__name__}")
+        self.config = config
+        layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        emb_dim = config.time_embed_dim
+        self.time_embed = EmbeddingMLP(config.model_channels, emb_dim, **layer)
+        self.label_emb = LabelEmbedding(config.adm_in_channels, emb_dim, **layer) if config.adm_in_channels else None
+
+        def build(spec):
+            if isinstance(spec, ConvIn):
+                return Conv3x3(spec.in_channels, spec.out_channels, axes=("channels", "channels"), **layer)
+            if isinstance(spec, Res):
+                return ResBlock(
+                    spec.channels,
+                    emb_dim,
+                    config.dropout,
+                    spec.out_channels,
+                    config.use_scale_shift_norm,
+                    config.use_checkpoint,
+                    eps=config.norm_eps,
+                    checkpoint_policy=config.checkpoint_policy,
+                    **layer,
+                )
+            if isinstance(spec, Attn):
+                return SpatialTransformer(
+                    spec.channels,
+                    spec.n_heads,
+                    spec.d_head,
+                    depth=spec.depth,
+                    dropout=config.dropout,
+                    context_dim=config.context_dim,
+                    disable_self_attn=spec.disable_self_attn,
+                    use_linear=config.use_linear_in_transformer,
+                    attn_type=config.spatial_transformer_attn_type,
+                    use_checkpoint=config.use_checkpoint,
+                    sdp_backend=config.sdp_backend,
+                    checkpoint_policy=config.checkpoint_policy,
+                    **layer,
+                )
+            return (Downsample if isinstance(spec, Down) else Upsample)(spec.channels, **layer)
+
+        self.input_blocks = nnx.List([nnx.List([build(s) for s in block]) for block in config.input_blocks])
+        self.middle_block = nnx.List([build(s) for s in config.middle_block])
+        self.output_blocks = nnx.List([nnx.List([build(s) for s in block]) for block in config.output_blocks])
+        self.out = NormActConv(config.model_channels, config.out_channels, eps=config.norm_eps, **layer)
+
+    def __call__(self, x: jax.Array, timesteps, context: jax.Array | None = None, y: jax.Array | None = None) -> jax.Array:
+        c = self.config
+        expect_shape("UNetModel", "x", x, ("b", "h", "w", c.in_channels))
+        b, h, w, _ = x.shape
+        factor = 2 ** (c.levels - 1)
+        if h % factor or w % factor:
+            raise ValueError(
+                f"UNetModel: `x`'s height and width must be multiples of {factor} (2 ** (levels - 1)); got {h} x {w}"
+            )
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,)) if jnp.ndim(timesteps) == 0 else timesteps
+        expect_shape("UNetModel", "timesteps", timesteps, (b,))
+        if c.context_dim is not None:
+            if context is None:
+                raise ValueError(f"UNetModel: this model has cross-attention: `context` [b, m, {c.context_dim}] is required")
+            expect_shape("UNetModel", "context", context, (b, "m", c.context_dim))
+        if (y is None) != (self.label_emb is None):
+            needs = f"`y` [b, {c.adm_in_channels}] (num_classes='sequential')" if self.label_emb else "no `y` (no num_classes)"
+            raise ValueError(f"UNetModel: this model takes {needs}; got {'None' if y is None else 'y'}")
+        if y is not None:
+            expect_shape("UNetModel", "y", y, (b, c.adm_in_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).astype(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        hs = []
+        hidden = x
+        for block in self.input_blocks:
+            hidden = _run(block, hidden, emb, context)
+            hs.append(hidden)
+        hidden = _run(self.middle_block, hidden, emb, context)
+        for block in self.output_blocks:
+            hidden = jnp.concatenate([hidden, hs.pop()], axis=-1)  # sgm's th.cat on channels
+            hidden = _run(block, hidden, emb, context)
+        return self.out(hidden.astype(x.dtype))

@@ -1,0 +1,332 @@
+"""UNetConfig: sgm's UNetModel architecture, typed and frozen; the UNet is built from it.
+
+Fields keep sgm's names. Everything the model, the key layouts and the loaders need
+(each block's layers, channels, heads and depth) is derived here once, as the
+`input_blocks`, `middle_block` and `output_blocks` specs. `from_diffusers` reads a
+diffusers UNet2DConditionModel config.json (unet_diffusers.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_sgm import numerics
+from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
+
+Dtype = Any
+
+
+# One layer of a block, as sgm's TimestepEmbedSequential holds it.
+class ConvIn(NamedTuple):
+    in_channels: int
+    out_channels: int
+
+
+class Res(NamedTuple):
+    channels: int
+    out_channels: int
+
+
+class Attn(NamedTuple):
+    """A SpatialTransformer: its constructor's arguments that vary per block."""
+
+    channels: int
+    n_heads: int
+    d_head: int
+    depth: int
+    disable_self_attn: bool
+
+
+class Down(NamedTuple):
+    channels: int
+
+
+class Up(NamedTuple):
+    channels: int
+
+
+Layer = ConvIn | Res | Attn | Down | Up
+
+
+def _tuple(value, n: int, name: str) -> tuple:
+    """An int (or bool) for every level, or one per level."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNetConfig: `{name}` has {len(value)} entries for {n} levels (channel_mult); got {list(value)}")
+        return tuple(value)
+    return (value,) * n
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"UNetConfig: `{name}` must be a positive int; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """sgm's UNetModel arguments (2-D, conv resampling, softmax attention).
+
+    transformer_depth: per level (or one int); a level has attention where its
+    downsampling rate 2**level is in `attention_resolutions`. Heads: `num_heads` (per
+    block, width channels // num_heads) or `num_head_channels` (width fixed), the other -1.
+    num_classes: None or "sequential" (the vector `y` of width `adm_in_channels`).
+    norm_eps: the ResBlocks' and `out`'s GroupNorm (sgm's GroupNorm32: 1e-5); the
+    SpatialTransformers keep the seed's 1e-6.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int | tuple[int, ...] = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None  # default: transformer_depth[-1], as sgm
+    num_heads: int = -1
+    num_head_channels: int = -1
+    context_dim: int | None = None
+    use_linear_in_transformer: bool = False
+    disable_self_attentions: bool | tuple[bool, ...] = False
+    disable_middle_self_attn: bool = False
+    use_scale_shift_norm: bool = False
+    num_classes: str | None = None
+    adm_in_channels: int | None = None
+    dropout: float = 0.0
+    norm_eps: float = numerics.UNET_GROUP_NORM_EPS
+    spatial_transformer_attn_type: str = "softmax"
+    use_checkpoint: bool = True
+    checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY
+    sdp_backend: str | None = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name in ("in_channels", "out_channels", "model_channels"):
+            _positive(name, getattr(self, name))
+        if not self.channel_mult:
+            raise ValueError("UNetConfig: `channel_mult` must list at least one level")
+        set_("channel_mult", tuple(self.channel_mult))
+        n = len(self.channel_mult)
+        set_("num_res_blocks", _tuple(self.num_res_blocks, n, "num_res_blocks"))
+        set_("transformer_depth", _tuple(self.transformer_depth, n, "transformer_depth"))
+        set_("disable_self_attentions", _tuple(self.disable_self_attentions, n, "disable_self_attentions"))
+        set_("attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        for name in ("channel_mult", "num_res_blocks"):
+            for v in getattr(self, name):
+                _positive(name, v)
+        if any(not isinstance(d, int) or d < 0 for d in self.transformer_depth):
+            raise ValueError(f"UNetConfig: `transformer_depth` must be ints >= 0; got {list(self.transformer_depth)}")
+        if self.transformer_depth_middle is None:
+            set_("transformer_depth_middle", self.transformer_depth[-1])
+        _positive("transformer_depth_middle", self.transformer_depth_middle)
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError(
+                f"UNetConfig: set exactly one of `num_heads` and `num_head_channels` (the other -1); "
+                f"got {self.num_heads} and {self.num_head_channels}"
+            )
+        _positive("num_heads" if self.num_heads != -1 else "num_head_channels", max(self.num_heads, self.num_head_channels))
+        if self.num_classes not in (None, "sequential"):
+            raise ValueError(f"UNetConfig: `num_classes` must be None or 'sequential' (a vector y); got {self.num_classes!r}")
+        if (self.num_classes is None) != (self.adm_in_channels is None):
+            raise ValueError(
+                f"UNetConfig: `adm_in_channels` goes with num_classes='sequential'; got num_classes={self.num_classes!r}, "
+                f"adm_in_channels={self.adm_in_channels!r}"
+            )
+        if self.adm_in_channels is not None:
+            _positive("adm_in_channels", self.adm_in_channels)
+        if self.context_dim is not None:
+            _positive("context_dim", self.context_dim)
+        for channels in {self.model_channels * m for m in self.channel_mult} | {self.model_channels}:
+            if channels % numerics.GROUP_NORM_GROUPS:
+                raise ValueError(
+                    f"UNetConfig: every level's channels must divide into {numerics.GROUP_NORM_GROUPS} GroupNorm groups; "
+                    f"got {channels} (model_channels {self.model_channels}, channel_mult {list(self.channel_mult)})"
+                )
+        self.input_blocks  # the heads and depths of every block must fit  # noqa: B018
+
+    # Derived values ---------------------------------------------------------
+
+    @property
+    def levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def level_channels(self, level: int) -> int:
+        return self.model_channels * self.channel_mult[level]
+
+    def has_attention(self, level: int) -> bool:
+        """sgm: attention where the downsampling rate is listed and the level has transformer blocks."""
+        return 2**level in self.attention_resolutions and self.transformer_depth[level] > 0
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(n_heads, d_head) of a SpatialTransformer over `channels`, as sgm splits them."""
+        split = self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
+        if channels % split:
+            raise ValueError(f"UNetConfig: {channels} channels do not split into {split} heads")
+        return (split, channels // split) if self.num_head_channels == -1 else (split, self.num_head_channels)
+
+    def _attention(self, channels: int, depth: int, disable_self_attn: bool) -> Attn:
+        if self.num_head_channels != -1 and channels % self.num_head_channels:
+            raise ValueError(f"UNetConfig: {channels} channels are not a multiple of num_head_channels {self.num_head_channels}")
+        return Attn(channels, *self.heads(channels), depth, disable_self_attn)
+
+    @property
+    def input_blocks(self) -> tuple[tuple[Layer, ...], ...]:
+        """Each input block's layers, in sgm's order: conv_in, then per level its ResBlocks (+ attention), a Downsample."""
+        blocks: list[tuple[Layer, ...]] = [(ConvIn(self.in_channels, self.model_channels),)]
+        ch = self.model_channels
+        for level in range(self.levels):
+            out = self.level_channels(level)
+            for _ in range(self.num_res_blocks[level]):
+                layers: list[Layer] = [Res(ch, out)]
+                if self.has_attention(level):
+                    disabled = self.disable_self_attentions[level] and self.context_dim is not None  # sgm's rule
+                    layers.append(self._attention(out, self.transformer_depth[level], disabled))
+                blocks.append(tuple(layers))
+                ch = out
+            if level != self.levels - 1:
+                blocks.append((Down(ch),))
+        return tuple(blocks)
+
+    @property
+    def middle_block(self) -> tuple[Layer, ...]:
+        ch = self.level_channels(self.levels - 1)
+        attn = self._attention(ch, self.transformer_depth_middle, self.disable_middle_self_attn)
+        return (Res(ch, ch), attn, Res(ch, ch))
+
+    @property
+    def skip_channels(self) -> tuple[int, ...]:
+        """The channels of each input block's output, in order: what the output blocks concatenate."""
+        return tuple(block[0].channels if isinstance(block[0], Down) else block[0].out_channels for block in self.input_blocks)
+
+    @property
+    def output_blocks(self) -> tuple[tuple[Layer, ...], ...]:
+        """Each output block's layers: a ResBlock over the concatenated skip (+ attention), an Upsample closing a level."""
+        skips = list(self.skip_channels)
+        ch = self.level_channels(self.levels - 1)
+        blocks = []
+        for level in reversed(range(self.levels)):
+            out = self.level_channels(level)
+            for i in range(self.num_res_blocks[level] + 1):
+                layers: list[Layer] = [Res(ch + skips.pop(), out)]
+                ch = out
+                if self.has_attention(level):
+                    layers.append(self._attention(ch, self.transformer_depth[level], self.disable_self_attentions[level]))
+                if level and i == self.num_res_blocks[level]:
+                    layers.append(Up(ch))
+                blocks.append(tuple(layers))
+        return tuple(blocks)
+
+    def replace(self, **changes) -> UNetConfig:
+        return dataclasses.replace(self, **changes)
+
+    # JSON -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config") -> UNetConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a UNet config must be a JSON object; got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown UNet config keys {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "config") -> UNetConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not valid JSON ({err})") from None
+        return cls.from_dict(d, source=source)
+
+    @classmethod
+    def from_diffusers(cls, config: dict, *, source: str = "config.json", **options) -> UNetConfig:
+        """A diffusers UNet2DConditionModel config: every field honoured, refused in one line, or irrelevant to the maths.
+
+        `options` set flax_sgm's own fields (use_checkpoint, checkpoint_policy, sdp_backend).
+        """
+        from flax_sgm.unet_diffusers import config_fields
+
+        return cls(**config_fields(config, source), **options)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> UNetConfig:
+        if name not in PRESETS:
+            raise ValueError(f"no UNet preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[name].replace(**changes)
+
+    # Modules ----------------------------------------------------------------
+
+    def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        """A UNetModel of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
+        from flax_sgm.unet import UNetModel
+
+        return UNetModel(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+
+    def make_abstract(self, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+        """The same model with ShapeDtypeStruct leaves (nnx.eval_shape): nothing is allocated."""
+
+        def build():
+            with nnx.var_defaults(ref=True):
+                rngs = nnx.Rngs(0)
+            return self.make(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        return nnx.eval_shape(build)
+
+
+# The released models (sgm's configs; diffusers' config.json of the same checkpoints agree).
+PRESETS = {
+    # SD 1.x: 8 heads everywhere, conv projections, CLIP ViT-L context.
+    "sd15": UNetConfig(
+        model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_heads=8, context_dim=768
+    ),
+    # SD 2.x: 64-wide heads, linear projections, OpenCLIP ViT-H context.
+    "sd21": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        attention_resolutions=(4, 2, 1),
+        num_head_channels=64,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+    ),
+    # SDXL base: no attention at level 0, depth 2 and 10, the vector y of 2816 (pooled text + 6 size/crop ids).
+    "sdxl-base": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(4, 2),
+        transformer_depth=(1, 2, 10),
+        num_head_channels=64,
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+        adm_in_channels=2816,
+    ),
+    # SDXL refiner: 384 channels, depth 4 at levels 1 and 2, y of 2560 (pooled text + 5 ids).
+    "sdxl-refiner": UNetConfig(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        attention_resolutions=(4, 2),
+        transformer_depth=4,
+        num_head_channels=64,
+        context_dim=1280,
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+        adm_in_channels=2560,
+    ),
+}

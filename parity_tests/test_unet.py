@@ -1,0 +1,359 @@
+"""The whole UNet against diffusers' UNet2DConditionModel: forward and gradients, weights in both layouts, the config.
+
+The reference is diffusers' torch UNet2DConditionModel built in-process at tiny sizes,
+every weight random (zero-initialised conv_out and proj_out too), loaded into flax_sgm
+through the conversion table under diffusers' names.
+"""
+
+import inspect
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors.numpy import save_file
+
+from conftest import assert_close, assert_parity, compare, randomize_
+from flax_sgm import convert, load_unet
+from flax_sgm.layout import CheckpointError
+from flax_sgm.unet import sdxl_vector
+from flax_sgm.unet_config import PRESETS, UNetConfig
+from flax_sgm.unet_diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
+from flax_sgm.unet_layout import SGM_PREFIX, config_from_weights, diffusers_layout
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
+CONFIGS = {
+    # SD 1.x: heads by count, conv projections, attention at the top level only; self-attention off at level 0.
+    "sd1": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        only_cross_attention=(True, False),
+    ),
+    # SD 2.x: heads by width (2 x 16, 4 x 16), linear projections; FiLM-style time embedding (scale_shift).
+    "sd2": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        resnet_time_scale_shift="scale_shift",
+        upcast_attention=True,
+    ),
+    # SDXL: no attention at level 0, depth 2 at level 1, the vector y through text_time.
+    "sdxl": dict(
+        TINY,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 3 * 8,
+        norm_eps=1e-3,
+    ),
+    # SDXL refiner: four levels, attention in the middle two, depth 2, y through text_time.
+    "refiner": dict(
+        TINY,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2, 4, 4),
+        transformer_layers_per_block=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 2 * 8,
+    ),
+    # A vector y through class_embed_type 'projection' (diffusers' class_embedding, sgm's label_emb).
+    "projection": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=12,
+    ),
+}
+
+
+def diffusers_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
+    return randomize_(UNet2DConditionModel(**CONFIGS[name]).eval(), seed)
+
+
+def flax_unet(torch_unet: UNet2DConditionModel, **options):
+    """flax_sgm's UNet of a diffusers model's config, its weights read under diffusers' names."""
+    config = UNetConfig.from_diffusers(dict(torch_unet.config), **options)
+    layout = diffusers_layout(config, vector_embedding(torch_unet.config))
+    return convert.load_torch_state_dict(config.make_abstract(), torch_unet.state_dict(), layout=layout)
+
+
+def unet_inputs(config: UNetConfig, rng, batch: int = 2, hw=(8, 8)) -> dict:
+    inputs = {
+        "x": rng.standard_normal((batch, config.in_channels, *hw)).astype(np.float32),  # NCHW: torch's layout
+        "timesteps": np.array([3, 917][:batch], np.int64),
+        "context": rng.standard_normal((batch, 5, config.context_dim)).astype(np.float32),
+    }
+    if config.adm_in_channels:
+        inputs["y"] = rng.standard_normal((batch, config.adm_in_channels)).astype(np.float32)
+    return inputs
+
+
+# (config, remat): about 40 s each on a 2-core CPU, most of it compiling; one runs by default.
+# The refiner-like runs at 16 x 16: at 8 x 8 its last level is 1 x 1 pixel, where GroupNorm sees
+# 2 values per group and float32 itself is ill-conditioned (torch's own gradient error 1e-4).
+PARITY = [
+    pytest.param("sdxl", False, (8, 8), id="sdxl"),
+    pytest.param("sdxl", True, (8, 8), id="sdxl-checkpoint", marks=pytest.mark.slow),
+    pytest.param("sd1", False, (8, 8), id="sd1", marks=pytest.mark.slow),
+    pytest.param("sd2", False, (8, 8), id="sd2", marks=pytest.mark.slow),
+    pytest.param("refiner", False, (16, 16), id="refiner", marks=pytest.mark.slow),
+    pytest.param("projection", False, (8, 8), id="projection", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,checkpoint,hw", PARITY)
+def test_unet_matches_diffusers(name, checkpoint, hw, rng):
+    torch_unet = diffusers_unet(name)
+    flax = flax_unet(torch_unet, use_checkpoint=checkpoint)
+    result = compare(torch_unet, flax, unet_inputs(flax.config, rng, hw=hw))
+    assert_parity(result, "UNetModel")
+
+
+def test_sdxl_vector_is_diffusers_added_cond(rng):
+    """y from pooled text embeddings and size/crop ids: diffusers' added_cond_kwargs path, whole forward."""
+    torch_unet = diffusers_unet("sdxl", seed=3)
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    inputs = unet_inputs(flax.config, rng)
+    text_embeds = rng.standard_normal((2, 16)).astype(np.float32)
+    time_ids = np.array([[1024, 1024, 0], [768, 512, 64]], np.float32)
+    with torch.no_grad():
+        want = torch_unet(
+            torch.from_numpy(inputs["x"]),
+            torch.from_numpy(inputs["timesteps"]),
+            torch.from_numpy(inputs["context"]),
+            added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)},
+        ).sample.numpy()
+    y = sdxl_vector(jnp.asarray(text_embeds), jnp.asarray(time_ids), dim=torch_unet.config.addition_time_embed_dim)
+    got = jax.jit(lambda m, *a: m(*a))(flax, inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], y)
+    assert_close(np.asarray(got).transpose(0, 3, 1, 2), want, what="UNet output with y = sdxl_vector(...)")
+    with torch.no_grad():
+        ids = torch_unet.add_time_proj(torch.from_numpy(time_ids).flatten()).reshape(2, -1)
+        want_y = torch.cat([torch.from_numpy(text_embeds), ids], dim=-1).numpy()
+    assert_close(y, want_y, what="sdxl_vector")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_weights_round_trip_both_layouts(name):
+    """diffusers -> flax -> diffusers and flax -> sgm -> flax bit for bit; sgm's names are what diffusers'
+    own single-file converter (convert_ldm_unet_checkpoint) maps back onto the diffusers model."""
+    torch_unet = diffusers_unet(name, seed=5)
+    flax = flax_unet(torch_unet)
+    want = {k: v.numpy() for k, v in torch_unet.state_dict().items()}
+    layout = diffusers_layout(flax.config, vector_embedding(torch_unet.config))
+    back = convert.to_torch_state_dict(flax, layout=layout)
+    assert back.keys() == want.keys()
+    assert all(np.array_equal(back[k], want[k]) for k in want)
+
+    sgm = convert.to_torch_state_dict(flax, prefix=SGM_PREFIX)
+    mapped = convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in sgm.items()}, dict(torch_unet.config))
+    assert mapped.keys() == want.keys()
+    assert all(np.array_equal(mapped[k].numpy(), want[k]) for k in want)
+
+    again = convert.load_torch_state_dict(flax.config.make_abstract(), sgm, prefix=SGM_PREFIX)
+    first, second = (dict(jax.tree.leaves_with_path(convert.nnx.state(m, convert.nnx.Param))) for m in (flax, again))
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def assert_holds(flax, torch_unet) -> None:
+    """`flax` holds `torch_unet`'s weights, bit for bit."""
+    layout = diffusers_layout(flax.config, vector_embedding(torch_unet.config))
+    got = convert.to_torch_state_dict(flax, layout=layout)
+    want = torch_unet.state_dict()
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k].numpy()) for k in want)
+
+
+def test_load_unet_diffusers_directories(tmp_path):
+    """A unet/ directory, a whole pipeline directory (its unet/), and a sharded one."""
+    torch_unet = diffusers_unet("sdxl", seed=7)
+    torch_unet.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "vae").mkdir()
+    (tmp_path / "pipe" / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    torch_unet.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert list((tmp_path / "sharded").glob("*.index.json"))
+    for path in (tmp_path / "pipe" / "unet", tmp_path / "pipe", tmp_path / "sharded"):
+        assert_holds(load_unet(path), torch_unet)
+    with pytest.raises(CheckpointError, match="config.json says the heads; leave out heads="):
+        load_unet(tmp_path / "pipe", heads=2)
+
+
+def sgm_single_file(torch_unet, path) -> None:
+    """An sgm/LDM single file of `torch_unet` beside a VAE and a text encoder. Its UNet keys are checked by
+    diffusers' own converter: convert_ldm_unet_checkpoint maps them back onto the diffusers model exactly."""
+    unet = convert.to_torch_state_dict(flax_unet(torch_unet), prefix=SGM_PREFIX)
+    mapped = convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in unet.items()}, dict(torch_unet.config))
+    want = torch_unet.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+    others = {
+        "first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(16, np.float32),
+    }
+    if path.suffix == ".ckpt":  # a torch.save pickle as LDM wrote them, read with weights_only
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in (unet | others).items()}}, path)
+    else:
+        save_file(unet | others, str(path))
+
+
+def test_load_unet_sgm_single_file(tmp_path):
+    torch_unet = diffusers_unet("sd1", seed=8)
+    sgm_single_file(torch_unet, tmp_path / "model.safetensors")
+    sgm_single_file(torch_unet, tmp_path / "model.ckpt")
+    assert_holds(load_unet(tmp_path / "model.safetensors", heads=2), torch_unet)
+    assert_holds(load_unet(tmp_path / "model.ckpt", heads=2), torch_unet)
+    # A UNet of none of the released shapes needs its heads, said in one line.
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a UNet that is none of sd15, .* give heads= or head_dim="):
+        load_unet(tmp_path / "model.safetensors")
+
+
+def test_load_unet_refuses_a_vae_only_file(tmp_path):
+    save_file({"first_stage_model.encoder.conv_in.weight": np.ones((8, 3, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vae.safetensors: no UNet under 'model.diffusion_model.'.*first_stage_model\."):
+        load_unet(tmp_path / "vae.safetensors")
+
+
+def test_missing_and_extra_keys_are_listed_at_once():
+    torch_unet = diffusers_unet("sd1")
+    config = UNetConfig.from_diffusers(dict(torch_unet.config))
+    state = dict(torch_unet.state_dict())
+    del state["conv_in.weight"]
+    state["mid_block.attentions.0.extra.weight"] = torch.zeros(1)
+    state["up_blocks.0.resnets.0.conv1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(convert.ConversionError) as err:
+        convert.load_torch_state_dict(config.make_abstract(), state, layout=diffusers_layout(config, None))
+    text = str(err.value)
+    assert "missing key: conv_in.weight" in text
+    assert "unexpected key: mid_block.attentions.0.extra.weight" in text
+    assert "shape mismatch: up_blocks.0.resnets.0.conv1.weight has shape [3, 3]" in text
+
+
+# The config --------------------------------------------------------------------------------
+
+
+def test_every_diffusers_field_is_honoured_refused_or_irrelevant():
+    """A field diffusers adds to UNet2DConditionModel later fails here until it is placed."""
+    params = [p for p in inspect.signature(UNet2DConditionModel.__init__).parameters if p != "self"]
+    lists = [set(HONOURED), set(DEFAULTS), set(IRRELEVANT)]
+    assert sorted(params) == sorted(p for group in lists for p in group)
+    assert sum(len(g) for g in lists) == len(params)  # each field in one list only
+
+
+def test_refused_fields_name_field_and_value():
+    base = dict(UNet2DConditionModel(**CONFIGS["sd1"]).config)
+    for field, default in DEFAULTS.items():
+        other = not default if isinstance(default, bool) else "something-else" if isinstance(default, str) else 7
+        with pytest.raises(CheckpointError, match=f"{field} = {other!r} is not supported"):
+            UNetConfig.from_diffusers(base | {field: other})
+    with pytest.raises(CheckpointError, match="field brand_new_option = 1 is unknown"):
+        UNetConfig.from_diffusers(base | {"brand_new_option": 1})
+    for field, value in [
+        ("addition_embed_type", "text"),
+        ("class_embed_type", "timestep"),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("resnet_time_scale_shift", "spatial"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"{field} = {value!r} is not supported"):
+            UNetConfig.from_diffusers(base | {field: value})
+
+
+# The four released models' diffusers config.json files (the fields that differ from diffusers' defaults).
+RELEASED = {
+    "sd15": dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64),
+    "sd21": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=96),
+    "sdxl-base": dict(
+        block_out_channels=[320, 640, 1280],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10],
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        upcast_attention=None,
+        sample_size=128,
+    ),
+    "sdxl-refiner": dict(
+        block_out_channels=[384, 768, 1536, 1536],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[6, 12, 24, 24],
+        transformer_layers_per_block=4,
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
+        sample_size=128,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_presets_are_the_released_models(name):
+    """Each preset is its model's diffusers config, and has every tensor of diffusers' model, shape for shape."""
+    config = dict(RELEASED[name], _class_name="UNet2DConditionModel")
+    assert UNetConfig.from_diffusers(config) == PRESETS[name]
+    with torch.device("meta"):
+        torch_unet = UNet2DConditionModel(**RELEASED[name])
+    want = {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()}
+    model = PRESETS[name].make_abstract()
+    layout = diffusers_layout(PRESETS[name], vector_embedding(torch_unet.config))
+    assert convert.torch_shapes(model, layout=layout) == want
+    # A single file of it is recognised by its shapes (no heads needed), an inpainting one (9 channels) too.
+    sgm = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in convert.torch_shapes(model, prefix=SGM_PREFIX).items()}
+    assert config_from_weights(sgm) == PRESETS[name]
+    sgm[SGM_PREFIX + "input_blocks.0.0.weight"] = jax.ShapeDtypeStruct((PRESETS[name].model_channels, 9, 3, 3), jnp.float16)
+    assert config_from_weights(sgm) == PRESETS[name].replace(in_channels=9)
+
+
+def test_config_json_round_trip():
+    for config in PRESETS.values():
+        assert UNetConfig.from_json(config.to_json()) == config
+
+
+# Bad input ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    return flax_unet(diffusers_unet("sdxl"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(y=None), r"UNetModel: this model takes `y` \[b, 40\]"),
+        (dict(y=np.zeros((2, 41), np.float32)), r"UNetModel: `y` must have shape \[2, 40\]; got shape \[2, 41\]"),
+        (dict(context=np.zeros((2, 5, 25), np.float32)), r"`context` must have shape \[2, m, 24\]; got shape \[2, 5, 25\]"),
+        (dict(context=None), r"UNetModel: this model has cross-attention: `context` \[b, m, 24\] is required"),
+        (dict(x=np.zeros((2, 9, 8, 4), np.float32)), r"multiples of 2 \(2 \*\* \(levels - 1\)\); got 9 x 8"),
+    ],
+    ids=["no-y", "y-width", "context-width", "no-context", "odd-size"],
+)
+def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
+    args = dict(
+        x=np.zeros((2, 8, 8, 4), np.float32),
+        timesteps=np.array([1, 2]),
+        context=np.zeros((2, 5, 24), np.float32),
+        y=np.zeros((2, 40), np.float32),
+    )
+    with pytest.raises(ValueError, match=message):
+        tiny_sdxl(**(args | change))
