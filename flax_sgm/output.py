@@ -83,7 +83,6 @@ class OutputWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
         self.checkpointer = _checkpointer() if self.weights == "orbax" else None
         return self
-        return self
 
     def add_model(self, prefix: str, config: SpatialTransformerConfig, model: nnx.Module) -> None:
         """Write a filled model's parameters (Orbax or safetensors)."""
@@ -137,11 +136,10 @@ def _checkpointer():
     """Orbax's synchronous checkpointer of a stack: `params` (a pytree of arrays) and `config` (JSON)."""
     import orbax.checkpoint as ocp
 
-    registry = ocp.DefaultCheckpointHandlerRegistry()
-    for item, handler, save, restore in [("params", ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
-                                         ("config", ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)]:
-        registry.add(item, save, handler)
-        registry.add(item, restore, handler)
+    registry = ocp.DefaultCheckpointHandlerRegistry()  # each item's handler, from its args
+    for item, args in [("params", ocp.args.StandardSave), ("params", ocp.args.StandardRestore),
+                       ("config", ocp.args.JsonSave), ("config", ocp.args.JsonRestore)]:
+        registry.add(item, args)
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
@@ -260,30 +258,28 @@ def _restore_orbax(target: Path, abstract: nnx.State) -> nnx.State:
 
 
 def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flax path (`proj_in.kernel`) -> (shape, dtype) of a tree of arrays, abstract arrays or their metadata."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(p, simple=True, separator="."): (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves}
+    return {jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value"): (tuple(x.shape), np.dtype(x.dtype))
+            for p, x in leaves}
 
 
 def _check_arrays(target: Path, found: dict, wanted: dict) -> None:
     for name in sorted(found.keys() | wanted.keys()):
         if found.get(name) != wanted.get(name):
-            raise CheckpointError(f"{target}: does not match its config at {name.removesuffix('.value')}")
+            raise CheckpointError(f"{target}: does not match its config at {name}")
 
 
 def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
     from safetensors import safe_open
 
-    expected = dict(nnx.to_flat_state(abstract))
     try:
         with safe_open(target, framework="numpy") as f:
-            values = {tuple(int(p) if p.isdigit() else p for p in k.split(".")): f.get_tensor(k) for k in f.keys()}
+            values = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors' own error type
         raise CheckpointError(f"{target}: damaged safetensors file ({_short(err)})") from None
-    for path in sorted(set(values) | set(expected), key=str):
-        got, want = values.get(path), expected.get(path)
-        if got is None or want is None or (got.shape, got.dtype) != (tuple(want.shape), jnp.dtype(want.dtype)):
-            raise CheckpointError(f"{target}: does not match its config at {'.'.join(map(str, path))}")
-    return nnx.from_flat_state({p: jnp.asarray(v) for p, v in values.items()})
+    _check_arrays(target, _shapes(values), _shapes(abstract))
+    return nnx.from_flat_state({tuple(int(p) if p.isdigit() else p for p in k.split(".")): jnp.asarray(v) for k, v in values.items()})
 
 
 def _first_line(err: BaseException) -> str:

@@ -302,6 +302,11 @@ def damage(out: Path, how: str) -> Path:
         (out / "config.json").write_text(json.dumps(config))
         damage(out, "truncated")
         return out / "config.json"
+    if how == "other shapes":  # config.json and the arrays disagree: checked on the stored metadata before reading
+        config = json.loads((out / "config.json").read_text())
+        config["stacks"][0]["config"]["context_dim"] += 8
+        (out / "config.json").write_text(json.dumps(config))
+        return out / config["stacks"][0]["path"]
     if how == "truncated":
         victim = max(arrays, key=lambda p: p.stat().st_size)  # the weights themselves, not spare bytes
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -315,7 +320,7 @@ def damage(out: Path, how: str) -> Path:
     return victim
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing", "config", "truncated, sizes unrecorded"])
+@pytest.mark.parametrize("how", ["truncated", "missing", "config", "truncated, sizes unrecorded", "other shapes"])
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
 def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
     d, _ = sgm
@@ -326,6 +331,7 @@ def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, h
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and str(victim) in lines[0], done.stdout[-3000:]
     assert "/.out." not in lines[0] and ("unrecorded" not in how or "missing 'files'" in lines[0])
+    assert how != "other shapes" or "does not match its config at transformer_blocks.0.attn2.to_k.kernel" in lines[0]
 
 
 # --- a disk that fills up ------------------------------------------------------------------------
