@@ -16,6 +16,7 @@ Orbax metadata first, so a damaged output is one line naming what is wrong befor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -122,11 +123,14 @@ class OutputWriter:
 
 
 def _reserve(directory: Path, nbytes: int) -> None:
-    """OSError unless `directory` has room for a file of `nbytes` (plus a margin): a full disk or a file size
-    limit is found before Orbax writes, whose failed writes leave tensorstore callbacks printing to stderr."""
+    """OSError if `directory` has no room for a file of `nbytes` (plus a margin): a full disk, quota or file
+    size limit is found before Orbax writes, whose failed writes leave tensorstore callbacks printing to stderr."""
     fd, name = tempfile.mkstemp(dir=directory)
     try:
         os.posix_fallocate(fd, 0, nbytes + nbytes // 64 + (1 << 20))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
     finally:
         os.close(fd)
         os.unlink(name)
