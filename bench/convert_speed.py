@@ -8,7 +8,7 @@ processes (each reports its own peak RSS):
   tensors   every tensor through safetensors.safe_open
   convert   `flax-sgm convert --all` to flat safetensors and to Orbax, as this tree does it
             (library-only: safe_open, numpy, safetensors.numpy.save_file, Orbax's
-            StandardCheckpointer)
+            Checkpointer with a CompositeCheckpointHandler)
   hand-written
             the same conversion by the hand-written I/O engine this tree replaced (its own
             safetensors parser, read-ahead threads, buffer pool, O_DIRECT writer), taken from

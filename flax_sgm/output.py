@@ -1,32 +1,29 @@
 """The directory `flax-sgm convert` writes, and reading it back.
 
-  config.json           format, version, weights format, source file name, and per stack:
-                        prefix, path, param dtype, SpatialTransformerConfig, the size of each
-                        file written for it (checked before reading: truncated or missing)
-  <stack>/              an Orbax checkpoint of the stack's nnx.Param state
-                        (orbax's StandardCheckpointer, for both save and restore), or
-  <stack>.safetensors   a flat file keyed by Flax paths (`transformer_blocks.0.attn1.to_q.kernel`).
+  config.json           format, version, weights format, source file name, and per stack: prefix, path,
+                        param dtype, SpatialTransformerConfig, the size of each file written for it
+  <stack>/              an Orbax composite checkpoint: `params` (the stack's nnx.Param state) and
+                        `config` (the stack's entry in config.json), or
+  <stack>.safetensors   a flat file keyed by Flax paths (`transformer_blocks.0.attn1.to_q.kernel`),
+                        the stack's entry in its metadata.
 
-It is written to a hidden staging directory beside the target and renamed into
-place only when complete; a damaged one is reported in one line naming the file.
+Orbax finalises each stack's checkpoint itself (a temporary directory, renamed when complete). The
+directory as a whole is written to a temporary directory beside `out` and renamed into place when every
+stack is written: no library finalises several checkpoints at once, and a single Orbax save of every
+stack would hold the whole model in memory. Reading checks each file's recorded size and the checkpoint's
+Orbax metadata first, so a damaged output is one line naming what is wrong before Orbax reads it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
+import errno
 import json
-import logging
 import os
 import re
 import shutil
-import sys
-import time
-import uuid
-from collections.abc import Callable, Mapping
+import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +34,10 @@ from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.layout import CheckpointError, normalize_prefix
 
 FORMAT_NAME = "flax-sgm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: an Orbax stack was a bare StandardCheckpointer directory
 CONFIG_FILE = "config.json"
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
-
-T = TypeVar("T")
 
 
 class StackRecord(NamedTuple):
@@ -74,9 +69,8 @@ def check_output(out: Path, overwrite: bool) -> None:
 class OutputWriter:
     """Writes an output directory stack by stack; `out` appears only when the `with` block completes.
 
-    Orbax saves run in the background (StandardCheckpointer is asynchronous); `wait`
-    waits for them, so that a caller can hold one stack at a time. Any failure removes the staging
-    directory; with `overwrite` an old `out` is replaced only by a complete new one.
+    Each `add_model` returns once its stack is written, so a caller can hold one stack at a time. Any
+    failure removes what was written; with `overwrite` an old `out` is replaced only by a complete new one.
     """
 
     def __init__(self, out, weights: str, *, overwrite: bool = False, source: str = ""):
@@ -84,103 +78,84 @@ class OutputWriter:
             raise CheckpointError(f"weights format must be one of {WEIGHT_FORMATS}; got {weights!r}")
         self.out, self.weights, self.overwrite, self.source = Path(out), weights, overwrite, source
         check_output(self.out, overwrite)
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
         self.records: list[StackRecord] = []
-        self.checkpointer = None
 
     def __enter__(self) -> OutputWriter:
-        self.tmp.mkdir()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        self.checkpointer = _checkpointer() if self.weights == "orbax" else None
         return self
 
     def add_model(self, prefix: str, config: SpatialTransformerConfig, model: nnx.Module) -> None:
-        """Save a filled model's parameters (Orbax or safetensors)."""
+        """Write a filled model's parameters (Orbax or safetensors)."""
         params = nnx.state(model, nnx.Param)
-        dtype = _param_dtype(params)
-        if self.weights == "safetensors":
-            arrays = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
-            self.add_arrays(prefix, config, arrays, dtype)
-            return
-        record = StackRecord(prefix, stack_name(prefix), dtype, config)
-        if self.checkpointer is None:
-            self.checkpointer = _orbax().StandardCheckpointer()
-        path = (self.tmp / record.path).absolute()
-        self._orbax_write(prefix, lambda: self.checkpointer.save(path, params))  # waits for the previous save
-        self.records.append(record)
-
-    def wait(self) -> None:
-        """Until the stacks given so far are written (Orbax saves in the background)."""
-        if self.checkpointer is not None:
-            self._orbax_write(None, self.checkpointer.wait_until_finished)
-
-    def add_arrays(self, prefix: str, config: SpatialTransformerConfig, arrays: Mapping[str, np.ndarray], dtype: str):
-        """A flat safetensors file of `arrays`, keyed by Flax paths."""
-        from safetensors.numpy import save_file
-
-        record = StackRecord(prefix, stack_name(prefix) + ".safetensors", dtype, config)
-        with self._writing(prefix):
-            save_file(dict(arrays), self.tmp / record.path, metadata={CONFIG_METADATA: json.dumps(record.to_dict())})
-        self.records.append(record)
-
-    @contextlib.contextmanager
-    def _writing(self, prefix: str | None):
+        suffix = ".safetensors" if self.weights == "safetensors" else ""
+        record = StackRecord(prefix, stack_name(prefix) + suffix, _param_dtype(params), config)
+        target = (self.tmp / record.path).absolute()
         try:
-            yield
-        except Exception as err:
-            raise self._write_error(prefix, _first_line(err)) from None
+            _reserve(self.tmp, sum(v.get_value().nbytes for _, v in nnx.to_flat_state(params)))
+            if self.checkpointer is None:
+                from safetensors.numpy import save_file
 
-    def _orbax_write(self, prefix: str | None, call: Callable[[], Any]) -> None:
-        def attempt():
-            try:
-                call()
-            except Exception:
-                # Its failed background tasks go with it, collected while Orbax's noise is held.
-                checkpointer, self.checkpointer = self.checkpointer, None
-                with contextlib.suppress(Exception):
-                    checkpointer.close()
-                raise
+                arrays = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
+                save_file(arrays, target, metadata={CONFIG_METADATA: json.dumps(record.to_dict())})
+            else:
+                from orbax.checkpoint import args
 
-        _, error = _quietly(attempt)
-        if error is not None:
-            raise self._write_error(prefix, error)
-
-    def _write_error(self, prefix: str | None, reason: str) -> CheckpointError:
-        """A write error as one line naming the output, never the staging directory."""
-        what = f"stack {prefix!r}" if prefix is not None else "the last stack"
-        reason = reason.replace(str(self.tmp.absolute()), str(self.out)).replace(str(self.tmp), str(self.out))
-        return CheckpointError(f"{self.out}: could not write {what}: {_clip(reason)}")
+                self.checkpointer.save(target, args.Composite(params=args.StandardSave(params), config=args.JsonSave(record.to_dict())))
+        except Exception as err:  # tensorstore, orbax and safetensors raise many types
+            reason = _first_line(err).replace(str(self.tmp.absolute()), str(self.out))
+            raise CheckpointError(f"{self.out}: could not write stack {prefix!r}: {_clip(reason)}") from None
+        self.records.append(record._replace(files=_written_files(self.tmp, record.path)))
 
     def __exit__(self, exc_type, exc, tb):
         try:
             if self.checkpointer is not None:
-                self._orbax_write(None, self.checkpointer.wait_until_finished)
-                self._orbax_write(None, self.checkpointer.close)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        document = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "weights": self.weights,
-            "source": self.source,
-            "stacks": [r._replace(files=_written_files(self.tmp, r.path)).to_dict() for r in self.records],
-        }
-        (self.tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
-        try:
-            check_output(self.out, self.overwrite)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        old = None
-        if self.out.exists() or self.out.is_symlink():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+                self.checkpointer.close()
+            if exc_type is None:
+                document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": self.weights,
+                            "source": self.source, "stacks": [r.to_dict() for r in self.records]}
+                (self.tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+                check_output(self.out, self.overwrite)
+                _replace(self.tmp, self.out)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # already gone once renamed into place
         return False
+
+
+def _reserve(directory: Path, nbytes: int) -> None:
+    """OSError if `directory` has no room for a file of `nbytes` (plus a margin): a full disk, quota or file
+    size limit is found before Orbax writes, whose failed writes leave tensorstore callbacks printing to stderr."""
+    fd, name = tempfile.mkstemp(dir=directory)
+    try:
+        os.posix_fallocate(fd, 0, nbytes + nbytes // 64 + (1 << 20))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _checkpointer():
+    """Orbax's synchronous checkpointer of a stack: `params` (a pytree of arrays) and `config` (JSON)."""
+    import orbax.checkpoint as ocp
+
+    registry = ocp.DefaultCheckpointHandlerRegistry()  # each item's handler, from its args
+    for item, args in [("params", ocp.args.StandardSave), ("params", ocp.args.StandardRestore),
+                       ("config", ocp.args.JsonSave), ("config", ocp.args.JsonRestore)]:
+        registry.add(item, args)
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an old `out` is moved aside first and removed only after."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = new.with_name(new.name + ".old")
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def _written_files(root: Path, stack_path: str) -> tuple[tuple[str, int], ...]:
@@ -216,14 +191,14 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
     try:
         document = json.loads(config_path.read_text())
         if document.get("format") != FORMAT_NAME or document.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} config")
+            raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} config (convert again)")
         weights = document["weights"]
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
                         SpatialTransformerConfig.from_dict(s["config"], source=f"stack {s['prefix']!r}"),
-                        tuple((str(name), int(size)) for name, size in s.get("files", {}).items()))
+                        tuple((str(name), int(size)) for name, size in s["files"].items()))
             for s in document["stacks"]
         ]
     except CheckpointError:
@@ -253,25 +228,13 @@ def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.M
         raise CheckpointError(f"{target}: missing (the output directory is damaged)")
     _check_sizes(Path(path), record)
     abstract = nnx.state(model, nnx.Param)
-    if weights == "safetensors":
-        restored = _restore_safetensors(target, abstract)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        wanted = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-
-        def read():
-            with _orbax().StandardCheckpointer() as checkpointer:
-                return checkpointer.restore(target.absolute(), wanted)
-
-        restored, error = _quietly(read)
-        if error is not None:
-            raise CheckpointError(f"{target}: damaged Orbax checkpoint ({_clip(error)})")
-    nnx.update(model, restored)
+    restore_stack = _restore_safetensors if weights == "safetensors" else _restore_orbax
+    nnx.update(model, restore_stack(target, abstract))
     return model
 
 
 def _check_sizes(path: Path, record: StackRecord) -> None:
-    """Missing or truncated files, found before a reader meets them (Orbax would fail noisily, or worse)."""
+    """Missing or truncated files, found before a reader meets them."""
     for name, size in record.files:
         file = path / name
         if not file.is_file():
@@ -280,20 +243,47 @@ def _check_sizes(path: Path, record: StackRecord) -> None:
             raise CheckpointError(f"{file}: {found} bytes, {path / CONFIG_FILE} records {size} (the output directory is damaged)")
 
 
+def _restore_orbax(target: Path, abstract: nnx.State) -> nnx.State:
+    """The `params` item, once Orbax's own metadata says it holds what `abstract` wants."""
+    from orbax.checkpoint import args
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    wanted = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+    try:
+        with _checkpointer() as checkpointer:
+            stored = checkpointer.metadata(target.absolute()).item_metadata["params"]
+            _check_arrays(target, _shapes(stored), _shapes(wanted))
+            items = checkpointer.restore(target.absolute(), args.Composite(params=args.StandardRestore(wanted)))
+    except CheckpointError:
+        raise
+    except Exception as err:  # tensorstore and orbax raise many types
+        raise CheckpointError(f"{target}: damaged Orbax checkpoint ({_short(err)})") from None
+    return items["params"]
+
+
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flax path (`proj_in.kernel`) -> (shape, dtype) of a tree of arrays, abstract arrays or their metadata."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p, simple=True, separator=".").removesuffix(".value"): (tuple(x.shape), np.dtype(x.dtype))
+            for p, x in leaves}
+
+
+def _check_arrays(target: Path, found: dict, wanted: dict) -> None:
+    for name in sorted(found.keys() | wanted.keys()):
+        if found.get(name) != wanted.get(name):
+            raise CheckpointError(f"{target}: does not match its config at {name}")
+
+
 def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
     from safetensors import safe_open
 
-    expected = dict(nnx.to_flat_state(abstract))
     try:
         with safe_open(target, framework="numpy") as f:
-            values = {tuple(int(p) if p.isdigit() else p for p in k.split(".")): f.get_tensor(k) for k in f.keys()}
+            values = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors' own error type
         raise CheckpointError(f"{target}: damaged safetensors file ({_short(err)})") from None
-    for path in sorted(set(values) | set(expected), key=str):
-        got, want = values.get(path), expected.get(path)
-        if got is None or want is None or (got.shape, got.dtype) != (tuple(want.shape), jnp.dtype(want.dtype)):
-            raise CheckpointError(f"{target}: does not match its config at {'.'.join(map(str, path))}")
-    return nnx.from_flat_state({p: jnp.asarray(v) for p, v in values.items()})
+    _check_arrays(target, _shapes(values), _shapes(abstract))
+    return nnx.from_flat_state({tuple(int(p) if p.isdigit() else p for p in k.split(".")): jnp.asarray(v) for k, v in values.items()})
 
 
 def _first_line(err: BaseException) -> str:
@@ -307,73 +297,3 @@ def _clip(line: str) -> str:
 
 def _short(err: BaseException) -> str:
     return _clip(_first_line(err))
-
-
-def _orbax():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
-def _quietly(call: Callable[[], T]) -> tuple[T | None, str | None]:
-    """`(call(), None)`, or `(None, the error in one line)`, with Orbax's noise kept from the user.
-
-    Orbax logs through absl; after a failure, the tensorstore operations it abandoned print
-    "Event loop is closed" tracebacks from their callbacks, and its coroutines complain when
-    collected, at random. All of it goes to sys.stderr, which is held for the call (process-wide):
-    passed on after a success, dropped after a failure, which the caller reports in one line.
-    After a failure, sys.stderr is given back once the abandoned work has settled; a failed Orbax
-    task collected even later is kept out of the asyncio log by `_OrbaxTaskFilter`.
-    """
-    _install_task_filter()
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    stderr, held = sys.stderr, io.StringIO()
-    sys.stderr = held
-    result, error = None, None
-    try:
-        try:
-            result = call()
-        except Exception as err:  # tensorstore and orbax raise many types
-            error = _first_line(err)
-        if error is not None:
-            _settle(held)
-    finally:
-        sys.stderr = stderr
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-    if error is None:
-        stderr.write(held.getvalue())
-    return result, error
-
-
-def _settle(held: io.StringIO, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
-    """Until nothing more is printed for `quiet_s` (at most `limit_s`), collecting what a failure abandoned.
-
-    The tensorstore operations a failed Orbax call leaves behind finish on their own threads, each
-    printing its callback's traceback as it does; their coroutines are finalized with them.
-    """
-    start = last_change = time.monotonic()
-    size = -1
-    while time.monotonic() - last_change < quiet_s and time.monotonic() - start < limit_s:
-        gc.collect()
-        if held.tell() != size:
-            size, last_change = held.tell(), time.monotonic()
-        time.sleep(0.02)
-
-
-class _OrbaxTaskFilter(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for Orbax's own tasks: their failure was
-    already reported in one line; the task was only collected late."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "/orbax/" in message)
-
-
-def _install_task_filter() -> None:
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _OrbaxTaskFilter) for f in logger.filters):
-        logger.addFilter(_OrbaxTaskFilter())

@@ -335,10 +335,9 @@ def convert_file(
         written = []
         with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(source_path).name) as writer:
             for stack, plan in zip(stacks, plans):
-                writer.wait()  # the previous stack is written: at most one is in memory
                 model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once per config, then cached
                 writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read, copy=not private))
-                del model  # the writer holds the weights until they are written
+                del model  # written: at most one stack is in memory
                 source.release()
                 params = sum(math.prod(step.shape) for step in plan)
                 written.append(ConvertedStack(stack.prefix, stack.config, plan[0].dtype.name, params, stack.nbytes))

@@ -295,13 +295,18 @@ def load_in_a_fresh_process(path) -> subprocess.CompletedProcess:
 
 def damage(out: Path, how: str) -> Path:
     arrays = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "config.json" and p.stat().st_size > 1000)
-    if how == "truncated, sizes unrecorded":  # as written before config.json recorded sizes: the reader meets it
+    if how == "truncated, sizes unrecorded":  # no reader is handed files it cannot check: config.json is named
         config = json.loads((out / "config.json").read_text())
         for stack in config["stacks"]:
             del stack["files"]
         (out / "config.json").write_text(json.dumps(config))
         damage(out, "truncated")
-        return out
+        return out / "config.json"
+    if how == "other shapes":  # config.json and the arrays disagree: checked on the stored metadata before reading
+        config = json.loads((out / "config.json").read_text())
+        config["stacks"][0]["config"]["context_dim"] += 8
+        (out / "config.json").write_text(json.dumps(config))
+        return out / config["stacks"][0]["path"]
     if how == "truncated":
         victim = max(arrays, key=lambda p: p.stat().st_size)  # the weights themselves, not spare bytes
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -315,7 +320,7 @@ def damage(out: Path, how: str) -> Path:
     return victim
 
 
-@pytest.mark.parametrize("how", ["truncated", "missing", "config", "truncated, sizes unrecorded"])
+@pytest.mark.parametrize("how", ["truncated", "missing", "config", "truncated, sizes unrecorded", "other shapes"])
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
 def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
     d, _ = sgm
@@ -325,7 +330,8 @@ def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, h
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and str(victim) in lines[0], done.stdout[-3000:]
-    assert ".partial-" not in lines[0] and (how != "config" or "config.json" in lines[0])
+    assert "/.out." not in lines[0] and ("unrecorded" not in how or "missing 'files'" in lines[0])
+    assert how != "other shapes" or "does not match its config at transformer_blocks.0.attn2.to_k.kernel" in lines[0]
 
 
 # --- a disk that fills up ------------------------------------------------------------------------
@@ -351,5 +357,5 @@ def test_a_write_that_fails_is_one_line_and_leaves_nothing(sgm, tmp_path, weight
     assert done.returncode != 0 and done.stdout == "", done.stdout[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{out}: could not write" in lines[0], done.stderr[-3000:]
-    assert ".partial-" not in lines[0]
+    assert "/.out." not in lines[0]  # the staging directory beside it is never named
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory
