@@ -25,7 +25,7 @@ from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.pretrained_unet import load_unet
 from flax_sgm.transformer import SpatialTransformer
-from flax_sgm.unet import UNetModel
+from flax_sgm.unet import UNetModel, sdxl_vector
 from flax_sgm.unet_config import UNetConfig
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "load_pretrained_all",
     "load_unet",
     "record_attention_calls",
+    "sdxl_vector",
     "select_backend",
     "target_platform",
     "zero_module",

@@ -49,3 +49,13 @@ def test_readme_sharding_program_runs_on_8_cpu_devices():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "8 devices; to_q kernel gradient split as P(None, 'model')"
+
+
+def test_readme_unet_check_runs_and_prints_what_the_readme_says(tmp_path, monkeypatch, capsys):
+    section = (ROOT / "README.md").read_text().split("## The whole UNet", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (said,) = re.findall(r"It prints `(.*?)`", section)
+    monkeypatch.chdir(tmp_path)  # it saves a diffusers directory
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed == said
