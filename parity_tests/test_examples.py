@@ -17,12 +17,16 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
 def test_every_example_is_run():
-    assert [p.name for p in EXAMPLES] == ["jvp.py", "linen.py", "sample.py", "train.py"]
+    assert [p.name for p in EXAMPLES] == ["jvp.py", "linen.py", "sample.py", "train.py", "unet.py"]
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script):
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+# Each at its default size; the UNet's v-prediction path too (tiny: the same program).
+RUNS = [(p, ()) for p in EXAMPLES] + [(ROOT / "examples" / "unet.py", ("--prediction", "v", "--tiny"))]
+
+
+@pytest.mark.parametrize("script,args", RUNS, ids=lambda r: r.name if isinstance(r, pathlib.Path) else " ".join(r) or "default")
+def test_example_runs(script, args):
+    result = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
