@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from flax.nnx import bridge
@@ -361,3 +362,85 @@ def test_forward_mode_above_one_chunk(mode, varying, hw):
         call = (lambda x: model64(x, jnp.asarray(c, jnp.float64))) if varying == "x" else model64
         finite_difference = (call(*plus) - call(*minus)) / (2 * h)
         assert_close(got, finite_difference, FD_TOL, f"{mode} against a float64 central difference")
+
+
+# The whole UNet in the same programs: a tiny SDXL-style UNet (vector y, attention at one level, depth 2),
+# built with its defaults (checkpointing on), every weight random; each program closed over and passed in.
+def _unet():
+    config = flax_sgm.UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), transformer_depth=(0, 2),
+        num_head_channels=16, context_dim=24, use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=16,
+    )
+    unet = flax_sgm.UNetModel(config, rngs=nnx.Rngs(0))
+    params = nnx.state(unet, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    nnx.update(unet, jax.tree.map(lambda p: 0.2 * jax.random.normal(next(keys), p.shape), params))
+    rng = np.random.default_rng(0)
+    x, v = (jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32) for _ in range(2))
+    t = jnp.asarray([10.0, 700.0])
+    c = jnp.asarray(rng.standard_normal((2, 7, 24)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    return unet, x, v, (t, c, y)
+
+
+@pytest.fixture(scope="module")
+def unet_case():
+    unet, x, v, cond = _unet()
+    graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
+    loss = lambda p, x: (nnx.merge(graphdef, p, rest)(x, *cond) * v).sum()  # noqa: E731
+    grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    ref = dict(y=unet(x, *cond), grad_x=grad_x, grad_params=grad_params, jvp=jax.jvp(lambda x: unet(x, *cond), (x,), (v,))[1])
+    return unet, x, v, cond, ref
+
+
+def _unet_programs(unet, x, v, cond):
+    t, c, y = cond
+    graphdef, state = nnx.split(unet)
+    merged = lambda st: nnx.merge(graphdef, st)  # noqa: E731
+    step = lambda m, x: x - 0.1 * m(x, t, c, y)  # noqa: E731
+    return {
+        "jax.jit": lambda: (("y", jax.jit(lambda x: unet(x, t, c, y))(x)), ("y", jax.jit(lambda m, x: m(x, t, c, y))(unet, x))),
+        "jax.grad-input": lambda: (("grad_x", jax.grad(lambda x: (unet(x, t, c, y) * v).sum())(x)),
+                                   ("grad_x", jax.jit(jax.grad(lambda x, st: (merged(st)(x, t, c, y) * v).sum()))(x, state))),
+        "jax.vmap": lambda: (("y", jax.vmap(lambda *a: unet(*(b[None] for b in a))[0])(x, t, c, y)),
+                             ("y", jax.vmap(lambda m, *a: m(*(b[None] for b in a))[0], in_axes=(None, 0, 0, 0, 0))(unet, x, t, c, y))),
+        "lax.scan": lambda: (("y", (jax.lax.scan(lambda x, _: (step(unet, x), None), x, length=1)[0] - x) / -0.1),
+                             ("y", (jax.lax.scan(lambda x, _: (step(merged(state), x), None), x, length=1)[0] - x) / -0.1)),
+        "jax.jvp": lambda: (("jvp", jax.jvp(lambda x: unet(x, t, c, y), (x,), (v,))[1]),
+                            ("jvp", jax.jit(lambda st, x: jax.jvp(lambda x: merged(st)(x, t, c, y), (x,), (v,))[1])(state, x))),
+    }
+
+
+# vmap and scan recompile the whole UNet; they run under -m slow to keep CI's time.
+@pytest.mark.parametrize(
+    "transform",
+    ["jax.jit", "jax.grad-input", "jax.jvp", pytest.param("jax.vmap", marks=pytest.mark.slow), pytest.param("lax.scan", marks=pytest.mark.slow)],
+)
+def test_unet_transform_matches_eager(unet_case, transform):
+    unet, x, v, cond, ref = unet_case
+    for style, (name, value) in zip(("closed over", "passed in"), _unet_programs(unet, x, v, cond)[transform]()):
+        tol = REORDERED if name == "y" else criteria.REORDERED_GRAD
+        # scan's step is recovered from x - 0.1 * y: its rounding is x's, relative to y's scale
+        tol = max(tol, 1e-5) if transform == "lax.scan" else tol
+        assert_close(value, ref[name], tol, f"UNet {transform}, model {style}: {name}")
+
+
+def test_unet_export_with_a_symbolic_batch_and_an_nnx_training_step(unet_case):
+    unet, x, v, (t, c, y), ref = unet_case
+    b = export.symbolic_shape("b")[0]
+    specs = [jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype) for a in (x, t, c, y)]
+    exported = export.deserialize(export.export(jax.jit(lambda *a: unet(*a)))(*specs).serialize())
+    for n in (1, 2):
+        assert_close(exported.call(x[:n], t[:n], c[:n], y[:n]), ref["y"][:n], REORDERED, f"exported UNet at batch {n}")
+
+    model = nnx.clone(unet)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        grads = nnx.grad(lambda m: (m(x, t, c, y) * v).sum())(model)
+        optimizer.update(model, grads)
+
+    train_step(model, optimizer)
+    updated = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(unet, nnx.Param), ref["grad_params"])
+    assert_close(nnx.state(model, nnx.Param), updated, criteria.REORDERED_GRAD, "UNet nnx.jit SGD step")
