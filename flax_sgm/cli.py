@@ -71,6 +71,13 @@ def _stack_options(f):
     return f
 
 
+def _variant_option(f):
+    return click.option(
+        "--variant", help="A diffusers directory's variant files (fp16, or any name it was saved with), as "
+        "diffusers' from_pretrained(variant=...) reads them.",
+    )(f)
+
+
 def _exclusive_heads(heads, head_dim):
     if heads is not None and head_dim is not None:
         raise click.UsageError("give --heads or --head-dim, not both")
@@ -114,12 +121,13 @@ In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
                    "sharded *.safetensors.index.json; default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
+@_variant_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype both sides run in; both are judged against float64 by flax_sgm.verify.criteria.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_clean_errors
-def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, as_json):
+def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, variant, dtype, seed, as_json):
     """Run torch's SpatialTransformer and its Flax conversion on the same input; report parity.
 
     Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
@@ -140,12 +148,13 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
 
     torch_state = flax_module = None
     if checkpoint is None:
-        if prefix is not None or heads is not None or head_dim is not None or disable_self_attn is not None:
-            raise click.UsageError("--prefix, --heads, --head-dim and --disable-self-attn need --checkpoint")
+        if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
+            raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
         config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
     else:
         stack, flax_module, torch_state = pretrained.load_stack(
-            checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, param_dtype=dtype
+            checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, variant=variant,
+            param_dtype=dtype,
         )
         source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
         config = stack.config.replace(use_checkpoint=False)
@@ -179,6 +188,7 @@ Examples:
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64 -o xl-in4
   flax-sgm convert sd_xl_base_1.0.safetensors --all --head-dim 64 -o xl-attention
   flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o xl-attention
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --variant fp16 --all -o xl-attention
   flax-sgm convert unet/diffusion_pytorch_model.safetensors.index.json \\
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
@@ -194,6 +204,7 @@ Then in Python:
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @_stack_options
+@_variant_option
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
 @click.option("--format", "weights", type=click.Choice(output.WEIGHT_FORMATS), default="orbax", show_default=True,
               help="orbax: an Orbax checkpoint per stack; safetensors: a flat file of Flax paths per stack.")
@@ -201,8 +212,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @_clean_errors
-def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, out, weights,
-            param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, variant, out,
+            weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -233,7 +244,7 @@ def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, d
         written = pretrained.convert_file(
             checkpoint, out, prefix, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
             head_dim=head_dim, weights=weights, param_dtype=param_dtype, disable_self_attn=disable_self_attn,
-            overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
+            variant=variant, overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
         )
     finally:
         if bar is not None:
@@ -266,14 +277,15 @@ Examples:
   flax-sgm inspect v1-5-pruned.ckpt --json"""
 )
 @click.argument("checkpoint", type=click.Path())
+@_variant_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_clean_errors
-def inspect(checkpoint, as_json):
+def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
     index) and what their shapes say about them."""
     from flax_sgm.sources import open_source
 
-    with open_source(checkpoint) as source:
+    with open_source(checkpoint, variant) as source:
         summaries, problems = pretrained.inspect_stacks(source)
         info = {
             "file": str(checkpoint),
