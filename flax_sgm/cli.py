@@ -117,8 +117,8 @@ In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
   flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
 @click.option("--checkpoint", type=click.Path(),
-              help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory or a "
-                   "sharded *.safetensors.index.json; default: seeded random weights.")
+              help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory, a "
+                   "sharded *.safetensors.index.json or a `flax-sgm convert` output; default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
 @_variant_option
@@ -133,7 +133,10 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, variant, dtyp
     Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
     channels, 10 heads of 64, depth 2, context 2048, linear projections) with seeded
     random weights. With --checkpoint: the stack at --prefix, its config read off the
-    shapes; its heads from a diffusers config.json, or else --heads or --head-dim.
+    shapes; its heads from a diffusers config.json, or else --heads or --head-dim; or
+    a `flax-sgm convert` output. The reference (printed) is diffusers' own model built
+    from a diffusers directory when diffusers is installed, else torch_ref's
+    SpatialTransformer of the config read.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out) and for the whole model: flax_sgm's and torch's relative error against
@@ -146,21 +149,18 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, variant, dtyp
     _exclusive_heads(heads, head_dim)
     from flax_sgm.verify import seeded, verify_modules  # needs torch
 
-    torch_state = flax_module = None
     if checkpoint is None:
         if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
             raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
         config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
+        torch_module, flax_module, inputs = seeded.spatial_transformer_pair(config, dtype=dtype, seed=seed)
     else:
-        stack, flax_module, torch_state = pretrained.load_stack(
+        from flax_sgm.verify.references import checkpoint_pair
+
+        config, torch_module, flax_module, inputs, source = checkpoint_pair(
             checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, variant=variant,
-            param_dtype=dtype,
+            dtype=dtype, seed=seed,
         )
-        source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
-        config = stack.config.replace(use_checkpoint=False)
-    torch_module, flax_module, inputs = seeded.spatial_transformer_pair(
-        config, torch_state, flax_module, dtype=dtype, seed=seed
-    )
     report = verify_modules(torch_module, flax_module, inputs, dtype=dtype, seed=seed)
     if as_json:
         click.echo(json.dumps({"config": config.to_dict(), "source": source, **report.to_dict()}, indent=2))
@@ -342,18 +342,31 @@ class _OneLineUsageErrors(click.Command):
             raise UserError(err.format_message()) from None
 
 
-def _lower_config(name_or_path: str):
-    """A preset of flax_sgm.config.PRESETS, or a SpatialTransformerConfig JSON file."""
+def _lower_config(name_or_path: str, prefix: str | None = None):
+    """A preset of flax_sgm.config.PRESETS, a SpatialTransformerConfig JSON file, or a `flax-sgm convert` output
+    (its directory or its config.json; `prefix` picks a stack)."""
     import pathlib
 
     from flax_sgm.config import PRESETS, SpatialTransformerConfig
 
     if name_or_path in PRESETS:
+        if prefix is not None:
+            raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
         return PRESETS[name_or_path]
     path = pathlib.Path(name_or_path)
-    if not path.is_file():
-        raise UserError(f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-    config = SpatialTransformerConfig.from_json(path.read_text(), source=str(path))
+    directory = path if path.is_dir() else path.parent
+    if output.is_output(directory) and (path.is_dir() or path.name == output.CONFIG_FILE):
+        _, records = output.read_output(directory)
+        config = output.select_record(directory, records, prefix).config
+    elif not path.is_file():
+        raise UserError(
+            f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a JSON file nor a "
+            "`flax-sgm convert` output"
+        )
+    elif prefix is not None:
+        raise UserError("--prefix picks a stack of a `flax-sgm convert` output; this is a config file")
+    else:
+        config = SpatialTransformerConfig.from_json(path.read_text(), source=str(path))
     return PRESETS["sdxl"]._replace(config=config)  # the SDXL-like input sizes unless given
 
 
@@ -372,11 +385,14 @@ Examples:
   flax-sgm lower --backward --json > lowered.json
   flax-sgm lower --config long --backward
   flax-sgm lower --config sdxl --mesh 1,4,1 --backward
-  flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32""",
+  flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32
+  flax-sgm lower --config sdxl-attention/config.json --prefix down_blocks.1.attentions.0""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
-              help="A preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS) or a SpatialTransformerConfig "
-                   "JSON file (then the sdxl sizes unless given).")
+              help="A preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS), a SpatialTransformerConfig "
+                   "JSON file, or a `flax-sgm convert` output (its directory or config.json); then the sdxl sizes "
+                   "unless given.")
+@click.option("--prefix", help="With a `flax-sgm convert` output of several stacks: the stack to lower.")
 @click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
               help="The platform to lower for; it need not be this machine's.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
@@ -390,7 +406,7 @@ Examples:
                              "are too few), e.g. 1,4,1 for sequence parallelism.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_clean_errors
-def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_checkpoint, mesh, as_json):
+def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backward, no_checkpoint, mesh, as_json):
     """Lower a SpatialTransformer for a platform (default CUDA) without its hardware; report what was chosen.
 
     The weights are abstract (nothing is allocated). Reported: for each attention call,
@@ -413,7 +429,7 @@ def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_
 
     from flax_sgm import lowering
 
-    preset = _lower_config(config_name)
+    preset = _lower_config(config_name, prefix)
     config = preset.config.replace(use_checkpoint=False) if no_checkpoint else preset.config
     inputs = lowering.Inputs(
         batch=batch or preset.batch,
