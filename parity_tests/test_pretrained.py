@@ -226,6 +226,22 @@ def test_a_json_file_is_never_read_as_safetensors(tmp_path, name, text, message)
     assert message in line and "safetensors file" not in line
 
 
+def test_the_api_as_users_call_it(sgm):
+    """bf16 compute gives a bf16 output; a torch tensor, a batch that differs, an option the weights fix: one line."""
+    import jax.numpy as jnp
+
+    d, module = sgm
+    flax_module = flax_sgm.load_pretrained(d / "sgm.safetensors", heads=2, dtype=jnp.bfloat16)
+    x, context = np.ones((2, 3, 5, 32), np.float32), np.ones((2, 4, CONTEXT), np.float32)
+    assert flax_module(x, context).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"`x` is a torch.Tensor; pass a numpy or JAX array \(t.numpy\(\)"):
+        flax_module(torch.from_numpy(x), context)
+    with pytest.raises(ValueError, match=r"`context` must have shape \[2, m, 24\]; got shape \[1, 4, 24\] \(batch 1, expected 2\)"):
+        flax_module(x, context[:1])
+    with pytest.raises(CheckpointError, match="in_channels: read off the checkpoint, not set by the caller"):
+        flax_sgm.load_pretrained(d / "sgm.safetensors", heads=2, in_channels=64)
+
+
 def test_a_missing_shard_is_named(unet, tmp_path):
     path = copy_unet(unet, tmp_path)
     shard = sorted(path.glob("*-00002-of-*.safetensors"))[0]
