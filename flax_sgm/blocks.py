@@ -17,7 +17,7 @@ from flax.errors import TraceContextError
 
 from flax_sgm.attention import CrossAttention, MemoryEfficientCrossAttention
 from flax_sgm.attention_policy import resolve_backend
-from flax_sgm.checks import expect_shape
+from flax_sgm.checks import expect_array, expect_shape
 from flax_sgm.primitives import FeedForward, LayerNorm
 from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY, check_policy, checkpointed_call
 from flax_sgm.sharding import TOKENS, constrain
@@ -96,6 +96,7 @@ class BasicTransformerBlock(nnx.Module):
         n_times_crossframe_attn_in_self: int = 0,
     ) -> jax.Array:
         expect_shape(type(self).__name__, "x", x, ("b", "n", self.dim))
+        expect_array(type(self).__name__, "context", context)
         if not isinstance(n_times_crossframe_attn_in_self, (int, np.integer)):
             raise ValueError(
                 f"{type(self).__name__}: `n_times_crossframe_attn_in_self` must be a Python int (it fixes shapes); "

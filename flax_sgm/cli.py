@@ -88,6 +88,13 @@ def _stack_options(f):
     return f
 
 
+def _variant_option(f):
+    return click.option(
+        "--variant", help="A diffusers directory's variant files (fp16, or any name it was saved with), as "
+        "diffusers' from_pretrained(variant=...) reads them.",
+    )(f)
+
+
 def _exclusive_heads(heads, head_dim):
     if heads is not None and head_dim is not None:
         raise click.UsageError("give --heads or --head-dim, not both")
@@ -128,22 +135,26 @@ In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
   flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
 @click.option("--checkpoint", type=click.Path(),
-              help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory or a "
-                   "sharded *.safetensors.index.json; default: seeded random weights.")
+              help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory, a "
+                   "sharded *.safetensors.index.json or a `flax-sgm convert` output; default: seeded random weights.")
 @click.option("--prefix", help="Key prefix of the stack in the file (e.g. model.diffusion_model.input_blocks.4.1).")
 @_stack_options
+@_variant_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype both sides run in; both are judged against float64 by flax_sgm.verify.criteria.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_clean_errors
-def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, as_json):
+def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, variant, dtype, seed, as_json):
     """Run torch's SpatialTransformer and its Flax conversion on the same input; report parity.
 
     Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
     channels, 10 heads of 64, depth 2, context 2048, linear projections) with seeded
     random weights. With --checkpoint: the stack at --prefix, its config read off the
-    shapes; its heads from a diffusers config.json, or else --heads or --head-dim.
+    shapes; its heads from a diffusers config.json, or else --heads or --head-dim; or
+    a `flax-sgm convert` output. The reference (printed) is diffusers' own model built
+    from a diffusers directory when diffusers is installed, else torch_ref's
+    SpatialTransformer of the config read.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out) and for the whole model: flax_sgm's and torch's relative error against
@@ -156,20 +167,18 @@ def verify(checkpoint, prefix, heads, head_dim, disable_self_attn, dtype, seed, 
     _exclusive_heads(heads, head_dim)
     from flax_sgm.verify import seeded, verify_modules  # needs torch
 
-    torch_state = flax_module = None
     if checkpoint is None:
-        if prefix is not None or heads is not None or head_dim is not None or disable_self_attn is not None:
-            raise click.UsageError("--prefix, --heads, --head-dim and --disable-self-attn need --checkpoint")
+        if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
+            raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
         config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
+        torch_module, flax_module, inputs = seeded.spatial_transformer_pair(config, dtype=dtype, seed=seed)
     else:
-        stack, flax_module, torch_state = pretrained.load_stack(
-            checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, param_dtype=dtype
+        from flax_sgm.verify.references import checkpoint_pair
+
+        config, torch_module, flax_module, inputs, source = checkpoint_pair(
+            checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, variant=variant,
+            dtype=dtype, seed=seed,
         )
-        source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
-        config = stack.config.replace(use_checkpoint=False)
-    torch_module, flax_module, inputs = seeded.spatial_transformer_pair(
-        config, torch_state, flax_module, dtype=dtype, seed=seed
-    )
     report = verify_modules(torch_module, flax_module, inputs, dtype=dtype, seed=seed)
     if as_json:
         click.echo(_json({"config": config.to_dict(), "source": source, **report.to_dict()}))
@@ -198,6 +207,7 @@ Examples:
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64 -o xl-in4
   flax-sgm convert sd_xl_base_1.0.safetensors --all --head-dim 64 -o xl-attention
   flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o xl-attention
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --variant fp16 --all -o xl-attention
   flax-sgm convert unet/diffusion_pytorch_model.safetensors.index.json \\
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
@@ -213,6 +223,7 @@ Then in Python:
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @_stack_options
+@_variant_option
 @click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
 @click.option("--format", "weights", type=click.Choice(output.WEIGHT_FORMATS), default="orbax", show_default=True,
               help="orbax: an Orbax checkpoint per stack; safetensors: a flat file of Flax paths per stack.")
@@ -220,8 +231,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @_clean_errors
-def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, out, weights,
-            param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, variant, out,
+            weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -252,7 +263,7 @@ def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, d
         written = pretrained.convert_file(
             checkpoint, out, prefix, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
             head_dim=head_dim, weights=weights, param_dtype=param_dtype, disable_self_attn=disable_self_attn,
-            overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
+            variant=variant, overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
         )
     finally:
         if bar is not None:
@@ -286,14 +297,15 @@ Examples:
   flax-sgm inspect v1-5-pruned.ckpt --json"""
 )
 @click.argument("checkpoint", type=click.Path())
+@_variant_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_clean_errors
-def inspect(checkpoint, as_json):
+def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
     index) and what their shapes say about them."""
     from flax_sgm.sources import open_source
 
-    with open_source(checkpoint) as source:
+    with open_source(checkpoint, variant) as source:
         summaries, problems = pretrained.inspect_stacks(source)
         info = {
             "file": str(checkpoint),
@@ -350,18 +362,31 @@ class _OneLineUsageErrors(click.Command):
             raise UserError(err.format_message()) from None
 
 
-def _lower_config(name_or_path: str):
-    """A preset of flax_sgm.config.PRESETS, or a SpatialTransformerConfig JSON file."""
+def _lower_config(name_or_path: str, prefix: str | None = None):
+    """A preset of flax_sgm.config.PRESETS, a SpatialTransformerConfig JSON file, or a `flax-sgm convert` output
+    (its directory or its config.json; `prefix` picks a stack)."""
     import pathlib
 
     from flax_sgm.config import PRESETS, SpatialTransformerConfig
 
     if name_or_path in PRESETS:
+        if prefix is not None:
+            raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
         return PRESETS[name_or_path]
     path = pathlib.Path(name_or_path)
-    if not path.is_file():
-        raise UserError(f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
-    config = SpatialTransformerConfig.from_json(path.read_text(), source=str(path))
+    directory = path if path.is_dir() else path.parent
+    if output.is_output(directory) and (path.is_dir() or path.name == output.CONFIG_FILE):
+        _, records = output.read_output(directory)
+        config = output.select_record(directory, records, prefix).config
+    elif not path.is_file():
+        raise UserError(
+            f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a JSON file nor a "
+            "`flax-sgm convert` output"
+        )
+    elif prefix is not None:
+        raise UserError("--prefix picks a stack of a `flax-sgm convert` output; this is a config file")
+    else:
+        config = SpatialTransformerConfig.from_json(path.read_text(), source=str(path))
     return PRESETS["sdxl"]._replace(config=config)  # the SDXL-like input sizes unless given
 
 
@@ -381,11 +406,14 @@ Examples:
   flax-sgm lower --backward --json > lowered.json
   flax-sgm lower --config long --backward
   flax-sgm lower --config sdxl --mesh 1,4,1 --backward
-  flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32""",
+  flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32
+  flax-sgm lower --config sdxl-attention/config.json --prefix down_blocks.1.attentions.0""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
-              help="A preset name, one of sdxl, long, sd15 and default (flax_sgm.config.PRESETS), or a "
-                   "SpatialTransformerConfig JSON file (run at the sdxl preset's sizes unless given).")
+              help="A preset name, one of sdxl, long, sd15 and default (flax_sgm.config.PRESETS), a "
+                   "SpatialTransformerConfig JSON file, or a `flax-sgm convert` output (its directory or config.json); "
+                   "run at the sdxl preset's sizes unless given.")
+@click.option("--prefix", help="With a `flax-sgm convert` output of several stacks: the stack to lower.")
 @click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
               help="The platform to lower for; it need not be this machine's.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
@@ -399,7 +427,7 @@ Examples:
                              "are too few), e.g. 1,4,1 for sequence parallelism.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_clean_errors
-def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_checkpoint, mesh, as_json):
+def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backward, no_checkpoint, mesh, as_json):
     """Lower a SpatialTransformer for a platform (default CUDA) without its hardware; report what was chosen.
 
     The weights are abstract (nothing is allocated). Reported: for each attention call,
@@ -422,7 +450,7 @@ def lower(config_name, platform, dtype, batch, hw, context_tokens, backward, no_
 
     from flax_sgm import lowering
 
-    preset = _lower_config(config_name)
+    preset = _lower_config(config_name, prefix)
     config = preset.config.replace(use_checkpoint=False) if no_checkpoint else preset.config
     inputs = lowering.Inputs(
         batch=batch or preset.batch,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_sgm import convert, layout, output
+from flax_sgm import convert, diffusers_config, layout, output
 from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.layout import CheckpointError
 from flax_sgm.sources import Source, TensorInfo, open_source
@@ -42,16 +42,16 @@ def inspect_stacks(source: Source) -> tuple[list[dict], dict[str, str]]:
     others cannot be converted."""
     found, unsupported = [], {}
     prefixes = layout.find_stacks(source.infos)
-    heads = layout.diffusers_heads(source.config, prefixes, str(source.config_path)) if source.config is not None else {}
+    specs = _config_specs(source, prefixes)
     for prefix in prefixes:
         infos = _under(source, prefix)
         try:
-            shape = layout.read_stack(infos, prefix)
+            shape = _read_stack(source, infos, prefix, specs.get(prefix), None)
         except CheckpointError as err:
             unsupported[prefix] = str(err)
             continue
         found.append({
-            "prefix": prefix, **shape._asdict(), "heads": heads[prefix].n_heads if prefix in heads else None,
+            "prefix": prefix, **shape._asdict(), "heads": specs[prefix].heads.n_heads if prefix in specs else None,
             "dtype": _float_dtype(infos).name,
             "tensors": len(infos), "bytes": sum(i.nbytes for i in infos.values()),
         })
@@ -105,14 +105,12 @@ def plan_stacks(
     `head_dim` splits every stack's inner dim.
     """
     selected = select_prefixes(source, prefixes, all_stacks=all_stacks, offer_all=offer_all)
-    from_config = (
-        layout.diffusers_heads(source.config, selected, str(source.config_path)) if source.config is not None else {}
-    )
+    specs = _config_specs(source, selected)
     stacks, skipped = [], {}
     for prefix in selected:
-        infos = _under(source, prefix)
+        infos, spec = _under(source, prefix), specs.get(prefix)
         try:
-            shape = layout.read_stack(infos, prefix, disable_self_attn=disable_self_attn)
+            shape = _read_stack(source, infos, prefix, spec, disable_self_attn)
         except CheckpointError as err:
             if not all_stacks:
                 raise
@@ -122,14 +120,37 @@ def plan_stacks(
                 ) from None
             skipped[prefix] = str(err)
             continue
-        n_heads, n_dim = heads, head_dim
-        if prefix in from_config:
-            n_heads, n_dim = _heads_from_config(source, prefix, shape.inner_dim, from_config[prefix], heads, head_dim)
+        n_heads, n_dim, options = heads, head_dim, {}
+        if spec is not None:
+            n_heads, n_dim = _heads_from_config(source, prefix, shape.inner_dim, spec.heads, heads, head_dim)
+            options = {"dropout": spec.dropout}
         config = SpatialTransformerConfig.from_weights(
-            infos, prefix, heads=n_heads, head_dim=n_dim, disable_self_attn=disable_self_attn
+            infos, prefix, heads=n_heads, head_dim=n_dim, disable_self_attn=shape.disable_self_attn, **options
         )
         stacks.append(Stack(prefix, config, tuple(infos), _float_dtype(infos), sum(i.nbytes for i in infos.values())))
     return stacks, skipped
+
+
+def _config_specs(source: Source, prefixes: list[str]) -> dict[str, diffusers_config.StackSpec]:
+    """What the diffusers config.json beside the weights says about each stack (none without one)."""
+    if source.config is None:
+        return {}
+    return diffusers_config.stack_specs(source.config, prefixes, str(source.config_path))
+
+
+def _read_stack(source: Source, infos, prefix: str, spec, disable_self_attn: bool | None) -> layout.StackShape:
+    """The stack's shape, with the config's only_cross_attention, which the weights cannot always show."""
+    if spec is not None:
+        if disable_self_attn is not None and disable_self_attn != spec.disable_self_attn:
+            raise CheckpointError(
+                f"disable_self_attn={disable_self_attn} contradicts {source.config_path}, whose only_cross_attention "
+                f"for {prefix!r} is {str(spec.disable_self_attn).lower()}; leave it out"
+            )
+        disable_self_attn = True if spec.disable_self_attn else disable_self_attn  # False: check_weights says
+    shape = layout.read_stack(infos, prefix, disable_self_attn=disable_self_attn)
+    if spec is not None:
+        diffusers_config.check_weights(spec, shape, prefix, str(source.config_path))
+    return shape
 
 
 def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Heads, heads, head_dim) -> tuple[int, None]:
@@ -196,6 +217,7 @@ def load_stack(
     heads: int | None = None,
     head_dim: int | None = None,
     disable_self_attn: bool | None = None,
+    variant: str | None = None,
     dtype=None,
     param_dtype=None,
 ) -> tuple[Stack, nnx.Module, dict[str, np.ndarray]]:
@@ -204,7 +226,7 @@ def load_stack(
     For comparing against torch (`flax-sgm verify`): the weights are read once and
     kept. `prefix` may be left out when the checkpoint holds one stack.
     """
-    with open_source(path) as source:
+    with open_source(path, variant) as source:
         (stack,), _ = plan_stacks(
             source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim,
             disable_self_attn=disable_self_attn,
@@ -217,46 +239,90 @@ def load_stack(
     return stack, _concrete(model, 0), {k[len(stack.prefix):]: v for k, v in values.items()}
 
 
+# Config fields a caller may set on a loaded stack: how it runs, not what it computes (dropout: in training).
+RUN_OPTIONS = ("use_checkpoint", "sdp_backend", "checkpoint_policy", "attn_type", "dropout")
+
+
+def _check_options(options: dict) -> None:
+    fixed = sorted(set(options) - set(RUN_OPTIONS))
+    if fixed:
+        raise CheckpointError(
+            f"{', '.join(fixed)}: read off the checkpoint, not set by the caller; the options are {', '.join(RUN_OPTIONS)}"
+        )
+
+
 def load_pretrained(
-    path, prefix: str | None = None, *, heads: int | None = None, head_dim: int | None = None, dtype=None,
-    param_dtype=None, seed: int = 0, **options,
+    path, prefix: str | None = None, *, heads: int | None = None, head_dim: int | None = None,
+    disable_self_attn: bool | None = None, variant: str | None = None, dtype=None, param_dtype=None, seed: int = 0,
+    **options,
 ) -> nnx.Module:
     """A ready SpatialTransformer from a `flax-sgm convert` output or any checkpoint (sources.open_source).
 
-    `prefix` picks a stack when there are several. `heads`/`head_dim` split the inner
-    dim where no config says it (a single file). `dtype` is the compute dtype,
-    `param_dtype` the parameters' (default: as stored). `options` are other
-    config fields (use_checkpoint, sdp_backend, checkpoint_policy); `seed` seeds
-    the dropout keys.
+    path: a converted output directory, a checkpoint file (.safetensors, .ckpt, .pt,
+        .pth, .bin), a sharded *.safetensors.index.json, or a diffusers model directory
+        (its config.json is the spec: diffusers_config.py).
+    prefix: the stack's key prefix when there are several ("down_blocks.1.attentions.0").
+    heads / head_dim: split the inner dim where no config.json says it (one of them).
+    disable_self_attn: force sgm's disable_self_attn (attn1 attends to the context) where
+        the weights cannot show it (the context as wide as the inner dim); a diffusers
+        config.json says it (only_cross_attention).
+    variant: a diffusers directory's variant files ("fp16", or any name it was saved with).
+    dtype: the compute dtype (the output's too); param_dtype: the parameters' (default:
+        as stored; a narrower one rounds).
+    seed: seeds the dropout keys.
+    options: how it runs (RUN_OPTIONS): use_checkpoint, sdp_backend, checkpoint_policy,
+        attn_type, dropout.
     """
+    _check_options(options)
     if output.is_output(path):
-        _no_heads_for_output(path, heads, head_dim)
+        _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
         return _restore(path, weights, output.select_record(path, records, prefix), dtype, param_dtype, seed, options)
-    with open_source(path) as source:
-        (stack,), _ = plan_stacks(source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim)
+    with open_source(path, variant) as source:
+        (stack,), _ = plan_stacks(
+            source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim,
+            disable_self_attn=disable_self_attn,
+        )
         return build_stack(source, stack, dtype=dtype, param_dtype=param_dtype, seed=seed, **options)
 
 
 def load_pretrained_all(
-    path, *, heads: int | None = None, head_dim: int | None = None, dtype=None, param_dtype=None,
-    skip_unsupported: bool = False, seed: int = 0, **options,
+    path, *, heads: int | None = None, head_dim: int | None = None, disable_self_attn: bool | None = None,
+    variant: str | None = None, dtype=None, param_dtype=None, skip_unsupported: bool = False, seed: int = 0,
+    **options,
 ) -> dict[str, nnx.Module]:
-    """Every stack of a `flax-sgm convert` output or a checkpoint, by prefix; see load_pretrained."""
+    """Every stack of a `flax-sgm convert` output or a checkpoint, by submodule name as torch's
+    `get_submodule` takes it ("down_blocks.1.attentions.0"; "" for a stack at the root).
+
+    `skip_unsupported` leaves out the stacks SpatialTransformer cannot build; the
+    other arguments are load_pretrained's.
+    """
+    _check_options(options)
     if output.is_output(path):
-        _no_heads_for_output(path, heads, head_dim)
+        _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
-        return {r.prefix: _restore(path, weights, r, dtype, param_dtype, seed, options) for r in records}
-    with open_source(path) as source:
-        stacks, _ = plan_stacks(source, all_stacks=True, skip_unsupported=skip_unsupported, heads=heads, head_dim=head_dim)
+        return {_name(r.prefix): _restore(path, weights, r, dtype, param_dtype, seed, options) for r in records}
+    with open_source(path, variant) as source:
+        stacks, _ = plan_stacks(
+            source, all_stacks=True, skip_unsupported=skip_unsupported, heads=heads, head_dim=head_dim,
+            disable_self_attn=disable_self_attn,
+        )
         return {
-            s.prefix: build_stack(source, s, dtype=dtype, param_dtype=param_dtype, seed=seed, **options) for s in stacks
+            _name(s.prefix): build_stack(source, s, dtype=dtype, param_dtype=param_dtype, seed=seed, **options)
+            for s in stacks
         }
 
 
-def _no_heads_for_output(path, heads, head_dim) -> None:
-    if heads is not None or head_dim is not None:
-        raise CheckpointError(f"{path}: a converted output says its heads; leave out heads= and head_dim=")
+def _name(prefix: str) -> str:
+    """'down_blocks.1.attentions.0.' -> 'down_blocks.1.attentions.0', as torch's get_submodule takes it."""
+    return prefix.removesuffix(".")
+
+
+def _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant) -> None:
+    given = [f"{name}=" for name, value in (("heads", heads), ("head_dim", head_dim),
+             ("disable_self_attn", disable_self_attn), ("variant", variant)) if value is not None]
+    if given:
+        raise CheckpointError(f"{path}: a converted output says its whole config; leave out {', '.join(given)}")
 
 
 def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype, seed: int, options) -> nnx.Module:
@@ -306,13 +372,16 @@ def convert_file(
     weights: str = "orbax",
     param_dtype: str | None = None,
     disable_self_attn: bool | None = None,
+    variant: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int], Any] | None = None,
     on_plan: Callable[[list[Stack], dict[str, str]], Any] | None = None,
 ) -> list[ConvertedStack]:
     """Convert stacks of a checkpoint into the output directory `out` (output.py); returns what was written.
 
-    Every stack's config and conversion plan is checked before any weight is read.
+    `variant` picks a diffusers directory's variant files ("fp16"); the other stack
+    arguments are load_pretrained's. Every stack's config and conversion plan is
+    checked before any weight is read.
     Stacks are converted one at a time and tensor by tensor; `out` appears only
     when complete.
     """
@@ -320,7 +389,7 @@ def convert_file(
         raise CheckpointError(f"weights format must be one of {output.WEIGHT_FORMATS}; got {weights!r}")
     out = Path(out)
     output.check_output(out, overwrite)
-    with open_source(source_path) as source:
+    with open_source(source_path, variant) as source:
         stacks, skipped = plan_stacks(
             source, prefixes, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
             head_dim=head_dim, disable_self_attn=disable_self_attn, offer_all=True,

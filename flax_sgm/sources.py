@@ -8,10 +8,16 @@ Accepted inputs (`open_source`):
                 `state_dict` entry is unwrapped.
   a sharded index
                 `*.safetensors.index.json` (diffusers' and transformers' layout above the
-                shard size): its `weight_map` names the shard of every key.
+                shard size; diffusers' variants: `*.safetensors.index.fp16.json`): its
+                `weight_map` names the shard of every key. A JSON file is only ever read
+                as an index.
   a diffusers model directory
                 `config.json` beside the weights (one file or a sharded index); the
-                config says how many heads each stack has (layout.diffusers_heads).
+                config is the spec of its stacks (diffusers_config.py). `variant`
+                picks diffusers' variant files (`diffusion_pytorch_model.fp16.safetensors`,
+                `diffusion_pytorch_model.safetensors.index.fp16.json` and its shards), as
+                diffusers' `from_pretrained(variant=...)` does.
+A diffusers weights file or index passed on its own takes the config.json beside it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,30 @@ CONFIG_FILE = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 # What diffusers' save_pretrained writes, by preference.
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# diffusers' file names, with the variant they carry: a weights file, a sharded index, a shard.
+_SHARD_NAME = re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[^.]+))?-\d+-of-\d+\.safetensors$")
+_DIFFUSERS_NAMES = (
+    _SHARD_NAME,
+    re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$"),
+    re.compile(r"^diffusion_pytorch_model\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$"),
+)
+
+
+def diffusers_variant(name: str) -> tuple[bool, str | None]:
+    """(whether `name` is a diffusers weights file, index or shard, the variant it carries)."""
+    for pattern in _DIFFUSERS_NAMES:
+        if match := pattern.match(name):
+            return True, match.group("variant")
+    return False, None
+
+
+def _variant_files(variant: str) -> tuple[str, ...]:
+    """diffusers' names of a variant, by preference: the sharded index, then one file."""
+    return (
+        f"diffusion_pytorch_model.safetensors.index.{variant}.json",
+        f"diffusion_pytorch_model.{variant}.safetensors",
+        f"diffusion_pytorch_model.{variant}.bin",
+    )
 
 # safe_open reports dtypes by safetensors' code.
 SAFETENSORS_DTYPES = {
@@ -116,27 +146,60 @@ class Source:
         self.close()
 
 
-def open_source(path) -> Source:
-    """A Source for a file, a sharded index or a diffusers model directory; CheckpointError when it is none."""
+def open_source(path, variant: str | None = None) -> Source:
+    """A Source for a file, a sharded index or a diffusers model directory; CheckpointError when it is none.
+
+    `variant` ("fp16", or any name diffusers saved with) picks a diffusers directory's variant files.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[A-Za-z0-9_]+", variant)):
+        raise CheckpointError(f"variant must be a name such as 'fp16'; got {variant!r}")
     if path.is_dir():
-        return _open_directory(path)
-    if path.name.endswith(INDEX_SUFFIX):
-        return _open_index(path, path)
-    infos, places, kind = _open_file(path)
-    return Source(path, kind, infos, places)
+        source = _open_directory(path, variant)
+    else:
+        is_diffusers, carried = diffusers_variant(path.name)
+        if variant is not None and carried != variant:
+            raise CheckpointError(
+                f"{path}: variant {variant!r} picks a diffusers directory's files; this file is "
+                f"{'the ' + repr(carried) + ' variant' if carried else 'not a variant'} (pass its directory)"
+            )
+        if path.name == CONFIG_FILE:
+            raise CheckpointError(f"{path}: a model config, not weights; pass its directory {path.parent}")
+        if path.suffix == ".json":  # never handed to safetensors: an index names the files that hold the tensors
+            source = _open_index(path, path)
+        else:
+            infos, places, kind = _open_file(path)
+            source = Source(path, kind, infos, places)
+        if is_diffusers and (path.parent / CONFIG_FILE).is_file():
+            source.config, source.config_path = _read_model_config(path.parent / CONFIG_FILE), path.parent / CONFIG_FILE
+    return source
 
 
-def _open_directory(path: Path) -> Source:
+def _open_directory(path: Path, variant: str | None) -> Source:
     config_path = path / CONFIG_FILE
-    # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
-    index = path / (DIFFUSERS_WEIGHTS[0] + ".index.json")
-    indexes = [index] if index.is_file() else sorted(path.glob("*" + INDEX_SUFFIX))
-    weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()][:1]
-    if not weights:
-        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
+    if variant is not None:
+        chosen = [path / name for name in _variant_files(variant) if (path / name).is_file()][:1]
+        if not chosen:
+            raise CheckpointError(f"{path}: has no {variant!r} variant ({_variants_here(path)})")
+        indexes = [p for p in chosen if p.suffix == ".json"]
+        weights = [p for p in chosen if p.suffix != ".json"]
+    else:
+        # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
+        index = path / (DIFFUSERS_WEIGHTS[0] + ".index.json")
+        indexes = [index] if index.is_file() else sorted(path.glob("*" + INDEX_SUFFIX))
+        weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()][:1]
+        if not weights:
+            weights = sorted(
+                p for p in path.iterdir()
+                if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not diffusers_variant(p.name)[1]
+                and not _SHARD_NAME.match(p.name)
+            )
+        if not indexes and not weights and _variants(path):
+            raise CheckpointError(
+                f"{path}: holds diffusers variants only ({', '.join(_variants(path))}); pass variant= (--variant)"
+            )
     if not indexes and not weights:
         models = sorted(p.name for p in path.iterdir() if (p / CONFIG_FILE).is_file())
         hint = f" (a pipeline? its models: {', '.join(models)}/)" if models else ""
@@ -154,6 +217,16 @@ def _open_directory(path: Path) -> Source:
     return source
 
 
+def _variants(path: Path) -> list[str]:
+    """The variants of diffusers' files in a directory."""
+    return sorted({v for p in path.iterdir() if (v := diffusers_variant(p.name)[1])})
+
+
+def _variants_here(path: Path) -> str:
+    found = _variants(path)
+    return f"its variants: {', '.join(found)}" if found else "it holds no variant files"
+
+
 def _read_model_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
@@ -167,10 +240,11 @@ def _read_model_config(path: Path) -> dict:
 def _open_index(index: Path, shown: Path) -> Source:
     """A sharded checkpoint: `index` maps every key to a shard file beside it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        document = json.loads(index.read_text())
+        if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
+            raise TypeError("no weight_map object")
+        weight_map = document["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{index}: not a sharded checkpoint index ({_first_line(err)})") from None
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():

@@ -14,7 +14,7 @@ from flax import nnx
 
 from flax_sgm.blocks import BasicTransformerBlock
 from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
-from flax_sgm.checks import expect_shape
+from flax_sgm.checks import expect_array, expect_shape
 from flax_sgm.primitives import Conv1x1, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
@@ -63,6 +63,7 @@ class SpatialTransformer(nnx.Module):
     ):
         context_dims = per_block_context_dims(context_dim, depth)
         self.in_channels = in_channels
+        self.dtype = dtype
         inner_dim = n_heads * d_head
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(in_channels, **layer)
@@ -93,6 +94,8 @@ class SpatialTransformer(nnx.Module):
         expect_shape("SpatialTransformer", "x", x, ("b", "h", "w", self.in_channels))
         depth = len(self.transformer_blocks)
         contexts = list(context) if isinstance(context, (list, tuple)) else [context]
+        for c in contexts:
+            expect_array("SpatialTransformer", "context", c)
         if len(contexts) not in (1, depth):
             raise ValueError(f"SpatialTransformer: `context` list must have 1 or {depth} (depth) entries; got {len(contexts)}")
         if len(contexts) == 1:
@@ -105,4 +108,5 @@ class SpatialTransformer(nnx.Module):
         for block, ctx in zip(self.transformer_blocks, contexts):
             x = block(x, context=ctx)
         x = self.proj_out(x.reshape(b, h, w, -1))  # [b, h, w, in_channels]
-        return constrain(x + x_in, IMAGE)
+        out = x + x_in  # rounded once to the compute dtype, as flax layers return it (torch's bf16 add rounds once)
+        return constrain(out if self.dtype is None else out.astype(self.dtype), IMAGE)

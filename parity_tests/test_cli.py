@@ -174,6 +174,7 @@ def test_verify_checkpoint_infers_the_config(files):
     prefix = SGM + "middle_block.1"
     report = json.loads(run("verify", "--checkpoint", d / "sgm.ckpt", "--prefix", prefix, "--head-dim", 16, "--json").stdout)
     assert report["passed"] and report["source"]["prefix"] == prefix + "."
+    assert report["source"]["reference"] == "torch_ref.SpatialTransformer of the config read off the weights (no diffusers config.json)"
     expected = SpatialTransformerConfig(**STACKS[prefix + "."], use_checkpoint=False)  # use_linear is in STACKS
     assert report["config"] == expected.to_dict()
     assert [r["name"] for r in report["submodules"]][-3:] == ["transformer_blocks.1.norm3", "transformer_blocks.1.ff", "proj_out"]
@@ -199,6 +200,32 @@ def test_verify_bfloat16_on_a_float32_checkpoint(files):
             "--json").stdout
     )
     assert report["passed"] and report["source"]["dtype in file"] == "float32" and len(report["submodules"]) == len(PARTS)
+
+
+def test_verify_a_diffusers_directory_against_diffusers_itself(tmp_path):
+    """Only-cross attention with the context as wide as the inner dim: only config.json says it; the reference
+    is diffusers' model built from that directory, so a wrong reading of the config fails."""
+    from diffusers import Transformer2DModel
+
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, cross_attention_dim=32,
+                               only_cross_attention=True)
+    randomize_(model, seed=6).save_pretrained(tmp_path / "t")
+    report = json.loads(run("verify", "--checkpoint", tmp_path / "t", "--json").stdout)
+    assert report["passed"] and report["config"]["disable_self_attn"]
+    assert report["source"]["reference"] == f"diffusers Transformer2DModel, built by diffusers from {tmp_path / 't'}"
+
+
+def test_verify_and_lower_take_a_convert_output(files, tmp_path):
+    d, _ = files
+    out, prefix = tmp_path / "out", SGM + "middle_block.1"
+    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", out)
+    report = json.loads(run("verify", "--checkpoint", out, "--prefix", prefix, "--json").stdout)
+    assert report["passed"] and report["config"]["context_dim"] == [24, 40]
+    assert report["source"]["reference"] == "torch_ref.SpatialTransformer of the output's config and weights"
+    lowered = json.loads(run("lower", "--config", out / "config.json", "--prefix", prefix, "--platform", "cpu",
+                             "--dtype", "float32", "--hw", 4, 4, "--context-tokens", 5, "--json").stdout)
+    assert lowered["config"]["depth"] == 2 and lowered["config"]["in_channels"] == 64
+    assert "pass prefix=" in run("lower", "--config", out, "--platform", "cpu", ok=False).output
 
 
 @pytest.mark.slow
@@ -263,8 +290,8 @@ def test_convert_all_and_repeated_prefix(files, tmp_path):
     d, modules = files
     run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "all")
     loaded = flax_sgm.load_pretrained_all(tmp_path / "all")
-    assert list(loaded) == list(STACKS)
-    for prefix, model in loaded.items():
+    assert list(loaded) == [p.removesuffix(".") for p in STACKS]  # as torch's get_submodule takes them
+    for prefix, model in zip(STACKS, loaded.values()):
         same_as_torch(model, modules[prefix], STACKS[prefix])
     with pytest.raises(CheckpointError, match="holds 2 stacks"):
         flax_sgm.load_pretrained(tmp_path / "all")

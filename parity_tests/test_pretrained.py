@@ -99,9 +99,9 @@ def one_line_error(*args) -> str:
 def test_a_diffusers_directory_loads_every_stack_with_its_own_heads(unet):
     path, model = unet
     loaded = flax_sgm.load_pretrained_all(path)
-    assert {p: m.transformer_blocks[0].attn1.heads for p, m in loaded.items()} == UNET_STACK_HEADS
+    assert {p + ".": m.transformer_blocks[0].attn1.heads for p, m in loaded.items()} == UNET_STACK_HEADS
     for prefix, flax_module in loaded.items():
-        torch_module = submodule(model, prefix)
+        torch_module = model.get_submodule(prefix)  # the keys are submodule names
         assert_same(flax_module, torch_module, torch_module.config.in_channels, diffusers=True)
 
 
@@ -110,9 +110,8 @@ def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
     prefix = "up_blocks.1.attentions.1"
     assert_same(flax_sgm.load_pretrained(path, prefix), submodule(model, prefix), 32, diffusers=True)
     index = path / "diffusion_pytorch_model.safetensors.index.json"
-    # The index alone has no config.json: the heads come from the caller.
-    with pytest.raises(CheckpointError, match="give exactly one of --heads or --head-dim"):
-        flax_sgm.load_pretrained(index, prefix)
+    # The index passed on its own takes the config.json beside it; an index elsewhere needs the heads.
+    assert_same(flax_sgm.load_pretrained(index, prefix), submodule(model, prefix), 32, diffusers=True)
     assert_same(flax_sgm.load_pretrained(index, prefix, heads=4), submodule(model, prefix), 32, diffusers=True)
 
 
@@ -148,7 +147,7 @@ def test_cli_inspects_converts_and_verifies_a_diffusers_directory(unet, tmp_path
     result = cli("convert", path, "--all", "--format", "safetensors", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     for prefix, flax_module in flax_sgm.load_pretrained_all(tmp_path / "out").items():
-        assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix]
+        assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix + "."]
         assert_same(flax_module, submodule(model, prefix), submodule(model, prefix).config.in_channels, diffusers=True)
     report = json.loads(cli("verify", "--checkpoint", path, "--prefix", "down_blocks.0.attentions.0", "--json").stdout)
     assert report["passed"] and report["config"]["n_heads"] == 4
@@ -160,6 +159,87 @@ def copy_unet(unet, tmp_path) -> Path:
     path = tmp_path / "unet"
     shutil.copytree(unet[0], path)
     return path
+
+
+# --- variants, as diffusers writes them ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16_unet(unet, tmp_path_factory):
+    """The tiny UNet's fp16 variant alone, sharded: diffusion_pytorch_model.safetensors.index.fp16.json + shards."""
+    path = tmp_path_factory.mktemp("variant") / "unet"
+    half = copy.deepcopy(unet[1]).half()
+    half.save_pretrained(path, variant="fp16", max_shard_size="100KB")
+    assert (path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    return path, half.float()  # the reference: the weights as the variant holds them
+
+
+def test_a_sharded_fp16_variant_loads_with_variant(fp16_unet, tmp_path):
+    path, model = fp16_unet
+    prefix = "down_blocks.1.attentions.0"
+    flax_module = flax_sgm.load_pretrained(path, prefix, variant="fp16", param_dtype="float32")
+    assert_same(flax_module, model.get_submodule(prefix), 64, diffusers=True)
+    assert flax_sgm.load_pretrained(path, prefix, variant="fp16").proj_in.kernel.dtype == np.float16
+    # Its index passed on its own: never read as safetensors, and its heads from the config.json beside it.
+    index = path / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    flax_module = flax_sgm.load_pretrained(index, prefix, param_dtype="float32")
+    assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix + "."]
+    assert_same(flax_module, model.get_submodule(prefix), 64, diffusers=True)
+    assert "holds diffusers variants only (fp16); pass variant= (--variant)" in one_line_error("inspect", path)
+    assert "has no 'ema' variant (its variants: fp16)" in one_line_error("inspect", path, "--variant", "ema")
+    result = cli("convert", path, "--variant", "fp16", "--all", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(flax_sgm.load_pretrained_all(tmp_path / "out")) == len(UNET_STACK_HEADS)
+
+
+def test_any_variant_name_and_a_variant_file_on_its_own(tmp_path):
+    from diffusers import Transformer2DModel
+
+    def made(seed):
+        return randomize_(Transformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32,
+                                             cross_attention_dim=CONTEXT), seed=seed).eval()
+
+    path, plain, ema = tmp_path / "transformer", made(4), made(5)
+    plain.save_pretrained(path)
+    ema.save_pretrained(path, variant="ema")
+    assert_same(flax_sgm.load_pretrained(path), plain, 32, diffusers=True)
+    assert_same(flax_sgm.load_pretrained(path, variant="ema"), ema, 32, diffusers=True)
+    alone = flax_sgm.load_pretrained(path / "diffusion_pytorch_model.ema.safetensors")
+    assert alone.transformer_blocks[0].attn1.heads == 4  # from the config.json beside it
+    assert_same(alone, ema, 32, diffusers=True)
+    with pytest.raises(CheckpointError, match="variant 'fp16' picks a diffusers directory's files; this file is the 'ema' variant"):
+        flax_sgm.load_pretrained(path / "diffusion_pytorch_model.ema.safetensors", variant="fp16")
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("weights.safetensors.index.json", '{"metadata": {}}', "not a sharded checkpoint index (no weight_map object)"),
+        ("notes.json", "[1]", "not a sharded checkpoint index"),
+        ("config.json", "{}", "a model config, not weights; pass its directory"),
+    ],
+    ids=["no-weight-map", "other-json", "config"],
+)
+def test_a_json_file_is_never_read_as_safetensors(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    line = one_line_error("inspect", tmp_path / name)
+    assert message in line and "safetensors file" not in line
+
+
+def test_the_api_as_users_call_it(sgm):
+    """bf16 compute gives a bf16 output; a torch tensor, a batch that differs, an option the weights fix: one line."""
+    import jax.numpy as jnp
+
+    d, module = sgm
+    flax_module = flax_sgm.load_pretrained(d / "sgm.safetensors", heads=2, dtype=jnp.bfloat16)
+    x, context = np.ones((2, 3, 5, 32), np.float32), np.ones((2, 4, CONTEXT), np.float32)
+    assert flax_module(x, context).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"`x` is a torch.Tensor; pass a numpy or JAX array \(t.numpy\(\)"):
+        flax_module(torch.from_numpy(x), context)
+    with pytest.raises(ValueError, match=r"`context` must have shape \[2, m, 24\]; got shape \[1, 4, 24\] \(batch 1, expected 2\)"):
+        flax_module(x, context[:1])
+    with pytest.raises(CheckpointError, match="in_channels: read off the checkpoint, not set by the caller"):
+        flax_sgm.load_pretrained(d / "sgm.safetensors", heads=2, in_channels=64)
 
 
 def test_a_missing_shard_is_named(unet, tmp_path):
@@ -235,7 +315,7 @@ def test_convert_all_names_prefix_when_a_stack_cannot_be_converted(sgm, tmp_path
     result = cli("convert", tmp_path / "mixed.safetensors", "--all", "--skip-unsupported", "--heads", 2,
                  "-o", tmp_path / "out")
     assert result.exit_code == 0 and f"skipping {plain}" in result.stderr
-    assert list(flax_sgm.load_pretrained_all(tmp_path / "out")) == [SGM]
+    assert list(flax_sgm.load_pretrained_all(tmp_path / "out")) == [SGM.removesuffix(".")]
 
 
 def test_verify_offers_no_all(sgm, tmp_path):

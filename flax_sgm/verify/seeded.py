@@ -33,10 +33,17 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def flax_twin(torch_module: torch.nn.Module, flax_cls, *args, **kwargs):
-    """The flax module of the same config, built abstractly and filled from torch's weights."""
+def flax_twin(torch_module: torch.nn.Module, flax_cls, *args, allow_downcast: bool | None = None, **kwargs):
+    """The flax module of the same config, built abstractly and filled from torch's weights.
+
+    `args` and `kwargs` are flax_cls's (`dtype`, `param_dtype` among them). A
+    `param_dtype` narrower than torch's weights (bfloat16 from float32) rounds them,
+    as the caller asked; `allow_downcast=False` refuses instead.
+    """
+    if allow_downcast is None:
+        allow_downcast = "param_dtype" in kwargs
     model = nnx.eval_shape(lambda: flax_cls(*args, rngs=nnx.Rngs(0), **kwargs))
-    return convert.load_torch_state_dict(model, torch_module.state_dict())
+    return convert.load_torch_state_dict(model, torch_module.state_dict(), allow_downcast=allow_downcast)
 
 
 def sample_inputs(

@@ -1,0 +1,102 @@
+"""What a checkpoint is verified against: the original implementation where there is one.
+
+  a diffusers model directory (or a file of one)
+      diffusers' own model, built by diffusers from that directory (its config.json,
+      its variant), the stack taken by its submodule name: a wrong reading of
+      config.json by flax_sgm fails. When diffusers is not installed, torch_ref.
+  an SGM/LDM file, a sharded index without config.json
+      torch_ref's SpatialTransformer of the config read off the weights, holding them.
+  a `flax-sgm convert` output
+      torch_ref's SpatialTransformer of the output's config, holding its weights.
+The returned `source` says which, for the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flax import nnx
+
+from flax_sgm import convert, output, pretrained
+from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.sources import diffusers_variant
+from flax_sgm.verify import seeded
+
+TORCH_REF = "torch_ref.SpatialTransformer"
+
+
+def checkpoint_pair(
+    checkpoint,
+    prefix: str | None = None,
+    *,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    disable_self_attn: bool | None = None,
+    variant: str | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[SpatialTransformerConfig, torch.nn.Module, nnx.Module, dict, dict]:
+    """(config, the reference torch module, flax_sgm's stack, seeded inputs, what was used) for `verify_modules`."""
+    if output.is_output(checkpoint):
+        flax_module = pretrained.load_pretrained(checkpoint, prefix, heads=heads, head_dim=head_dim,
+                                                 disable_self_attn=disable_self_attn, variant=variant,
+                                                 param_dtype=dtype, use_checkpoint=False)
+        _, records = output.read_output(checkpoint)
+        record = output.select_record(checkpoint, records, prefix)
+        config = record.config.replace(use_checkpoint=False)
+        torch_state = convert.to_torch_state_dict(flax_module)
+        torch_module, flax_module, inputs = seeded.spatial_transformer_pair(
+            config, torch_state, flax_module, dtype=dtype, seed=seed
+        )
+        source = {"weights": f"{checkpoint} (flax-sgm convert output)", "prefix": record.prefix,
+                  "reference": f"{TORCH_REF} of the output's config and weights"}
+        return config, torch_module, flax_module, inputs, source
+    stack, flax_module, torch_state = pretrained.load_stack(
+        checkpoint, prefix, heads=heads, head_dim=head_dim, disable_self_attn=disable_self_attn, variant=variant,
+        param_dtype=dtype,
+    )
+    config = stack.config.replace(use_checkpoint=False)
+    source = {"weights": str(checkpoint), "prefix": stack.prefix, "dtype in file": stack.dtype.name}
+    directory, file_variant = _diffusers_directory(Path(checkpoint))
+    if directory is not None:
+        try:
+            import diffusers
+        except ImportError:
+            diffusers = None
+        if diffusers is not None:
+            torch_module, name = _diffusers_stack(diffusers, directory, variant or file_variant, stack.prefix)
+            # Always a context: a stack whose context is as wide as its inner dim attends to it too, and
+            # only then does reading only_cross_attention wrong show.
+            inputs = seeded.sample_inputs(config.replace(context_dim=config.context_dim or config.inner_dim), seed=seed)
+            source["reference"] = f"diffusers {name}, built by diffusers from {directory}"
+            return config, torch_module, flax_module, inputs, source
+        source["reference"] = f"{TORCH_REF} of the config flax_sgm read (diffusers is not installed)"
+    else:
+        source["reference"] = f"{TORCH_REF} of the config read off the weights (no diffusers config.json)"
+    torch_module, flax_module, inputs = seeded.spatial_transformer_pair(
+        config, torch_state, flax_module, dtype=dtype, seed=seed
+    )
+    return config, torch_module, flax_module, inputs, source
+
+
+def _diffusers_directory(path: Path) -> tuple[Path | None, str | None]:
+    """The diffusers model directory `path` is or lies in (a config.json naming a diffusers model), and the
+    variant a file's name carries."""
+    from flax_sgm.sources import CONFIG_FILE
+
+    if path.is_dir():
+        return (path, None) if (path / CONFIG_FILE).is_file() else (None, None)
+    is_diffusers, carried = diffusers_variant(path.name)
+    return (path.parent, carried) if is_diffusers and (path.parent / CONFIG_FILE).is_file() else (None, None)
+
+
+def _diffusers_stack(diffusers, directory: Path, variant: str | None, prefix: str) -> tuple[torch.nn.Module, str]:
+    """The stack at `prefix` of diffusers' model loaded from `directory`, in float32, and what it is."""
+    import json
+
+    kind = json.loads((directory / "config.json").read_text())["_class_name"]
+    model = getattr(diffusers, kind).from_pretrained(directory, variant=variant, torch_dtype=torch.float32).eval()
+    name = prefix.removesuffix(".")
+    module = model.get_submodule(name)
+    return module, f"{kind}" + (f".{name}" if name else "") + (f" (variant {variant})" if variant else "")
