@@ -291,36 +291,29 @@ def load_torch_state_dict(
     return load_planned(model, plan, state_dict, copy=copy)
 
 
-# Above this size a transform runs in XLA: its transposes are tiled and threaded, about 4x numpy's strided
-# copy on a checkpoint's fp16 weights (BENCHMARKS.md); below it the dispatch would cost more than the copy.
-XLA_TRANSFORM_BYTES = 1 << 20
-
-
 def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:
     """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict.
 
-    Values are read one at a time, in plan order (`values` may read lazily).
+    Values are read one at a time, in plan order (`values` may read lazily, e.g. views of a file's bytes).
     """
-    updates = []
-    for step in plan:
-        value = to_numpy(values[step.key])
-        if value.nbytes >= XLA_TRANSFORM_BYTES:
-            moved = jax.device_put(value, may_alias=True)
-            converted = step.row.transform.to_flax(moved).astype(step.dtype)
-            # A transpose or a cast made a new buffer; an identity may still share the caller's.
-            value = jnp.array(converted, copy=True) if copy and converted is moved else converted
-        else:
-            value = step.row.transform.to_flax(value)
-            if value.dtype == step.dtype and not copy:
-                value = jax.device_put(value, may_alias=True)
-            else:
-                # On CPU, device_put and jnp.asarray share 64-byte-aligned host buffers even with
-                # may_alias=False (jax-ml/jax#37830): torch tensors are aligned, so without a forced
-                # copy a later in-place torch update would change these parameters.
-                value = jnp.array(value, dtype=step.dtype, copy=True)
-        updates.append((step.row.flax_path, value))
+    updates = [(step.row.flax_path, _to_jax(values[step.key], step, copy)) for step in plan]
     nnx.update(model, nnx.from_flat_state(updates))
     return model
+
+
+def _to_jax(value, step: Step, copy: bool) -> jax.Array:
+    """One parameter in the model's layout and dtype, in one copy of its bytes."""
+    # In numpy a transform is a view: a transpose only changes the strides.
+    value = step.row.transform.to_flax(to_numpy(value))
+    if value.dtype != step.dtype:
+        return jax.device_put(value.astype(step.dtype, order="C"))  # the cast lays it out too: an array of our own
+    if value.flags.c_contiguous:
+        # On CPU, device_put shares 64-byte-aligned host buffers even with may_alias=False
+        # (jax-ml/jax#37830): a copy, unless the caller's arrays are private.
+        return jnp.array(value, copy=True) if copy else jax.device_put(value, may_alias=True)
+    # A strided view: device_put lays it out densely as it copies (XLA's host-to-device transpose, with no
+    # compiled program per shape).
+    return jax.device_put(value)
 
 
 def to_torch_state_dict(

@@ -420,7 +420,7 @@ class _Reads:
         self.source, self.progress = source, progress
 
     def __getitem__(self, key: str) -> np.ndarray:
-        value = self.source.read(key)
+        value = self.source[key]  # a view of the bytes: load_planned makes the one copy
         if self.progress:
             self.progress(value.nbytes)
         return value

@@ -18,6 +18,10 @@ Accepted inputs (`open_source`):
                 `diffusion_pytorch_model.safetensors.index.fp16.json` and its shards), as
                 diffusers' `from_pretrained(variant=...)` does.
 A diffusers weights file or index passed on its own takes the config.json beside it.
+
+A Source gives each tensor two ways: `source[key]`, a read-only numpy view of a safetensors file's
+bytes (memory-mapped; what loading copies from, once, into the model's layout), and `source.read(key)`,
+an array of its own.
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ SAFETENSORS_DTYPES = {
 }
 
 
+class Bytes(NamedTuple):
+    """Where a safetensors tensor's bytes are: its file, and the offset of its first byte."""
+
+    path: Path
+    offset: int
+
+
 class TensorInfo(NamedTuple):
     shape: tuple[int, ...]
     dtype: np.dtype  # np.void for what numpy cannot hold (e.g. torch.qint8): listed, refused by conversion
@@ -97,37 +108,49 @@ class Source:
     def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], places: dict[str, Any],
                  config: dict | None = None, config_path: Path | None = None):
         self.path, self.kind, self.infos = path, kind, infos
-        self._places = places  # key -> its safetensors file, or the {key: torch tensor} dict holding it
+        self._places = places  # key -> its Bytes in a safetensors file, or the {key: torch tensor} dict holding it
         self._handles: dict[Path, Any] = {}  # open safe_open handles, by file
         self._mapped = 0  # bytes read through them
         self.config, self.config_path = config, config_path
 
     @property
     def private(self) -> bool:
-        """Whether `read` returns arrays nothing else holds (safetensors copies; torch tensors are shared)."""
-        return all(not isinstance(place, dict) for place in self._places.values())
+        """Whether `source[key]` returns arrays nothing else holds: never (views of the file, or torch's tensors)."""
+        return False
 
     def read(self, key: str) -> np.ndarray:
-        """The tensor as a numpy array (bfloat16 as ml_dtypes.bfloat16)."""
+        """The tensor as a numpy array of its own (bfloat16 as ml_dtypes.bfloat16)."""
         place = self._places[key]
         if isinstance(place, dict):
             from flax_sgm.convert import to_numpy
 
             return to_numpy(place[key])
         try:
-            if place not in self._handles:
+            if place.path not in self._handles:
                 from safetensors import safe_open
 
-                self._handles[place] = safe_open(place, framework="numpy")
-            value = self._handles[place].get_tensor(key)  # a copy
+                self._handles[place.path] = safe_open(place.path, framework="numpy")
+            value = self._handles[place.path].get_tensor(key)  # a copy
         except Exception as err:  # safetensors raises its own error type
-            raise CheckpointError(f"{place}: cannot read {key}: {_first_line(err)}") from None
+            raise CheckpointError(f"{place.path}: cannot read {key}: {_first_line(err)}") from None
         self._mapped += value.nbytes
         if self._mapped > MAPPED_BYTES:
             self.release()
         return value
 
-    __getitem__ = read  # a Mapping of values for convert.load_planned
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The tensor without a copy, for convert.load_planned: a read-only view of the file's bytes (its own
+        memory map, unmapped when the view goes), or torch's tensor as numpy."""
+        place = self._places[key]
+        if isinstance(place, dict):
+            return self.read(key)
+        info = self.infos[key]
+        if info.nbytes == 0:  # mmap cannot map nothing
+            return np.empty(info.shape, info.dtype)
+        try:
+            return np.asarray(np.memmap(place.path, info.dtype, "r", place.offset, info.shape))
+        except (OSError, ValueError) as err:  # a file shorter than its header says, or gone
+            raise CheckpointError(f"{place.path}: cannot read {key}: {_first_line(err)}") from None
 
     def release(self) -> None:
         """Unmap the files read so far (safe_open maps them, and mapped pages count as the process's memory)."""
@@ -302,7 +325,17 @@ def _open_safetensors(path: Path):
         if "not fully covered" in reason or "invalid header length" in reason:
             reason += "; truncated?"
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
-    return infos, {k: path for k in infos}, "safetensors"
+    starts = _data_starts(path)
+    return infos, {k: Bytes(path, starts[k]) for k in infos}, "safetensors"
+
+
+def _data_starts(path: Path) -> dict[str, int]:
+    """Each tensor's first byte in the file, which safe_open checks but does not tell: the file is an 8-byte
+    little-endian header size, the JSON header (`data_offsets` from the end of the header), then the data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def _torch_dtype(dtype) -> np.dtype:
