@@ -7,6 +7,7 @@ flax_sgm/verify/harness.py, shared with `flax-sgm verify`; no test sets its own.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 
 import jax
@@ -79,6 +80,12 @@ def pytest_sessionfinish(session):
     # An xdist worker hands its measurements to the controller.
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["parity_measured"] = json.dumps(MEASURED)
+        # Once a worker reports "finished", execnet gives it 5 s to return before it sends the worker a
+        # SIGINT. pytest's closing gc.collect() over jax's caches (1.4M objects: 6 s on the loaded 2-core
+        # machine) ran past that, and the KeyboardInterrupt surfaced in a gc callback as an unraisable
+        # warning. Collect here, before "finished" is sent, and freeze what survives so that last pass is short.
+        gc.collect()
+        gc.freeze()
 
 
 @pytest.hookimpl(optionalhook=True)
