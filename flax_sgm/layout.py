@@ -30,8 +30,17 @@ DIFFUSERS_TRANSFORMER = "Transformer2DModel"
 GROUPS = 32  # SpatialTransformer's GroupNorm (numerics.py); a diffusers config must agree
 
 
+CONFIG_FILE = "config.json"  # beside a diffusers model's weights, and in a `flax-sgm convert` output
+
+
 class CheckpointError(ValueError):
     """A problem with a checkpoint's files or keys, said in one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line, for a one-line CheckpointError (its type's name when it says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def natural_key(text: str):

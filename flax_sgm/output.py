@@ -31,11 +31,10 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.layout import CheckpointError, normalize_prefix
+from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
 
 FORMAT_NAME = "flax-sgm"
 FORMAT_VERSION = 2  # 1: an Orbax stack was a bare StandardCheckpointer directory
-CONFIG_FILE = "config.json"
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
 
@@ -89,7 +88,7 @@ class OutputWriter:
         """Write a filled model's parameters (Orbax or safetensors)."""
         params = nnx.state(model, nnx.Param)
         suffix = ".safetensors" if self.weights == "safetensors" else ""
-        record = StackRecord(prefix, stack_name(prefix) + suffix, _param_dtype(params), config)
+        record = StackRecord(prefix, stack_name(prefix) + suffix, _stored_dtype_name(params), config)
         target = (self.tmp / record.path).absolute()
         try:
             _reserve(self.tmp, sum(v.get_value().nbytes for _, v in nnx.to_flat_state(params)))
@@ -164,7 +163,7 @@ def _written_files(root: Path, stack_path: str) -> tuple[tuple[str, int], ...]:
     return tuple((p.relative_to(root).as_posix(), p.stat().st_size) for p in files if p.is_file())
 
 
-def _param_dtype(params: nnx.State) -> str:
+def _stored_dtype_name(params: nnx.State) -> str:
     dtypes = {jnp.dtype(v.get_value().dtype).name for _, v in nnx.to_flat_state(params)}
     return dtypes.pop() if len(dtypes) == 1 else str(jnp.result_type(*dtypes))
 
@@ -287,8 +286,7 @@ def _restore_safetensors(target: Path, abstract: nnx.State) -> nnx.State:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].split(". See full TensorStore details")[0] if text else type(err).__name__
+    return first_line(err).split(". See full TensorStore details")[0]
 
 
 def _clip(line: str) -> str:

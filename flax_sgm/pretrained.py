@@ -181,7 +181,7 @@ def _under(source: Source, prefix: str) -> dict[str, TensorInfo]:
     return {k: i for k, i in source.infos.items() if k.startswith(prefix)}
 
 
-def _param_dtype(stack: Stack, param_dtype) -> tuple[np.dtype, bool]:
+def _chosen_param_dtype(stack: Stack, param_dtype) -> tuple[np.dtype, bool]:
     """The parameters' dtype, and whether a narrowing cast is allowed (only when the caller picked the dtype)."""
     if param_dtype is None:
         return stack.dtype, False
@@ -203,7 +203,7 @@ def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: 
 
 def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, seed: int = 0, **options):
     """The stack's weights in a ready SpatialTransformer, tensor by tensor (convert.load_planned)."""
-    param_dtype, downcast = _param_dtype(stack, param_dtype)
+    param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
     model = stack.config.replace(**options).make_abstract(dtype=dtype, param_dtype=param_dtype)
     plan = stack_plan(source, stack, model, downcast)
     convert.load_planned(model, plan, source)
@@ -232,7 +232,7 @@ def load_stack(
             disable_self_attn=disable_self_attn,
         )
         values = {k: source.read(k) for k in stack.keys}
-    param_dtype, downcast = _param_dtype(stack, param_dtype)
+    param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
     model = stack.config.make_abstract(dtype=dtype, param_dtype=param_dtype)
     plan = convert.conversion_plan(model, values, prefix=stack.prefix, allow_downcast=downcast)
     convert.load_planned(model, plan, values)
@@ -396,7 +396,7 @@ def convert_file(
         )
         plans = []
         for stack in stacks:
-            dtype, downcast = _param_dtype(stack, param_dtype)
+            dtype, downcast = _chosen_param_dtype(stack, param_dtype)
             plans.append(stack_plan(source, stack, stack.config.make_abstract(param_dtype=dtype), downcast))
         if on_plan:
             on_plan(stacks, skipped)

@@ -38,13 +38,12 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from flax_sgm.layout import CheckpointError
+from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
 # after this many bytes.
 MAPPED_BYTES = 64 << 20
-CONFIG_FILE = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 # What diffusers' save_pretrained writes, by preference.
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -132,7 +131,7 @@ class Source:
                 self._handles[place.path] = safe_open(place.path, framework="numpy")
             value = self._handles[place.path].get_tensor(key)  # a copy
         except Exception as err:  # safetensors raises its own error type
-            raise CheckpointError(f"{place.path}: cannot read {key}: {_first_line(err)}") from None
+            raise CheckpointError(f"{place.path}: cannot read {key}: {first_line(err)}") from None
         self._mapped += value.nbytes
         if self._mapped > MAPPED_BYTES:
             self.release()
@@ -150,7 +149,7 @@ class Source:
         try:
             return np.asarray(np.memmap(place.path, info.dtype, "r", place.offset, info.shape))
         except (OSError, ValueError) as err:  # a file shorter than its header says, or gone
-            raise CheckpointError(f"{place.path}: cannot read {key}: {_first_line(err)}") from None
+            raise CheckpointError(f"{place.path}: cannot read {key}: {first_line(err)}") from None
 
     def release(self) -> None:
         """Unmap the files read so far (safe_open maps them, and mapped pages count as the process's memory)."""
@@ -254,7 +253,7 @@ def _read_model_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON file ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable JSON file ({first_line(err)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a model config (a JSON {type(config).__name__}, expected an object)")
     return config
@@ -268,7 +267,7 @@ def _open_index(index: Path, shown: Path) -> Source:
             raise TypeError("no weight_map object")
         weight_map = document["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{index}: not a sharded checkpoint index ({_first_line(err)})") from None
+        raise CheckpointError(f"{index}: not a sharded checkpoint index ({first_line(err)})") from None
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
@@ -321,7 +320,7 @@ def _open_safetensors(path: Path):
                 dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), np.dtype(np.void))
                 infos[key] = TensorInfo(tuple(part.get_shape()), dtype)
     except Exception as err:  # safetensors' own error type, or an OSError
-        reason = _first_line(err).removeprefix("Error while deserializing header: ")
+        reason = first_line(err).removeprefix("Error while deserializing header: ")
         if "not fully covered" in reason or "invalid header length" in reason:
             reason += "; truncated?"
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
@@ -358,7 +357,7 @@ def _torch_load(path: Path) -> dict:
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(err)}; nothing in it was run") from None
     except Exception as err:  # torch raises many types (and hands safetensors files to safetensors)
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {_first_line(err)}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {first_line(err)}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -377,8 +376,3 @@ def _unpickling_reason(err: Exception) -> str:
     if match := re.search(r"Unsupported operand (\d+)", text):
         return f"the pickle is not plain tensors (unsupported pickle opcode {match.group(1)})"
     return "the pickle is not plain tensors (torch.load weights_only=True)"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
