@@ -14,6 +14,19 @@ import statistics
 import time
 from collections.abc import Callable
 
+# diffusers UNet2DConditionModel fields of the released UNets that differ from its defaults (SDXL: the base).
+DIFFUSERS_CONFIGS = {
+    "sd15": dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64),
+    "sdxl": dict(
+        block_out_channels=[320, 640, 1280],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, sample_size=128,
+    ),
+}
+
 
 def median_ms(fn: Callable[[], object], sync: Callable[[object], None], *, warmup: int = 3, iters: int = 20, repeats: int = 5) -> float:
     """Median over `repeats` of the mean time of `iters` back-to-back calls, in ms."""
@@ -75,6 +88,12 @@ def environment() -> dict:
         info["torch_device"] = torch.cuda.get_device_name()
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+def jax_peak_bytes(jitted, *args) -> int:
+    """Arguments + outputs + temporaries of the compiled program (what XLA's memory analysis reports)."""
+    m = jitted.lower(*args).compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def emit(rows: list[dict], env: dict, json_path: str | None) -> None:

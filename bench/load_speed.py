@@ -44,20 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DIFFUSERS_CONFIGS as CONFIGS
+
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# diffusers' config fields that differ from UNet2DConditionModel's defaults (SDXL: its base model).
-CONFIGS = {
-    "sd15": dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64),
-    "sdxl": dict(
-        block_out_channels=[320, 640, 1280],
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, sample_size=128,
-    ),
-}
 DEFAULT_CASES = "copy,np,flax,load_unet,phases,convert"
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 import flax_sgm
 import torch_ref
-from common import emit, environment, jax_sync, median_ms, torch_median_ms, write_json
+from common import emit, environment, jax_peak_bytes, jax_sync, median_ms, torch_median_ms, write_json
 from flax_sgm import convert
 from flax_sgm.config import PRESETS, Preset, SpatialTransformerConfig
 
@@ -51,11 +51,6 @@ def flax_steps(model):
     forward = jax.jit(run)
     forward_backward = jax.jit(jax.grad(loss, argnums=(0, 1)))
     return params, forward, forward_backward
-
-
-def jax_peak_bytes(fn, *args) -> int:
-    m = fn.lower(*args).compile().memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def main():
