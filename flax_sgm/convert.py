@@ -14,6 +14,8 @@ every problem at once. Nothing is dropped with only a warning.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -294,10 +296,12 @@ def load_torch_state_dict(
 def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any], *, copy: bool = True) -> nnx.Module:
     """Fill `model` in place with `values[step.key]` for each step of its conversion_plan; see load_torch_state_dict.
 
-    Values are read one at a time, in plan order (`values` may read lazily, e.g. views of a file's bytes).
+    `values` may read lazily (e.g. views of a file's bytes): the copies run on one thread per CPU, as
+    each is a page-faulting memcpy that releases the GIL (1.4-1.6x faster on 2 cores, BENCHMARKS.md).
     """
-    updates = [(step.row.flax_path, _to_jax(values[step.key], step, copy)) for step in plan]
-    nnx.update(model, nnx.from_flat_state(updates))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(lambda step: _to_jax(values[step.key], step, copy), plan))
+    nnx.update(model, nnx.from_flat_state([(step.row.flax_path, a) for step, a in zip(plan, arrays)]))
     return model
 
 
