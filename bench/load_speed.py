@@ -254,7 +254,7 @@ def main():
     print(f"{directory}: {size / 1e9:.2f} GB ({time.perf_counter() - start:.0f} s to make)")
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
-    cases = args.cases.split(",") + (["before"] if args.against else [])
+    cases = list(dict.fromkeys(args.cases.split(",") + (["before"] if args.against else [])))
     if "convert" in cases:
         from flax_sgm import pretrained
         from flax_sgm.sources import open_source
