@@ -26,19 +26,21 @@ from flax_sgm.unet_layout import SGM_PREFIX, UNET_MARK, config_from_weights, dif
 PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
 
 
-def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, dtype=None, param_dtype=None,
-              seed: int = 0, **options) -> UNetModel:
+def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, variant: str | None = None, dtype=None,
+              param_dtype=None, seed: int = 0, **options) -> UNetModel:
     """A ready UNetModel from a checkpoint.
 
     `heads`/`head_dim` (sgm's num_heads / num_head_channels) only for a single file that is
-    not one of the four released models by its shapes. `dtype` is the compute dtype,
+    not one of the four released models by its shapes. `variant` picks a diffusers directory's
+    variant files ("fp16": diffusion_pytorch_model.fp16.safetensors, or its sharded index), as
+    diffusers' from_pretrained(variant=...) does. `dtype` is the compute dtype,
     `param_dtype` the parameters' (default: as stored). `options` set UNetConfig's own
     fields (use_checkpoint, checkpoint_policy, sdp_backend); `seed` seeds dropout keys.
     """
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
         path = path / PIPELINE_UNET
-    with open_source(path) as source:
+    with open_source(path, variant) as source:
         if source.config is not None:
             if heads is not None or head_dim is not None:
                 raise CheckpointError(f"{source.config_path}: config.json says the heads; leave out heads= and head_dim=")

@@ -93,6 +93,19 @@ def _count(keys, stem: str) -> int:
     return len(blocks)
 
 
+# What a checkpoint without a UNet holds instead, by its keys' first names (sgm's and the usual exports').
+NOT_A_UNET = {
+    "control_model.": "a ControlNet",
+    "controlnet_": "a ControlNet",
+    "first_stage_model.": "a VAE",
+    "encoder.": "a VAE",
+    "decoder.": "a VAE",
+    "conditioner.": "text encoders",
+    "cond_stage_model.": "a text encoder",
+    "text_model.": "a text encoder",
+}
+
+
 def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_dim=None, source: str = "checkpoint", **options):
     """The UNetConfig of sgm-named weights under `prefix` (anything with `.shape`, by key).
 
@@ -102,8 +115,10 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
     """
     local = {k[len(prefix):]: tuple(v.shape) for k, v in shapes.items() if k.startswith(prefix)}
     if UNET_MARK not in local:
-        found = listing(top_level_prefixes(shapes), 8)
-        raise CheckpointError(f"{source}: no UNet under {prefix!r} (no {prefix}{UNET_MARK}); it holds {found}")
+        tops = top_level_prefixes(shapes)
+        kinds = sorted({kind for top in tops for start, kind in NOT_A_UNET.items() if top.startswith(start)})
+        what = f" ({' and '.join(kinds)}, not a UNet)" if kinds else ""
+        raise CheckpointError(f"{source}: no UNet under {prefix!r} (no {prefix}{UNET_MARK}); it holds {listing(tops, 8)}{what}")
     try:
         fields = _read_fields(local)
     except (KeyError, IndexError, TypeError) as err:

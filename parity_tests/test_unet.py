@@ -5,6 +5,7 @@ every weight random (zero-initialised conv_out and proj_out too), loaded into fl
 through the conversion table under diffusers' names.
 """
 
+import copy
 import inspect
 import json
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
@@ -194,6 +195,23 @@ def test_load_unet_diffusers_directories(tmp_path):
         load_unet(tmp_path / "pipe", heads=2)
 
 
+def test_load_unet_fp16_variants(tmp_path):
+    """diffusers' fp16 variant files, one file and sharded, beside the float32 ones: variant= picks them."""
+    torch_unet = diffusers_unet("sdxl", seed=9)
+    half = copy.deepcopy(torch_unet).half()
+    torch_unet.save_pretrained(tmp_path / "unet")
+    half.save_pretrained(tmp_path / "unet", variant="fp16")
+    half.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="200KB")
+    assert list((tmp_path / "sharded").glob("*.index.fp16.json"))
+    assert_holds(load_unet(tmp_path / "unet"), torch_unet)
+    for path in (tmp_path / "unet", tmp_path / "sharded"):
+        unet = load_unet(path, variant="fp16")
+        assert unet.input_blocks[0][0].kernel[...].dtype == jnp.float16
+        assert_holds(unet, half)
+    with pytest.raises(CheckpointError, match=r"sharded: holds diffusers variants only \(fp16\); pass variant="):
+        load_unet(tmp_path / "sharded")
+
+
 def sgm_single_file(torch_unet, path) -> None:
     """An sgm/LDM single file of `torch_unet` beside a VAE and a text encoder. Its UNet keys are checked by
     diffusers' own converter: convert_ldm_unet_checkpoint maps them back onto the diffusers model exactly."""
@@ -222,10 +240,28 @@ def test_load_unet_sgm_single_file(tmp_path):
         load_unet(tmp_path / "model.safetensors")
 
 
-def test_load_unet_refuses_a_vae_only_file(tmp_path):
-    save_file({"first_stage_model.encoder.conv_in.weight": np.ones((8, 3, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
-    with pytest.raises(CheckpointError, match=r"vae.safetensors: no UNet under 'model.diffusion_model.'.*first_stage_model\."):
-        load_unet(tmp_path / "vae.safetensors")
+NOT_UNETS = {
+    "vae": ({"first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3)}, r"first_stage_model\. \(a VAE, not a UNet\)"),
+    "text-encoders": ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (10, 8)},
+                      r"conditioner\. \(text encoders, not a UNet\)"),
+    "controlnet": ({"control_model.input_blocks.0.0.weight": (32, 4, 3, 3), "control_model.zero_convs.0.0.weight": (32, 32, 1, 1)},
+                   r"control_model\. \(a ControlNet, not a UNet\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_UNETS))
+def test_load_unet_names_what_a_file_holds_instead(tmp_path, name):
+    keys, message = NOT_UNETS[name]
+    save_file({k: np.ones(shape, np.float32) for k, shape in keys.items()}, str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{name}.safetensors: no UNet under 'model.diffusion_model.'.*{message}"):
+        load_unet(tmp_path / f"{name}.safetensors")
+
+
+def test_load_unet_refuses_a_diffusers_controlnet(tmp_path):
+    ControlNetModel(**{k: v for k, v in CONFIGS["sd1"].items() if k not in ("up_block_types", "sample_size")},
+                    conditioning_embedding_out_channels=(16, 32)).save_pretrained(tmp_path / "controlnet")
+    with pytest.raises(CheckpointError, match=r"controlnet/config.json: a ControlNetModel config, not a diffusers UNet2DConditionModel"):
+        load_unet(tmp_path / "controlnet")
 
 
 def test_missing_and_extra_keys_are_listed_at_once():
