@@ -83,12 +83,34 @@ class KeyLayout(NamedTuple):
 
     name: str
     prefixes: tuple[tuple[str, str], ...]
+    # (model's, layout's) prefix of each module the layout holds whole under another name (sgm's ResBlock
+    # `input_blocks.1.0.` is diffusers' ResnetBlock2D `down_blocks.0.resnets.0.`): what verify reports.
+    modules: tuple[tuple[str, str], ...] = ()
 
     def rename(self, key: str) -> str:
         best = max((p for p in self.prefixes if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
         if best is None:
             raise TypeError(f"key layout {self.name!r} has no name for {key}")
         return best[1] + key[len(best[0]):]
+
+    def module_name(self, name: str) -> str:
+        """The model's name of a module the layout calls `name` ('down_blocks.0.resnets.0' -> 'input_blocks.1.0')."""
+        key = name + "."
+        ours = next((m for m, theirs in self.modules if theirs == key), None)
+        if ours is None:
+            best = max((p for p in self.prefixes if key.startswith(p[1])), key=lambda p: len(p[1]), default=None)
+            if best is None:
+                raise ValueError(f"key layout {self.name!r} has no module {name!r}")
+            ours = best[0] + key[len(best[1]):]
+        return ours[:-1]
+
+    def part(self, name: str) -> KeyLayout:
+        """The layout of the module the layout calls `name`, on its own (its keys without the module's prefix)."""
+        ours, theirs = self.module_name(name) + ".", name + "."
+        pairs = [(m[len(ours):], t[len(theirs):]) for m, t in self.prefixes if m.startswith(ours) and t.startswith(theirs)]
+        # A module inside a renamed one keeps the rest of its names.
+        pairs += [("", self.rename(ours)[len(theirs):])] if not pairs else []
+        return KeyLayout(f"{self.name}:{name}", tuple(pairs))
 
 
 class ConversionError(ValueError):

@@ -49,6 +49,13 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
             raise ValueError("diffusers_layout: a UNet with a vector embedding needs `vector` (add_embedding or class_embedding)")
         pairs += [("label_emb.0." + a, f"{vector}.{b}") for a, b in EMBEDDING]
     pairs += [("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    modules = [("time_embed.", "time_embedding.")] + ([("label_emb.0.", f"{vector}.")] if config.adm_in_channels else [])
+    modules += [("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+
+    def whole(sgm: str, spec, diffusers: str) -> list[tuple[str, str]]:
+        """One layer's pairs; diffusers holds the layer whole, as one module."""
+        modules.append((sgm, diffusers))
+        return _layer(sgm, spec, diffusers)
 
     def place(layer, level: int, index: int, down: bool) -> str:
         kind = "down_blocks" if down else "up_blocks"
@@ -61,9 +68,9 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
         for m, layer in enumerate(block):
             sgm = f"input_blocks.{n}.{m}."
             if isinstance(layer, ConvIn):
-                pairs.append((sgm, "conv_in."))
+                pairs += whole(sgm, layer, "conv_in.")
                 continue
-            pairs += _layer(sgm, layer, place(layer, level, index, down=True))
+            pairs += whole(sgm, layer, place(layer, level, index, down=True))
         if isinstance(block[0], Down):
             level, index = level + 1, 0
         elif not isinstance(block[0], ConvIn):
@@ -72,14 +79,14 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
     for m, layer in enumerate(config.middle_block):
         target = "mid_block.attentions.0." if isinstance(layer, Attn) else f"mid_block.resnets.{resnets}."
         resnets += isinstance(layer, Res)
-        pairs += _layer(f"middle_block.{m}.", layer, target)
+        pairs += whole(f"middle_block.{m}.", layer, target)
     n = 0
     for up_level, level in enumerate(reversed(range(config.levels))):
         for index in range(config.num_res_blocks[level] + 1):
             for m, layer in enumerate(config.output_blocks[n]):
-                pairs += _layer(f"output_blocks.{n}.{m}.", layer, place(layer, up_level, index, down=False))
+                pairs += whole(f"output_blocks.{n}.{m}.", layer, place(layer, up_level, index, down=False))
             n += 1
-    return KeyLayout("diffusers", tuple(pairs))
+    return KeyLayout("diffusers", tuple(pairs), tuple(modules))
 
 
 # Reading a config off sgm-named weights ------------------------------------------------------

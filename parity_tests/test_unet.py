@@ -25,6 +25,7 @@ from flax_sgm.unet import sdxl_vector
 from flax_sgm.unet_config import PRESETS, UNetConfig
 from flax_sgm.unet_diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
 from flax_sgm.unet_layout import SGM_PREFIX, config_from_weights, diffusers_layout
+from flax_sgm.verify import verify_modules
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
 CONFIGS = {
@@ -125,6 +126,24 @@ def test_unet_matches_diffusers(name, checkpoint, hw, rng):
     flax = flax_unet(torch_unet, use_checkpoint=checkpoint)
     result = compare(torch_unet, flax, unet_inputs(flax.config, rng, hw=hw))
     assert_parity(result, "UNetModel")
+
+
+def test_verify_modules_reports_each_part_and_a_wrong_weight_fails_its_row_only(rng):
+    """verify_modules on diffusers' UNet: a row per module diffusers holds whole (embeddings, conv_in, each
+    resnet and attention stack, the samplers, the output norm and conv), named as diffusers names them."""
+    torch_unet = diffusers_unet("sdxl")
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    kernel = flax.input_blocks[1][0].out_layers.conv.kernel  # diffusers' down_blocks.0.resnets.0.conv2
+    kernel[...] = kernel[...] * 1.001
+    report = verify_modules(torch_unet, flax, unet_inputs(flax.config, rng))
+    names = [row.name for row in report.rows]
+    for part in ("time_embedding", "add_embedding", "conv_in", "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0",
+                 "down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.upsamplers.0", "up_blocks.1.resnets.1",
+                 "conv_norm_out", "conv_out"):
+        assert part in names
+    assert len(names) == len(set(names)) == 19
+    assert [row.name for row in report.rows if not row.passed] == ["down_blocks.0.resnets.0"]
+    assert not report.model.passed
 
 
 def test_sdxl_vector_is_diffusers_added_cond(rng):

@@ -112,13 +112,21 @@ def _diffusers_unet(torch_module) -> CallAdapter:
     )
 
 
+# diffusers' UNet parts by class: ResnetBlock2D(x, temb); the samplers and TimestepEmbedding take x alone.
+DIFFUSERS_PARTS = {
+    "Transformer2DModel": DIFFUSERS_TRANSFORMER_2D,
+    "ResnetBlock2D": CallAdapter(names={"emb": "temb"}),
+    "Downsample2D": SGM,
+    "Upsample2D": SGM,
+    "TimestepEmbedding": SGM,
+}
+
+
 def adapter_for(torch_module) -> CallAdapter:
     """The call convention of torch_ref's, the seed's and diffusers' modules."""
     cls = type(torch_module)
     if not cls.__module__.startswith("diffusers"):
         return SGM
-    if cls.__name__ == "Transformer2DModel":
-        return DIFFUSERS_TRANSFORMER_2D
     if cls.__name__ == "UNet2DConditionModel":
         return _diffusers_unet(torch_module)
-    return DIFFUSERS
+    return DIFFUSERS_PARTS.get(cls.__name__, DIFFUSERS)

@@ -232,20 +232,20 @@ def compare(
     inputs = prepare_inputs(inputs, dtype)
     cotangent = seeded_cotangent(seed) if cotangent is None else np.asarray(cotangent, np.float32)
 
+    layout = adapter.key_layout(flax_module) if adapter.key_layout else None
     low = cast_module(copy.deepcopy(torch_module), device, getattr(torch, dtype))
     torch_run, cotangent = run_torch(low, inputs, adapter, cotangent, getattr(torch, dtype), device)
     if reference == "float64":
-        ref = _referee(low, flax_module)
+        ref = _referee(low, flax_module, layout)
         expected, _ = run_torch(ref, inputs, adapter, cotangent, torch.float64, "cpu")
     else:
         expected = torch_run
     with jax.default_matmul_precision("highest"):
-        layout = adapter.key_layout(flax_module) if adapter.key_layout else None
         flax_run, flax_dtype, backends = _run_flax(flax_module, inputs, cotangent, jnp.dtype(dtype), layout)
     return Comparison(_errors(flax_run, torch_run, expected), dtype, reference, flax_dtype, backends)
 
 
-def _referee(low: torch.nn.Module, flax_module: nnx.Module) -> torch.nn.Module:
+def _referee(low: torch.nn.Module, flax_module: nnx.Module, layout=None) -> torch.nn.Module:
     """torch's module in float64 on the weights torch's run holds (rounded to the run dtype), except where
     flax_sgm keeps a parameter wider (float32 parameters, bfloat16 compute) that rounds to the same value:
     there, the value flax_sgm holds. Judged against the rounded one instead, flax_sgm's float32 norm
@@ -255,7 +255,7 @@ def _referee(low: torch.nn.Module, flax_module: nnx.Module) -> torch.nn.Module:
     ref = cast_module(copy.deepcopy(low), "cpu", torch.float64)
     run_dtype = next(low.parameters()).dtype if any(True for _ in low.parameters()) else torch.float32
     names = dict(low.named_parameters())
-    held = {k: v for k, v in convert.to_torch_state_dict(flax_module).items() if k in names}
+    held = {k: v for k, v in convert.to_torch_state_dict(flax_module, layout=layout).items() if k in names}
     with torch.no_grad():
         for name, param in ref.named_parameters():
             if name not in held:

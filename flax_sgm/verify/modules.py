@@ -165,6 +165,7 @@ def _recording(torch_module: torch.nn.Module, names: list[str]):
 
     def hook_for(name):
         def hook(_, args, kwargs, output):
+            output = output[0] if isinstance(output, (tuple, list)) and output else output  # (sample,) of diffusers
             if name in calls or not isinstance(output, torch.Tensor):
                 return
             call = calls[name] = _Call(detached(args), {k: detached(v) for k, v in kwargs.items()})
@@ -206,7 +207,9 @@ def verify_modules(
     prepared = harness.prepare_inputs(inputs, dtype)
     whole = harness.compare(torch_module, flax_module, prepared, dtype=dtype, reference=reference, adapter=adapter, seed=seed)
 
-    names = submodule_names(torch_module)
+    # A model whose layout renames modules (a diffusers UNet) is reported by those modules, under its own names.
+    layout = adapter.key_layout(flax_module) if adapter.key_layout else None
+    names = [theirs[:-1] for _, theirs in layout.modules] if layout and layout.modules else submodule_names(torch_module)
     low = harness.cast_module(copy.deepcopy(torch_module), "cpu", getattr(torch, dtype))
     with _recording(low, names) as calls:
         harness.run_torch(low, prepared, adapter, harness.seeded_cotangent(seed), getattr(torch, dtype), "cpu")
@@ -214,12 +217,14 @@ def verify_modules(
     for name, call in calls.items():  # in call order
         part = torch_module.get_submodule(name)
         part_adapter = adapter_for(part)
+        if layout is not None:
+            part_adapter = dataclasses.replace(part_adapter, key_layout=lambda _, sub=layout.part(name): sub)
         if call.cotangent is None:
             raise ValueError(f"verify_modules: no gradient reached {name}'s output in torch's backward pass")
         part_inputs = part_adapter.flax_names(part, call.args, call.kwargs)
         comparison = harness.compare(
             part,
-            convert.flax_submodule(flax_module, name),
+            convert.flax_submodule(flax_module, layout.module_name(name) if layout is not None else name),
             part_inputs,
             dtype=dtype,
             reference=reference,
