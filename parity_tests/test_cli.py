@@ -1,5 +1,6 @@
 """The command line on checkpoint files the tests write: verify, convert, inspect, and every bad input."""
 
+import functools
 import json
 import pickle
 import subprocess
@@ -226,6 +227,19 @@ def test_verify_and_lower_take_a_convert_output(files, tmp_path):
                              "--dtype", "float32", "--hw", 4, 4, "--context-tokens", 5, "--json").stdout)
     assert lowered["config"]["depth"] == 2 and lowered["config"]["in_channels"] == 64
     assert "pass prefix=" in run("lower", "--config", out, "--platform", "cpu", ok=False).output
+
+
+def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):
+    # At 8 x 8 pixels (the real run, 16 x 16, takes about a minute on 2 cores).
+    monkeypatch.setattr(seeded, "unet_pair", functools.partial(seeded.unet_pair, hw=(8, 8)))
+    report = strict_json(run("verify", "--model", "unet", "--json").stdout)
+    assert report["passed"] and report["config"]["adm_in_channels"] == 80 and report["inputs"]["y"] == [2, 80]
+    rows = {r["name"]: r for r in report["submodules"]}
+    assert {"time_embedding", "add_embedding", "conv_in", "down_blocks.1.attentions.0", "up_blocks.0.upsamplers.0",
+            "conv_out"} <= set(rows)
+    assert rows["mid_block.attentions.0"]["backend"] in BACKENDS and rows["mid_block.resnets.0"]["backend"] is None
+    refused = run("verify", "--model", "unet", "--checkpoint", "x", ok=False)
+    assert refused.exit_code == 2 and "--model unet runs an in-process random UNet" in refused.output
 
 
 @pytest.mark.slow

@@ -98,3 +98,46 @@ def spatial_transformer_pair(
         flax_module = config.make_abstract(dtype=jdtype, param_dtype=jdtype)
         convert.load_torch_state_dict(flax_module, torch_module.state_dict(), allow_downcast=True)
     return torch_module, flax_module, sample_inputs(config, seed=seed)
+
+
+# `flax-sgm verify --model unet`: an SDXL-style diffusers UNet (no attention at level 0, depth 1 and 2, the vector y
+# through text_time), small enough for about a minute on a 2-core CPU.
+VERIFY_UNET = dict(
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    sample_size=16,
+)
+
+
+def unet_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (16, 16)):
+    """diffusers' UNet2DConditionModel of VERIFY_UNET with seeded random weights, its flax_sgm twin and inputs."""
+    from diffusers import UNet2DConditionModel
+
+    from flax_sgm.unet_config import UNetConfig
+    from flax_sgm.unet_diffusers import vector_embedding
+    from flax_sgm.unet_layout import diffusers_layout
+
+    torch_unet = randomize_(UNet2DConditionModel(**VERIFY_UNET).eval(), seed)
+    config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
+    jdtype = jnp.dtype(dtype)
+    layout = diffusers_layout(config, vector_embedding(torch_unet.config))
+    flax_unet = convert.load_torch_state_dict(
+        config.make_abstract(dtype=jdtype, param_dtype=jdtype), torch_unet.state_dict(), layout=layout, allow_downcast=True
+    )
+    rng = np.random.default_rng(seed)
+    inputs = {
+        "x": rng.standard_normal((2, config.in_channels, *hw)).astype(np.float32),
+        "timesteps": np.array([3, 917], np.int64),
+        "context": rng.standard_normal((2, 77, config.context_dim)).astype(np.float32),
+        "y": rng.standard_normal((2, config.adm_in_channels)).astype(np.float32),
+    }
+    return config, torch_unet, flax_unet, inputs
