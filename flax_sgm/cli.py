@@ -379,7 +379,12 @@ def _lower_config(name_or_path: str, prefix: str | None = None):
     import pathlib
 
     from flax_sgm.config import PRESETS, SpatialTransformerConfig
+    from flax_sgm.lowering import UNET_PRESETS
 
+    if name_or_path in UNET_PRESETS:
+        if prefix is not None:
+            raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
+        return UNET_PRESETS[name_or_path]
     if name_or_path in PRESETS:
         if prefix is not None:
             raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
@@ -391,7 +396,7 @@ def _lower_config(name_or_path: str, prefix: str | None = None):
         config = output.select_record(directory, records, prefix).config
     elif not path.is_file():
         raise UserError(
-            f"--config: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a JSON file nor a "
+            f"--config: {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *UNET_PRESETS])}), a JSON file nor a "
             "`flax-sgm convert` output"
         )
     elif prefix is not None:
@@ -417,13 +422,15 @@ Examples:
   flax-sgm lower --backward --json > lowered.json
   flax-sgm lower --config long --backward
   flax-sgm lower --config sdxl --mesh 1,4,1 --backward
+  flax-sgm lower --config sdxl-unet --backward         # SDXL base's whole UNet, 128 x 128 latent
   flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32
   flax-sgm lower --config sdxl-attention/config.json --prefix down_blocks.1.attentions.0""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
-              help="A preset name, one of sdxl, long, sd15 and default (flax_sgm.config.PRESETS), a "
-                   "SpatialTransformerConfig JSON file, or a `flax-sgm convert` output (its directory or config.json); "
-                   "run at the sdxl preset's sizes unless given.")
+              help="A SpatialTransformer preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS), a whole-UNet "
+                   "preset (sd15-unet, sd21-unet, sdxl-unet, sdxl-refiner-unet: flax_sgm.lowering.UNET_PRESETS, "
+                   "at the model's own latent size), a SpatialTransformerConfig JSON file, or a `flax-sgm convert` "
+                   "output (its directory or config.json); run at the sdxl preset's sizes unless given.")
 @click.option("--prefix", help="With a `flax-sgm convert` output of several stacks: the stack to lower.")
 @click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
               help="The platform to lower for; it need not be this machine's.")
@@ -460,6 +467,7 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
     import jax.numpy as jnp
 
     from flax_sgm import lowering
+    from flax_sgm.unet_config import UNetConfig
 
     preset = _lower_config(config_name, prefix)
     config = preset.config.replace(use_checkpoint=False) if no_checkpoint else preset.config
@@ -469,6 +477,16 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
         context_tokens=context_tokens or preset.context_tokens,
         dtype=jnp.dtype(dtype),
     )
+    if isinstance(config, UNetConfig):
+        if mesh_shape is not None:
+            raise UserError("--mesh lowers a SpatialTransformer preset; a whole-UNet preset lowers on one device")
+        try:
+            report = lowering.lower_unet(config, inputs, platform=platform, backward=backward)
+        except NotImplementedError as err:  # cuDNN's refusals at trace time
+            click.echo(f"Error: does not lower for {platform}: {' '.join(str(err).split())}", err=True)
+            sys.exit(LOWERING_FAILED)
+        click.echo(_json(report) if as_json else format_lowering(report))
+        return
     try:
         device_mesh = lowering.lowering_mesh(*mesh_shape) if mesh_shape else None
         if device_mesh is not None:
@@ -491,21 +509,29 @@ def format_lowering(report: dict) -> str:
     c = report["config"]
     inputs = report["inputs"]
     cudnn = report["cudnn_version"]
-    head = (
-        f"SpatialTransformer({c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, depth {c['depth']}, "
-        f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "
-        f"context {inputs['context']}, {inputs['dtype']}"
-    )
+    if "model_channels" in c:
+        head = (
+            f"UNetModel({c['model_channels']} ch x {c['channel_mult']}, depth {c['transformer_depth']}, "
+            f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "
+            f"context {inputs['context']}, {inputs['dtype']}"
+        )
+    else:
+        head = (
+            f"SpatialTransformer({c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, depth {c['depth']}, "
+            f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "
+            f"context {inputs['context']}, {inputs['dtype']}"
+        )
     where = f"lowered for {report['platform']} (attention chosen for {report['attention_platform']}"
     if cudnn["version"] is not None:
         where += f"; cuDNN {cudnn['version']}" + (", a stand-in: no cuDNN on this machine" if cudnn["stand_in"] else "")
     where += ")"
     if report["mesh"]:
         where += f", mesh {report['mesh']}"
-    lines = [head, where, "", f"{'attention':28s} {'backend':8s} {'n x m':>13s} {'padded':>7s}  reason"]
+    width = max([28, *(len(a["module"]) for a in report["attention"])])
+    lines = [head, where, "", f"{'attention':{width}s} {'backend':8s} {'n x m':>13s} {'padded':>7s}  reason"]
     for a in report["attention"]:
         pad = f"+{a['padded']['n']},+{a['padded']['m']}" if a["padded"]["n"] or a["padded"]["m"] else "-"
-        lines.append(f"{a['module']:28s} {a['backend']:8s} {a['n']:>6d} x {a['m']:<4d} {pad:>7s}  {a['reason']}")
+        lines.append(f"{a['module']:{width}s} {a['backend']:8s} {a['n']:>6d} x {a['m']:<4d} {pad:>7s}  {a['reason']}")
     for program, label in (("forward", "forward"), ("backward", "forward+backward")):
         calls = report["custom_calls"][program]
         if calls is None:

@@ -34,7 +34,9 @@ from jax.sharding import NamedSharding
 
 from flax_sgm import attention_backends, sharding
 from flax_sgm.attention import CrossAttention, SpatialSelfAttention
-from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.config import Preset, SpatialTransformerConfig
+from flax_sgm.unet_config import PRESETS as UNET_CONFIGS
+from flax_sgm.unet_config import UNetConfig
 
 # The lowering platform (jax's name) -> the platform backend selection sees (jax.default_backend()'s name).
 PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
@@ -273,11 +275,29 @@ def lower_spatial_transformer(
         programs = {"forward": lower(forward, params, rest, x, context, platform=platform)}
         if backward:
             programs["backward"] = lower(fwd_bwd, params, rest, x, context, platform=platform)
+    report = _report(model, programs, platform, config.to_dict(), {
+        "x": list(x_shape),
+        "context": (
+            None if context is None
+            else [list(c.shape) for c in context] if isinstance(context, list) else list(context.shape)
+        ),
+        "dtype": dtype.name,
+    })
+    report["mesh"] = dict(mesh.shape) if mesh is not None else None
+    if mesh is not None:
+        report["custom_calls_per_shard"] = {
+            "forward": programs["forward"].per_shard_custom_calls,
+            "backward": programs["backward"].per_shard_custom_calls if backward else None,
+        }
+    return report
+
+
+def _report(model: nnx.Module, programs: dict[str, Program], platform: str, config: dict, inputs: dict) -> dict:
+    """What `flax-sgm lower` reports of the lowered programs of `model`: each attention call, the custom calls."""
     cudnn_version = installed_cudnn_version() if platform == "cuda" else None
     stand_in = platform == "cuda" and cudnn_version is None
     if stand_in:
         cudnn_version = CUDNN_VERSION_STAND_IN
-
     forward_calls = programs["forward"].calls
     attention = [
         {
@@ -295,29 +315,56 @@ def lower_spatial_transformer(
         }
         for name, call in zip(name_calls(model, forward_calls), forward_calls)
     ]
-    report = {
+    return {
         "platform": platform,
         "attention_platform": PLATFORMS[platform],
         "cudnn_version": {"version": cudnn_version, "stand_in": stand_in},
-        "config": config.to_dict(),
-        "inputs": {
-            "x": list(x_shape),
-            "context": (
-                None if context is None
-                else [list(c.shape) for c in context] if isinstance(context, list) else list(context.shape)
-            ),
-            "dtype": dtype.name,
-        },
-        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "config": config,
+        "inputs": inputs,
+        "mesh": None,
         "attention": attention,
         "custom_calls": {
             "forward": programs["forward"].custom_calls,
-            "backward": programs["backward"].custom_calls if backward else None,
+            "backward": programs["backward"].custom_calls if "backward" in programs else None,
         },
     }
-    if mesh is not None:
-        report["custom_calls_per_shard"] = {
-            "forward": programs["forward"].per_shard_custom_calls,
-            "backward": programs["backward"].per_shard_custom_calls if backward else None,
-        }
-    return report
+
+
+# `flax-sgm lower --config NAME-unet`: the whole UNet of a released model at its native latent, batch 2,
+# 77 context tokens (flax_sgm.config.Preset's fields).
+UNET_PRESETS = {
+    "sd15-unet": Preset(UNET_CONFIGS["sd15"], 2, (64, 64), 77),
+    "sd21-unet": Preset(UNET_CONFIGS["sd21"], 2, (96, 96), 77),
+    "sdxl-unet": Preset(UNET_CONFIGS["sdxl-base"], 2, (128, 128), 77),
+    "sdxl-refiner-unet": Preset(UNET_CONFIGS["sdxl-refiner"], 2, (128, 128), 77),
+}
+
+
+def lower_unet(config: UNetConfig, inputs: Inputs, *, platform: str = "cuda", backward: bool = False) -> dict:
+    """Lower a whole UNetModel of `config` with abstract weights; the report of lower_spatial_transformer.
+
+    x [batch, *hw, in_channels], float32 timesteps [batch], context [batch, context_tokens,
+    context_dim] and, for a model with a vector y, y [batch, adm_in_channels]. The backward
+    program: gradients of a scalar loss with respect to every parameter, x and the context.
+    """
+    dtype = jnp.dtype(inputs.dtype)
+    model = config.make_abstract(dtype=dtype, param_dtype=dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    b = inputs.batch
+    x = jax.ShapeDtypeStruct((b, *inputs.hw, config.in_channels), dtype)
+    t = jax.ShapeDtypeStruct((b,), jnp.float32)
+    context = jax.ShapeDtypeStruct((b, inputs.context_tokens, config.context_dim), dtype)
+    y = jax.ShapeDtypeStruct((b, config.adm_in_channels), dtype) if config.adm_in_channels else None
+
+    def forward(params, rest, x, t, context, y):
+        return nnx.merge(graphdef, params, rest)(x, t, context, y)
+
+    def loss(params, rest, x, t, context, y):
+        return forward(params, rest, x, t, context, y).astype(jnp.float32).mean()
+
+    programs = {"forward": lower(forward, params, rest, x, t, context, y, platform=platform)}
+    if backward:
+        programs["backward"] = lower(jax.grad(loss, argnums=(0, 2, 4)), params, rest, x, t, context, y, platform=platform)
+    shapes = {"x": list(x.shape), "timesteps": list(t.shape), "context": list(context.shape)}
+    shapes |= {"y": list(y.shape)} if y is not None else {}
+    return _report(model, programs, platform, config.to_dict(), shapes | {"dtype": dtype.name})

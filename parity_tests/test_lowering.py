@@ -105,6 +105,24 @@ def test_checkpointed_backward_runs_each_attention_forward_once():
     assert cudnn_only(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
 
 
+def test_sdxl_whole_unet_all_140_attentions_on_cudnn_each_forward_once():
+    """SDXL base's UNet at a 128 x 128 latent, batch 2, bf16, default checkpointing (about 17 s here)."""
+    report = lower_json("--config", "sdxl-unet", "--backward")
+    assert report["inputs"] == {"x": [2, 128, 128, 4], "timesteps": [2], "context": [2, 77, 2048], "y": [2, 2816],
+                                "dtype": "bfloat16"}
+    assert report["config"]["use_checkpoint"] and report["config"]["checkpoint_policy"] == "save_attention"
+    attention = report["attention"]
+    assert len(attention) == 140  # 70 transformer blocks: depth 2 and 10 at levels 1 and 2, 10 in the middle
+    assert {(a["backend"], a["reason"]) for a in attention} == {("cudnn", "auto: cuDNN takes this input")}
+    assert attention[0]["module"] == "input_blocks.4.1.transformer_blocks.0.attn1"
+    assert attention[-1]["module"] == "output_blocks.5.1.transformer_blocks.1.attn2"
+    assert {(a["n"], a["m"]) for a in attention} == {(4096, 4096), (4096, 77), (1024, 1024), (1024, 77)}
+    calls = report["custom_calls"]
+    assert cudnn_only(calls["forward"]) == {FWD: 140}
+    assert cudnn_only(calls["backward"]) == {FWD: 140, BWD: 140}
+    assert "a whole-UNet preset lowers on one device" in fail("--config", "sdxl-unet", "--mesh", "1,2,1")
+
+
 def test_text_report_names_modules_backends_and_custom_calls():
     result = CliRunner().invoke(cli, ["lower", "--config", "default", "--backward"])
     assert result.exit_code == 0, result.output
