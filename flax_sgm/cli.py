@@ -211,7 +211,7 @@ def _report_head(model: str, config, source: dict, report) -> list[str]:
 
 
 @cli.command(
-    short_help="Convert SpatialTransformer stacks to Flax (Orbax or safetensors).",
+    short_help="Convert SpatialTransformer stacks, or a whole UNet, to Flax (Orbax or safetensors).",
     epilog="""\b
 Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
@@ -222,15 +222,20 @@ Examples:
   flax-sgm convert unet/diffusion_pytorch_model.safetensors.index.json \\
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
+  flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
 
 \b
 Then in Python:
-  model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several"""
+  model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several
+  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output"""
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
 @click.option("--all", "all_stacks", is_flag=True,
               help="Every SpatialTransformer stack in the checkpoint (see `flax-sgm inspect`).")
+@click.option("--unet", "whole_unet", is_flag=True,
+              help="The whole UNet (what flax_sgm.load_unet reads: an sgm/LDM file, a diffusers unet/ or pipeline "
+                   "directory), its UNetConfig recorded.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @_stack_options
@@ -242,8 +247,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @_clean_errors
-def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, disable_self_attn, variant, out,
-            weights, param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads, head_dim, disable_self_attn, variant,
+            out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -252,12 +257,25 @@ def convert(checkpoint, prefix, all_stacks, skip_unsupported, heads, head_dim, d
     stack is read off its shapes; a diffusers config.json gives the heads, elsewhere
     --heads or --head-dim says how each inner dim splits. Stacks are converted one at
     a time, and the output appears only once complete. Load it with
-    flax_sgm.load_pretrained(OUTPUT).
+    flax_sgm.load_pretrained(OUTPUT). With --unet: the whole UNet, as flax_sgm.load_unet
+    reads it (--heads or --head-dim only for a single file of none of the released
+    models); load it with flax_sgm.load_unet(OUTPUT).
     """
     _exclusive_heads(heads, head_dim)
     if skip_unsupported and not all_stacks:
         raise click.UsageError("--skip-unsupported goes with --all")
     start = time.perf_counter()
+    if whole_unet:
+        if prefix or all_stacks or disable_self_attn is not None:
+            raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
+        from flax_sgm.pretrained_unet import convert_unet
+
+        config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
+                              param_dtype=param_dtype, overwrite=overwrite)
+        click.echo(f"wrote {out} ({weights}): the whole UNet ({config.model_channels} ch x {list(config.channel_mult)}, "
+                   f"context {config.context_dim}) in {time.perf_counter() - start:.1f} s")
+        click.echo(f"load: flax_sgm.load_unet({str(out)!r})")
+        return
     bar = None
 
     def plan(stacks, skipped):

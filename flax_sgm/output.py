@@ -31,12 +31,15 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.unet_config import UNetConfig
 from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
 
 FORMAT_NAME = "flax-sgm"
 FORMAT_VERSION = 2  # 1: an Orbax stack was a bare StandardCheckpointer directory
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
+UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet (absent: a SpatialTransformer stack)
+CONFIGS = {"SpatialTransformer": SpatialTransformerConfig, UNET_RECORD: UNetConfig}
 
 
 class StackRecord(NamedTuple):
@@ -50,12 +53,13 @@ class StackRecord(NamedTuple):
 
     def to_dict(self) -> dict:
         record = {"prefix": self.prefix, "path": self.path, "param_dtype": self.param_dtype, "config": self.config.to_dict()}
+        record |= {"model": UNET_RECORD} if isinstance(self.config, UNetConfig) else {}
         return record | ({"files": dict(self.files)} if self.files else {})
 
 
-def stack_name(prefix: str) -> str:
-    """Directory or file name of a stack inside the output."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or "spatial_transformer"
+def stack_name(prefix: str, config=None) -> str:
+    """Directory or file name of a stack (or whole UNet) inside the output."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or ("unet" if isinstance(config, UNetConfig) else "spatial_transformer")
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -84,11 +88,11 @@ class OutputWriter:
         self.checkpointer = _checkpointer() if self.weights == "orbax" else None
         return self
 
-    def add_model(self, prefix: str, config: SpatialTransformerConfig, model: nnx.Module) -> None:
-        """Write a filled model's parameters (Orbax or safetensors)."""
+    def add_model(self, prefix: str, config: SpatialTransformerConfig | UNetConfig, model: nnx.Module) -> None:
+        """Write a filled model's parameters (Orbax or safetensors): a stack, or a whole UNet."""
         params = nnx.state(model, nnx.Param)
         suffix = ".safetensors" if self.weights == "safetensors" else ""
-        record = StackRecord(prefix, stack_name(prefix) + suffix, _stored_dtype_name(params), config)
+        record = StackRecord(prefix, stack_name(prefix, config) + suffix, _stored_dtype_name(params), config)
         target = (self.tmp / record.path).absolute()
         try:
             _reserve(self.tmp, sum(v.get_value().nbytes for _, v in nnx.to_flat_state(params)))
@@ -196,7 +200,7 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
-                        SpatialTransformerConfig.from_dict(s["config"], source=f"stack {s['prefix']!r}"),
+                        CONFIGS[s.get("model", "SpatialTransformer")].from_dict(s["config"], source=f"stack {s['prefix']!r}"),
                         tuple((str(name), int(size)) for name, size in s["files"].items()))
             for s in document["stacks"]
         ]

@@ -277,7 +277,10 @@ def load_pretrained(
     if output.is_output(path):
         _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
-        return _restore(path, weights, output.select_record(path, records, prefix), dtype, param_dtype, seed, options)
+        record = output.select_record(path, records, prefix)
+        if not isinstance(record.config, SpatialTransformerConfig):
+            raise CheckpointError(f"{path}: holds a whole UNet; load it with load_unet")
+        return _restore(path, weights, record, dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         (stack,), _ = plan_stacks(
             source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim,

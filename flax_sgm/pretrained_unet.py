@@ -5,7 +5,8 @@ one weights file or a sharded index), a whole pipeline directory (its `unet/`), 
 sgm/LDM single file holding the UNet under `model.diffusion_model.` beside the VAE
 and the text encoders. A diffusers config.json is a spec (UNetConfig.from_diffusers);
 a single file's config is read off its shapes (unet_layout.config_from_weights).
-Every UNet key is used and every shape checked before a value is read.
+Every UNet key is used and every shape checked before a value is read. A `flax-sgm convert
+--unet` output (convert_unet) records its UNetConfig and is read back as written.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from flax_sgm import convert
+from flax_sgm import convert, output
 from flax_sgm.layout import CheckpointError
-from flax_sgm.pretrained import _concrete
+from flax_sgm.pretrained import _concrete, _restore
 from flax_sgm.sources import CONFIG_FILE, open_source
 from flax_sgm.unet import UNetModel
 from flax_sgm.unet_config import UNetConfig
@@ -40,6 +41,14 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, va
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
         path = path / PIPELINE_UNET
+    if output.is_output(path):
+        if heads is not None or head_dim is not None or variant is not None:
+            raise CheckpointError(f"{path}: a `flax-sgm convert` output records its config; leave out heads=, head_dim= and variant=")
+        weights, records = output.read_output(path)
+        unets = [r for r in records if isinstance(r.config, UNetConfig)]
+        if not unets:
+            raise CheckpointError(f"{path}: holds SpatialTransformer stacks, not a whole UNet (load them with load_pretrained)")
+        return _restore(path, weights, unets[0], dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         if source.config is not None:
             if heads is not None or head_dim is not None:
@@ -62,3 +71,14 @@ def _stored_dtype(source, path) -> jnp.dtype:
     if not dtypes:
         raise CheckpointError(f"{path}: holds no floating-point tensors")
     return jnp.dtype(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
+
+
+def convert_unet(path, out, *, heads: int | None = None, head_dim: int | None = None, variant: str | None = None,
+                 weights: str = "orbax", param_dtype=None, overwrite: bool = False) -> UNetConfig:
+    """A whole UNet from any checkpoint load_unet reads into a `flax-sgm convert` output directory (output.py),
+    its UNetConfig recorded, so that load_unet(out) needs no arguments. Returns the config written."""
+    output.check_output(Path(out), overwrite)
+    model = load_unet(path, heads=heads, head_dim=head_dim, variant=variant, param_dtype=param_dtype)
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+        writer.add_model("", model.config, model)
+    return model.config

@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
 from conftest import assert_close, assert_parity, compare, randomize_
-from flax_sgm import convert, load_unet
+from flax_sgm import convert, load_pretrained, load_unet
 from flax_sgm.layout import CheckpointError
 from flax_sgm.unet import sdxl_vector
 from flax_sgm.unet_config import PRESETS, UNetConfig
@@ -257,6 +257,33 @@ def test_load_unet_sgm_single_file(tmp_path):
     # A UNet of none of the released shapes needs its heads, said in one line.
     with pytest.raises(CheckpointError, match=r"model.safetensors: a UNet that is none of sd15, .* give heads= or head_dim="):
         load_unet(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_convert_unet_and_load_it_back_bit_exact(tmp_path, weights):
+    """`flax-sgm convert --unet` of a diffusers directory and of an sgm single file; load_unet(out) needs no arguments."""
+    from click.testing import CliRunner
+
+    from flax_sgm.cli import cli
+
+    torch_unet = diffusers_unet("sdxl", seed=11)
+    torch_unet.save_pretrained(tmp_path / "unet")
+    sgm_single_file(torch_unet, tmp_path / "model.safetensors")
+    for source, extra in ((tmp_path / "unet", {}), (tmp_path / "model.safetensors", {"head_dim": 16})):
+        out = tmp_path / f"{source.stem}-{weights}"
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
+        result = CliRunner().invoke(cli, ["convert", str(source), "--unet", "--format", weights, "-o", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        assert f"load: flax_sgm.load_unet({str(out)!r})" in result.output
+        unet = load_unet(out)
+        assert unet.config == load_unet(source, **extra).config  # as recorded: no arguments needed
+        assert_holds(unet, torch_unet)
+    with pytest.raises(CheckpointError, match="holds a whole UNet; load it with load_unet"):
+        load_pretrained(out)
+    with pytest.raises(CheckpointError, match="records its config; leave out heads="):
+        load_unet(out, heads=2)
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "unet"), "--unet", "--all", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--unet converts the whole UNet" in result.output
 
 
 NOT_UNETS = {
