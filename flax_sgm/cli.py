@@ -331,11 +331,13 @@ Examples:
 @_clean_errors
 def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
-    index) and what their shapes say about them."""
+    index) and what their shapes say about them, and the whole UNet when it holds one."""
+    from flax_sgm.pretrained_unet import unet_summary
     from flax_sgm.sources import open_source
 
     with open_source(checkpoint, variant) as source:
         summaries, problems = pretrained.inspect_stacks(source)
+        unet = unet_summary(source)
         info = {
             "file": str(checkpoint),
             "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
@@ -344,12 +346,18 @@ def inspect(checkpoint, variant, as_json):
             "top_level_prefixes": _top_level(source.infos),
             "stacks": summaries,
             "unsupported": problems,
+            "unet": unet,
         }
     if as_json:
         click.echo(_json(info))
         return
     click.echo(f"{info['file']}: {info['format']}, {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
     click.echo(f"top-level prefixes: {', '.join(info['top_level_prefixes'])}")
+    if unet is not None:
+        what = f"the {unet['preset']} preset" if unet["preset"] else "none of the released models"
+        click.echo(f"a whole UNet, {unet['parameters'] / 1e6:.1f}M parameters: {what}"
+                   + (f" ({unet['problem']})" if unet["problem"] else "")
+                   + f"; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
     if not summaries and not problems:
         click.echo("no SpatialTransformer stack found")
         return

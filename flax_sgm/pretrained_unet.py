@@ -11,6 +11,7 @@ Every UNet key is used and every shape checked before a value is read. A `flax-s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax_sgm.layout import CheckpointError
 from flax_sgm.pretrained import _concrete, _restore
 from flax_sgm.sources import CONFIG_FILE, open_source
 from flax_sgm.unet import UNetModel
-from flax_sgm.unet_config import UNetConfig
+from flax_sgm.unet_config import PRESETS, UNetConfig
 from flax_sgm.unet_diffusers import vector_embedding
 from flax_sgm.unet_layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
 
@@ -82,3 +83,27 @@ def convert_unet(path, out, *, heads: int | None = None, head_dim: int | None = 
     with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
         writer.add_model("", model.config, model)
     return model.config
+
+
+def unet_summary(source) -> dict | None:
+    """What `flax-sgm inspect` says of a whole UNet in an open Source: its config and the released model it is
+    (preset), or the one-line reason its config cannot be read (heads); None when it holds no UNet."""
+    if source.config is not None:
+        if source.config.get("_class_name") != "UNet2DConditionModel":
+            return None
+        prefix = ""
+    else:
+        prefix = "" if UNET_MARK in source.infos else SGM_PREFIX
+        if prefix + UNET_MARK not in source.infos:
+            return None
+    params = sum(math.prod(i.shape) for k, i in source.infos.items() if k.startswith(prefix))
+    try:
+        if source.config is not None:
+            config = UNetConfig.from_diffusers(source.config, source=str(source.config_path))
+        else:
+            config = config_from_weights(source.infos, prefix, source=str(source.path))
+    except CheckpointError as err:
+        return {"preset": None, "parameters": params, "config": None, "problem": str(err)}
+    preset = next((name for name, p in PRESETS.items()
+                   if p == config.replace(in_channels=p.in_channels, out_channels=p.out_channels)), None)
+    return {"preset": preset, "parameters": params, "config": config.to_dict(), "problem": None}
