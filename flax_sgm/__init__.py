@@ -8,7 +8,7 @@ Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
 here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
 mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
-cli.py. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
+cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
 layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
 """

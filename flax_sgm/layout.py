@@ -173,13 +173,13 @@ def resolve_heads(inner_dim: int, heads: int | None, head_dim: int | None, prefi
     of = f" of {prefix!r}" if prefix else ""
     if (heads is None) == (head_dim is None):
         raise CheckpointError(
-            f"give exactly one of --heads or --head-dim: the weights show the inner dim{of} ({inner_dim}), "
-            "not how it splits into heads (SD 1.x: --heads 8; SD 2.x and SDXL: --head-dim 64; a diffusers "
+            f"give exactly one of heads= or head_dim=: the weights show the inner dim{of} ({inner_dim}), "
+            "not how it splits into heads (SD 1.x: heads=8; SD 2.x and SDXL: head_dim=64; a diffusers "
             "model directory's config.json says it)"
         )
-    given, name = (heads, "--heads") if heads is not None else (head_dim, "--head-dim")
+    given, name = (heads, "heads") if heads is not None else (head_dim, "head_dim")
     if given <= 0 or inner_dim % given:
-        raise CheckpointError(f"{name} {given} does not divide the inner dim {inner_dim}{of}")
+        raise CheckpointError(f"{name}={given} does not divide the inner dim {inner_dim}{of}")
     other = inner_dim // given
     return (given, other) if heads is not None else (other, given)
 

@@ -163,7 +163,7 @@ def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Hea
     if (heads is not None or head_dim is not None) and layout.resolve_heads(inner, heads, head_dim, prefix) != (
         n_heads, inner // n_heads
     ):
-        given = f"--heads {heads}" if heads is not None else f"--head-dim {head_dim}"
+        given = f"heads={heads}" if heads is not None else f"head_dim={head_dim}"
         raise CheckpointError(
             f"{given} contradicts {source.config_path}, which gives {prefix!r} {n_heads} heads of {inner // n_heads}; "
             "leave it out"

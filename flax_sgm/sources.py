@@ -220,7 +220,7 @@ def _open_directory(path: Path, variant: str | None) -> Source:
             )
         if not indexes and not weights and _variants(path):
             raise CheckpointError(
-                f"{path}: holds diffusers variants only ({', '.join(_variants(path))}); pass variant= (--variant)"
+                f"{path}: holds diffusers variants only ({', '.join(_variants(path))}); pass variant="
             )
     if not indexes and not weights:
         models = sorted(p.name for p in path.iterdir() if (p / CONFIG_FILE).is_file())

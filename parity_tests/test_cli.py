@@ -226,7 +226,7 @@ def test_verify_and_lower_take_a_convert_output(files, tmp_path):
     lowered = json.loads(run("lower", "--config", out / "config.json", "--prefix", prefix, "--platform", "cpu",
                              "--dtype", "float32", "--hw", 4, 4, "--context-tokens", 5, "--json").stdout)
     assert lowered["config"]["depth"] == 2 and lowered["config"]["in_channels"] == 64
-    assert "pass prefix=" in run("lower", "--config", out, "--platform", "cpu", ok=False).output
+    assert "pass --prefix" in run("lower", "--config", out, "--platform", "cpu", ok=False).output
 
 
 def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):

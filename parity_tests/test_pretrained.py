@@ -117,7 +117,7 @@ def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
 
 def test_heads_contradicting_config_json_are_refused(unet):
     path, _ = unet
-    with pytest.raises(CheckpointError, match=r"--heads 2 contradicts .*config.json, which gives 'down_blocks.0.attentions.0.' 4 heads of 8"):
+    with pytest.raises(CheckpointError, match=r"heads=2 contradicts .*config.json, which gives 'down_blocks.0.attentions.0.' 4 heads of 8"):
         flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", heads=2)
     flax_sgm.load_pretrained(path, "down_blocks.0.attentions.0", head_dim=8)  # the same split, said the other way
 
@@ -185,7 +185,7 @@ def test_a_sharded_fp16_variant_loads_with_variant(fp16_unet, tmp_path):
     flax_module = flax_sgm.load_pretrained(index, prefix, param_dtype="float32")
     assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix + "."]
     assert_same(flax_module, model.get_submodule(prefix), 64, diffusers=True)
-    assert "holds diffusers variants only (fp16); pass variant= (--variant)" in one_line_error("inspect", path)
+    assert "holds diffusers variants only (fp16); pass --variant" in one_line_error("inspect", path)
     assert "has no 'ema' variant (its variants: fp16)" in one_line_error("inspect", path, "--variant", "ema")
     result = cli("convert", path, "--variant", "fp16", "--all", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output

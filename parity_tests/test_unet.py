@@ -282,7 +282,7 @@ def test_convert_unet_and_load_it_back_bit_exact(tmp_path, weights):
     assert inspected["config"] == load_unet(tmp_path / "unet").config.to_dict() and inspected["preset"] is None
     assert inspected["parameters"] == sum(p.numel() for p in torch_unet.parameters())
     text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "model.safetensors")]).output
-    assert "a whole UNet" in text and "none of the released models" in text and "give heads= or head_dim=" in text
+    assert "a whole UNet" in text and "none of the released models" in text and "give --heads or --head-dim" in text
     with pytest.raises(CheckpointError, match="holds a whole UNet; load it with load_unet"):
         load_pretrained(out)
     with pytest.raises(CheckpointError, match="records its config; leave out heads="):

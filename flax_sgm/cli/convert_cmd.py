@@ -1,0 +1,183 @@
+"""`flax-sgm convert` and `flax-sgm inspect`: checkpoints in, a converted directory or a listing out."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from flax_sgm import output, pretrained
+from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_options, to_json, variant_option
+
+
+@click.command(
+    short_help="Convert stacks or a whole UNet to Flax (Orbax or safetensors).",
+    epilog="""\b
+Examples:
+  flax-sgm convert sd_xl_base_1.0.safetensors \\
+      --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64 -o xl-in4
+  flax-sgm convert sd_xl_base_1.0.safetensors --all --head-dim 64 -o xl-attention
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o xl-attention
+  flax-sgm convert stable-diffusion-xl-base-1.0/unet --variant fp16 --all -o xl-attention
+  flax-sgm convert unet/diffusion_pytorch_model.safetensors.index.json \\
+      --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
+  flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
+  flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
+
+\b
+Then in Python:
+  model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several
+  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output"""
+)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
+@click.option("--all", "all_stacks", is_flag=True,
+              help="Every SpatialTransformer stack in the checkpoint (see `flax-sgm inspect`).")
+@click.option("--unet", "whole_unet", is_flag=True,
+              help="The whole UNet (what flax_sgm.load_unet reads: an sgm/LDM file, a diffusers unet/ or pipeline "
+                   "directory), its UNetConfig recorded.")
+@click.option("--skip-unsupported", is_flag=True,
+              help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
+@stack_options
+@variant_option
+@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output directory (must not exist).")
+@click.option("--format", "weights", type=click.Choice(output.WEIGHT_FORMATS), default="orbax", show_default=True,
+              help="orbax: an Orbax checkpoint per stack; safetensors: a flat file of Flax paths per stack.")
+@click.option("--param-dtype", type=click.Choice(pretrained.PARAM_DTYPES),
+              help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
+@click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@clean_errors
+def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads, head_dim, disable_self_attn, variant,
+            out, weights, param_dtype, overwrite):
+    """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
+
+    CHECKPOINT is a file (.safetensors, or a torch pickle read with
+    torch.load(weights_only=True)), a diffusers model directory (config.json and its
+    weights, sharded or not) or a sharded *.safetensors.index.json. The config of each
+    stack is read off its shapes; a diffusers config.json gives the heads, elsewhere
+    --heads or --head-dim says how each inner dim splits. Stacks are converted one at
+    a time, and the output appears only once complete. Load it with
+    flax_sgm.load_pretrained(OUTPUT). With --unet: the whole UNet, as flax_sgm.load_unet
+    reads it (--heads or --head-dim only for a single file of none of the released
+    models); load it with flax_sgm.load_unet(OUTPUT).
+    """
+    exclusive_heads(heads, head_dim)
+    if skip_unsupported and not all_stacks:
+        raise click.UsageError("--skip-unsupported goes with --all")
+    start = time.perf_counter()
+    if whole_unet:
+        if prefix or all_stacks or disable_self_attn is not None:
+            raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
+        from flax_sgm.pretrained_unet import convert_unet
+
+        config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
+                              param_dtype=param_dtype, overwrite=overwrite)
+        click.echo(f"wrote {out} ({weights}): the whole UNet ({config.model_channels} ch x {list(config.channel_mult)}, "
+                   f"context {config.context_dim}) in {time.perf_counter() - start:.1f} s")
+        click.echo(f"load: flax_sgm.load_unet({str(out)!r})")
+        return
+    bar = None
+
+    def plan(stacks, skipped):
+        nonlocal bar
+        from tqdm import tqdm
+
+        for prefix, why in skipped.items():
+            click.echo(f"skipping {prefix}: {why}", err=True)
+        total = sum(s.nbytes for s in stacks)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {len(stacks)} stack(s)", file=sys.stderr,
+                   disable=None, leave=False)
+
+    try:
+        written = pretrained.convert_file(
+            checkpoint, out, prefix, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
+            head_dim=head_dim, weights=weights, param_dtype=param_dtype, disable_self_attn=disable_self_attn,
+            variant=variant, overwrite=overwrite, progress=lambda n: bar.update(n), on_plan=plan,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    params = sum(s.params for s in written)
+    click.echo(
+        f"wrote {out} ({weights}): {len(written)} stack(s), {params / 1e6:.1f}M parameters, "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    for s in written:
+        c = s.config
+        click.echo(f"  {s.prefix or '(root)'}  {c.in_channels} ch, {c.n_heads}x{c.d_head} heads, "
+                   f"depth {c.depth}, context {_context(c.context_dim)}, {s.param_dtype}")
+    if len(written) == 1:
+        click.echo(f"load: flax_sgm.load_pretrained({str(out)!r})")
+    else:
+        click.echo(f"load: flax_sgm.load_pretrained({str(out)!r}, prefix={written[0].prefix!r}), "
+                   f"or all: flax_sgm.load_pretrained_all({str(out)!r})")
+
+
+def _context(context_dim) -> str:
+    return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
+
+
+@click.command(
+    short_help="List the SpatialTransformer stacks in a checkpoint.",
+    epilog="""\b
+Examples:
+  flax-sgm inspect sd_xl_base_1.0.safetensors
+  flax-sgm inspect stable-diffusion-xl-base-1.0/unet
+  flax-sgm inspect v1-5-pruned.ckpt --json"""
+)
+@click.argument("checkpoint", type=click.Path())
+@variant_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@clean_errors
+def inspect(checkpoint, variant, as_json):
+    """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
+    index) and what their shapes say about them, and the whole UNet when it holds one."""
+    from flax_sgm.pretrained_unet import unet_summary
+    from flax_sgm.sources import open_source
+
+    with open_source(checkpoint, variant) as source:
+        summaries, problems = pretrained.inspect_stacks(source)
+        unet = unet_summary(source)
+        info = {
+            "file": str(checkpoint),
+            "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
+            "tensors": len(source.infos),
+            "bytes": sum(i.nbytes for i in source.infos.values()),
+            "top_level_prefixes": _top_level(source.infos),
+            "stacks": summaries,
+            "unsupported": problems,
+            "unet": unet,
+        }
+    if as_json:
+        click.echo(to_json(info))
+        return
+    click.echo(f"{info['file']}: {info['format']}, {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
+    click.echo(f"top-level prefixes: {', '.join(info['top_level_prefixes'])}")
+    if unet is not None:
+        what = f"the {unet['preset']} preset" if unet["preset"] else "none of the released models"
+        click.echo(f"a whole UNet, {unet['parameters'] / 1e6:.1f}M parameters: {what}"
+                   + (f" ({as_flags(unet['problem'])})" if unet["problem"] else "")
+                   + f"; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
+    if not summaries and not problems:
+        click.echo("no SpatialTransformer stack found")
+        return
+    click.echo(f"{len(summaries)} SpatialTransformer stack(s):")
+    for s in summaries:
+        proj = "linear" if s["use_linear"] else "conv"
+        extra = ", disable_self_attn" if s["disable_self_attn"] else ""
+        heads = f", {s['heads']} heads" if s["heads"] else ""
+        click.echo(f"  {s['prefix'] or '(root)':45s} {s['in_channels']:5d} ch, inner {s['inner_dim']}{heads}, "
+                   f"depth {s['depth']}, context {_context(s['context_dim'])}, {proj} proj{extra}, {s['dtype']}, "
+                   f"{s['bytes'] / 1e6:.1f} MB")
+    for p, why in problems.items():
+        click.echo(f"  {p:45s} not convertible: {why}")
+    if any(s["heads"] is None for s in summaries):
+        click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
+                   "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+
+
+def _top_level(keys) -> list[str]:
+    from flax_sgm.layout import top_level_prefixes
+
+    return top_level_prefixes(keys)
