@@ -12,14 +12,17 @@
 #   attention    bench/attention.py: flax_sgm "auto" vs torch SDPA, fwd and fwd+bwd, the GPU.md shapes
 #   module-sdxl  bench/module.py --config sdxl: jit vs torch_ref eager vs torch.compile, checkpoint off/on, memory
 #   module-long  bench/module.py --config long: the same
+#   unet-sdxl    bench/unet.py --config sdxl: the whole SDXL UNet, bf16, 128 x 128, batch 2, against diffusers
+#                eager and torch.compile (needs diffusers, which the image lacks: put it on PYTHONPATH, e.g. a
+#                carried `pip install --target gpu-deps diffusers`; without it the stage says so and stops)
 # Results under $OUT, at most 8 files, no folders (what the device tool brings back):
-#   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, run.log
+#   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, unet_sdxl.json, run.log
 # Nothing is installed: the H200 image has jax 0.11.2 (CUDA 13), flax, torch 2.11, einops,
 # click, tqdm, safetensors, orbax-checkpoint and pytest (the device tool's KINDS.md); the repo
 # goes on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/bench" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD:$PWD/bench:$PWD/gpu-deps" PYTHONUNBUFFERED=1
 # jax and torch share the GPU: jax allocates as it goes instead of taking 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # Compile caches on local disk: the AOT compile of bench/module.py's memory analysis and a
@@ -31,7 +34,7 @@ OUT="${OUT:-/tmp/flax-sgm-gpu}"
 DEADLINE="${DEADLINE:-420}"  # seconds for the whole script; stages that do not fit are skipped
 mkdir -p "$OUT"
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(lower tests attention module-sdxl module-long)
+[[ ${#stages[@]} -eq 0 ]] && stages=(lower tests attention module-sdxl module-long unet-sdxl)
 log="$OUT/run.log"
 declare -A status
 
@@ -90,8 +93,12 @@ for stage in "${stages[@]}"; do
             run_stage "$stage" 130 bash -o pipefail -c "$PY bench/module.py --config $config --iters 10 ${MODULE_ARGS:-} \
                 --json '$OUT/module_$config.json' 2>&1 | tee -a '$log'"
             ;;
+        unet-sdxl)
+            run_stage unet-sdxl 200 bash -o pipefail -c "$PY -c 'import diffusers' && $PY bench/unet.py --config sdxl \
+                --dtype bfloat16 --hw 128 --batch 2 --iters 5 --json '$OUT/unet_sdxl.json' 2>&1 | tee -a '$log'"
+            ;;
         *)
-            echo "unknown stage $stage (lower tests attention module-CONFIG)" | tee -a "$log"
+            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl)" | tee -a "$log"
             ;;
     esac
 done
