@@ -202,7 +202,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES, *, fsdp: bool = Fals
     """
     state = nnx.state(model)
     shardings = param_shardings(model, mesh, rules, fsdp=fsdp)
-    problems = _check_heads(model, mesh, rules)
+    problems = _check_heads(model, mesh, rules) + _check_row_split_convs(state, mesh, rules)
     for (path, value), (_, sharding) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
         value = value.get_value() if isinstance(value, nnx.Variable) else value
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
@@ -218,6 +218,25 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES, *, fsdp: bool = Fals
 
     nnx.update(model, jax.tree.map(put, state, shardings))
     return model
+
+
+def _check_row_split_convs(state: nnx.State, mesh: Mesh, rules) -> list[str]:
+    """A 3x3 convolution (a kernel [3, 3, in, out]) over image rows split across devices gets its kernel gradient
+    multiplied by the size of any mesh axis the activations do not use (XLA's SPMD partitioner, jax 0.10.2:
+    2x on a (2, 2, 2) mesh, 4x on (1, 2, 4); BENCHMARKS.md). Refused rather than trained wrong: the `model`
+    axis splits no image activation, so a UNet takes `seq` or `model`, not both."""
+    rows, unused = _axis_size(mesh, dict(rules)["height"]), _axis_size(mesh, dict(rules)["heads"])
+    if rows == 1 or unused == 1:
+        return []
+    def shape(v):
+        return (v.get_value() if isinstance(v, nnx.Variable) else v).shape
+
+    convs = [".".join(map(str, p)) for p, v in nnx.to_flat_state(state) if p[-1] == "kernel" and shape(v)[:2] == (3, 3)]
+    if not convs:
+        return []
+    return [f"{convs[0]} (and {len(convs) - 1} more 3x3 convolutions): image rows split over {rows} devices with "
+            f"{unused} devices on the heads axis give wrong kernel gradients (XLA's partitioner multiplies them by "
+            f"{unused}); use a mesh with seq or model of 1"]
 
 
 def place(x, axes: Sequence[str | None], mesh: Mesh, rules=RULES) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Each run is a fresh process (this file as a script), since the device count and
 jax.distributed must be set before jax starts: one device; 8 virtual CPU devices with
-parameters split over `data` (FSDP); and 2 processes x 2 CPU devices joined by
+parameters split over `data` (FSDP); 8 devices as a (data, seq) = (2, 4) mesh (image rows split); and 2 processes x 2 CPU devices joined by
 `jax.distributed.initialize` (gloo collectives), each feeding its half of the batch.
 Every run takes the same SGD step of a tiny SDXL-style UNet on the same weights and global batch and saves the
 loss and the updated parameters, which must equal the one-device run's.
@@ -89,6 +89,28 @@ def _step(mesh_shape: dict | None, fsdp: bool, out: Path) -> None:
         out.write_text(json.dumps({"loss": float(loss), **figures}))
 
 
+def _row_split_conv_gradient_ratio() -> float:
+    """The XLA defect behind the refusal, in plain JAX: a 3x3 conv's kernel gradient with image rows split over
+    `seq` on a (2, 2, 2) mesh, over the same gradient on one device (1.0 once XLA computes it right)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 8, 8, 32)), jnp.float32)
+    kernel = jnp.asarray(0.1 * rng.standard_normal((3, 3, 32, 32)), jnp.float32)
+
+    def loss(kernel, x):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jnp.sum(jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "seq", "model"))
+    split = grad(jax.device_put(kernel, NamedSharding(mesh, PartitionSpec())),
+                 jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", "seq"))))
+    return float(jnp.abs(split).max() / jnp.abs(grad(kernel, x)).max())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,20 +131,25 @@ def _wait(processes) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every run's (figures, params), started together: one device, FSDP over 8 devices, 2 processes x 2 devices."""
+    """Every run's (figures, params), started together: one device, FSDP over 8 devices, a (data, seq) mesh
+    of 2 x 4, 2 processes x 2 devices."""
     d = tmp_path_factory.mktemp("distributed")
     port = _free_port()
     started = [
         _run("one", d / "one.json"),
         _run("fsdp", d / "fsdp.json", devices=8),
+        _run("mesh", d / "mesh.json", devices=8),
         *(_run("process", i, 2, port, d / "processes.json", devices=2) for i in range(2)),
     ]
     _wait(started)
-    return {name: (json.loads((d / f"{name}.json").read_text()), dict(np.load(d / f"{name}.npz")))
-            for name in ("one", "fsdp", "processes")}
+    runs = {name: (json.loads((d / f"{name}.json").read_text()), dict(np.load(d / f"{name}.npz")))
+            for name in ("one", "fsdp", "mesh", "processes")}
+    runs["refused"] = json.loads((d / "mesh.refused").read_text())
+    return runs
 
 
-@pytest.mark.parametrize("name", ["fsdp", "processes"], ids=["fsdp-8-devices", "2-processes-x-2-devices"])
+@pytest.mark.parametrize("name", ["fsdp", "mesh", "processes"],
+                         ids=["fsdp-8-devices", "data2-seq4", "2-processes-x-2-devices"])
 def test_a_training_step_equals_one_devices(runs, name):
     from conftest import assert_close
 
@@ -131,6 +158,18 @@ def test_a_training_step_equals_one_devices(runs, name):
     assert got_params.keys() == want_params.keys()
     for key in want_params:
         assert_close(got_params[key], want_params[key], what=key)
+
+
+def test_rows_and_heads_split_at_once_are_refused_for_a_unet(runs):
+    """XLA multiplies a row-split 3x3 conv's kernel gradient by the unused model axis' size (2x here): refused."""
+    refused = runs["refused"]["refused"]
+    assert refused.startswith("shard_model: the model does not fit the mesh:")
+    assert "input_blocks.0.0.kernel (and 51 more 3x3 convolutions)" in refused and "multiplies them by 2" in refused
+
+
+def test_the_xla_defect_behind_that_refusal_is_still_there(runs):
+    """When this fails, the installed XLA computes the row-split conv right: lift sharding._check_row_split_convs."""
+    assert runs["refused"]["xla_gradient_ratio"] == pytest.approx(2.0, rel=1e-4)
 
 
 def test_fsdp_splits_the_parameters_over_the_data_axis(runs):
@@ -148,6 +187,19 @@ def _main(argv: list[str]) -> None:
         _step(None, False, Path(rest[0]))
     elif mode == "fsdp":
         _step({"data": 8}, True, Path(rest[0]))
+    elif mode == "mesh":  # batch and image rows split; rows and heads at once are refused (sharding.py)
+        _step({"data": 2, "seq": 4}, False, Path(rest[0]))
+        import flax_sgm
+        from flax_sgm import sharding
+
+        model = flax_sgm.UNetConfig.preset("sd15").make_abstract()
+        try:
+            sharding.shard_model(model, sharding.make_mesh(2, 2, 2))
+            refused = "accepted"
+        except ValueError as err:
+            refused = str(err)
+        Path(rest[0]).with_suffix(".refused").write_text(json.dumps(
+            {"refused": refused, "xla_gradient_ratio": _row_split_conv_gradient_ratio()}))
     else:
         process_id, processes, port, out = int(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3])
         import jax
