@@ -28,12 +28,13 @@ from flax_sgm.unet_layout import SGM_PREFIX, UNET_MARK, config_from_weights, dif
 PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
 
 
-def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, variant: str | None = None, dtype=None,
-              param_dtype=None, seed: int = 0, **options) -> UNetModel:
+def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, config: UNetConfig | None = None,
+              variant: str | None = None, dtype=None, param_dtype=None, seed: int = 0, **options) -> UNetModel:
     """A ready UNetModel from a checkpoint.
 
     `heads`/`head_dim` (sgm's num_heads / num_head_channels) only for a single file that is
-    not one of the four released models by its shapes. `variant` picks a diffusers directory's
+    not one of the four released models by its shapes; or a single file's whole `config`
+    (e.g. UNetConfig.preset("sdxl-base")), which its shapes must fit. `variant` picks a diffusers directory's
     variant files ("fp16": diffusion_pytorch_model.fp16.safetensors, or its sharded index), as
     diffusers' from_pretrained(variant=...) does. `dtype` is the compute dtype,
     `param_dtype` the parameters' (default: as stored). `options` set UNetConfig's own
@@ -43,8 +44,10 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, va
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
         path = path / PIPELINE_UNET
     if output.is_output(path):
-        if heads is not None or head_dim is not None or variant is not None:
-            raise CheckpointError(f"{path}: a `flax-sgm convert` output records its config; leave out heads=, head_dim= and variant=")
+        if heads is not None or head_dim is not None or config is not None or variant is not None:
+            raise CheckpointError(
+                f"{path}: a `flax-sgm convert` output records its config; leave out heads=, head_dim=, config= and variant="
+            )
         weights, records = output.read_output(path)
         unets = [r for r in records if isinstance(r.config, UNetConfig)]
         if not unets:
@@ -52,13 +55,14 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, va
         return _restore(path, weights, unets[0], dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         if source.config is not None:
-            if heads is not None or head_dim is not None:
-                raise CheckpointError(f"{source.config_path}: config.json says the heads; leave out heads= and head_dim=")
+            if heads is not None or head_dim is not None or config is not None:
+                raise CheckpointError(f"{source.config_path}: config.json says the config; leave out heads=, head_dim= and config=")
             config = UNetConfig.from_diffusers(source.config, source=str(source.config_path), **options)
             layout, prefix = diffusers_layout(config, vector_embedding(source.config)), ""
         else:
             prefix = "" if UNET_MARK in source.infos else SGM_PREFIX  # a bare sgm state_dict, or a whole checkpoint
-            config = config_from_weights(source.infos, prefix, heads=heads, head_dim=head_dim, source=str(path), **options)
+            config = config_from_weights(source.infos, prefix, heads=heads, head_dim=head_dim, config=config, source=str(path),
+                                         **options)
             layout = None
         stored = _stored_dtype(source, path)
         model = config.make_abstract(dtype=dtype, param_dtype=param_dtype or stored)

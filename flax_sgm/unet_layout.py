@@ -11,6 +11,8 @@ UNetConfig off sgm-named shapes (a single file), recognising the released models
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax_sgm.convert import KeyLayout
 from flax_sgm.layout import CheckpointError, listing, top_level_prefixes
 from flax_sgm.unet_config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
@@ -113,12 +115,15 @@ NOT_A_UNET = {
 }
 
 
-def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_dim=None, source: str = "checkpoint", **options):
+def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_dim=None, config=None,
+                        source: str = "checkpoint", **options):
     """The UNetConfig of sgm-named weights under `prefix` (anything with `.shape`, by key).
 
     The shapes give every field but how attention splits into heads: a UNet whose shapes
     are one of the PRESETS (in/out channels aside: inpainting) takes its heads; any other
-    needs `heads` (sgm's num_heads) or `head_dim` (num_head_channels).
+    needs `heads` (sgm's num_heads) or `head_dim` (num_head_channels). A `config` given
+    (e.g. UNetConfig.preset("sdxl-base")) is checked against the shapes and returned, or refused
+    in one line naming the fields that differ.
     """
     local = {k[len(prefix):]: tuple(v.shape) for k, v in shapes.items() if k.startswith(prefix)}
     if UNET_MARK not in local:
@@ -130,12 +135,16 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
         fields = _read_fields(local)
     except (KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f"{source}: the UNet under {prefix!r} is not sgm's UNetModel (no {err})") from None
+    if config is not None:
+        if heads is not None or head_dim is not None:
+            raise CheckpointError(f"{source}: config= says the heads; leave out heads= and head_dim=")
+        if not _same(dict(fields, num_heads=config.num_heads, num_head_channels=config.num_head_channels), config):
+            raise CheckpointError(f"{source}: the weights do not fit config=: {_differences(fields, config)}")
+        return config.replace(**options)
     if heads is None and head_dim is None:
-        for name, preset in PRESETS.items():
-            guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
-            guess |= dict(in_channels=preset.in_channels, out_channels=preset.out_channels)
-            if _same(guess, preset):
-                return preset.replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
+        name = _preset_of(fields)
+        if name is not None:
+            return PRESETS[name].replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
         raise CheckpointError(
             f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
             "(the weights do not say how attention splits into heads)"
@@ -193,14 +202,43 @@ def _read_fields(local: dict) -> dict:
     )
 
 
+def _preset_of(fields: dict) -> str | None:
+    """Which released model sgm-read `fields` (heads aside) are, in/out channels aside (inpainting)."""
+    for name, preset in PRESETS.items():
+        guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
+        if _same(guess | dict(in_channels=preset.in_channels, out_channels=preset.out_channels), preset):
+            return name
+    return None
+
+
+def _differences(fields: dict, config) -> str:
+    """The fields where weights read as `fields` differ from `config`, as `name <weights> (config= has <value>)`."""
+    try:
+        read = dataclasses.asdict(config.replace(**fields))
+    except ValueError:
+        read = fields
+
+    def matters(name):  # a depth where no attention is does not
+        try:
+            return _blocks(config.replace(**{name: read[name]})) != _blocks(config)
+        except ValueError:
+            return True
+
+    differ = [f"{k} {read[k]!r} (config= has {getattr(config, k)!r})" for k in fields if matters(k)]
+    name = _preset_of(fields)
+    return (listing(differ, 4) or "their blocks differ") + (f"; they are {name}'s shapes" if name else "")
+
+
 def _same(fields: dict, preset) -> bool:
     """Whether `fields` build the preset's blocks, heads included (a depth where no attention is does not count)."""
     try:
         config = UNetConfig(**fields)
     except ValueError:
         return False
-    shape = lambda c: (  # noqa: E731
-        c.input_blocks, c.middle_block, c.output_blocks, c.context_dim, c.use_linear_in_transformer,
-        c.use_scale_shift_norm, c.adm_in_channels,
-    )
-    return shape(config) == shape(preset)
+    return _blocks(config) == _blocks(preset)
+
+
+def _blocks(c: UNetConfig) -> tuple:
+    """What a config's weights and heads are made of."""
+    return (c.input_blocks, c.middle_block, c.output_blocks, c.context_dim, c.use_linear_in_transformer,
+            c.use_scale_shift_norm, c.adm_in_channels)

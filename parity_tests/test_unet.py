@@ -210,7 +210,7 @@ def test_load_unet_diffusers_directories(tmp_path):
     assert list((tmp_path / "sharded").glob("*.index.json"))
     for path in (tmp_path / "pipe" / "unet", tmp_path / "pipe", tmp_path / "sharded"):
         assert_holds(load_unet(path), torch_unet)
-    with pytest.raises(CheckpointError, match="config.json says the heads; leave out heads="):
+    with pytest.raises(CheckpointError, match="config.json says the config; leave out heads="):
         load_unet(tmp_path / "pipe", heads=2)
 
 
@@ -254,9 +254,25 @@ def test_load_unet_sgm_single_file(tmp_path):
     sgm_single_file(torch_unet, tmp_path / "model.ckpt")
     assert_holds(load_unet(tmp_path / "model.safetensors", heads=2), torch_unet)
     assert_holds(load_unet(tmp_path / "model.ckpt", heads=2), torch_unet)
-    # A UNet of none of the released shapes needs its heads, said in one line.
+    # A UNet of none of the released shapes needs its heads, said in one line; or its whole config, checked.
     with pytest.raises(CheckpointError, match=r"model.safetensors: a UNet that is none of sd15, .* give heads= or head_dim="):
         load_unet(tmp_path / "model.safetensors")
+    config = UNetConfig.from_diffusers(dict(torch_unet.config))
+    assert_holds(load_unet(tmp_path / "model.safetensors", config=config), torch_unet)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not fit config=: context_dim 24 \(config= has 32\)$"):
+        load_unet(tmp_path / "model.safetensors", config=config.replace(context_dim=32))
+
+
+def test_a_released_single_file_forced_into_another_preset_is_refused():
+    """An SD 1.5 file read with config=UNetConfig.preset("sdxl-base"): one line naming what differs and what it is."""
+    sd15 = convert.torch_shapes(PRESETS["sd15"].make_abstract(), prefix=SGM_PREFIX)
+    shapes = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in sd15.items()}
+    with pytest.raises(CheckpointError) as err:
+        config_from_weights(shapes, config=PRESETS["sdxl-base"], source="v1-5-pruned.safetensors")
+    text = str(err.value)
+    assert text.startswith("v1-5-pruned.safetensors: the weights do not fit config=: channel_mult (1, 2, 4, 4) (config= has (1, 2, 4))")
+    assert text.endswith("; they are sd15's shapes") and "\n" not in text
+    assert config_from_weights(shapes, config=PRESETS["sd15"]) == PRESETS["sd15"]
 
 
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
