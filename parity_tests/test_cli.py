@@ -483,3 +483,17 @@ def test_debug_shows_the_traceback(tmp_path):
     assert isinstance(result.exception, CheckpointError)
     result = run("inspect", tmp_path / "nope.safetensors", "--debug", ok=False)
     assert isinstance(result.exception, CheckpointError)
+
+
+def test_an_unexpected_error_is_not_called_bad_input(files, monkeypatch):
+    """Exit 2 is the user's input; a failure inside flax-sgm (here: a TypeError) exits 3, still in one line."""
+    from flax_sgm import sources
+
+    d, _ = files
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(sources, "open_source", broken)
+    line = fail("inspect", d / "sgm.safetensors", code=3)
+    assert line == "Error: TypeError: unsupported operand (not the input's fault; run with --debug for the traceback)"

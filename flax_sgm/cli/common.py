@@ -15,13 +15,20 @@ from flax_sgm.layout import CheckpointError
 # Exit statuses.
 PARITY_FAILED = 1
 LOWERING_FAILED = 1  # `lower`: the program does not lower for the platform
-BAD_INPUT = 2
+BAD_INPUT = 2  # the user's input: a file, an argument, a checkpoint that does not fit
+UNEXPECTED = 3  # anything else: flax-sgm's bug or the environment's, its traceback with --debug
 
 
 class UserError(click.ClickException):
     """One line on stderr, exit status 2; the traceback only with --debug."""
 
     exit_code = BAD_INPUT
+
+
+class UnexpectedError(click.ClickException):
+    """One line on stderr, exit status 3: not the input's fault; the traceback only with --debug."""
+
+    exit_code = UNEXPECTED
 
 
 def finite(value):
@@ -45,7 +52,9 @@ def debug_option(f):
 
 
 def clean_errors(f):
-    """Turn any exception into a one-line error unless --debug (here or before the command) is given."""
+    """Turn any exception into a one-line error unless --debug (here or before the command) is given: exit 2 for
+    bad input (CheckpointError, ConversionError and the ValueErrors flax_sgm raises on arguments, unreadable
+    files), 3 for anything else."""
 
     @functools.wraps(f)
     def wrapper(*args, debug: bool = False, **kwargs):
@@ -58,12 +67,11 @@ def clean_errors(f):
             if debug:
                 raise
             if isinstance(err, (CheckpointError, ValueError)):
-                message = as_flags(str(err))  # ours and ConversionError: already say what is wrong
-            elif isinstance(err, OSError):
-                message = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
-            else:
-                message = f"{type(err).__name__}: {err} (run with --debug for the traceback)"
-            raise UserError(message) from None
+                raise UserError(as_flags(str(err))) from None  # ours and ConversionError: already say what is wrong
+            if isinstance(err, OSError):
+                raise UserError(f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
+            raise UnexpectedError(f"{type(err).__name__}: {err} (not the input's fault; run with --debug for the "
+                                  "traceback)") from None
 
     return debug_option(wrapper)
 
