@@ -28,8 +28,31 @@ BLOCKS = ("torch_ref BasicTransformerBlock", "diffusers BasicTransformerBlock")
 MODES = {"bf16 params": jnp.bfloat16, "f32 params, bf16 compute": jnp.float32}
 
 
+# SDXL-like at a tiny size (parity_tests/test_unet.py's "sdxl"): no attention at level 0, depth 2, the vector y.
+TINY_SDXL_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8, attention_head_dim=(2, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=40, norm_eps=1e-3,
+)
+
+
+def unet_twin(torch_unet, param_dtype):
+    """flax_sgm's UNet of a diffusers UNet, bf16 compute, its weights read under diffusers' names."""
+    from flax_sgm import convert
+    from flax_sgm.unet_config import UNetConfig
+    from flax_sgm.unet_diffusers import vector_embedding
+    from flax_sgm.unet_layout import diffusers_layout
+
+    config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
+    model = config.make_abstract(dtype=jnp.bfloat16, param_dtype=param_dtype)
+    layout = diffusers_layout(config, vector_embedding(torch_unet.config))
+    return convert.load_torch_state_dict(model, torch_unet.state_dict(), layout=layout, allow_downcast=True)
+
+
 def modules():
     """name -> (torch module of a seed, its flax twin of a param dtype, inputs of a seed)."""
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
 
     def tokens(seed):
@@ -42,7 +65,14 @@ def modules():
         return {"x": r.standard_normal((2, 64, 6, 7)).astype(np.float32),
                 "context": r.standard_normal((2, 20, 48)).astype(np.float32)}
 
+    def unet_inputs(seed):  # NCHW x, timesteps, context, SDXL's vector y
+        r = np.random.default_rng(seed)
+        return {"x": r.standard_normal((2, 4, 8, 8)).astype(np.float32), "timesteps": np.array([3, 917], np.int64),
+                "context": r.standard_normal((2, 5, 24)).astype(np.float32),
+                "y": r.standard_normal((2, 40)).astype(np.float32)}
+
     return {
+        "diffusers UNet2DConditionModel": (lambda s: UNet2DConditionModel(**TINY_SDXL_UNET), unet_twin, unet_inputs),
         "torch_ref BasicTransformerBlock": (
             lambda s: torch_ref.BasicTransformerBlock(64, 4, 16, context_dim=48),
             lambda t, p: flax_twin(t, flax_sgm.BasicTransformerBlock, 64, 4, 16, context_dim=48, checkpoint=False,

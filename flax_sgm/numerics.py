@@ -35,6 +35,11 @@ def in_float32(f, *xs: jax.Array, out_dtype=None) -> jax.Array:
     return f(*(x.astype(acc) for x in xs)).astype(out_dtype or xs[0].dtype)
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """torch.nn.SiLU(): in float32 and rounded once (in bf16, JAX rounds sigmoid, product and their gradients)."""
+    return in_float32(jax.nn.silu, x)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """torch.nn.GELU(): the exact erf form, in float32 and rounded once."""
     return in_float32(functools.partial(jax.nn.gelu, approximate=False), x)

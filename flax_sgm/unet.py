@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_sgm import numerics
 from flax_sgm.blocks import maybe_checkpointed
 from flax_sgm.checks import expect_shape
 from flax_sgm.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
@@ -60,7 +61,7 @@ class EmbeddingMLP(nnx.Module):
         self.linear_2 = Linear(features, features, **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+        return self.linear_2(numerics.silu(self.linear_1(x)))
 
 
 class LabelEmbedding(nnx.Module):
@@ -91,7 +92,7 @@ class NormActConv(nnx.Module):
         self.conv = Conv3x3(channels, out_channels, axes=("channels", "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(jax.nn.silu(self.norm(x)))
+        return self.conv(numerics.silu(self.norm(x)))
 
 
 class NormActDropoutConv(nnx.Module):
@@ -107,10 +108,9 @@ class NormActDropoutConv(nnx.Module):
 
     def __call__(self, x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         h = self.norm(x)
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            h = h * (1 + scale) + shift
-        return self.conv(self.dropout(jax.nn.silu(h)))
+        if scale_shift is not None:  # in float32: the gradients of scale and shift sum over every pixel
+            h = numerics.in_float32(lambda h, scale, shift: h * (1 + scale) + shift, h, *scale_shift)
+        return self.conv(self.dropout(numerics.silu(h)))
 
 
 class ActLinear(nnx.Module):
@@ -120,7 +120,7 @@ class ActLinear(nnx.Module):
         self.linear = Linear(in_features, features, axes=("embed", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, emb: jax.Array) -> jax.Array:
-        return self.linear(jax.nn.silu(emb))
+        return self.linear(numerics.silu(emb))
 
 
 class ResBlock(nnx.Module):
@@ -166,7 +166,7 @@ class ResBlock(nnx.Module):
         if self.use_scale_shift_norm:
             h = self.out_layers(h, scale_shift=tuple(jnp.split(emb_out, 2, axis=-1)))
         else:
-            h = self.out_layers(h + emb_out)
+            h = self.out_layers(numerics.in_float32(jnp.add, h, emb_out))  # emb_out's gradient sums over every pixel
         skip = x if self.skip_connection is None else self.skip_connection(x)
         return constrain(skip + h, IMAGE)
 
