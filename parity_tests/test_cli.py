@@ -238,8 +238,28 @@ def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):
     assert {"time_embedding", "add_embedding", "conv_in", "down_blocks.1.attentions.0", "up_blocks.0.upsamplers.0",
             "conv_out"} <= set(rows)
     assert rows["mid_block.attentions.0"]["backend"] in BACKENDS and rows["mid_block.resnets.0"]["backend"] is None
-    refused = run("verify", "--model", "unet", "--checkpoint", "x", ok=False)
-    assert refused.exit_code == 2 and "--model unet runs an in-process random UNet" in refused.output
+    refused = run("verify", "--model", "unet", "--checkpoint", "x", "--heads", 2, ok=False)
+    assert refused.exit_code == 2 and "--model unet verifies a whole UNet: leave out --prefix" in refused.output
+
+
+def test_verify_model_unet_of_a_diffusers_pipeline_directory(tmp_path):
+    """What a user holds: a pipeline directory, its unet/ saved by diffusers; the reference is built by diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    torch_unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=40,
+        use_linear_projection=True)
+    randomize_(torch_unet, seed=3).save_pretrained(tmp_path / "pipeline" / "unet")
+    report = strict_json(run("verify", "--model", "unet", "--checkpoint", tmp_path / "pipeline", "--json").stdout)
+    assert report["passed"] and report["source"]["reference"].startswith("diffusers UNet2DConditionModel, built by diffusers")
+    assert report["inputs"] == {"x": [2, 4, 8, 8], "timesteps": [2], "context": [2, 77, 24], "y": [2, 40]}
+    assert {"conv_in", "add_embedding", "down_blocks.1.attentions.0", "conv_out"} <= {r["name"] for r in report["submodules"]}
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, tmp_path / "sgm.safetensors")
+    line = fail("verify", "--model", "unet", "--checkpoint", tmp_path / "sgm.safetensors")
+    assert line.endswith("sgm.safetensors: a whole UNet is verified from a diffusers unet/ or pipeline directory "
+                         "(diffusers builds the reference from its config.json); this is not one")
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Each run is a fresh process (this file as a script), since the device count and
 jax.distributed must be set before jax starts: one device; 8 virtual CPU devices with
-parameters split over `data` (FSDP); 8 devices as a (data, seq) = (2, 4) mesh (image rows split); and 2 processes x 2 CPU devices joined by
+parameters split over `data` (FSDP); 8 devices as a (data, seq) = (2, 4) mesh (image rows split) and as
+(data, model) = (2, 4) (heads split); and 2 processes x 2 CPU devices joined by
 `jax.distributed.initialize` (gloo collectives), each feeding its half of the batch.
 Every run takes the same SGD step of a tiny SDXL-style UNet on the same weights and global batch and saves the
 loss and the updated parameters, which must equal the one-device run's.
@@ -131,25 +132,26 @@ def _wait(processes) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every run's (figures, params), started together: one device, FSDP over 8 devices, a (data, seq) mesh
-    of 2 x 4, 2 processes x 2 devices."""
+    """Every run's (figures, params), started together: one device, FSDP over 8 devices, (data, seq) and
+    (data, model) meshes of 2 x 4, 2 processes x 2 devices."""
     d = tmp_path_factory.mktemp("distributed")
     port = _free_port()
     started = [
         _run("one", d / "one.json"),
         _run("fsdp", d / "fsdp.json", devices=8),
         _run("mesh", d / "mesh.json", devices=8),
+        _run("tensor", d / "tensor.json", devices=8),
         *(_run("process", i, 2, port, d / "processes.json", devices=2) for i in range(2)),
     ]
     _wait(started)
     runs = {name: (json.loads((d / f"{name}.json").read_text()), dict(np.load(d / f"{name}.npz")))
-            for name in ("one", "fsdp", "mesh", "processes")}
+            for name in ("one", "fsdp", "mesh", "tensor", "processes")}
     runs["refused"] = json.loads((d / "mesh.refused").read_text())
     return runs
 
 
-@pytest.mark.parametrize("name", ["fsdp", "mesh", "processes"],
-                         ids=["fsdp-8-devices", "data2-seq4", "2-processes-x-2-devices"])
+@pytest.mark.parametrize("name", ["fsdp", "mesh", "tensor", "processes"],
+                         ids=["fsdp-8-devices", "data2-seq4", "data2-model4", "2-processes-x-2-devices"])
 def test_a_training_step_equals_one_devices(runs, name):
     from conftest import assert_close
 
@@ -200,6 +202,8 @@ def _main(argv: list[str]) -> None:
             refused = str(err)
         Path(rest[0]).with_suffix(".refused").write_text(json.dumps(
             {"refused": refused, "xla_gradient_ratio": _row_split_conv_gradient_ratio()}))
+    elif mode == "tensor":  # batch and heads (4 per block) split
+        _step({"data": 2, "model": 4}, False, Path(rest[0]))
     else:
         process_id, processes, port, out = int(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3])
         import jax

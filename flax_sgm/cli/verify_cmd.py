@@ -17,6 +17,7 @@ Examples:
   flax-sgm verify --json > report.json
   flax-sgm verify --dtype bfloat16
   flax-sgm verify --model unet
+  flax-sgm verify --model unet --checkpoint stable-diffusion-xl-base-1.0 --variant fp16
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
   flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0
@@ -50,7 +51,9 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
     from a diffusers directory when diffusers is installed, else torch_ref's
     SpatialTransformer of the config read. With --model unet: a whole SDXL-style UNet
     (64 and 128 channels, depth 1 and 2, 16 x 16 latent) against diffusers'
-    UNet2DConditionModel, a row per module diffusers holds whole.
+    UNet2DConditionModel, a row per module diffusers holds whole; with --checkpoint, the
+    UNet of a diffusers unet/ or pipeline directory, diffusers' model built from it
+    (float64 referee: about 8 bytes per parameter of memory).
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out) and for the whole model: flax_sgm's and torch's relative error against
@@ -66,10 +69,18 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
     if checkpoint is None and any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
         raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
     if model == "unet":
-        if checkpoint is not None:
-            raise click.UsageError("--model unet runs an in-process random UNet; --checkpoint verifies a stack")
-        config, torch_module, flax_module, inputs = seeded.unet_pair(dtype=dtype, seed=seed)
-        source = {"weights": f"diffusers UNet2DConditionModel made in-process, seeded random (seed {seed})"}
+        if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn)):
+            raise click.UsageError("--model unet verifies a whole UNet: leave out --prefix, --heads, --head-dim and "
+                                   "--disable-self-attn")
+        if checkpoint is None:
+            config, torch_module, flax_module, inputs = seeded.unet_pair(dtype=dtype, seed=seed)
+            source = {"weights": f"diffusers UNet2DConditionModel made in-process, seeded random (seed {seed})"}
+        else:
+            from flax_sgm.verify.references import unet_checkpoint_pair
+
+            config, torch_module, flax_module, inputs, source = unet_checkpoint_pair(
+                checkpoint, variant=variant, dtype=dtype, seed=seed
+            )
     elif checkpoint is None:
         config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
         torch_module, flax_module, inputs = seeded.spatial_transformer_pair(config, dtype=dtype, seed=seed)

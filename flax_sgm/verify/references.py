@@ -8,6 +8,8 @@
       torch_ref's SpatialTransformer of the config read off the weights, holding them.
   a `flax-sgm convert` output
       torch_ref's SpatialTransformer of the output's config, holding its weights.
+  a whole UNet (`unet_checkpoint_pair`): a diffusers unet/ or pipeline directory
+      diffusers' UNet2DConditionModel built by diffusers from it; flax_sgm's by load_unet.
 The returned `source` says which, for the report.
 """
 
@@ -100,3 +102,30 @@ def _diffusers_stack(diffusers, directory: Path, variant: str | None, prefix: st
     name = prefix.removesuffix(".")
     module = model.get_submodule(name)
     return module, f"{kind}" + (f".{name}" if name else "") + (f" (variant {variant})" if variant else "")
+
+
+def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
+    """(config, diffusers' UNet2DConditionModel, flax_sgm's UNetModel, seeded inputs, what was used) of a diffusers
+    unet/ or pipeline directory: diffusers builds the reference from its config.json, load_unet reads the same files."""
+    import json
+
+    from flax_sgm.layout import CheckpointError
+    from flax_sgm.pretrained_unet import load_unet
+    from flax_sgm.sources import CONFIG_FILE
+
+    path = Path(checkpoint)
+    directory = path / "unet" if (path / "unet" / CONFIG_FILE).is_file() else path
+    kind = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
+    if kind != "UNet2DConditionModel":
+        raise CheckpointError(f"{path}: a whole UNet is verified from a diffusers unet/ or pipeline directory (diffusers "
+                              "builds the reference from its config.json); this is not one")
+    from diffusers import UNet2DConditionModel
+
+    torch_unet = UNet2DConditionModel.from_pretrained(directory, variant=variant, torch_dtype=torch.float32).eval()
+    flax_unet = load_unet(directory, variant=variant, dtype=None if dtype == "float32" else dtype, param_dtype=dtype,
+                          use_checkpoint=False)
+    config = flax_unet.config
+    inputs = seeded.unet_inputs(config, seed=seed, hw=(max(8, 2 ** (len(config.channel_mult) - 1)),) * 2)
+    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
+              "reference": f"diffusers UNet2DConditionModel, built by diffusers from {directory}"}
+    return config, torch_unet, flax_unet, inputs, source

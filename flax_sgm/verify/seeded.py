@@ -133,11 +133,18 @@ def unet_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (1
     flax_unet = convert.load_torch_state_dict(
         config.make_abstract(dtype=jdtype, param_dtype=jdtype), torch_unet.state_dict(), layout=layout, allow_downcast=True
     )
+    return config, torch_unet, flax_unet, unet_inputs(config, seed=seed, hw=hw)
+
+
+def unet_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16), context_tokens: int = 77) -> dict:
+    """Seeded inputs of a UNetConfig: x NCHW, two timesteps, a context and SDXL's vector y where the model takes them."""
     rng = np.random.default_rng(seed)
     inputs = {
         "x": rng.standard_normal((2, config.in_channels, *hw)).astype(np.float32),
         "timesteps": np.array([3, 917], np.int64),
-        "context": rng.standard_normal((2, 77, config.context_dim)).astype(np.float32),
-        "y": rng.standard_normal((2, config.adm_in_channels)).astype(np.float32),
     }
-    return config, torch_unet, flax_unet, inputs
+    if config.context_dim is not None:
+        inputs["context"] = rng.standard_normal((2, context_tokens, config.context_dim)).astype(np.float32)
+    if config.adm_in_channels is not None:
+        inputs["y"] = rng.standard_normal((2, config.adm_in_channels)).astype(np.float32)
+    return inputs
