@@ -110,11 +110,11 @@ def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str =
     import json
 
     from flax_sgm.layout import CheckpointError
-    from flax_sgm.pretrained_unet import load_unet
+    from flax_sgm.pretrained_unet import PIPELINE_UNET, load_unet
     from flax_sgm.sources import CONFIG_FILE
 
     path = Path(checkpoint)
-    directory = path / "unet" if (path / "unet" / CONFIG_FILE).is_file() else path
+    directory = path / PIPELINE_UNET if (path / PIPELINE_UNET / CONFIG_FILE).is_file() else path
     kind = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
     if kind != "UNet2DConditionModel":
         raise CheckpointError(f"{path}: a whole UNet is verified from a diffusers unet/ or pipeline directory (diffusers "
