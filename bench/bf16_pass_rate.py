@@ -23,6 +23,7 @@ import numpy as np
 import flax_sgm
 import torch_ref
 from flax_sgm.verify import criteria, flax_twin, randomize_, verify_modules
+from flax_sgm.verify.seeded import unet_twin
 
 BLOCKS = ("torch_ref BasicTransformerBlock", "diffusers BasicTransformerBlock")
 MODES = {"bf16 params": jnp.bfloat16, "f32 params, bf16 compute": jnp.float32}
@@ -35,19 +36,6 @@ TINY_SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=40, norm_eps=1e-3,
 )
-
-
-def unet_twin(torch_unet, param_dtype):
-    """flax_sgm's UNet of a diffusers UNet, bf16 compute, its weights read under diffusers' names."""
-    from flax_sgm import convert
-    from flax_sgm.unet_config import UNetConfig
-    from flax_sgm.unet_diffusers import vector_embedding
-    from flax_sgm.unet_layout import diffusers_layout
-
-    config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
-    model = config.make_abstract(dtype=jnp.bfloat16, param_dtype=param_dtype)
-    layout = diffusers_layout(config, vector_embedding(torch_unet.config))
-    return convert.load_torch_state_dict(model, torch_unet.state_dict(), layout=layout, allow_downcast=True)
 
 
 def modules():
@@ -72,7 +60,8 @@ def modules():
                 "y": r.standard_normal((2, 40)).astype(np.float32)}
 
     return {
-        "diffusers UNet2DConditionModel": (lambda s: UNet2DConditionModel(**TINY_SDXL_UNET), unet_twin, unet_inputs),
+        "diffusers UNet2DConditionModel": (lambda s: UNet2DConditionModel(**TINY_SDXL_UNET),
+                                           lambda t, p: unet_twin(t, dtype=jnp.bfloat16, param_dtype=p), unet_inputs),
         "torch_ref BasicTransformerBlock": (
             lambda s: torch_ref.BasicTransformerBlock(64, 4, 16, context_dim=48),
             lambda t, p: flax_twin(t, flax_sgm.BasicTransformerBlock, 64, 4, 16, context_dim=48, checkpoint=False,

@@ -122,18 +122,22 @@ def unet_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (1
     """diffusers' UNet2DConditionModel of VERIFY_UNET with seeded random weights, its flax_sgm twin and inputs."""
     from diffusers import UNet2DConditionModel
 
+    torch_unet = randomize_(UNet2DConditionModel(**VERIFY_UNET).eval(), seed)
+    flax_unet = unet_twin(torch_unet, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    return flax_unet.config, torch_unet, flax_unet, unet_inputs(flax_unet.config, seed=seed, hw=hw)
+
+
+def unet_twin(torch_unet, *, dtype=None, param_dtype=jnp.float32):
+    """flax_sgm's UNetModel of a diffusers UNet2DConditionModel's config (checkpointing off), its weights read under
+    diffusers' names; a param_dtype narrower than torch's weights rounds them."""
     from flax_sgm.unet_config import UNetConfig
     from flax_sgm.unet_diffusers import vector_embedding
     from flax_sgm.unet_layout import diffusers_layout
 
-    torch_unet = randomize_(UNet2DConditionModel(**VERIFY_UNET).eval(), seed)
     config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
-    jdtype = jnp.dtype(dtype)
     layout = diffusers_layout(config, vector_embedding(torch_unet.config))
-    flax_unet = convert.load_torch_state_dict(
-        config.make_abstract(dtype=jdtype, param_dtype=jdtype), torch_unet.state_dict(), layout=layout, allow_downcast=True
-    )
-    return config, torch_unet, flax_unet, unet_inputs(config, seed=seed, hw=hw)
+    model = config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+    return convert.load_torch_state_dict(model, torch_unet.state_dict(), layout=layout, allow_downcast=True)
 
 
 def unet_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16), context_tokens: int = 77) -> dict:
