@@ -220,11 +220,11 @@ def main():
         size = path.stat().st_size
         print(f"wrote {path.name}: {size / 1e9:.2f} GB, {n_tensors} tensors, {np.dtype(args.dtype).name}, "
               f"in {time.perf_counter() - start:.1f} s")
-        from flax_sgm import pretrained
         from flax_sgm.sources import open_source
+        from flax_sgm.stacks import inspect_stacks
 
         with open_source(path) as source:
-            stacks, _ = pretrained.inspect_stacks(source)
+            stacks, _ = inspect_stacks(source)
         largest = max(s["bytes"] for s in stacks)
         print(f"{len(stacks)} stacks, largest {largest / 1e9:.2f} GB; output to {out.parent}; "
               f"hand-written engine from {args.handwritten_ref}")

@@ -256,11 +256,11 @@ def main():
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
     cases = list(dict.fromkeys(args.cases.split(",") + (["before"] if args.against else [])))
     if "convert" in cases:
-        from flax_sgm import pretrained
         from flax_sgm.sources import open_source
+        from flax_sgm.stacks import inspect_stacks
 
         with open_source(directory) as source:
-            stacks, _ = pretrained.inspect_stacks(source)
+            stacks, _ = inspect_stacks(source)
         print(f"convert {args.convert_args}: the stack converter reads {len(stacks)} stacks, "
               f"{sum(s['bytes'] for s in stacks) / 1e9:.2f} GB of the file's {size / 1e9:.2f} GB")
     print(f"load average at the start: {os.getloadavg()}")

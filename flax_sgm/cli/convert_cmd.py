@@ -135,9 +135,10 @@ def inspect(checkpoint, variant, as_json):
     index) and what their shapes say about them, and the whole UNet when it holds one."""
     from flax_sgm.pretrained_unet import unet_summary
     from flax_sgm.sources import open_source
+    from flax_sgm.stacks import inspect_stacks
 
     with open_source(checkpoint, variant) as source:
-        summaries, problems = pretrained.inspect_stacks(source)
+        summaries, problems = inspect_stacks(source)
         unet = unet_summary(source)
         info = {
             "file": str(checkpoint),
