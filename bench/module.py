@@ -31,13 +31,6 @@ CONFIGS = dict(PRESETS) | {
 }
 
 
-def torch_kwargs(config: SpatialTransformerConfig) -> dict:
-    """torch_ref.SpatialTransformer's arguments: the config less what only flax_sgm has."""
-    kwargs = config.to_dict()
-    del kwargs["checkpoint_policy"]
-    return kwargs
-
-
 def flax_steps(model):
     """Jitted forward and forward+backward over (params, x, context)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -78,7 +71,7 @@ def main():
     for checkpoint in args.checkpoint:
         config = preset.config.replace(use_checkpoint=checkpoint, checkpoint_policy=args.policy)
         torch.manual_seed(0)
-        t = torch_ref.SpatialTransformer(**torch_kwargs(config)).to(device, t_dtype)
+        t = torch_ref.SpatialTransformer(**config.seed_args()).to(device, t_dtype)
         abstract = config.make_abstract(dtype=j_dtype, param_dtype=j_dtype)
         model = convert.load_torch_state_dict(abstract, t.state_dict())
         params, fwd, fwd_bwd = flax_steps(model)

@@ -48,7 +48,7 @@ class CrossAttention(nnx.Module):
         inner_dim = dim_head * heads
         context_dim = query_dim if context_dim is None else context_dim
         self.query_dim, self.context_dim = query_dim, context_dim
-        self.heads, self.dim_head = heads, dim_head
+        self.heads, self.head_dim = heads, dim_head
         self.scale = numerics.attention_scale(dim_head)
         self.backend = resolve_backend(backend)
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -88,17 +88,17 @@ class CrossAttention(nnx.Module):
                 raise ValueError(f"{name}: `mask` must have rank 2 to 4, [(b,) (heads,) n, m]; got shape {list(jnp.shape(mask))}")
             expect_broadcastable(name, "mask", jnp.shape(mask), (b, self.heads, n, m), "[b, heads, n, m] =")
 
-        q = self.to_q(x).reshape(b, n, self.heads, self.dim_head)  # [b, n, heads, d_head]
-        k = self.to_k(context).reshape(b, m, self.heads, self.dim_head)  # [b, m, heads, d_head]
-        v = self.to_v(context).reshape(b, m, self.heads, self.dim_head)
-        q = constrain(q, ("batch", "length", "heads", "d_head"))
-        k, v = (constrain(t, ("batch", "kv_length", "heads", "d_head")) for t in (k, v))
+        q = self.to_q(x).reshape(b, n, self.heads, self.head_dim)  # [b, n, heads, head_dim]
+        k = self.to_k(context).reshape(b, m, self.heads, self.head_dim)  # [b, m, heads, head_dim]
+        v = self.to_v(context).reshape(b, m, self.heads, self.head_dim)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k, v = (constrain(t, ("batch", "kv_length", "heads", "head_dim")) for t in (k, v))
 
         if n_times_crossframe_attn_in_self:
             k, v = (first_frame_repeated(name, t, n_times_crossframe_attn_in_self) for t in (k, v))
 
         out = dot_product_attention(q, k, v, mask, scale=self.scale, backend=self.backend)
-        out = constrain(out.reshape(b, n, self.heads * self.dim_head), ("batch", "length", "heads"))
+        out = constrain(out.reshape(b, n, self.heads * self.head_dim), ("batch", "length", "heads"))
         out = checkpoint_name(out, ATTENTION_OUT)
         out = out[:, n_add:]
         return self.out_dropout(self.to_out(out))
@@ -154,7 +154,7 @@ class LinearAttention(nnx.Module):
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
     ):
-        self.dim, self.heads, self.dim_head = dim, heads, dim_head
+        self.dim, self.heads, self.head_dim = dim, heads, dim_head
         hidden_dim = dim_head * heads
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         # (qkv heads c) features: one split would cut across q, k and v, so not split.
@@ -165,12 +165,12 @@ class LinearAttention(nnx.Module):
         expect_shape("LinearAttention", "x", x, ("b", "h", "w", self.dim))
         b, h, w, _ = x.shape
         # torch's channel order is (qkv heads c).
-        qkv = self.to_qkv(x).reshape(b, h * w, 3, self.heads, self.dim_head)  # [b, n, 3, heads, d_head]
+        qkv = self.to_qkv(x).reshape(b, h * w, 3, self.heads, self.head_dim)  # [b, n, 3, heads, head_dim]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         k = jax.nn.softmax(k.astype(numerics.STATS_DTYPE), axis=1).astype(v.dtype)
         context = jnp.einsum("bnhd,bnhe->bhde", k, v)
         out = jnp.einsum("bhde,bnhd->bnhe", context, q)
-        return self.to_out(out.reshape(b, h, w, self.heads * self.dim_head))
+        return self.to_out(out.reshape(b, h, w, self.heads * self.head_dim))
 
 
 class SpatialSelfAttention(nnx.Module):

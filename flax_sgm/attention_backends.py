@@ -1,7 +1,7 @@
 """The one attention function: dispatch, masks, cuDNN padding, and the scopes a trace can set.
 
 Every attention in flax_sgm calls `dot_product_attention`. It takes
-q [b, n, heads, d_head], k and v [b, m, heads, d_head], and an optional mask that
+q [b, n, heads, head_dim], k and v [b, m, heads, head_dim], and an optional mask that
 broadcasts to [b, heads, n, m] as torch SDPA broadcasts it: boolean (True keeps a
 key) or float (added to the scaled logits). A query row with every key masked
 gives zeros, as torch SDPA does.
@@ -34,6 +34,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+# jax.interpreters.ad is JAX's public module for primitive authors: a jax.jvp trace hands a function
+# JVPTracers. cuDNN attention has a VJP only, so forward mode is seen here (test_lowering's jvp tests fail
+# if JAX changes this).
 from jax.interpreters.ad import JVPTracer
 
 from flax_sgm import numerics, sharding
@@ -135,10 +138,10 @@ def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Arr
 
     `mask` is None or rank 4, [b|1, heads|1, n|1, m|1]. No mesh is consulted here.
     """
-    b, n, heads, d_head = q.shape
+    b, n, heads, head_dim = q.shape
     m = k.shape[1]
     problem = AttentionProblem(
-        current_platform(), q.dtype, b, heads, n, m, d_head, mask is not None, is_forward_mode(q, k, v)
+        current_platform(), q.dtype, b, heads, n, m, head_dim, mask is not None, is_forward_mode(q, k, v)
     )
     choice = choose_backend(backend, problem)
     padded = (n % 2, m % 2) if choice.backend == "cudnn" else (0, 0)

@@ -39,7 +39,7 @@ CHUNK_SIZE = 512
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 # Names given to tensors for the remat policies (remat.CHECKPOINT_POLICIES).
-ATTENTION_OUT = "attention_out"  # each attention's output, heads merged [b, n, heads * d_head]
+ATTENTION_OUT = "attention_out"  # each attention's output, heads merged [b, n, heads * head_dim]
 ATTENTION_STATS = "attention_stats"  # what the chunked backward needs: output and log-sum-exp per query
 
 
@@ -64,7 +64,7 @@ class AttentionProblem(NamedTuple):
     heads: int
     n: int  # query tokens
     m: int  # key tokens
-    d_head: int
+    head_dim: int
     has_mask: bool
     forward_mode: bool = False  # traced for jax.jvp / jax.jacfwd
 
@@ -79,8 +79,8 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
         return f"cuDNN attention needs a CUDA GPU; running on {p.platform}"
     if jnp.dtype(p.dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
         return f"cuDNN attention takes bfloat16 or float16; got {jnp.dtype(p.dtype).name}"
-    if p.d_head % 8 or p.d_head > CUDNN_MAX_HEAD_DIM:
-        return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.d_head}"
+    if p.head_dim % 8 or p.head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.head_dim}"
     if p.forward_mode:
         return "cuDNN attention has no forward-mode AD (jax.jvp); use backend 'chunked' or 'xla'"
     return None
@@ -109,7 +109,7 @@ def choose_backend(requested: Backend, p: AttentionProblem, *, budget_bytes: int
         return Choice("cudnn", "requested")
     if requested != "auto":
         return Choice(requested, "requested")
-    if not all(is_static(size) for size in (p.batch, p.heads, p.n, p.m, p.d_head)):
+    if not all(is_static(size) for size in (p.batch, p.heads, p.n, p.m, p.head_dim)):
         # A symbolic size (jax.export) cannot be compared with the budget or cuDNN's limits:
         # take the path that is exact and memory-bounded at every size.
         return Choice("chunked", "auto: symbolic sizes; the memory-bounded path holds at every size")

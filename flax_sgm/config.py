@@ -1,8 +1,10 @@
 """SpatialTransformerConfig: the typed, frozen config every part of flax_sgm passes around.
 
-It holds SpatialTransformer's constructor arguments (torch names and defaults),
-goes to and from JSON, is read off a checkpoint's shapes (`from_weights`), and
-builds a module, concrete or abstract (nnx.eval_shape: shapes only, nothing allocated).
+It holds SpatialTransformer's architecture (the seed's defaults; the heads as
+`heads` of `head_dim` each, where the seed says n_heads and d_head), derives the
+per-block context dims once, goes to and from JSON, is read off a checkpoint's
+shapes (`from_weights`), and builds a module, concrete or abstract
+(nnx.eval_shape: shapes only, nothing allocated).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -22,14 +25,17 @@ from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
 
+# The seed's names for two fields (SpatialTransformer(in_channels, n_heads, d_head, ...)).
+SEED_NAMES = {"n_heads": "heads", "d_head": "head_dim"}
+
 
 @dataclasses.dataclass(frozen=True)
 class SpatialTransformerConfig:
-    """SpatialTransformer's architecture. `context_dim` is None, an int, or a tuple of one per block."""
+    """SpatialTransformer's architecture. `context_dim` is None, an int, or a tuple (one per block, or one for all)."""
 
     in_channels: int
-    n_heads: int
-    d_head: int
+    heads: int
+    head_dim: int
     depth: int = 1
     dropout: float = 0.0
     context_dim: int | tuple[int, ...] | None = None
@@ -41,19 +47,40 @@ class SpatialTransformerConfig:
     checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY
 
     def __post_init__(self):
-        if isinstance(self.context_dim, list):
-            object.__setattr__(self, "context_dim", tuple(self.context_dim))
-        for name in ("in_channels", "n_heads", "d_head", "depth"):
+        for name in ("in_channels", "heads", "head_dim", "depth"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            try:
+                number = operator.index(value)  # a numpy integer too
+            except TypeError:
+                number = None
+            if number is None or isinstance(value, bool) or number <= 0:
                 raise ValueError(f"SpatialTransformerConfig: `{name}` must be a positive int; got {value!r}")
+            object.__setattr__(self, name, number)
+        if _is_list_like(self.context_dim):
+            object.__setattr__(self, "context_dim", tuple(self.context_dim))
+        _per_block_context_dims(self.context_dim, self.depth)  # a list that does not fit the depth raises here
 
     @property
     def inner_dim(self) -> int:
-        return self.n_heads * self.d_head
+        return self.heads * self.head_dim
+
+    @property
+    def context_dims(self) -> tuple[int | None, ...]:
+        """Each block's context dim (None: self-attention only), as the seed stretches `context_dim`."""
+        return _per_block_context_dims(self.context_dim, self.depth)
 
     def replace(self, **changes) -> SpatialTransformerConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_seed_args(cls, **kwargs) -> SpatialTransformerConfig:
+        """The config of the seed's `SpatialTransformer(**kwargs)`: its keyword names (n_heads, d_head) accepted."""
+        return cls(**{SEED_NAMES.get(k, k): v for k, v in kwargs.items()})
+
+    def seed_args(self) -> dict:
+        """The seed's `SpatialTransformer(**args)` of this config (its names; less flax_sgm's checkpoint_policy)."""
+        names = {v: k for k, v in SEED_NAMES.items()}
+        return {names.get(k, k): v for k, v in self.to_dict().items() if k != "checkpoint_policy"}
 
     # JSON ------------------------------------------------------------------
 
@@ -106,11 +133,11 @@ class SpatialTransformerConfig:
         (use_checkpoint, sdp_backend, ...). A CheckpointError says what does not fit.
         """
         stack = layout.read_stack(shapes, prefix, disable_self_attn=disable_self_attn)
-        n_heads, d_head = layout.resolve_heads(stack.inner_dim, heads, head_dim, prefix)
+        heads, head_dim = layout.resolve_heads(stack.inner_dim, heads, head_dim, prefix)
         return cls(
             in_channels=stack.in_channels,
-            n_heads=n_heads,
-            d_head=d_head,
+            heads=heads,
+            head_dim=head_dim,
             depth=stack.depth,
             context_dim=stack.context_dim,
             disable_self_attn=stack.disable_self_attn,
@@ -124,9 +151,7 @@ class SpatialTransformerConfig:
         """A SpatialTransformer of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
         from flax_sgm.transformer import SpatialTransformer
 
-        kwargs = self.to_dict()
-        kwargs["context_dim"] = self.context_dim if not isinstance(self.context_dim, tuple) else list(self.context_dim)
-        return SpatialTransformer(**kwargs, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        return SpatialTransformer.from_config(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
     def make_abstract(self, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         """The same module with ShapeDtypeStruct leaves (nnx.eval_shape): nothing is allocated.
@@ -135,6 +160,24 @@ class SpatialTransformerConfig:
         """
         graphdef, state = _abstract_parts(self, _dtype_name(dtype), _dtype_name(param_dtype))
         return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))  # fresh Variables; the cache stays as it is
+
+
+def _is_list_like(value) -> bool:
+    """list, tuple, omegaconf.ListConfig: what the seed accepts as a per-block list."""
+    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))) or type(value).__name__ == "ListConfig"
+
+
+def _per_block_context_dims(context_dim, depth: int) -> tuple[int | None, ...]:
+    """The seed's rule: one value, or a list of `depth` (a list of another length is stretched if homogeneous)."""
+    if context_dim is None:
+        return (None,) * depth
+    dims = tuple(context_dim) if isinstance(context_dim, tuple) else (context_dim,)
+    if len(dims) != depth and (not dims or any(d != dims[0] for d in dims)):
+        raise ValueError(
+            f"SpatialTransformer: `context_dim` {list(dims)} has {len(dims)} entries for depth {depth}; "
+            "a list of another length must be homogeneous and not empty"
+        )
+    return dims if len(dims) == depth else depth * dims[:1]
 
 
 def _dtype_name(dtype: Dtype) -> str | None:

@@ -169,7 +169,7 @@ def read_stack(shapes: Mapping[str, Any], prefix: str = "", *, disable_self_attn
 
 
 def resolve_heads(inner_dim: int, heads: int | None, head_dim: int | None, prefix: str = "") -> tuple[int, int]:
-    """(n_heads, d_head) from one of the two; the weights only show their product."""
+    """(heads, head_dim) from one of the two; the weights only show their product."""
     of = f" of {prefix!r}" if prefix else ""
     if (heads is None) == (head_dim is None):
         raise CheckpointError(
@@ -194,8 +194,8 @@ _MID = re.compile(r"^mid_block\.attentions\.\d+\.$")
 class Heads(NamedTuple):
     """What a config says about a stack's heads: their number, and their width where it says that too."""
 
-    n_heads: int
-    d_head: int | None = None
+    heads: int
+    head_dim: int | None = None
 
 
 def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: str) -> dict[str, Heads]:

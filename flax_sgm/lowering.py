@@ -97,7 +97,12 @@ class Program:
     lowered: Any  # jax.stages.Lowered
 
     def cudnn_calls(self) -> dict[str, int]:
-        return {t: c for t, c in self.custom_calls.items() if t.startswith(CUDNN_PREFIX)}
+        return cudnn_calls(self.custom_calls)
+
+
+def cudnn_calls(custom_calls: dict[str, int]) -> dict[str, int]:
+    """The cuDNN attention kernels among custom-call counts (a Program's, or a report's JSON)."""
+    return {t: c for t, c in custom_calls.items() if t.startswith(CUDNN_PREFIX)}
 
 
 def lower(fn: Callable, *args, platform: str = "cuda") -> Program:
@@ -169,7 +174,7 @@ def attention_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 def _module_shape(module) -> tuple[int, int]:
     if isinstance(module, SpatialSelfAttention):
         return 1, module.in_channels
-    return module.heads, module.dim_head
+    return module.heads, module.head_dim
 
 
 def name_calls(model: nnx.Module, calls: Sequence[attention_backends.AttentionCall]) -> list[str]:
@@ -185,10 +190,10 @@ def name_calls(model: nnx.Module, calls: Sequence[attention_backends.AttentionCa
             f"({', '.join(p for p, _ in modules)}); give one forward pass"
         )
     for (path, module), call in zip(modules, calls):
-        got = (call.problem.heads, call.problem.d_head)
+        got = (call.problem.heads, call.problem.head_dim)
         if got != _module_shape(module):
             raise ValueError(
-                f"name_calls: the call matched to {path} has heads x d_head {got[0]} x {got[1]}; "
+                f"name_calls: the call matched to {path} has heads x head_dim {got[0]} x {got[1]}; "
                 f"the module has {_module_shape(module)[0]} x {_module_shape(module)[1]}"
             )
     return [path for path, _ in modules]
@@ -310,7 +315,7 @@ def _report(model: nnx.Module, programs: dict[str, Program], platform: str, conf
             "heads": call.problem.heads,
             "n": call.problem.n,
             "m": call.problem.m,
-            "d_head": call.problem.d_head,
+            "head_dim": call.problem.head_dim,
             "padded": {"n": call.padded[0], "m": call.padded[1]},
         }
         for name, call in zip(name_calls(model, forward_calls), forward_calls)

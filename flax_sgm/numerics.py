@@ -45,6 +45,6 @@ def gelu(x: jax.Array) -> jax.Array:
     return in_float32(functools.partial(jax.nn.gelu, approximate=False), x)
 
 
-def attention_scale(d_head: int) -> float:
+def attention_scale(head_dim: int) -> float:
     """The seed's `dim_head ** -0.5` (torch SDPA's default scale)."""
-    return d_head**-0.5
+    return head_dim**-0.5

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.config import SEED_NAMES, SpatialTransformerConfig
 from flax_sgm.unet_config import UNetConfig
 from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
 
 FORMAT_NAME = "flax-sgm"
-FORMAT_VERSION = 2  # 1: an Orbax stack was a bare StandardCheckpointer directory
+FORMAT_VERSION = 3  # 2: a stack's config named its heads as the seed does; 1: a bare Orbax directory (refused)
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
 UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet (absent: a SpatialTransformer stack)
@@ -193,14 +193,16 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a `flax-sgm convert` output directory)")
     try:
         document = json.loads(config_path.read_text())
-        if document.get("format") != FORMAT_NAME or document.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} config (convert again)")
+        version = document.get("version")
+        if document.get("format") != FORMAT_NAME or version not in (2, FORMAT_VERSION):
+            raise CheckpointError(f"{config_path}: not a {FORMAT_NAME} v2 or v{FORMAT_VERSION} config (convert again)")
         weights = document["weights"]
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
-                        CONFIGS[s.get("model", "SpatialTransformer")].from_dict(s["config"], source=f"stack {s['prefix']!r}"),
+                        CONFIGS[s.get("model", "SpatialTransformer")].from_dict(
+                            _migrated(s, version), source=f"stack {s['prefix']!r}"),
                         tuple((str(name), int(size)) for name, size in s["files"].items()))
             for s in document["stacks"]
         ]
@@ -210,6 +212,16 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
         what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
         raise CheckpointError(f"{config_path}: damaged flax-sgm config ({what})") from None
     return weights, records
+
+
+def _migrated(stack: dict, version: int) -> dict:
+    """A stack record's config as this version names it."""
+    config = stack["config"]
+    if version != 2 or "model" in stack:
+        return config
+    if clash := sorted(set(config) & set(SEED_NAMES.values())):
+        raise ValueError(f"a v2 record with the v{FORMAT_VERSION} keys {clash}")
+    return {SEED_NAMES.get(k, k): v for k, v in config.items()}
 
 
 def select_record(path, records: list[StackRecord], prefix: str | None) -> StackRecord:

@@ -46,8 +46,8 @@ RULES = (
     ("kv_length", None),  # key tokens m: gathered
     ("channels", None),  # image channels (in_channels)
     ("embed", None),  # model width (inner_dim, query_dim, context_dim)
-    ("heads", "model"),  # heads, and the fused heads * d_head features
-    ("d_head", None),
+    ("heads", "model"),  # heads, and the fused heads * head_dim features
+    ("head_dim", None),
     ("mlp", "model"),  # feed-forward hidden units
 )
 

@@ -44,7 +44,7 @@ def inspect_stacks(source: Source) -> tuple[list[dict], dict[str, str]]:
             unsupported[prefix] = str(err)
             continue
         found.append({
-            "prefix": prefix, **shape._asdict(), "heads": specs[prefix].heads.n_heads if prefix in specs else None,
+            "prefix": prefix, **shape._asdict(), "heads": specs[prefix].heads.heads if prefix in specs else None,
             "dtype": _float_dtype(infos).name,
             "tensors": len(infos), "bytes": sum(i.nbytes for i in infos.values()),
         })
@@ -113,12 +113,12 @@ def plan_stacks(
                 ) from None
             skipped[prefix] = str(err)
             continue
-        n_heads, n_dim, options = heads, head_dim, {}
+        stack_heads, stack_head_dim, options = heads, head_dim, {}
         if spec is not None:
-            n_heads, n_dim = _heads_from_config(source, prefix, shape.inner_dim, spec.heads, heads, head_dim)
+            stack_heads, stack_head_dim = _heads_from_config(source, prefix, shape.inner_dim, spec.heads, heads, head_dim)
             options = {"dropout": spec.dropout}
         config = SpatialTransformerConfig.from_weights(
-            infos, prefix, heads=n_heads, head_dim=n_dim, disable_self_attn=shape.disable_self_attn, **options
+            infos, prefix, heads=stack_heads, head_dim=stack_head_dim, disable_self_attn=shape.disable_self_attn, **options
         )
         stacks.append(Stack(prefix, config, tuple(infos), _float_dtype(infos), sum(i.nbytes for i in infos.values())))
     return stacks, skipped
@@ -147,10 +147,10 @@ def _read_stack(source: Source, infos, prefix: str, spec, disable_self_attn: boo
 
 
 def _heads_from_config(source: Source, prefix: str, inner: int, said: layout.Heads, heads, head_dim) -> tuple[int, None]:
-    n_heads = said.n_heads
+    n_heads = said.heads
     gives = f"{source.config_path} gives {prefix!r} {n_heads} heads"
-    if said.d_head is not None and n_heads * said.d_head != inner:
-        raise CheckpointError(f"{gives} of {said.d_head}, but its weights have an inner dim of {inner}")
+    if said.head_dim is not None and n_heads * said.head_dim != inner:
+        raise CheckpointError(f"{gives} of {said.head_dim}, but its weights have an inner dim of {inner}")
     if inner % n_heads:
         raise CheckpointError(f"{gives}, which do not divide the inner dim {inner} of its weights")
     if (heads is not None or head_dim is not None) and layout.resolve_heads(inner, heads, head_dim, prefix) != (

@@ -5,7 +5,6 @@ Channels-last: x [b, h, w, in_channels] -> same shape.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm.blocks import BasicTransformerBlock
+from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 from flax_sgm.checks import expect_array, expect_shape
 from flax_sgm.primitives import Conv1x1, Linear, Normalize, zero_module
@@ -21,27 +21,9 @@ from flax_sgm.sharding import IMAGE, TOKENS, constrain
 Dtype = Any
 
 
-def _is_list_like(value) -> bool:
-    """list, tuple, omegaconf.ListConfig: what the seed accepts as a per-block list."""
-    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))) or type(value).__name__ == "ListConfig"
-
-
-def per_block_context_dims(context_dim, depth: int) -> list[int | None]:
-    """The seed's context_dim rule: one value, or a list of `depth` (a homogeneous list is stretched)."""
-    if context_dim is None:
-        return [None] * depth
-    dims = list(context_dim) if _is_list_like(context_dim) else [context_dim]
-    if len(dims) != depth:
-        if any(d != dims[0] for d in dims):
-            raise ValueError(
-                f"SpatialTransformer: `context_dim` {dims} has {len(dims)} entries for depth {depth}; "
-                "a list of another length must be homogeneous"
-            )
-        dims = depth * [dims[0]]
-    return dims
-
-
 class SpatialTransformer(nnx.Module):
+    """Built from a SpatialTransformerConfig (`from_config`), or from the seed's arguments as torch is."""
+
     def __init__(
         self,
         in_channels: int,
@@ -61,37 +43,54 @@ class SpatialTransformer(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY,
     ):
-        context_dims = per_block_context_dims(context_dim, depth)
-        self.in_channels = in_channels
+        # The seed's names stop here: from this line on, the config's.
+        config = SpatialTransformerConfig(
+            in_channels, n_heads, d_head, depth, dropout, context_dim, disable_self_attn, use_linear, attn_type,
+            use_checkpoint, sdp_backend, checkpoint_policy,
+        )
+        self.config = config
         self.dtype = dtype
-        inner_dim = n_heads * d_head
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm = Normalize(in_channels, **layer)
-        project = Linear if use_linear else Conv1x1
-        self.proj_in = project(in_channels, inner_dim, axes=("channels", "embed"), **layer)
+        self.norm = Normalize(config.in_channels, **layer)
+        project = Linear if config.use_linear else Conv1x1
+        self.proj_in = project(config.in_channels, config.inner_dim, axes=("channels", "embed"), **layer)
         self.transformer_blocks = nnx.List(
             [
                 BasicTransformerBlock(
-                    inner_dim,
-                    n_heads,
-                    d_head,
-                    dropout=dropout,
-                    context_dim=context_dims[d],
-                    disable_self_attn=disable_self_attn,
-                    attn_mode=attn_type,
-                    checkpoint=use_checkpoint,
-                    sdp_backend=sdp_backend,
-                    checkpoint_policy=checkpoint_policy,
+                    config.inner_dim,
+                    config.heads,
+                    config.head_dim,
+                    dropout=config.dropout,
+                    context_dim=block_context_dim,
+                    disable_self_attn=config.disable_self_attn,
+                    attn_mode=config.attn_type,
+                    checkpoint=config.use_checkpoint,
+                    sdp_backend=config.sdp_backend,
+                    checkpoint_policy=config.checkpoint_policy,
                     **layer,
                 )
-                for d in range(depth)
+                for block_context_dim in config.context_dims
             ]
         )
-        self.proj_out = zero_module(project(inner_dim, in_channels, axes=("embed", "channels"), **layer))
+        self.proj_out = zero_module(project(config.inner_dim, config.in_channels, axes=("embed", "channels"), **layer))
+
+    @classmethod
+    def from_config(
+        cls, config: SpatialTransformerConfig, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
+    ) -> SpatialTransformer:
+        """The module `config` describes (random init from `rngs`)."""
+        if not isinstance(config, SpatialTransformerConfig):
+            raise ValueError(f"SpatialTransformer: `config` must be a SpatialTransformerConfig; got {type(config).__name__}")
+        c = config
+        return cls(
+            c.in_channels, c.heads, c.head_dim, c.depth, c.dropout, c.context_dim, c.disable_self_attn, c.use_linear,
+            c.attn_type, c.use_checkpoint, c.sdp_backend, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+            checkpoint_policy=c.checkpoint_policy,
+        )
 
     def __call__(self, x: jax.Array, context=None) -> jax.Array:
         """`context`: None (self-attention), one array for every block, or a list of 1 or depth arrays."""
-        expect_shape("SpatialTransformer", "x", x, ("b", "h", "w", self.in_channels))
+        expect_shape("SpatialTransformer", "x", x, ("b", "h", "w", self.config.in_channels))
         depth = len(self.transformer_blocks)
         contexts = list(context) if isinstance(context, (list, tuple)) else [context]
         for c in contexts:

@@ -240,8 +240,8 @@ class UNetModel(nnx.Module):
             if isinstance(spec, Attn):
                 return SpatialTransformer(
                     spec.channels,
-                    spec.n_heads,
-                    spec.d_head,
+                    spec.heads,
+                    spec.head_dim,
                     depth=spec.depth,
                     dropout=config.dropout,
                     context_dim=config.context_dim,

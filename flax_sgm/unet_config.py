@@ -36,8 +36,8 @@ class Attn(NamedTuple):
     """A SpatialTransformer: its constructor's arguments that vary per block."""
 
     channels: int
-    n_heads: int
-    d_head: int
+    heads: int
+    head_dim: int
     depth: int
     disable_self_attn: bool
 
@@ -166,7 +166,7 @@ class UNetConfig:
         return 2**level in self.attention_resolutions and self.transformer_depth[level] > 0
 
     def heads(self, channels: int) -> tuple[int, int]:
-        """(n_heads, d_head) of a SpatialTransformer over `channels`, as sgm splits them."""
+        """(heads, head_dim) of a SpatialTransformer over `channels`, as sgm splits them."""
         split = self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
         if channels % split:
             raise ValueError(f"UNetConfig: {channels} channels do not split into {split} heads")

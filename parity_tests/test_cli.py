@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,9 +17,9 @@ import torch_ref
 from flax_sgm import pretrained
 from flax_sgm.layout import CheckpointError
 from flax_sgm.attention_policy import BACKENDS
-from flax_sgm.cli import cli
 from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.verify import CRITERIA, criteria, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err, seeded
+from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded
+from conftest import assert_stack_matches_torch, cli_error, run_cli
 
 SGM = "model.diffusion_model."
 STACKS = {  # prefix in the SGM file -> SpatialTransformer config
@@ -74,36 +73,6 @@ def files(tmp_path_factory):
     return d, modules
 
 
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def fail(*args, code=2):
-    """A bad input: exit 2, one line on stderr, no traceback."""
-    result = run(*args, ok=False)
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
-def same_as_torch(flax_module, torch_module, config, seed=3):
-    inputs = seeded.sample_inputs(SpatialTransformerConfig.from_dict(config), seed=seed, hw=(3, 5), context_tokens=6)
-    context = inputs.get("context")
-    if isinstance(context, list):
-        t_ctx = [torch.from_numpy(c) for c in context]
-    else:
-        t_ctx = None if context is None else torch.from_numpy(context)
-    with torch.no_grad():
-        expected = torch_module(torch.from_numpy(inputs["x"]), t_ctx).numpy()
-    got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(inputs["x"]), context)))
-    assert rel_err(got, expected) <= CRITERIA["float32"].forward
-
-
 # --- help --------------------------------------------------------------------------------------
 
 
@@ -113,7 +82,7 @@ def test_python_dash_m_help_lists_the_commands():
 
 
 def test_top_level_help_describes_each_command_in_a_whole_sentence():
-    commands = run("--help").output.split("Commands:", 1)[1].split("Examples:", 1)[0]
+    commands = run_cli("--help").output.split("Commands:", 1)[1].split("Examples:", 1)[0]
     rows = [line.split(None, 1) for line in commands.strip().splitlines()]
     assert [name for name, _ in rows] == ["convert", "inspect", "lower", "verify"]
     assert all(text.endswith(".") and not text.endswith("...") for _, text in rows), rows
@@ -121,7 +90,7 @@ def test_top_level_help_describes_each_command_in_a_whole_sentence():
 
 @pytest.mark.parametrize("command", ["verify", "convert", "inspect"])
 def test_every_command_has_examples(command):
-    out = run(command, "--help").output
+    out = run_cli(command, "--help").output
     assert "Examples:" in out and f"flax-sgm {command}" in out
 
 
@@ -131,7 +100,7 @@ def test_every_command_has_examples(command):
 @pytest.fixture
 def small_default(monkeypatch):
     # The embedded default at unit-test widths (the real one runs under -m slow).
-    monkeypatch.setattr(seeded, "VERIFY_DEFAULT", SpatialTransformerConfig(**STACKS[SGM + "input_blocks.1.1."], use_checkpoint=False))
+    monkeypatch.setattr(seeded, "VERIFY_DEFAULT", SpatialTransformerConfig.from_seed_args(**STACKS[SGM + "input_blocks.1.1."], use_checkpoint=False))
 
 
 PARTS = ["norm", "proj_in", *(f"transformer_blocks.0.{p}" for p in ("norm1", "attn1", "norm2", "attn2", "norm3", "ff")),
@@ -139,7 +108,7 @@ PARTS = ["norm", "proj_in", *(f"transformer_blocks.0.{p}" for p in ("norm1", "at
 
 
 def test_verify_default_reports_every_submodule_and_passes(small_default):
-    out = run("verify").output
+    out = run_cli("verify").output
     for part in [*PARTS, "whole model"]:
         assert f"\n{part} " in out, part
     attn_rows = [line for line in out.splitlines() if line.startswith("transformer_blocks.0.attn")]
@@ -157,7 +126,7 @@ def strict_json(text: str):
 
 
 def test_verify_json_and_parity_failure_exits_1(small_default, monkeypatch):
-    report = strict_json(run("verify", "--json", "--seed", "1").stdout)
+    report = strict_json(run_cli("verify", "--json", "--seed", "1").stdout)
     assert report["criterion"]["median"] is None  # no median limit in float32: null, not Infinity
     assert report["passed"] and report["seed"] == 1 and report["reference"] == "float64"
     assert report["config"] == seeded.VERIFY_DEFAULT.to_dict()
@@ -166,30 +135,30 @@ def test_verify_json_and_parity_failure_exits_1(small_default, monkeypatch):
     assert rows["transformer_blocks.0.attn2"]["backend"] in BACKENDS and rows["transformer_blocks.0.ff"]["backend"] is None
     assert all(r["forward"][0] <= report["criterion"]["forward"] for r in rows.values())
     monkeypatch.setitem(criteria.CRITERIA, "float32", criteria.Criterion(slack=0.0, forward=0.0, grad=0.0))
-    result = run("verify", "--json", ok=False)
+    result = run_cli("verify", "--json", ok=False)
     assert result.exit_code == 1 and not json.loads(result.stdout)["passed"]
 
 
 def test_verify_checkpoint_infers_the_config(files):
     d, modules = files
     prefix = SGM + "middle_block.1"
-    report = json.loads(run("verify", "--checkpoint", d / "sgm.ckpt", "--prefix", prefix, "--head-dim", 16, "--json").stdout)
+    report = json.loads(run_cli("verify", "--checkpoint", d / "sgm.ckpt", "--prefix", prefix, "--head-dim", 16, "--json").stdout)
     assert report["passed"] and report["source"]["prefix"] == prefix + "."
     assert report["source"]["reference"] == "torch_ref.SpatialTransformer of the config read off the weights (no diffusers config.json)"
-    expected = SpatialTransformerConfig(**STACKS[prefix + "."], use_checkpoint=False)  # use_linear is in STACKS
+    expected = SpatialTransformerConfig.from_seed_args(**STACKS[prefix + "."], use_checkpoint=False)  # use_linear is in STACKS
     assert report["config"] == expected.to_dict()
     assert [r["name"] for r in report["submodules"]][-3:] == ["transformer_blocks.1.norm3", "transformer_blocks.1.ff", "proj_out"]
 
 
 def test_verify_bfloat16_against_float64(small_default, monkeypatch):
-    out = run("verify", "--dtype", "bfloat16").output
+    out = run_cli("verify", "--dtype", "bfloat16").output
     assert "against float64 (bfloat16" in out and "median ratio" in out and out.rstrip().endswith("PASS")
-    report = json.loads(run("verify", "--dtype", "bfloat16", "--json").stdout)
+    report = json.loads(run_cli("verify", "--dtype", "bfloat16", "--json").stdout)
     assert report["passed"] and report["dtype"] == "bfloat16"
     low, high = criteria.BF16_ERROR_RANGE
     assert all(low < r["forward"][1] < high and r["flax_dtype"] == "bfloat16" for r in report["submodules"])
     monkeypatch.setitem(criteria.CRITERIA, "bfloat16", CRITERIA["bfloat16"]._replace(slack=0.5))
-    result = run("verify", "--dtype", "bfloat16", "--json", ok=False)
+    result = run_cli("verify", "--dtype", "bfloat16", "--json", ok=False)
     assert result.exit_code == 1 and json.loads(result.stdout)["model"]["problems"]
 
 
@@ -197,7 +166,7 @@ def test_verify_bfloat16_on_a_float32_checkpoint(files):
     d, _ = files
     prefix = SGM + "input_blocks.1.1"
     report = json.loads(
-        run("verify", "--checkpoint", d / "sgm.safetensors", "--prefix", prefix, "--heads", 2, "--dtype", "bfloat16",
+        run_cli("verify", "--checkpoint", d / "sgm.safetensors", "--prefix", prefix, "--heads", 2, "--dtype", "bfloat16",
             "--json").stdout
     )
     assert report["passed"] and report["source"]["dtype in file"] == "float32" and len(report["submodules"]) == len(PARTS)
@@ -211,7 +180,7 @@ def test_verify_a_diffusers_directory_against_diffusers_itself(tmp_path):
     model = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, cross_attention_dim=32,
                                only_cross_attention=True)
     randomize_(model, seed=6).save_pretrained(tmp_path / "t")
-    report = json.loads(run("verify", "--checkpoint", tmp_path / "t", "--json").stdout)
+    report = json.loads(run_cli("verify", "--checkpoint", tmp_path / "t", "--json").stdout)
     assert report["passed"] and report["config"]["disable_self_attn"]
     assert report["source"]["reference"] == f"diffusers Transformer2DModel, built by diffusers from {tmp_path / 't'}"
 
@@ -219,26 +188,26 @@ def test_verify_a_diffusers_directory_against_diffusers_itself(tmp_path):
 def test_verify_and_lower_take_a_convert_output(files, tmp_path):
     d, _ = files
     out, prefix = tmp_path / "out", SGM + "middle_block.1"
-    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", out)
-    report = json.loads(run("verify", "--checkpoint", out, "--prefix", prefix, "--json").stdout)
+    run_cli("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", out)
+    report = json.loads(run_cli("verify", "--checkpoint", out, "--prefix", prefix, "--json").stdout)
     assert report["passed"] and report["config"]["context_dim"] == [24, 40]
     assert report["source"]["reference"] == "torch_ref.SpatialTransformer of the output's config and weights"
-    lowered = json.loads(run("lower", "--config", out / "config.json", "--prefix", prefix, "--platform", "cpu",
+    lowered = json.loads(run_cli("lower", "--config", out / "config.json", "--prefix", prefix, "--platform", "cpu",
                              "--dtype", "float32", "--hw", 4, 4, "--context-tokens", 5, "--json").stdout)
     assert lowered["config"]["depth"] == 2 and lowered["config"]["in_channels"] == 64
-    assert "pass --prefix" in run("lower", "--config", out, "--platform", "cpu", ok=False).output
+    assert "pass --prefix" in run_cli("lower", "--config", out, "--platform", "cpu", ok=False).output
 
 
 def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):
     # At 8 x 8 pixels (the real run, 16 x 16, takes about a minute on 2 cores).
     monkeypatch.setattr(seeded, "unet_pair", functools.partial(seeded.unet_pair, hw=(8, 8)))
-    report = strict_json(run("verify", "--model", "unet", "--json").stdout)
+    report = strict_json(run_cli("verify", "--model", "unet", "--json").stdout)
     assert report["passed"] and report["config"]["adm_in_channels"] == 80 and report["inputs"]["y"] == [2, 80]
     rows = {r["name"]: r for r in report["submodules"]}
     assert {"time_embedding", "add_embedding", "conv_in", "down_blocks.1.attentions.0", "up_blocks.0.upsamplers.0",
             "conv_out"} <= set(rows)
     assert rows["mid_block.attentions.0"]["backend"] in BACKENDS and rows["mid_block.resnets.0"]["backend"] is None
-    refused = run("verify", "--model", "unet", "--checkpoint", "x", "--heads", 2, ok=False)
+    refused = run_cli("verify", "--model", "unet", "--checkpoint", "x", "--heads", 2, ok=False)
     assert refused.exit_code == 2 and "--model unet verifies a whole UNet: leave out --prefix" in refused.output
 
 
@@ -252,27 +221,27 @@ def test_verify_model_unet_of_a_diffusers_pipeline_directory(tmp_path):
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=40,
         use_linear_projection=True)
     randomize_(torch_unet, seed=3).save_pretrained(tmp_path / "pipeline" / "unet")
-    report = strict_json(run("verify", "--model", "unet", "--checkpoint", tmp_path / "pipeline", "--json").stdout)
+    report = strict_json(run_cli("verify", "--model", "unet", "--checkpoint", tmp_path / "pipeline", "--json").stdout)
     assert report["passed"] and report["source"]["reference"].startswith("diffusers UNet2DConditionModel, built by diffusers")
     assert report["inputs"] == {"x": [2, 4, 8, 8], "timesteps": [2], "context": [2, 77, 24], "y": [2, 40]}
     assert {"conv_in", "add_embedding", "down_blocks.1.attentions.0", "conv_out"} <= {r["name"] for r in report["submodules"]}
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, tmp_path / "sgm.safetensors")
-    line = fail("verify", "--model", "unet", "--checkpoint", tmp_path / "sgm.safetensors")
+    line = cli_error("verify", "--model", "unet", "--checkpoint", tmp_path / "sgm.safetensors")
     assert line.endswith("sgm.safetensors: a whole UNet is verified from a diffusers unet/ or pipeline directory "
                          "(diffusers builds the reference from its config.json); this is not one")
 
 
 @pytest.mark.slow
 def test_verify_real_default():
-    report = json.loads(run("verify", "--json").stdout)
+    report = json.loads(run_cli("verify", "--json").stdout)
     assert report["passed"] and report["inputs"]["x"] == [2, 640, 16, 16]
 
 
 def test_verify_needs_heads_or_head_dim(files):
     d, _ = files
-    line = fail("verify", "--checkpoint", d / "bare.safetensors")
+    line = cli_error("verify", "--checkpoint", d / "bare.safetensors")
     assert "--heads" in line and "--head-dim" in line and "inner dim" in line
-    assert "need --checkpoint" in run("verify", "--heads", 2, ok=False).output
+    assert "need --checkpoint" in run_cli("verify", "--heads", 2, ok=False).output
 
 
 # --- inspect --------------------------------------------------------------------------------------
@@ -281,17 +250,17 @@ def test_verify_needs_heads_or_head_dim(files):
 @pytest.mark.parametrize("name", ["sgm.safetensors", "sgm.ckpt"])
 def test_inspect_lists_every_stack(files, name):
     d, _ = files
-    info = json.loads(run("inspect", d / name, "--json").stdout)
+    info = json.loads(run_cli("inspect", d / name, "--json").stdout)
     assert [s["prefix"] for s in info["stacks"]] == list(STACKS)
     assert info["stacks"][1]["context_dim"] == [24, 40] and info["stacks"][1]["use_linear"]
     assert info["top_level_prefixes"] == ["first_stage_model.", "model."]
-    text = run("inspect", d / name).output
+    text = run_cli("inspect", d / name).output
     assert "2 SpatialTransformer stack(s)" in text and "middle_block.1." in text
 
 
 def test_inspect_names_an_unsupported_stack(files):
     d, _ = files
-    assert "gated_ff=False" in run("inspect", d / "plain_ff.safetensors").output
+    assert "gated_ff=False" in run_cli("inspect", d / "plain_ff.safetensors").output
 
 
 # --- convert -> load_pretrained -> same outputs as torch -------------------------------------------------
@@ -310,49 +279,49 @@ def test_inspect_names_an_unsupported_stack(files):
 def test_convert_then_load_pretrained_matches_torch(files, tmp_path, name, args, key, weights):
     d, modules = files
     out = tmp_path / "out"
-    printed = run("convert", d / name, *args, "-o", out, "--format", weights).output
+    printed = run_cli("convert", d / name, *args, "-o", out, "--format", weights).output
     assert "load: flax_sgm.load_pretrained" in printed
     model = flax_sgm.load_pretrained(out)
-    config = STACKS.get(key, STACKS[SGM + "input_blocks.1.1."])
-    same_as_torch(model, modules[key], config)
+    assert model.config == SpatialTransformerConfig.from_seed_args(**STACKS.get(key, STACKS[SGM + "input_blocks.1.1."]))
+    assert_stack_matches_torch(model, modules[key])
     document = json.loads((out / "config.json").read_text())
-    assert document["weights"] == weights and document["stacks"][0]["config"]["n_heads"] == 2
+    assert document["weights"] == weights and document["stacks"][0]["config"]["heads"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left
 
 
 def test_convert_all_and_repeated_prefix(files, tmp_path):
     d, modules = files
-    run("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "all")
+    run_cli("convert", d / "sgm.safetensors", "--all", "--heads", 2, "-o", tmp_path / "all")
     loaded = flax_sgm.load_pretrained_all(tmp_path / "all")
     assert list(loaded) == [p.removesuffix(".") for p in STACKS]  # as torch's get_submodule takes them
     for prefix, model in zip(STACKS, loaded.values()):
-        same_as_torch(model, modules[prefix], STACKS[prefix])
+        assert_stack_matches_torch(model, modules[prefix])
     with pytest.raises(CheckpointError, match="holds 2 stacks"):
         flax_sgm.load_pretrained(tmp_path / "all")
     prefixes = [a for p in STACKS for a in ("--prefix", p)]
-    run("convert", d / "sgm.ckpt", *prefixes, "--heads", 2, "-o", tmp_path / "two", "--format", "safetensors")
+    run_cli("convert", d / "sgm.ckpt", *prefixes, "--heads", 2, "-o", tmp_path / "two", "--format", "safetensors")
     model = flax_sgm.load_pretrained(tmp_path / "two", prefix=SGM + "middle_block.1")
-    same_as_torch(model, modules[SGM + "middle_block.1."], STACKS[SGM + "middle_block.1."])
+    assert_stack_matches_torch(model, modules[SGM + "middle_block.1."])
 
 
 def test_flat_safetensors_output_is_keyed_by_flax_paths(files, tmp_path):
     d, _ = files
-    run("convert", d / "bare.safetensors", "--heads", 2, "--format", "safetensors", "-o", tmp_path / "flat")
+    run_cli("convert", d / "bare.safetensors", "--heads", 2, "--format", "safetensors", "-o", tmp_path / "flat")
     with safe_open(tmp_path / "flat" / "spatial_transformer.safetensors", framework="numpy") as f:
         keys = set(f.keys())
-        assert json.loads(f.metadata()["flax_sgm_config"])["config"]["d_head"] == 16
+        assert json.loads(f.metadata()["flax_sgm_config"])["config"]["head_dim"] == 16
         assert f.get_tensor("transformer_blocks.0.attn1.to_q.kernel").shape == (32, 32)  # [in, out]
     assert {"norm.scale", "proj_in.kernel", "transformer_blocks.0.ff.project_in.proj.kernel", "proj_out.bias"} <= keys
 
 
 def test_convert_infers_disable_self_attn_and_keeps_the_file_dtype(files, tmp_path):
     d, modules = files
-    run("convert", d / "self_attn.safetensors", "--heads", 2, "-o", tmp_path / "sa")
-    same_as_torch(flax_sgm.load_pretrained(tmp_path / "sa"), modules["self_attn"], SELF_ATTN)
-    run("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp16")
+    run_cli("convert", d / "self_attn.safetensors", "--heads", 2, "-o", tmp_path / "sa")
+    assert_stack_matches_torch(flax_sgm.load_pretrained(tmp_path / "sa"), modules["self_attn"])
+    run_cli("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp16")
     model = flax_sgm.load_pretrained(tmp_path / "fp16")
     assert model.proj_in.kernel.dtype == np.float16
-    run("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp32", "--param-dtype", "float32")
+    run_cli("convert", d / "bare_fp16.pt", "--heads", 2, "-o", tmp_path / "fp32", "--param-dtype", "float32")
     assert flax_sgm.load_pretrained(tmp_path / "fp32").proj_in.kernel.dtype == np.float32
 
 
@@ -374,7 +343,7 @@ def test_a_bad_tensor_in_a_later_stack_names_every_problem_and_writes_nothing(fi
     tensors[late + "norm1.bias"] = tensors[late + "norm1.bias"].to(torch.int32)
     save_file(tensors, tmp_path / "bad.safetensors")
     out = tmp_path / "out"
-    result = run("convert", tmp_path / "bad.safetensors", "--all", "--heads", 2, "--format", weights, "-o", out, ok=False)
+    result = run_cli("convert", tmp_path / "bad.safetensors", "--all", "--heads", 2, "--format", weights, "-o", out, ok=False)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"shape mismatch: {late}attn1.to_out.0.weight has shape [32, 31], the model needs [32, 32]" in result.stderr
     assert f"dtype mismatch: {late}norm1.bias is int32" in result.stderr
@@ -396,22 +365,22 @@ def test_convert_safetensors_without_torch(files, tmp_path):
 
 
 def test_missing_file_and_directory(tmp_path):
-    assert "no such file" in fail("convert", tmp_path / "nope.safetensors", "--heads", 2, "-o", tmp_path / "o")
-    assert "no checkpoint file or sharded index" in fail("convert", tmp_path, "--heads", 2, "-o", tmp_path / "o")
-    assert "no such file" in fail("inspect", tmp_path / "nope.ckpt")
+    assert "no such file" in cli_error("convert", tmp_path / "nope.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "no checkpoint file or sharded index" in cli_error("convert", tmp_path, "--heads", 2, "-o", tmp_path / "o")
+    assert "no such file" in cli_error("inspect", tmp_path / "nope.ckpt")
 
 
 def test_truncated_and_corrupt_safetensors(files, tmp_path):
     d, _ = files
     data = (d / "bare.safetensors").read_bytes()
     (tmp_path / "short.safetensors").write_bytes(data[: len(data) - 100])
-    assert "truncated" in fail("convert", tmp_path / "short.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "truncated" in cli_error("convert", tmp_path / "short.safetensors", "--heads", 2, "-o", tmp_path / "o")
     (tmp_path / "head.safetensors").write_bytes(data[:200])
-    assert "truncated" in fail("inspect", tmp_path / "head.safetensors")
+    assert "truncated" in cli_error("inspect", tmp_path / "head.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))
-    assert "corrupt" in fail("inspect", tmp_path / "junk.safetensors")
+    assert "corrupt" in cli_error("inspect", tmp_path / "junk.safetensors")
     (tmp_path / "junk.ckpt").write_bytes(b"PK\x03\x04" + bytes(100))
-    assert "not a readable torch checkpoint" in fail("inspect", tmp_path / "junk.ckpt")
+    assert "not a readable torch checkpoint" in cli_error("inspect", tmp_path / "junk.ckpt")
 
 
 @pytest.mark.parametrize("layout", ["bare-pickle", "torch-zip"])
@@ -425,35 +394,35 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, layout):
         marker.unlink()
     else:
         torch.save({"state_dict": {"w": torch.ones(2)}, "hook": Evil(marker)}, path)
-    line = fail("convert", path, "--heads", 2, "-o", tmp_path / "o")
+    line = cli_error("convert", path, "--heads", 2, "-o", tmp_path / "o")
     assert "refused" in line and "nothing in it was run" in line
-    fail("verify", "--checkpoint", path, "--heads", 2)
+    cli_error("verify", "--checkpoint", path, "--heads", 2)
     assert not marker.exists()
 
 
 def test_prefix_matching_nothing_lists_what_is_there(files, tmp_path):
     d, _ = files
-    line = fail("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.44.1", "--heads", 2, "-o", tmp_path / "o")
+    line = cli_error("convert", d / "sgm.safetensors", "--prefix", SGM + "input_blocks.44.1", "--heads", 2, "-o", tmp_path / "o")
     assert "top-level prefixes: first_stage_model., model." in line
     assert f"under '{SGM}input_blocks.' there are: 1." in line
 
 
 def test_several_stacks_need_a_choice_and_a_non_stack_prefix_is_named(files, tmp_path):
     d, _ = files
-    assert "holds 2 SpatialTransformer stacks" in fail("convert", d / "sgm.safetensors", "--heads", 2, "-o", tmp_path / "o")
-    line = fail("convert", d / "sgm.safetensors", "--prefix", "first_stage_model", "--heads", 2, "-o", tmp_path / "o")
+    assert "holds 2 SpatialTransformer stacks" in cli_error("convert", d / "sgm.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    line = cli_error("convert", d / "sgm.safetensors", "--prefix", "first_stage_model", "--heads", 2, "-o", tmp_path / "o")
     assert "not a SpatialTransformer stack" in line
-    line = fail("convert", d / "sgm.safetensors", "--prefix", "model.diffusion_model", "--heads", 2, "-o", tmp_path / "o")
+    line = cli_error("convert", d / "sgm.safetensors", "--prefix", "model.diffusion_model", "--heads", 2, "-o", tmp_path / "o")
     assert f"the stacks under it: {SGM}input_blocks.1.1., {SGM}middle_block.1." in line
-    assert "gated_ff=False" in fail("convert", d / "plain_ff.safetensors", "--heads", 2, "-o", tmp_path / "o")
-    assert "more than a SpatialTransformer: time_stack.*" in fail("convert", d / "video.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "gated_ff=False" in cli_error("convert", d / "plain_ff.safetensors", "--heads", 2, "-o", tmp_path / "o")
+    assert "more than a SpatialTransformer: time_stack.*" in cli_error("convert", d / "video.safetensors", "--heads", 2, "-o", tmp_path / "o")
 
 
 def test_heads_must_divide_the_inner_dim(files, tmp_path):
     d, _ = files
-    assert "--heads 3 does not divide the inner dim 32" in fail("convert", d / "bare.safetensors", "--heads", 3, "-o", tmp_path / "o")
-    assert "--head-dim 5 does not divide" in fail("verify", "--checkpoint", d / "bare.safetensors", "--head-dim", 5)
-    assert "not both" in run("convert", d / "bare.safetensors", "--heads", 2, "--head-dim", 16, "-o", tmp_path / "o", ok=False).output
+    assert "--heads 3 does not divide the inner dim 32" in cli_error("convert", d / "bare.safetensors", "--heads", 3, "-o", tmp_path / "o")
+    assert "--head-dim 5 does not divide" in cli_error("verify", "--checkpoint", d / "bare.safetensors", "--head-dim", 5)
+    assert "not both" in run_cli("convert", d / "bare.safetensors", "--heads", 2, "--head-dim", 16, "-o", tmp_path / "o", ok=False).output
 
 
 def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
@@ -461,11 +430,11 @@ def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    assert "already exists (pass --overwrite" in fail("convert", d / "bare.safetensors", "--heads", 2, "-o", out)
+    assert "already exists (pass --overwrite" in cli_error("convert", d / "bare.safetensors", "--heads", 2, "-o", out)
     assert (out / "mine.txt").exists()
-    run("convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
+    run_cli("convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
     assert not (out / "mine.txt").exists()
-    same_as_torch(flax_sgm.load_pretrained(out), modules[""], STACKS[SGM + "input_blocks.1.1."])
+    assert_stack_matches_torch(flax_sgm.load_pretrained(out), modules[""])
 
 
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
@@ -499,9 +468,9 @@ def test_load_pretrained_needs_a_checkpoint(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run("--debug", "inspect", tmp_path / "nope.safetensors", ok=False)
+    result = run_cli("--debug", "inspect", tmp_path / "nope.safetensors", ok=False)
     assert isinstance(result.exception, CheckpointError)
-    result = run("inspect", tmp_path / "nope.safetensors", "--debug", ok=False)
+    result = run_cli("inspect", tmp_path / "nope.safetensors", "--debug", ok=False)
     assert isinstance(result.exception, CheckpointError)
 
 
@@ -515,5 +484,5 @@ def test_an_unexpected_error_is_not_called_bad_input(files, monkeypatch):
         raise TypeError("unsupported operand")
 
     monkeypatch.setattr(sources, "open_source", broken)
-    line = fail("inspect", d / "sgm.safetensors", code=3)
+    line = cli_error("inspect", d / "sgm.safetensors", code=3)
     assert line == "Error: TypeError: unsupported operand (not the input's fault; run with --debug for the traceback)"

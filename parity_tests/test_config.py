@@ -1,8 +1,11 @@
 """SpatialTransformerConfig: JSON round trip, validation, building concrete and abstract modules."""
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from flax_sgm import SpatialTransformer
 from flax_sgm.config import PRESETS, SpatialTransformerConfig
 
 
@@ -13,10 +16,29 @@ def test_json_round_trip(name):
 
 
 def test_per_block_context_dims_are_a_tuple():
-    config = SpatialTransformerConfig.from_dict(dict(in_channels=64, n_heads=2, d_head=32, depth=2, context_dim=[16, 24]))
+    config = SpatialTransformerConfig.from_dict(dict(in_channels=64, heads=2, head_dim=32, depth=2, context_dim=[16, 24]))
     assert config.context_dim == (16, 24)
     model = config.make_abstract()
     assert [b.attn2.context_dim for b in model.transformer_blocks] == [16, 24]
+
+
+def test_a_model_from_its_config_is_the_seed_call_of_that_config():
+    config = PRESETS["default"].config.replace(depth=2, context_dim=(16, 24), checkpoint_policy="recompute")
+    built = SpatialTransformer.from_config(config, rngs=nnx.Rngs(0))
+    seed_call = SpatialTransformer(**config.seed_args(), checkpoint_policy=config.checkpoint_policy, rngs=nnx.Rngs(0))
+    assert built.config == seed_call.config == config
+    assert [b.attn2.context_dim for b in built.transformer_blocks] == list(config.context_dims) == [16, 24]
+    same = jax.tree.map(np.array_equal, nnx.state(built, nnx.Param), nnx.state(seed_call, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    assert SpatialTransformerConfig.from_seed_args(**config.seed_args(), checkpoint_policy="recompute") == config
+
+
+def test_the_seed_call_takes_numpy_ints_and_a_stretched_context_list():
+    model = SpatialTransformer(np.int64(32), np.int32(2), 16, depth=3, context_dim=[24], rngs=nnx.Rngs(0))
+    assert model.config.in_channels == 32 and type(model.config.heads) is int
+    assert model.config.context_dims == (24, 24, 24)
+    with pytest.raises(ValueError, match="has 2 entries for depth 3"):
+        SpatialTransformer(32, 2, 16, depth=3, context_dim=[24, 40], rngs=nnx.Rngs(0))
 
 
 def test_abstract_build_allocates_nothing():
@@ -27,9 +49,9 @@ def test_abstract_build_allocates_nothing():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ('{"in_channels": 64, "n_heads": 2}', "d_head"),
-        ('{"in_channels": 64, "n_heads": 2, "d_head": 32, "heads": 3}', "unknown SpatialTransformer config keys"),
-        ('{"in_channels": 0, "n_heads": 2, "d_head": 32}', "`in_channels` must be a positive int"),
+        ('{"in_channels": 64, "heads": 2}', "head_dim"),
+        ('{"in_channels": 64, "heads": 2, "head_dim": 32, "n_heads": 3}', "unknown SpatialTransformer config keys"),
+        ('{"in_channels": 0, "heads": 2, "head_dim": 32}', "`in_channels` must be a positive int"),
         ("[1, 2]", "must be a JSON object"),
         ("{", "not valid JSON"),
     ],

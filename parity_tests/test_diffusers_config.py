@@ -6,14 +6,12 @@ import inspect
 import json
 import shutil
 
-import numpy as np
 import pytest
-import torch
 
 import flax_sgm
 from flax_sgm import diffusers_config
 from flax_sgm.layout import CheckpointError
-from conftest import CRITERIA, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from conftest import assert_stack_matches_torch, randomize_
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import Transformer2DModel, UNet2DConditionModel  # noqa: E402
@@ -27,20 +25,6 @@ def saved(model, path):
     randomize_(model, seed=3).eval()
     model.save_pretrained(path)
     return path
-
-
-def diffusers_output(model, x, context):
-    with torch.no_grad():
-        out = model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(context), return_dict=False)[0]
-    return out.numpy()
-
-
-def assert_matches(flax_module, model, channels, context_width=32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, channels, 3, 5)).astype(np.float32)
-    context = rng.standard_normal((2, 6, context_width)).astype(np.float32)
-    got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(x), context)))
-    assert rel_err(got, diffusers_output(model, x, context)) <= CRITERIA["float32"].forward
 
 
 # --- Transformer2DModel: honoured ---------------------------------------------------------------
@@ -61,7 +45,7 @@ def test_an_honoured_transformer2d_field_gives_diffusers_output(tmp_path, fields
     path = saved(model, tmp_path / "t")
     flax_module = flax_sgm.load_pretrained(path)
     assert flax_module.transformer_blocks[0].disable_self_attn == fields.get("only_cross_attention", False)
-    assert_matches(flax_module, model, 32)
+    assert_stack_matches_torch(flax_module, model)
 
 
 def test_dropout_is_the_stacks_dropout(tmp_path):
@@ -69,7 +53,7 @@ def test_dropout_is_the_stacks_dropout(tmp_path):
     flax_module = flax_sgm.load_pretrained(saved(model, tmp_path / "t"))
     assert flax_module.transformer_blocks[0].attn2.out_dropout.rate == 0.25
     flax_module.eval()
-    assert_matches(flax_module, model, 32)
+    assert_stack_matches_torch(flax_module, model)
 
 
 def test_only_cross_attention_contradicted_by_the_caller_is_refused(tmp_path):
@@ -149,7 +133,7 @@ def test_a_unets_only_cross_attention_per_block(tmp_path):
     assert disabled == {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"}
     for prefix, flax_module in loaded.items():
         stack = model.get_submodule(prefix)
-        assert_matches(flax_module, stack, stack.config.in_channels)
+        assert_stack_matches_torch(flax_module, stack)
 
 
 @pytest.mark.parametrize(

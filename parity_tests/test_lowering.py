@@ -16,14 +16,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from click.testing import CliRunner
 from flax import nnx
 
 import flax_sgm
 from flax_sgm import lowering
 from flax_sgm.attention_policy import AttentionProblem, choose_backend
-from flax_sgm.cli import cli
 from flax_sgm.config import PRESETS, SpatialTransformerConfig
+from flax_sgm.lowering import cudnn_calls
+from conftest import cli_error, run_cli
 
 FWD, BWD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
 BIAS_FWD, BIAS_BWD = "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"
@@ -33,23 +33,7 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def lower_json(*args) -> dict:
-    result = CliRunner().invoke(cli, ["lower", "--json", *map(str, args)])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def fail(*args) -> str:
-    """A bad flag or config: exit 2, one line, no traceback."""
-    result = CliRunner().invoke(cli, ["lower", *map(str, args)])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
-def cudnn_only(calls: dict) -> dict:
-    return {t: n for t, n in calls.items() if t.startswith(lowering.CUDNN_PREFIX)}
+    return json.loads(run_cli("lower", "--json", *args).stdout)
 
 
 def block_modules(depth: int) -> list[str]:
@@ -87,8 +71,8 @@ def test_every_attention_is_cudnn_forward_and_backward(preset):
         # cuDNN's backward takes even lengths only: 77 text tokens are padded by one key.
         assert a["padded"] == {"n": tokens % 2, "m": a["m"] % 2}
     calls = report["custom_calls"]
-    assert cudnn_only(calls["forward"]) == {FWD: attentions}
-    assert cudnn_only(calls["backward"]) == {FWD: attentions, BWD: attentions}
+    assert cudnn_calls(calls["forward"]) == {FWD: attentions}
+    assert cudnn_calls(calls["backward"]) == {FWD: attentions, BWD: attentions}
 
 
 def test_77_text_tokens_are_padded_and_the_backward_lowers():
@@ -102,7 +86,7 @@ def test_checkpointed_backward_runs_each_attention_forward_once():
     # does not run the attention forward again (it did before issue 11: 8 forward calls for 4).
     report = lower_json("--config", "sdxl", "--backward")
     assert report["config"]["use_checkpoint"] and report["config"]["checkpoint_policy"] == "save_attention"
-    assert cudnn_only(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
+    assert cudnn_calls(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
 
 
 def test_sdxl_whole_unet_all_140_attentions_on_cudnn_each_forward_once():
@@ -118,15 +102,13 @@ def test_sdxl_whole_unet_all_140_attentions_on_cudnn_each_forward_once():
     assert attention[-1]["module"] == "output_blocks.5.1.transformer_blocks.1.attn2"
     assert {(a["n"], a["m"]) for a in attention} == {(4096, 4096), (4096, 77), (1024, 1024), (1024, 77)}
     calls = report["custom_calls"]
-    assert cudnn_only(calls["forward"]) == {FWD: 140}
-    assert cudnn_only(calls["backward"]) == {FWD: 140, BWD: 140}
-    assert "a whole-UNet preset lowers on one device" in fail("--config", "sdxl-unet", "--mesh", "1,2,1")
+    assert cudnn_calls(calls["forward"]) == {FWD: 140}
+    assert cudnn_calls(calls["backward"]) == {FWD: 140, BWD: 140}
+    assert "a whole-UNet preset lowers on one device" in cli_error("lower", "--config", "sdxl-unet", "--mesh", "1,2,1")
 
 
 def test_text_report_names_modules_backends_and_custom_calls():
-    result = CliRunner().invoke(cli, ["lower", "--config", "default", "--backward"])
-    assert result.exit_code == 0, result.output
-    out = result.stdout
+    out = run_cli("lower", "--config", "default", "--backward").stdout
     assert "lowered for cuda (attention chosen for gpu; cuDNN" in out
     assert "transformer_blocks.0.attn2   cudnn" in out
     assert f"custom calls, forward+backward: {FWD} x" in out
@@ -140,13 +122,13 @@ def test_float32_falls_to_the_documented_path():
     assert len(report["attention"]) == 4
     for a in report["attention"]:
         problem = AttentionProblem(
-            "gpu", jnp.float32, a["batch"], a["heads"], a["n"], a["m"], a["d_head"], False
+            "gpu", jnp.float32, a["batch"], a["heads"], a["n"], a["m"], a["head_dim"], False
         )
         assert (a["backend"], a["reason"]) == tuple(choose_backend("auto", problem)), a
         assert "cuDNN attention takes bfloat16 or float16; got float32" in a["reason"]
     # 2 x 10 x 4096^2 float32 logits (1.25 GiB) exceed the XLA budget: self-attention goes chunked.
     assert [a["backend"] for a in report["attention"]] == ["chunked", "xla", "chunked", "xla"]
-    assert not cudnn_only(report["custom_calls"]["forward"]) and not cudnn_only(report["custom_calls"]["backward"])
+    assert not cudnn_calls(report["custom_calls"]["forward"]) and not cudnn_calls(report["custom_calls"]["backward"])
 
 
 def test_a_head_dim_cudnn_refuses_falls_to_the_documented_path(tmp_path):
@@ -157,7 +139,7 @@ def test_a_head_dim_cudnn_refuses_falls_to_the_documented_path(tmp_path):
     assert [a["module"] for a in report["attention"]] == block_modules(1)
     for a in report["attention"]:
         assert a["backend"] != "cudnn" and "head dim that is a multiple of 8" in a["reason"], a
-    assert not cudnn_only(report["custom_calls"]["backward"])
+    assert not cudnn_calls(report["custom_calls"]["backward"])
 
 
 @pytest.mark.skipif(ON_GPU, reason="a Hopper GPU takes head dims up to 256; the limit below is the CPU machine's")
@@ -166,9 +148,7 @@ def test_a_program_that_does_not_lower_exits_1(tmp_path):
     # so a head dim of 160 that an H100 runs cannot be lowered here (README: what this cannot check).
     path = tmp_path / "d160.json"
     path.write_text(SpatialTransformerConfig(320, 2, 160, context_dim=64, use_linear=True).to_json())
-    result = CliRunner().invoke(cli, ["lower", "--config", str(path), "--hw", "16", "16"])
-    assert result.exit_code == 1, result.output
-    line = result.stderr.strip()
+    line = cli_error("lower", "--config", path, "--hw", "16", "16", code=1)
     assert line.startswith("Error: does not lower for cuda: ") and "head dim must be <= 128" in line, line
 
 
@@ -232,9 +212,9 @@ def test_sequence_parallel_program_runs_cudnn_inside_each_shard():
     # Each shard attends with its quarter of the 4096 queries to every key.
     assert [(a["backend"], a["n"], a["m"]) for a in report["attention"]] == [("cudnn", 1024, 4096), ("cudnn", 1024, 77)] * 2
     for program in ("forward", "backward"):
-        total = cudnn_only(report["custom_calls"][program])
-        assert total and cudnn_only(report["custom_calls_per_shard"][program]) == total
-    assert cudnn_only(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
+        total = cudnn_calls(report["custom_calls"][program])
+        assert total and cudnn_calls(report["custom_calls_per_shard"][program]) == total
+    assert cudnn_calls(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
 
 
 # --- the lowering path's own promises ----------------------------------------------------------
@@ -257,7 +237,7 @@ def test_other_platforms_choose_for_themselves():
     report = lower_json("--config", "default", "--platform", "cpu")
     assert report["cudnn_version"]["version"] is None
     assert all(a["platform"] == "cpu" and a["backend"] != "cudnn" for a in report["attention"])
-    assert not cudnn_only(report["custom_calls"]["forward"])
+    assert not cudnn_calls(report["custom_calls"]["forward"])
 
 
 def test_calls_are_named_only_when_they_match_the_modules(block):
@@ -266,7 +246,7 @@ def test_calls_are_named_only_when_they_match_the_modules(block):
     with pytest.raises(ValueError, match="2 attention calls traced for 4 attention modules"):
         lowering.name_calls(PRESETS["sdxl"].config.make_abstract(), program.calls)
     other = nnx.eval_shape(lambda: flax_sgm.BasicTransformerBlock(640, 5, 128, context_dim=2048, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="heads x d_head 10 x 64"):
+    with pytest.raises(ValueError, match="heads x head_dim 10 x 64"):
         lowering.name_calls(other, program.calls)
 
 
@@ -279,7 +259,7 @@ def test_calls_are_named_in_call_order_past_ten_blocks(tmp_path):
 
 
 def test_help_has_examples():
-    out = CliRunner().invoke(cli, ["lower", "--help"]).output
+    out = run_cli("lower", "--help").output
     assert "Examples:" in out and "flax-sgm lower --config long --backward" in out
 
 
@@ -297,18 +277,18 @@ def test_help_has_examples():
     ids=["unknown-config", "mesh-two-axes", "mesh-zero", "dtype", "hw", "platform", "mesh-too-large"],
 )
 def test_bad_flags_exit_2_with_one_line(args, message):
-    assert message in fail(*args)
+    assert message in cli_error("lower", *args)
 
 
 def test_bad_config_files_exit_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert "not valid JSON" in fail("--config", bad)
-    bad.write_text(json.dumps({"in_channels": 64, "n_heads": 2}))
-    assert "d_head" in fail("--config", bad)
-    bad.write_text(json.dumps({"in_channels": 64, "n_heads": 2, "d_head": 32, "sdp_backend": "cudnn"}))
+    assert "not valid JSON" in cli_error("lower", "--config", bad)
+    bad.write_text(json.dumps({"in_channels": 64, "heads": 2}))
+    assert "head_dim" in cli_error("lower", "--config", bad)
+    bad.write_text(json.dumps({"in_channels": 64, "heads": 2, "head_dim": 32, "sdp_backend": "cudnn"}))
     # An explicit cuDNN backend in float32: a config that cannot run, said before anything is lowered.
-    assert "attention backend 'cudnn' cannot run this input" in fail("--config", bad, "--dtype", "float32")
+    assert "attention backend 'cudnn' cannot run this input" in cli_error("lower", "--config", bad, "--dtype", "float32")
 
 
 # --- on a GPU: the same program lowered and compiled for real ----------------------------------
@@ -322,7 +302,7 @@ def test_on_a_gpu_the_lowered_program_compiles_with_the_same_custom_calls():
         p.config.replace(use_checkpoint=False), lowering.Inputs(p.batch, p.hw, p.context_tokens), backward=True
     )
     assert report["cudnn_version"]["stand_in"] is False
-    assert cudnn_only(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
+    assert cudnn_calls(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
     model = p.config.replace(use_checkpoint=False).make_abstract(dtype=BF16, param_dtype=BF16)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = S((p.batch, *p.hw, p.config.in_channels), BF16)
@@ -359,10 +339,10 @@ def test_jvp_on_gpu_avoids_cudnn_and_grad_keeps_it(checkpoint):
     forward_mode = lowering.lower(jvp, state, x, c)
     assert {call.backend for call in forward_mode.calls} <= {"xla", "chunked"}  # what auto takes without cuDNN
     assert all("forward-mode" in call.reason for call in forward_mode.calls)
-    assert not cudnn_only(forward_mode.custom_calls)
+    assert not forward_mode.cudnn_calls()
     reverse = lowering.lower(grad, state, x, c)
     assert {call.backend for call in reverse.calls} == {"cudnn"}
-    assert cudnn_only(reverse.custom_calls) == {FWD: 2, BWD: 2}
+    assert reverse.cudnn_calls() == {FWD: 2, BWD: 2}
 
 
 def test_jvp_with_cudnn_requested_is_one_line_naming_the_backends():
@@ -392,7 +372,7 @@ def test_forward_mode_through_a_transform_boundary_needs_the_explicit_scope():
     with forward_mode_scope(True):
         program = lowering.lower(jvp_of_vmap, state, x, c)
     assert program.calls and all(call.backend != "cudnn" for call in program.calls)
-    assert not cudnn_only(program.custom_calls)
+    assert not program.cudnn_calls()
 
 
 def test_vmap_over_the_model_with_odd_lengths_lowers_to_cudnn():
@@ -406,5 +386,5 @@ def test_vmap_over_the_model_with_odd_lengths_lowers_to_cudnn():
     def grad(state, x, c):
         return jax.grad(lambda x: per_example(state, x, c).astype(jnp.float32).sum())(x)
 
-    assert cudnn_only(lowering.lower(per_example, state, x, c).custom_calls) == {FWD: 2}
-    assert cudnn_only(lowering.lower(grad, state, x, c).custom_calls) == {FWD: 2, BWD: 2}
+    assert lowering.lower(per_example, state, x, c).cudnn_calls() == {FWD: 2}
+    assert lowering.lower(grad, state, x, c).cudnn_calls() == {FWD: 2, BWD: 2}

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import flax_sgm
 import torch_ref
 from flax_sgm.layout import CheckpointError
-from conftest import CRITERIA, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from conftest import assert_stack_matches_torch, cli_error, randomize_, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 24
@@ -36,16 +36,6 @@ def submodule(module, prefix):
     for part in prefix.rstrip(".").split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
-
-
-def assert_same(flax_module, torch_module, channels, diffusers=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x, context = torch.randn(2, channels, 3, 5, generator=gen), torch.randn(2, 6, CONTEXT, generator=gen)
-    with torch.no_grad():
-        out = torch_module(x, encoder_hidden_states=context) if diffusers else torch_module(x, context)
-    expected = (out.sample if diffusers else out).numpy()
-    got = nhwc_to_nchw(np.asarray(flax_module(nchw_to_nhwc(x.numpy()), context.numpy())))
-    assert rel_err(got, expected) <= CRITERIA["float32"].forward
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +67,6 @@ def sgm(tmp_path_factory):
     return d, module
 
 
-def cli(*args):
-    from click.testing import CliRunner
-
-    from flax_sgm.cli import cli as command
-
-    return CliRunner().invoke(command, [str(a) for a in args])
-
-
-def one_line_error(*args) -> str:
-    result = cli(*args)
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
-
-
 # --- diffusers model directories ----------------------------------------------------------------
 
 
@@ -102,17 +76,17 @@ def test_a_diffusers_directory_loads_every_stack_with_its_own_heads(unet):
     assert {p + ".": m.transformer_blocks[0].attn1.heads for p, m in loaded.items()} == UNET_STACK_HEADS
     for prefix, flax_module in loaded.items():
         torch_module = model.get_submodule(prefix)  # the keys are submodule names
-        assert_same(flax_module, torch_module, torch_module.config.in_channels, diffusers=True)
+        assert_stack_matches_torch(flax_module, torch_module)
 
 
 def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
     path, model = unet
     prefix = "up_blocks.1.attentions.1"
-    assert_same(flax_sgm.load_pretrained(path, prefix), submodule(model, prefix), 32, diffusers=True)
+    assert_stack_matches_torch(flax_sgm.load_pretrained(path, prefix), submodule(model, prefix))
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     # The index passed on its own takes the config.json beside it; an index elsewhere needs the heads.
-    assert_same(flax_sgm.load_pretrained(index, prefix), submodule(model, prefix), 32, diffusers=True)
-    assert_same(flax_sgm.load_pretrained(index, prefix, heads=4), submodule(model, prefix), 32, diffusers=True)
+    assert_stack_matches_torch(flax_sgm.load_pretrained(index, prefix), submodule(model, prefix))
+    assert_stack_matches_torch(flax_sgm.load_pretrained(index, prefix, heads=4), submodule(model, prefix))
 
 
 def test_heads_contradicting_config_json_are_refused(unet):
@@ -133,7 +107,7 @@ def test_a_transformer2d_directory(tmp_path):
     flax_module = flax_sgm.load_pretrained(tmp_path / "transformer")
     assert flax_module.proj_in.kernel.dtype == np.float32  # diffusers' own file, not a variant
     assert flax_module.transformer_blocks[1].attn2.heads == 4
-    assert_same(flax_module, model, 32, diffusers=True)
+    assert_stack_matches_torch(flax_module, model)
     config = tmp_path / "transformer" / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"attention_head_dim": 16}))
     with pytest.raises(CheckpointError, match="gives '' 4 heads of 16, but its weights have an inner dim of 32"):
@@ -142,16 +116,16 @@ def test_a_transformer2d_directory(tmp_path):
 
 def test_cli_inspects_converts_and_verifies_a_diffusers_directory(unet, tmp_path):
     path, model = unet
-    info = json.loads(cli("inspect", path, "--json").stdout)
+    info = json.loads(run_cli("inspect", path, "--json").stdout)
     assert {s["prefix"]: s["heads"] for s in info["stacks"]} == UNET_STACK_HEADS
-    result = cli("convert", path, "--all", "--format", "safetensors", "-o", tmp_path / "out")
+    result = run_cli("convert", path, "--all", "--format", "safetensors", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     for prefix, flax_module in flax_sgm.load_pretrained_all(tmp_path / "out").items():
         assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix + "."]
-        assert_same(flax_module, submodule(model, prefix), submodule(model, prefix).config.in_channels, diffusers=True)
-    report = json.loads(cli("verify", "--checkpoint", path, "--prefix", "down_blocks.0.attentions.0", "--json").stdout)
-    assert report["passed"] and report["config"]["n_heads"] == 4
-    line = one_line_error("convert", path, "--prefix", "down_blocks.0.attentions.0", "--heads", 2, "-o", tmp_path / "x")
+        assert_stack_matches_torch(flax_module, submodule(model, prefix))
+    report = json.loads(run_cli("verify", "--checkpoint", path, "--prefix", "down_blocks.0.attentions.0", "--json").stdout)
+    assert report["passed"] and report["config"]["heads"] == 4
+    line = cli_error("convert", path, "--prefix", "down_blocks.0.attentions.0", "--heads", 2, "-o", tmp_path / "x")
     assert "--heads 2 contradicts" in line and not (tmp_path / "x").exists()
 
 
@@ -178,16 +152,16 @@ def test_a_sharded_fp16_variant_loads_with_variant(fp16_unet, tmp_path):
     path, model = fp16_unet
     prefix = "down_blocks.1.attentions.0"
     flax_module = flax_sgm.load_pretrained(path, prefix, variant="fp16", param_dtype="float32")
-    assert_same(flax_module, model.get_submodule(prefix), 64, diffusers=True)
+    assert_stack_matches_torch(flax_module, model.get_submodule(prefix))
     assert flax_sgm.load_pretrained(path, prefix, variant="fp16").proj_in.kernel.dtype == np.float16
     # Its index passed on its own: never read as safetensors, and its heads from the config.json beside it.
     index = path / "diffusion_pytorch_model.safetensors.index.fp16.json"
     flax_module = flax_sgm.load_pretrained(index, prefix, param_dtype="float32")
     assert flax_module.transformer_blocks[0].attn1.heads == UNET_STACK_HEADS[prefix + "."]
-    assert_same(flax_module, model.get_submodule(prefix), 64, diffusers=True)
-    assert "holds diffusers variants only (fp16); pass --variant" in one_line_error("inspect", path)
-    assert "has no 'ema' variant (its variants: fp16)" in one_line_error("inspect", path, "--variant", "ema")
-    result = cli("convert", path, "--variant", "fp16", "--all", "-o", tmp_path / "out")
+    assert_stack_matches_torch(flax_module, model.get_submodule(prefix))
+    assert "holds diffusers variants only (fp16); pass --variant" in cli_error("inspect", path)
+    assert "has no 'ema' variant (its variants: fp16)" in cli_error("inspect", path, "--variant", "ema")
+    result = run_cli("convert", path, "--variant", "fp16", "--all", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert len(flax_sgm.load_pretrained_all(tmp_path / "out")) == len(UNET_STACK_HEADS)
 
@@ -202,11 +176,11 @@ def test_any_variant_name_and_a_variant_file_on_its_own(tmp_path):
     path, plain, ema = tmp_path / "transformer", made(4), made(5)
     plain.save_pretrained(path)
     ema.save_pretrained(path, variant="ema")
-    assert_same(flax_sgm.load_pretrained(path), plain, 32, diffusers=True)
-    assert_same(flax_sgm.load_pretrained(path, variant="ema"), ema, 32, diffusers=True)
+    assert_stack_matches_torch(flax_sgm.load_pretrained(path), plain)
+    assert_stack_matches_torch(flax_sgm.load_pretrained(path, variant="ema"), ema)
     alone = flax_sgm.load_pretrained(path / "diffusion_pytorch_model.ema.safetensors")
     assert alone.transformer_blocks[0].attn1.heads == 4  # from the config.json beside it
-    assert_same(alone, ema, 32, diffusers=True)
+    assert_stack_matches_torch(alone, ema)
     with pytest.raises(CheckpointError, match="variant 'fp16' picks a diffusers directory's files; this file is the 'ema' variant"):
         flax_sgm.load_pretrained(path / "diffusion_pytorch_model.ema.safetensors", variant="fp16")
 
@@ -222,7 +196,7 @@ def test_any_variant_name_and_a_variant_file_on_its_own(tmp_path):
 )
 def test_a_json_file_is_never_read_as_safetensors(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
-    line = one_line_error("inspect", tmp_path / name)
+    line = cli_error("inspect", tmp_path / name)
     assert message in line and "safetensors file" not in line
 
 
@@ -246,7 +220,7 @@ def test_a_missing_shard_is_named(unet, tmp_path):
     path = copy_unet(unet, tmp_path)
     shard = sorted(path.glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
-    line = one_line_error("inspect", path)
+    line = cli_error("inspect", path)
     assert f"lists shard {shard.name}, which does not exist" in line
 
 
@@ -269,14 +243,14 @@ def test_a_bad_config_json_is_one_line_naming_it(unet, tmp_path, config, message
     elif config == "heads":
         config = json.dumps(document | {"attention_head_dim": [3, 2]})
     (path / "config.json").write_text(config)
-    line = one_line_error("convert", path, "--all", "-o", tmp_path / "out")
+    line = cli_error("convert", path, "--all", "-o", tmp_path / "out")
     assert message in line and str(path / "config.json") in line
     assert not (tmp_path / "out").exists()
 
 
 def test_a_pipeline_directory_names_its_models(unet, tmp_path):
     copy_unet(unet, tmp_path)
-    assert "a pipeline? its models: unet/" in one_line_error("inspect", tmp_path)
+    assert "a pipeline? its models: unet/" in cli_error("inspect", tmp_path)
 
 
 # --- SGM single files ---------------------------------------------------------------------------
@@ -286,7 +260,7 @@ def test_a_pipeline_directory_names_its_models(unet, tmp_path):
 def test_an_sgm_file_loads_directly(sgm, name):
     d, module = sgm
     flax_module = flax_sgm.load_pretrained(d / name, SGM, head_dim=16)
-    assert_same(flax_module, module, 32)
+    assert_stack_matches_torch(flax_module, module)
     half = flax_sgm.load_pretrained(d / name, SGM, heads=2, param_dtype="bfloat16")
     assert half.proj_in.kernel.dtype == np.dtype("bfloat16")
 
@@ -295,10 +269,31 @@ def test_load_pretrained_param_dtype_on_a_converted_output(sgm, tmp_path):
     d, module = sgm
     flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2)
     same = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="float32")
-    assert_same(same, module, 32)
+    assert_stack_matches_torch(same, module)
     half = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="bfloat16")
     assert half.proj_in.kernel.dtype == np.dtype("bfloat16")
     np.testing.assert_array_equal(half.proj_in.kernel[...], same.proj_in.kernel[...].astype("bfloat16"))
+
+
+def test_an_output_written_before_the_heads_rename_still_loads(sgm, tmp_path):
+    """Format 2 recorded a stack's heads as n_heads / d_head; version 3 says heads / head_dim."""
+    d, module = sgm
+    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights="safetensors")
+    path = tmp_path / "out" / "config.json"
+    document = json.loads(path.read_text())
+    assert document["version"] == 3 and document["stacks"][0]["config"]["heads"] == 2
+    config = document["stacks"][0]["config"]
+    document["version"], document["stacks"][0]["config"] = 2, {
+        {"heads": "n_heads", "head_dim": "d_head"}.get(k, k): v for k, v in config.items()
+    }
+    path.write_text(json.dumps(document))
+    model = flax_sgm.load_pretrained(tmp_path / "out")
+    assert model.config == flax_sgm.SpatialTransformerConfig.from_seed_args(**SGM_CONFIG)
+    assert_stack_matches_torch(model, module)
+    document["stacks"][0]["config"]["heads"] = 2  # a v2 record naming both is damaged, not guessed
+    path.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=r"damaged flax-sgm config \(a v2 record with the v3 keys \['heads'\]\)"):
+        flax_sgm.load_pretrained(tmp_path / "out")
 
 
 def test_convert_all_names_prefix_when_a_stack_cannot_be_converted(sgm, tmp_path):
@@ -310,9 +305,9 @@ def test_convert_all_names_prefix_when_a_stack_cannot_be_converted(sgm, tmp_path
         tensors[f"{plain}transformer_blocks.{i}.ff.net.0.proj.weight"] = torch.zeros(128, 32)
         tensors[f"{plain}transformer_blocks.{i}.ff.net.0.proj.bias"] = torch.zeros(128)
     save_file(tensors, tmp_path / "mixed.safetensors")
-    line = one_line_error("convert", tmp_path / "mixed.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out")
+    line = cli_error("convert", tmp_path / "mixed.safetensors", "--all", "--heads", 2, "-o", tmp_path / "out")
     assert "gated_ff=False" in line and "--prefix" in line and "--skip-unsupported" in line
-    result = cli("convert", tmp_path / "mixed.safetensors", "--all", "--skip-unsupported", "--heads", 2,
+    result = run_cli("convert", tmp_path / "mixed.safetensors", "--all", "--skip-unsupported", "--heads", 2,
                  "-o", tmp_path / "out")
     assert result.exit_code == 0 and f"skipping {plain}" in result.stderr
     assert list(flax_sgm.load_pretrained_all(tmp_path / "out")) == [SGM.removesuffix(".")]
@@ -322,7 +317,7 @@ def test_verify_offers_no_all(sgm, tmp_path):
     d, module = sgm
     tensors = {p + k: v.clone() for p in (SGM, "b.") for k, v in module.state_dict().items()}
     save_file(tensors, tmp_path / "two.safetensors")
-    line = one_line_error("verify", "--checkpoint", tmp_path / "two.safetensors", "--heads", 2)
+    line = cli_error("verify", "--checkpoint", tmp_path / "two.safetensors", "--heads", 2)
     assert "choose one with --prefix" in line and "--all" not in line
 
 

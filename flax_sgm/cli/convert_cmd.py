@@ -105,7 +105,7 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
     )
     for s in written:
         c = s.config
-        click.echo(f"  {s.prefix or '(root)'}  {c.in_channels} ch, {c.n_heads}x{c.d_head} heads, "
+        click.echo(f"  {s.prefix or '(root)'}  {c.in_channels} ch, {c.heads}x{c.head_dim} heads, "
                    f"depth {c.depth}, context {_context(c.context_dim)}, {s.param_dtype}")
     if len(written) == 1:
         click.echo(f"load: flax_sgm.load_pretrained({str(out)!r})")

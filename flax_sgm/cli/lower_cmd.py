@@ -164,7 +164,7 @@ def format_lowering(report: dict) -> str:
         )
     else:
         head = (
-            f"SpatialTransformer({c['in_channels']} ch, {c['n_heads']}x{c['d_head']} heads, depth {c['depth']}, "
+            f"SpatialTransformer({c['in_channels']} ch, {c['heads']}x{c['head_dim']} heads, depth {c['depth']}, "
             f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "
             f"context {inputs['context']}, {inputs['dtype']}"
         )

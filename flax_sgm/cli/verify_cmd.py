@@ -95,16 +95,16 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
     if as_json:
         click.echo(to_json({"config": config.to_dict(), "source": source, **report.to_dict()}))
     else:
-        click.echo("\n".join([*_report_head(type(flax_module).__name__, config, source, report), report.format()]))
+        click.echo("\n".join([*_report_head(config, source, report), report.format()]))
     sys.exit(0 if report.passed else PARITY_FAILED)
 
 
-def _report_head(model: str, config, source: dict, report) -> list[str]:
+def _report_head(config, source: dict, report) -> list[str]:
     args = ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
     inputs = ", ".join(f"{k} {v}" for k, v in report.inputs.items())
     source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in source.items())
     return [
-        f"{model}({args})",
+        f"{type(config).__name__}({args})",
         f"weights: {source}",
         f"input: {inputs} (x NCHW for torch, NHWC for flax)",
         "",

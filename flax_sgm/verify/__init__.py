@@ -9,7 +9,7 @@
 
 import importlib
 
-from flax_sgm.verify.criteria import CRITERIA, NEGLIGIBLE_GRAD, Criterion
+from flax_sgm.verify.criteria import CRITERIA, NEGLIGIBLE_GRAD, Criterion, rel_err
 
 # The torch-backed names load on first use, so `from flax_sgm.verify import criteria` stays torch-free.
 _LAZY = {
@@ -19,7 +19,6 @@ _LAZY = {
     "compare": "harness",
     "nchw_to_nhwc": "harness",
     "nhwc_to_nchw": "harness",
-    "rel_err": "harness",
     "Report": "modules",
     "Row": "modules",
     "submodule_names": "modules",

@@ -9,13 +9,15 @@ torch's own error in the run dtype, not against torch's numbers:
 
 so an input on which float32 itself is ill-conditioned (torch off the float64 result
 too) does not fail flax_sgm, while a wrong weight, which torch does not have, does.
-This module imports neither torch nor jax.
+This module imports neither torch nor jax (numpy only).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+
+import numpy as np
 from typing import NamedTuple
 
 
@@ -98,3 +100,15 @@ def problems(errors: dict[str, tuple[float, float]], dtype: str, *, median: bool
         if m > c.median:
             found.append(f"median ratio {m:.2f} > {c.median}")
     return found
+
+
+def rel_err(actual, expected, scale: float | None = None) -> float:
+    """max |actual - expected| / scale (default max |expected|); the absolute difference where the scale is 0."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shapes differ: {list(actual.shape)} against {list(expected.shape)}")
+    if actual.size == 0:
+        return 0.0
+    diff = float(np.abs(actual - expected).max())
+    scale = float(np.abs(expected).max()) if scale is None else scale
+    return diff / scale if scale > 0 else diff

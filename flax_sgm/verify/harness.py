@@ -24,6 +24,7 @@ from flax_sgm import convert
 from flax_sgm.attention_backends import record_attention_calls
 from flax_sgm.verify import criteria
 from flax_sgm.verify.adapters import CallAdapter, adapter_for
+from flax_sgm.verify.criteria import rel_err
 
 REFERENCES = ("float64", "torch")
 # Inputs that never get a gradient although they may be float: an additive mask is a constant.
@@ -63,18 +64,6 @@ def nchw_to_nhwc(a):
 
 def nhwc_to_nchw(a):
     return np.transpose(a, (0, 3, 1, 2))
-
-
-def rel_err(actual, expected, scale: float | None = None) -> float:
-    """max |actual - expected| / scale (default max |expected|); the absolute difference where the scale is 0."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    if actual.shape != expected.shape:
-        raise ValueError(f"shapes differ: {list(actual.shape)} against {list(expected.shape)}")
-    if actual.size == 0:
-        return 0.0
-    diff = float(np.abs(actual - expected).max())
-    scale = float(np.abs(expected).max()) if scale is None else scale
-    return diff / scale if scale > 0 else diff
 
 
 class Run(NamedTuple):

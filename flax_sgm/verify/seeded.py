@@ -64,8 +64,7 @@ def torch_spatial_transformer(config: SpatialTransformerConfig) -> torch.nn.Modu
     """torch_ref's SpatialTransformer of `config` (its constructor's arguments)."""
     import torch_ref
 
-    kwargs = config.to_dict()
-    del kwargs["checkpoint_policy"]  # flax_sgm's only
+    kwargs = config.seed_args()
     kwargs["sdp_backend"] = None  # flax_sgm's backend names; torch's kernel choice does not change the math
     return torch_ref.SpatialTransformer(**kwargs)
 
