@@ -20,6 +20,8 @@ after imports):
               `flax-sgm convert DIR -o OUT ARGS` (default `--all --format safetensors`, the stack
               converter; pass --convert-args again for a whole-UNet convert), output beside the file
   before      load_unet from a git archive of --against (the code before), when given
+  before-convert
+              the convert case, run by the code of --against
 Rounds interleave the cases (the machine may be shared); each line gives the load average
 when the case started. Cold: the weights file's pages are dropped first (posix_fadvise
 DONTNEED after fsync; `--drop-caches` writes 3 to /proc/sys/vm/drop_caches instead).
@@ -117,7 +119,7 @@ def child(case: str, directory: Path, out: Path, convert_args: str) -> dict:
         jax.block_until_ready(nnx.state(flax_sgm.load_unet(directory)))
     elif case == "phases":
         result["phases"] = phases(directory)
-    elif case.startswith("convert"):
+    elif case.startswith("convert") or case == "before-convert":
         from click.testing import CliRunner
 
         from flax_sgm.cli import cli
@@ -213,7 +215,7 @@ def drop_cache(file: Path, everything: bool) -> None:
 def run_case(case: str, directory: Path, out: Path, args, before: Path | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
-    tree = before if case == "before" else REPO
+    tree = before if case.startswith("before") else REPO
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(tree), str(REPO), env.get("PYTHONPATH", "")] if p)
     cmd = [sys.executable, __file__, "--child", case, "--dir", str(directory.parent), "--model", args.model,
            "--out", str(out), "--convert-args", args.convert_args]
@@ -230,7 +232,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the model directory is kept (default: /tmp)")
     parser.add_argument("--model", choices=list(CONFIGS), default="sd15")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated (default {DEFAULT_CASES}; also before)")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated (default {DEFAULT_CASES}; also before, before-convert)")
     parser.add_argument("--convert-args", default="--all --format safetensors",
                         help="the arguments of the convert case after CHECKPOINT -o OUT")
     parser.add_argument("--against", help="git revision of the code before: adds the `before` case")
