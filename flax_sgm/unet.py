@@ -238,21 +238,7 @@ class UNetModel(nnx.Module):
                     **layer,
                 )
             if isinstance(spec, Attn):
-                return SpatialTransformer(
-                    spec.channels,
-                    spec.heads,
-                    spec.head_dim,
-                    depth=spec.depth,
-                    dropout=config.dropout,
-                    context_dim=config.context_dim,
-                    disable_self_attn=spec.disable_self_attn,
-                    use_linear=config.use_linear_in_transformer,
-                    attn_type=config.spatial_transformer_attn_type,
-                    use_checkpoint=config.use_checkpoint,
-                    sdp_backend=config.sdp_backend,
-                    checkpoint_policy=config.checkpoint_policy,
-                    **layer,
-                )
+                return SpatialTransformer.from_config(config.transformer(spec), **layer)
             return (Downsample if isinstance(spec, Down) else Upsample)(spec.channels, **layer)
 
         self.input_blocks = nnx.List([nnx.List([build(s) for s in block]) for block in config.input_blocks])

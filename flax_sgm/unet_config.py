@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm import numerics
+from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
@@ -33,7 +34,7 @@ class Res(NamedTuple):
 
 
 class Attn(NamedTuple):
-    """A SpatialTransformer: its constructor's arguments that vary per block."""
+    """A SpatialTransformer: what varies per layer (UNetConfig.transformer gives its whole config)."""
 
     channels: int
     heads: int
@@ -171,6 +172,23 @@ class UNetConfig:
         if channels % split:
             raise ValueError(f"UNetConfig: {channels} channels do not split into {split} heads")
         return (split, channels // split) if self.num_head_channels == -1 else (split, self.num_head_channels)
+
+    def transformer(self, spec: Attn) -> SpatialTransformerConfig:
+        """The SpatialTransformerConfig of an attention layer: its own sizes, the UNet's settings."""
+        return SpatialTransformerConfig(
+            in_channels=spec.channels,
+            heads=spec.heads,
+            head_dim=spec.head_dim,
+            depth=spec.depth,
+            dropout=self.dropout,
+            context_dim=self.context_dim,
+            disable_self_attn=spec.disable_self_attn,
+            use_linear=self.use_linear_in_transformer,
+            attn_type=self.spatial_transformer_attn_type,
+            use_checkpoint=self.use_checkpoint,
+            sdp_backend=self.sdp_backend,
+            checkpoint_policy=self.checkpoint_policy,
+        )
 
     def _attention(self, channels: int, depth: int, disable_self_attn: bool) -> Attn:
         if self.num_head_channels != -1 and channels % self.num_head_channels:
