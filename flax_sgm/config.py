@@ -100,7 +100,8 @@ class SpatialTransformerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown SpatialTransformer config keys {unknown}; known: {sorted(known)}")
+            seed_names = "".join(f"; {k} is the seed's name for {SEED_NAMES[k]}" for k in unknown if k in SEED_NAMES)
+            raise ValueError(f"{source}: unknown SpatialTransformer config keys {unknown}{seed_names}; known: {sorted(known)}")
         try:
             return cls(**d)
         except (TypeError, ValueError) as err:  # a required key missing, a bad value

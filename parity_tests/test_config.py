@@ -50,7 +50,8 @@ def test_abstract_build_allocates_nothing():
     "text,message",
     [
         ('{"in_channels": 64, "heads": 2}', "head_dim"),
-        ('{"in_channels": 64, "heads": 2, "head_dim": 32, "n_heads": 3}', "unknown SpatialTransformer config keys"),
+        ('{"in_channels": 64, "heads": 2, "head_dim": 32, "n_heads": 3}',
+         r"unknown SpatialTransformer config keys \['n_heads'\]; n_heads is the seed's name for heads"),
         ('{"in_channels": 0, "heads": 2, "head_dim": 32}', "`in_channels` must be a positive int"),
         ("[1, 2]", "must be a JSON object"),
         ("{", "not valid JSON"),
