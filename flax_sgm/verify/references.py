@@ -98,10 +98,16 @@ def _diffusers_stack(diffusers, directory: Path, variant: str | None, prefix: st
     import json
 
     kind = json.loads((directory / "config.json").read_text())["_class_name"]
-    model = getattr(diffusers, kind).from_pretrained(directory, variant=variant, torch_dtype=torch.float32).eval()
+    model = _from_pretrained(getattr(diffusers, kind), directory, variant)
     name = prefix.removesuffix(".")
     module = model.get_submodule(name)
     return module, f"{kind}" + (f".{name}" if name else "") + (f" (variant {variant})" if variant else "")
+
+
+def _from_pretrained(cls, directory: Path, variant: str | None) -> torch.nn.Module:
+    """diffusers' model of `directory` in float32. low_cpu_mem_usage=False: what diffusers falls back to without
+    accelerate anyway, asked for so that it prints no warning about it."""
+    return cls.from_pretrained(directory, variant=variant, torch_dtype=torch.float32, low_cpu_mem_usage=False).eval()
 
 
 def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
@@ -121,7 +127,7 @@ def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str =
                               "builds the reference from its config.json); this is not one")
     from diffusers import UNet2DConditionModel
 
-    torch_unet = UNet2DConditionModel.from_pretrained(directory, variant=variant, torch_dtype=torch.float32).eval()
+    torch_unet = _from_pretrained(UNet2DConditionModel, directory, variant)
     flax_unet = load_unet(directory, variant=variant, dtype=None if dtype == "float32" else dtype, param_dtype=dtype,
                           use_checkpoint=False)
     config = flax_unet.config
