@@ -38,8 +38,9 @@ FORMAT_NAME = "flax-sgm"
 FORMAT_VERSION = 3  # 2: a stack's config named its heads as the seed does; 1: a bare Orbax directory (refused)
 WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
-UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet (absent: a SpatialTransformer stack)
-CONFIGS = {"SpatialTransformer": SpatialTransformerConfig, UNET_RECORD: UNetConfig}
+UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet
+STACK_RECORD = "SpatialTransformer"  # what a record without "model" holds
+CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig}
 
 
 class StackRecord(NamedTuple):
@@ -201,7 +202,7 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
-                        CONFIGS[s.get("model", "SpatialTransformer")].from_dict(
+                        CONFIGS[s.get("model", STACK_RECORD)].from_dict(
                             _migrated(s, version), source=f"stack {s['prefix']!r}"),
                         tuple((str(name), int(size)) for name, size in s["files"].items()))
             for s in document["stacks"]

@@ -298,6 +298,11 @@ def test_convert_all_and_repeated_prefix(files, tmp_path):
         assert_stack_matches_torch(model, modules[prefix])
     with pytest.raises(CheckpointError, match="holds 2 stacks"):
         flax_sgm.load_pretrained(tmp_path / "all")
+    text = run_cli("inspect", tmp_path / "all").output  # what the converted directory records
+    assert "a flax-sgm convert output (orbax), 2 record(s)" in text
+    assert f"{SGM}middle_block.1.  64 ch, 2x16 heads, depth 2, context [24, 40], float32" in text, text
+    recorded = json.loads(run_cli("inspect", "--json", tmp_path / "all").stdout)["stacks"]
+    assert [r["config"] for r in recorded] == [m.config.to_dict() for m in loaded.values()]
     prefixes = [a for p in STACKS for a in ("--prefix", p)]
     run_cli("convert", d / "sgm.ckpt", *prefixes, "--heads", 2, "-o", tmp_path / "two", "--format", "safetensors")
     model = flax_sgm.load_pretrained(tmp_path / "two", prefix=SGM + "middle_block.1")

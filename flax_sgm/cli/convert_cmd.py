@@ -8,6 +8,7 @@ import time
 import click
 
 from flax_sgm import output, pretrained
+from flax_sgm.unet_config import UNetConfig
 from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_options, to_json, variant_option
 
 
@@ -73,8 +74,7 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
 
         config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
                               param_dtype=param_dtype, overwrite=overwrite)
-        click.echo(f"wrote {out} ({weights}): the whole UNet ({config.model_channels} ch x {list(config.channel_mult)}, "
-                   f"context {config.context_dim}) in {time.perf_counter() - start:.1f} s")
+        click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}) in {time.perf_counter() - start:.1f} s")
         click.echo(f"load: flax_sgm.load_unet({str(out)!r})")
         return
     bar = None
@@ -104,9 +104,7 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
         f"in {time.perf_counter() - start:.1f} s"
     )
     for s in written:
-        c = s.config
-        click.echo(f"  {s.prefix or '(root)'}  {c.in_channels} ch, {c.heads}x{c.head_dim} heads, "
-                   f"depth {c.depth}, context {_context(c.context_dim)}, {s.param_dtype}")
+        click.echo(f"  {s.prefix or '(root)'}  {_stack(s.config)}, {s.param_dtype}")
     if len(written) == 1:
         click.echo(f"load: flax_sgm.load_pretrained({str(out)!r})")
     else:
@@ -114,17 +112,26 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
                    f"or all: flax_sgm.load_pretrained_all({str(out)!r})")
 
 
+def _stack(c) -> str:
+    return f"{c.in_channels} ch, {c.heads}x{c.head_dim} heads, depth {c.depth}, context {_context(c.context_dim)}"
+
+
+def _unet(c) -> str:
+    return f"{c.model_channels} ch x {list(c.channel_mult)}, context {c.context_dim}"
+
+
 def _context(context_dim) -> str:
     return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
 
 
 @click.command(
-    short_help="List the SpatialTransformer stacks in a checkpoint.",
+    short_help="List the SpatialTransformer stacks in a checkpoint (or what a converted directory holds).",
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
   flax-sgm inspect stable-diffusion-xl-base-1.0/unet
-  flax-sgm inspect v1-5-pruned.ckpt --json"""
+  flax-sgm inspect v1-5-pruned.ckpt --json
+  flax-sgm inspect xl-attention                 # a `flax-sgm convert` output"""
 )
 @click.argument("checkpoint", type=click.Path())
 @variant_option
@@ -132,7 +139,13 @@ Examples:
 @clean_errors
 def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
-    index) and what their shapes say about them, and the whole UNet when it holds one."""
+    index) and what their shapes say about them, and the whole UNet when it holds one. A `flax-sgm convert`
+    output: what its config.json records."""
+    if output.is_output(checkpoint):
+        if variant is not None:
+            raise click.UsageError("a converted output has no variants: leave out --variant")
+        _inspect_output(checkpoint, as_json)
+        return
     from flax_sgm.pretrained_unet import unet_summary
     from flax_sgm.sources import open_source
     from flax_sgm.stacks import inspect_stacks
@@ -159,7 +172,7 @@ def inspect(checkpoint, variant, as_json):
         what = f"the {unet['preset']} preset" if unet["preset"] else "none of the released models"
         click.echo(f"a whole UNet, {unet['parameters'] / 1e6:.1f}M parameters: {what}"
                    + (f" ({as_flags(unet['problem'])})" if unet["problem"] else "")
-                   + f"; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
+                   + "; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
     if not summaries and not problems:
         click.echo("no SpatialTransformer stack found")
         return
@@ -176,6 +189,23 @@ def inspect(checkpoint, variant, as_json):
     if any(s["heads"] is None for s in summaries):
         click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
                    "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+
+
+def _inspect_output(path, as_json: bool) -> None:
+    weights, records = output.read_output(path)
+    if as_json:
+        click.echo(to_json({"file": str(path), "format": f"flax-sgm convert output ({weights})",
+                            "stacks": [{"model": output.STACK_RECORD} | r.to_dict() for r in records]}))
+        return
+    click.echo(f"{path}: a flax-sgm convert output ({weights}), {len(records)} record(s)")
+    for r in records:
+        if isinstance(r.config, UNetConfig):
+            click.echo(f"  the whole UNet ({_unet(r.config)}), {r.param_dtype}; load: flax_sgm.load_unet({str(path)!r})")
+        else:
+            click.echo(f"  {r.prefix or '(root)'}  {_stack(r.config)}, {r.param_dtype}")
+    if not any(isinstance(r.config, UNetConfig) for r in records):
+        click.echo(f"load: flax_sgm.load_pretrained({str(path)!r}"
+                   + (")" if len(records) == 1 else f", prefix=...) or flax_sgm.load_pretrained_all({str(path)!r})"))
 
 
 def _top_level(keys) -> list[str]:
