@@ -125,7 +125,7 @@ def _context(context_dim) -> str:
 
 
 @click.command(
-    short_help="List the SpatialTransformer stacks in a checkpoint (or what a converted directory holds).",
+    short_help="List the stacks in a checkpoint, or what a converted one holds.",
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
