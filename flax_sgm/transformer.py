@@ -81,11 +81,8 @@ class SpatialTransformer(nnx.Module):
         """The module `config` describes (random init from `rngs`)."""
         if not isinstance(config, SpatialTransformerConfig):
             raise ValueError(f"SpatialTransformer: `config` must be a SpatialTransformerConfig; got {type(config).__name__}")
-        c = config
         return cls(
-            c.in_channels, c.heads, c.head_dim, c.depth, c.dropout, c.context_dim, c.disable_self_attn, c.use_linear,
-            c.attn_type, c.use_checkpoint, c.sdp_backend, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-            checkpoint_policy=c.checkpoint_policy,
+            **config.seed_args(), checkpoint_policy=config.checkpoint_policy, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
 
     def __call__(self, x: jax.Array, context=None) -> jax.Array:
