@@ -30,18 +30,27 @@ def test_example_runs(script, args):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def assert_printed_as_said(out: str, section: str) -> None:
+    """The README says "It prints about `LABEL FIGURE`, below `BOUND`": the label must match and the value stay
+    under the bound. The figure's digits depend on the CPU XLA compiles for, so they are never compared."""
+    (said, bound) = re.findall(r"It prints about `(.*?)`, below `(.*?)`", section)[0]
+    printed = out.strip()
+    label, _, value = printed.rpartition(" ")
+    said_label, _, said_value = said.rpartition(" ")
+    assert label == said_label, (printed, said)
+    assert float(value) < float(bound), f"{printed}: not below the README's bound {bound}"
+    assert float(said_value) < float(bound), "the README's own figure breaks its bound"
+
+
 def test_readme_program_snippet_runs_and_prints_what_the_readme_says(capsys):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Using flax_sgm inside a JAX program", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    (said,) = re.findall(r"It prints `(.*?)`", section)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["y"].shape == namespace["x_T"].shape == namespace["dy"].shape == (2, 16, 16, 64)
-    printed = capsys.readouterr().out.strip()
-    assert printed == said
     # The JVP (every weight random, the context fixed) agrees with the central difference.
-    assert float(printed.rsplit(" ", 1)[1]) < 1e-3
+    assert_printed_as_said(capsys.readouterr().out, section)
 
 
 def test_readme_sharding_program_runs_on_8_cpu_devices():
@@ -58,8 +67,6 @@ def test_readme_sharding_program_runs_on_8_cpu_devices():
 def test_readme_unet_check_runs_and_prints_what_the_readme_says(tmp_path, monkeypatch, capsys):
     section = (ROOT / "README.md").read_text().split("## The whole UNet", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    (said,) = re.findall(r"It prints `(.*?)`", section)
     monkeypatch.chdir(tmp_path)  # it saves a diffusers directory
     exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out.strip()
-    assert printed == said
+    assert_printed_as_said(capsys.readouterr().out, section)
