@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import emit, environment, jax_sync, median_ms, torch_median_ms, write_json
-from flax_sgm.attention_backends import dot_product_attention
-from flax_sgm.attention_policy import AttentionProblem, select_backend
+from flax_sgm.attention.backends import dot_product_attention
+from flax_sgm.attention.policy import AttentionProblem, select_backend
 
 # (b, n, m, heads, d): the shapes measured in ../shared/GPU.md.
 SHAPES = [

@@ -1,7 +1,7 @@
 """The chunked (memory-bounded) attention path under autodiff on CPU: time and compiled memory.
 
 Forward, reverse mode (jax.grad of a sum) and forward mode (jax.jvp), jitted, fp32.
-With `--against REV`, the chunked path of flax_sgm/chunked_attention.py (attention_backends.py before it) at git
+With `--against REV`, the chunked path of flax_sgm/attention/chunked.py (attention_backends.py before it) at git
 revision REV runs interleaved with the working tree's, same process, same inputs:
 how the forward-mode rule was checked not to slow reverse mode (BENCHMARKS.md).
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import emit, environment, jax_sync, median_ms
-from flax_sgm import chunked_attention
+from flax_sgm.attention import chunked as chunked_attention
 
 SHAPES = ["1,1024,1024,4,32", "1,4096,77,5,64", "1,2048,2048,2,64"]
 

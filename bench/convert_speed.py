@@ -49,8 +49,8 @@ SDXL_SMALL = (640, 2, 2048)
 
 def stack_shapes(prefix: str, channels: int, depth: int, context: int) -> dict[str, tuple[int, ...]]:
     """A use_linear SpatialTransformer's torch state dict shapes, from the conversion table."""
-    from flax_sgm import convert
-    from flax_sgm.config import SpatialTransformerConfig
+    from flax_sgm.checkpoints import convert
+    from flax_sgm.attention.config import SpatialTransformerConfig
 
     config = SpatialTransformerConfig(channels, channels // 64, 64, depth=depth, context_dim=context, use_linear=True)
     return convert.torch_shapes(config.make_abstract(), prefix=prefix)
@@ -130,7 +130,7 @@ def child(args) -> dict:
 
         convert_file = checkpoints.convert_file
     else:
-        from flax_sgm import pretrained
+        from flax_sgm.attention import load as pretrained
 
         convert_file = pretrained.convert_file
     base_rss, base_cpu = _peak_rss(), _cpu_seconds()
@@ -220,8 +220,8 @@ def main():
         size = path.stat().st_size
         print(f"wrote {path.name}: {size / 1e9:.2f} GB, {n_tensors} tensors, {np.dtype(args.dtype).name}, "
               f"in {time.perf_counter() - start:.1f} s")
-        from flax_sgm.sources import open_source
-        from flax_sgm.stacks import inspect_stacks
+        from flax_sgm.checkpoints.sources import open_source
+        from flax_sgm.attention.stacks import inspect_stacks
 
         with open_source(path) as source:
             stacks, _ = inspect_stacks(source)

@@ -138,12 +138,12 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
     import jax
     import numpy as np
 
-    from flax_sgm import convert
-    from flax_sgm.pretrained import _concrete
-    from flax_sgm.sources import open_source
-    from flax_sgm.unet_config import UNetConfig
-    from flax_sgm.unet_diffusers import vector_embedding
-    from flax_sgm.unet_layout import diffusers_layout
+    from flax_sgm.checkpoints import convert
+    from flax_sgm.attention.load import _concrete
+    from flax_sgm.checkpoints.sources import open_source
+    from flax_sgm.unet.config import UNetConfig
+    from flax_sgm.unet.diffusers import vector_embedding
+    from flax_sgm.unet.layout import diffusers_layout
 
     clock, times = (time.perf_counter(), _cpu_seconds()), {}
 
@@ -258,8 +258,8 @@ def main():
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
     cases = list(dict.fromkeys(args.cases.split(",") + (["before"] if args.against else [])))
     if "convert" in cases:
-        from flax_sgm.sources import open_source
-        from flax_sgm.stacks import inspect_stacks
+        from flax_sgm.checkpoints.sources import open_source
+        from flax_sgm.attention.stacks import inspect_stacks
 
         with open_source(directory) as source:
             stacks, _ = inspect_stacks(source)

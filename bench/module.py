@@ -21,10 +21,10 @@ from flax import nnx
 import flax_sgm
 import torch_ref
 from common import emit, environment, jax_peak_bytes, jax_sync, median_ms, torch_median_ms, write_json
-from flax_sgm import convert
-from flax_sgm.config import PRESETS, Preset, SpatialTransformerConfig
+from flax_sgm.checkpoints import convert
+from flax_sgm.attention.config import PRESETS, Preset, SpatialTransformerConfig
 
-# name -> Preset(config, batch, hw, context tokens): flax_sgm.config's presets (sdxl, long, sd15,
+# name -> Preset(config, batch, hw, context tokens): flax_sgm.attention.config's presets (sdxl, long, sd15,
 # default), plus the small config of the first CPU table.
 CONFIGS = dict(PRESETS) | {
     "cpu-small": Preset(SpatialTransformerConfig(128, 4, 32, depth=1, context_dim=256, use_linear=True), 1, (16, 16), 77),

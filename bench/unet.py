@@ -22,10 +22,10 @@ import numpy as np
 from flax import nnx
 
 from common import DIFFUSERS_CONFIGS, emit, environment, jax_peak_bytes, jax_sync, median_ms, torch_median_ms, write_json
-from flax_sgm import convert
-from flax_sgm.unet_config import UNetConfig
-from flax_sgm.unet_diffusers import vector_embedding
-from flax_sgm.unet_layout import diffusers_layout
+from flax_sgm.checkpoints import convert
+from flax_sgm.unet.config import UNetConfig
+from flax_sgm.unet.diffusers import vector_embedding
+from flax_sgm.unet.layout import diffusers_layout
 
 CONTEXT_TOKENS = 77
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from common import emit, environment, jax_sync, median_ms, torch_median_ms
 from flax_sgm import SpatialTransformer
-from flax_sgm.unet import ResBlock
+from flax_sgm.unet.model import ResBlock
 
 LEVELS = ((320, 32), (640, 16), (1280, 8))
 BATCH, EMB, CONTEXT = 2, 1280, (77, 768)

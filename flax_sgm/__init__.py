@@ -13,20 +13,21 @@ cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
 """
 
-from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
-from flax_sgm.attention_backends import dot_product_attention, forward_mode_scope, record_attention_calls, target_platform
-from flax_sgm.attention_policy import AttentionProblem, Choice, choose_backend, select_backend
-from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.convert import ConversionError
-from flax_sgm.layout import CheckpointError
-from flax_sgm.pretrained import convert_file, load_pretrained, load_pretrained_all
-from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
-from flax_sgm.remat import CHECKPOINT_POLICIES
-from flax_sgm.pretrained_unet import load_unet
-from flax_sgm.transformer import SpatialTransformer
-from flax_sgm.unet import UNetModel, sdxl_vector
-from flax_sgm.unet_config import UNetConfig
+from flax_sgm.attention.modules import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
+from flax_sgm.attention.backends import dot_product_attention, forward_mode_scope, record_attention_calls, target_platform
+from flax_sgm.attention.policy import AttentionProblem, Choice, choose_backend, select_backend
+from flax_sgm.attention.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.checkpoints import convert
+from flax_sgm.checkpoints.convert import ConversionError
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.attention.load import convert_file, load_pretrained, load_pretrained_all
+from flax_sgm.nn.primitives import GEGLU, FeedForward, Normalize, zero_module
+from flax_sgm.attention.remat import CHECKPOINT_POLICIES
+from flax_sgm.unet.load import load_unet
+from flax_sgm.attention.transformer import SpatialTransformer
+from flax_sgm.unet.model import UNetModel, sdxl_vector
+from flax_sgm.unet.config import UNetConfig
 
 __all__ = [
     "AttentionProblem",

@@ -32,11 +32,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from flax_sgm import attention_backends, sharding
-from flax_sgm.attention import CrossAttention, SpatialSelfAttention
-from flax_sgm.config import Preset, SpatialTransformerConfig
-from flax_sgm.unet_config import PRESETS as UNET_CONFIGS
-from flax_sgm.unet_config import UNetConfig
+from flax_sgm import sharding
+
+from flax_sgm.attention import backends as attention_backends
+from flax_sgm.attention.modules import CrossAttention, SpatialSelfAttention
+from flax_sgm.attention.config import Preset, SpatialTransformerConfig
+from flax_sgm.unet.config import PRESETS as UNET_CONFIGS
+from flax_sgm.unet.config import UNetConfig
 
 # The lowering platform (jax's name) -> the platform backend selection sees (jax.default_backend()'s name).
 PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
@@ -336,7 +338,7 @@ def _report(model: nnx.Module, programs: dict[str, Program], platform: str, conf
 
 
 # `flax-sgm lower --config NAME-unet`: the whole UNet of a released model at its native latent, batch 2,
-# 77 context tokens (flax_sgm.config.Preset's fields).
+# 77 context tokens (flax_sgm.attention.config.Preset's fields).
 UNET_PRESETS = {
     "sd15-unet": Preset(UNET_CONFIGS["sd15"], 2, (64, 64), 77),
     "sd21-unet": Preset(UNET_CONFIGS["sd21"], 2, (96, 96), 77),

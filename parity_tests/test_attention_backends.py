@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, criteria
-from flax_sgm import attention_backends as ab
-from flax_sgm import attention_policy
-from flax_sgm.attention_policy import AttentionProblem, select_backend
-from flax_sgm.chunked_attention import chunked_attention
+from flax_sgm.attention import backends as ab
+from flax_sgm.attention import policy as attention_policy
+from flax_sgm.attention.policy import AttentionProblem, select_backend
+from flax_sgm.attention.chunked import chunked_attention
 
 
 def problem(platform="gpu", dtype=jnp.bfloat16, b=2, heads=10, n=4096, m=4096, d=64, has_mask=False):
@@ -174,7 +174,7 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(backend, rng):
 def test_recorded_call_is_what_ran_and_platform_override_is_scoped():
     import jax.numpy as jnp
 
-    from flax_sgm.attention_backends import (
+    from flax_sgm.attention.backends import (
         current_platform,
         dot_product_attention,
         record_attention_calls,

@@ -12,7 +12,7 @@ from flax import nnx
 import flax_sgm
 import torch_ref
 from conftest import CRITERIA, assert_close, assert_parity, compare, flax_twin, nhwc_to_nchw, randomize_, rel_err
-from flax_sgm import convert
+from flax_sgm.checkpoints import convert
 
 BLOCK_OPTIONS = {
     "self-only": dict(context_dim=None),

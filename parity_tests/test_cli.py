@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
-from flax_sgm import pretrained
-from flax_sgm.layout import CheckpointError
-from flax_sgm.attention_policy import BACKENDS
-from flax_sgm.config import SpatialTransformerConfig
+from flax_sgm.attention import load as pretrained
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.attention.policy import BACKENDS
+from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded
 from conftest import assert_stack_matches_torch, cli_error, run_cli
 
@@ -481,7 +481,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_an_unexpected_error_is_not_called_bad_input(files, monkeypatch):
     """Exit 2 is the user's input; a failure inside flax-sgm (here: a TypeError) exits 3, still in one line."""
-    from flax_sgm import sources
+    from flax_sgm.checkpoints import sources
 
     d, _ = files
 

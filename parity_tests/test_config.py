@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from flax_sgm import SpatialTransformer
-from flax_sgm.config import PRESETS, SpatialTransformerConfig
+from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 import flax_sgm
-from flax_sgm import diffusers_config
-from flax_sgm.layout import CheckpointError
+from flax_sgm.attention import diffusers as diffusers_config
+from flax_sgm.attention.layout import CheckpointError
 from conftest import assert_stack_matches_torch, randomize_
 
 diffusers = pytest.importorskip("diffusers")

@@ -14,8 +14,8 @@ from flax import nnx
 import flax_sgm
 import torch_ref
 from conftest import assert_parity, compare, flax_twin, randomize_
-from flax_sgm import convert
-from flax_sgm.attention_backends import dot_product_attention
+from flax_sgm.checkpoints import convert
+from flax_sgm.attention.backends import dot_product_attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,7 +13,8 @@ from flax import nnx
 import flax_sgm
 import torch_ref
 from conftest import compare, randomize_
-from flax_sgm import convert, primitives
+from flax_sgm.checkpoints import convert
+from flax_sgm.nn import primitives
 from flax_sgm.verify import criteria, verify_modules
 
 # name: (torch class, flax class, args, kwargs, inputs from a numpy Generator)

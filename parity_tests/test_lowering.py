@@ -20,8 +20,8 @@ from flax import nnx
 
 import flax_sgm
 from flax_sgm import lowering
-from flax_sgm.attention_policy import AttentionProblem, choose_backend
-from flax_sgm.config import PRESETS, SpatialTransformerConfig
+from flax_sgm.attention.policy import AttentionProblem, choose_backend
+from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
 from flax_sgm.lowering import cudnn_calls
 from conftest import cli_error, run_cli
 
@@ -358,7 +358,7 @@ def test_jvp_with_cudnn_requested_is_one_line_naming_the_backends():
 def test_forward_mode_through_a_transform_boundary_needs_the_explicit_scope():
     """Inside jax.vmap / lax.scan / a user's jax.checkpoint, jax.jvp's tracers are not visible to auto:
     forward_mode_scope(True) says it, and auto leaves cuDNN."""
-    from flax_sgm.attention_backends import forward_mode_scope
+    from flax_sgm.attention.backends import forward_mode_scope
 
     graphdef, state = nnx.split(_st_bf16())
     x, c = S((2, 8, 8, 64), BF16), S((2, 77, 48), BF16)

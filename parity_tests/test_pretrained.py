@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
-from flax_sgm.layout import CheckpointError
+from flax_sgm.attention.layout import CheckpointError
 from conftest import assert_stack_matches_torch, cli_error, randomize_, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_an_sgm_file_loads_directly(sgm, name):
 
 def test_load_pretrained_param_dtype_on_a_converted_output(sgm, tmp_path):
     d, module = sgm
-    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2)
+    flax_sgm.attention.load.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2)
     same = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="float32")
     assert_stack_matches_torch(same, module)
     half = flax_sgm.load_pretrained(tmp_path / "out", param_dtype="bfloat16")
@@ -284,7 +284,7 @@ def test_load_pretrained_param_dtype_on_a_converted_output(sgm, tmp_path):
 def test_an_output_written_before_the_heads_rename_still_loads(sgm, tmp_path):
     """Format 2 recorded a stack's heads as n_heads / d_head; version 3 says heads / head_dim."""
     d, module = sgm
-    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights="safetensors")
+    flax_sgm.attention.load.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights="safetensors")
     path = tmp_path / "out" / "config.json"
     document = json.loads(path.read_text())
     assert document["version"] == 3 and document["stacks"][0]["config"]["heads"] == 2
@@ -365,7 +365,7 @@ def test_safetensors_that_look_like_a_pickle_or_a_zip_need_no_torch(sgm, tmp_pat
 def load_in_a_fresh_process(path) -> subprocess.CompletedProcess:
     code = (
         "import flax_sgm\n"
-        "from flax_sgm.layout import CheckpointError\n"
+        "from flax_sgm.attention.layout import CheckpointError\n"
         "try:\n"
         f"    flax_sgm.load_pretrained({str(path)!r})\n"
         "except CheckpointError as err:\n"
@@ -405,7 +405,7 @@ def damage(out: Path, how: str) -> Path:
 @pytest.mark.parametrize("weights", ["orbax", "safetensors"])
 def test_a_damaged_output_is_one_line_and_nothing_else(sgm, tmp_path, weights, how):
     d, _ = sgm
-    flax_sgm.pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights=weights)
+    flax_sgm.attention.load.convert_file(d / "sgm.safetensors", tmp_path / "out", heads=2, weights=weights)
     victim = damage(tmp_path / "out", how)
     done = load_in_a_fresh_process(tmp_path / "out")
     assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]

@@ -10,8 +10,9 @@ from flax import nnx
 import flax_sgm
 import torch_ref
 from conftest import CRITERIA, assert_close, assert_parity, compare, flax_twin, randomize_, rel_err
-from flax_sgm import convert, numerics
-from flax_sgm.primitives import LayerNorm
+from flax_sgm.checkpoints import convert
+from flax_sgm.nn import numerics
+from flax_sgm.nn.primitives import LayerNorm
 
 
 @pytest.mark.parametrize("dim_in,dim_out", [(16, 24), (7, 5)])

@@ -1,4 +1,4 @@
-"""Gradient checkpointing (flax_sgm/remat.py): what each policy keeps, exactness, and a module left whole.
+"""Gradient checkpointing (flax_sgm/attention/remat.py): what each policy keeps, exactness, and a module left whole.
 
 The saved residuals are read off jax's own report (jax.ad_checkpoint.print_saved_residuals)
 for a block closed over, as users call it.

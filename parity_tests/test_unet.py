@@ -19,12 +19,13 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
 from conftest import assert_close, assert_parity, compare, randomize_
-from flax_sgm import convert, load_pretrained, load_unet
-from flax_sgm.layout import CheckpointError
-from flax_sgm.unet import sdxl_vector
-from flax_sgm.unet_config import PRESETS, UNetConfig
-from flax_sgm.unet_diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
-from flax_sgm.unet_layout import SGM_PREFIX, config_from_weights, diffusers_layout
+from flax_sgm import load_pretrained, load_unet
+from flax_sgm.checkpoints import convert
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.unet.model import sdxl_vector
+from flax_sgm.unet.config import PRESETS, UNetConfig
+from flax_sgm.unet.diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
+from flax_sgm.unet.layout import SGM_PREFIX, config_from_weights, diffusers_layout
 from flax_sgm.verify import verify_modules
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)

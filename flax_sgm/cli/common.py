@@ -9,7 +9,7 @@ import re
 
 import click
 
-from flax_sgm.layout import CheckpointError
+from flax_sgm.attention.layout import CheckpointError
 
 
 # Exit statuses.

@@ -7,8 +7,10 @@ import time
 
 import click
 
-from flax_sgm import output, pretrained
-from flax_sgm.unet_config import UNetConfig
+from flax_sgm.checkpoints import converted as output
+
+from flax_sgm.attention import load as pretrained
+from flax_sgm.unet.config import UNetConfig
 from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_options, to_json, variant_option
 
 
@@ -70,7 +72,7 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
-        from flax_sgm.pretrained_unet import convert_unet
+        from flax_sgm.unet.load import convert_unet
 
         config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
                               param_dtype=param_dtype, overwrite=overwrite)
@@ -146,9 +148,9 @@ def inspect(checkpoint, variant, as_json):
             raise click.UsageError("a converted output has no variants: leave out --variant")
         _inspect_output(checkpoint, as_json)
         return
-    from flax_sgm.pretrained_unet import unet_summary
-    from flax_sgm.sources import open_source
-    from flax_sgm.stacks import inspect_stacks
+    from flax_sgm.unet.load import unet_summary
+    from flax_sgm.checkpoints.sources import open_source
+    from flax_sgm.attention.stacks import inspect_stacks
 
     with open_source(checkpoint, variant) as source:
         summaries, problems = inspect_stacks(source)
@@ -209,6 +211,6 @@ def _inspect_output(path, as_json: bool) -> None:
 
 
 def _top_level(keys) -> list[str]:
-    from flax_sgm.layout import top_level_prefixes
+    from flax_sgm.attention.layout import top_level_prefixes
 
     return top_level_prefixes(keys)

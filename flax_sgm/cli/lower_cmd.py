@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from flax_sgm import output
+from flax_sgm.checkpoints import converted as output
 from flax_sgm.cli.common import LOWERING_FAILED, UserError, clean_errors, to_json
 
 
@@ -21,11 +21,11 @@ class _OneLineUsageErrors(click.Command):
 
 
 def _lower_config(name_or_path: str, prefix: str | None = None):
-    """A preset of flax_sgm.config.PRESETS, a SpatialTransformerConfig JSON file, or a `flax-sgm convert` output
+    """A preset of flax_sgm.attention.config.PRESETS, a SpatialTransformerConfig JSON file, or a `flax-sgm convert` output
     (its directory or its config.json; `prefix` picks a stack)."""
     import pathlib
 
-    from flax_sgm.config import PRESETS, SpatialTransformerConfig
+    from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
     from flax_sgm.lowering import UNET_PRESETS
 
     if name_or_path in UNET_PRESETS:
@@ -74,7 +74,7 @@ Examples:
   flax-sgm lower --config sdxl-attention/config.json --prefix down_blocks.1.attentions.0""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
-              help="A SpatialTransformer preset (sdxl, long, sd15, default: flax_sgm.config.PRESETS), a whole-UNet "
+              help="A SpatialTransformer preset (sdxl, long, sd15, default: flax_sgm.attention.config.PRESETS), a whole-UNet "
                    "preset (sd15-unet, sd21-unet, sdxl-unet, sdxl-refiner-unet: flax_sgm.lowering.UNET_PRESETS, "
                    "at the model's own latent size), a SpatialTransformerConfig JSON file, or a `flax-sgm convert` "
                    "output (its directory or config.json); run at the sdxl preset's sizes unless given.")
@@ -114,7 +114,7 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
     import jax.numpy as jnp
 
     from flax_sgm import lowering
-    from flax_sgm.unet_config import UNetConfig
+    from flax_sgm.unet.config import UNetConfig
 
     preset = _lower_config(config_name, prefix)
     config = preset.config.replace(use_checkpoint=False) if no_checkpoint else preset.config

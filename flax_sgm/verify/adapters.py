@@ -100,8 +100,8 @@ class DiffusersUNetAdapter(CallAdapter):
 
 
 def _diffusers_unet(torch_module) -> CallAdapter:
-    from flax_sgm.unet_diffusers import vector_embedding
-    from flax_sgm.unet_layout import diffusers_layout
+    from flax_sgm.unet.diffusers import vector_embedding
+    from flax_sgm.unet.layout import diffusers_layout
 
     vector = vector_embedding(torch_module.config)
     return DiffusersUNetAdapter(

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_sgm import convert
-from flax_sgm.attention_backends import record_attention_calls
+from flax_sgm.checkpoints import convert
+from flax_sgm.attention.backends import record_attention_calls
 from flax_sgm.verify import criteria
 from flax_sgm.verify.adapters import CallAdapter, adapter_for
 from flax_sgm.verify.criteria import rel_err

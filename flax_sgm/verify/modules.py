@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_sgm import convert
+from flax_sgm.checkpoints import convert
 from flax_sgm.verify import criteria, harness
 from flax_sgm.verify.adapters import CallAdapter, adapter_for
 

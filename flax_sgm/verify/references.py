@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from flax import nnx
 
-from flax_sgm import convert, output, pretrained
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.sources import diffusers_variant
+from flax_sgm.checkpoints import convert, converted as output
+
+from flax_sgm.attention import load as pretrained
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.checkpoints.sources import diffusers_variant
 from flax_sgm.verify import seeded
 
 TORCH_REF = "torch_ref.SpatialTransformer"
@@ -85,7 +87,7 @@ def checkpoint_pair(
 def _diffusers_directory(path: Path) -> tuple[Path | None, str | None]:
     """The diffusers model directory `path` is or lies in (a config.json naming a diffusers model), and the
     variant a file's name carries."""
-    from flax_sgm.sources import CONFIG_FILE
+    from flax_sgm.checkpoints.sources import CONFIG_FILE
 
     if path.is_dir():
         return (path, None) if (path / CONFIG_FILE).is_file() else (None, None)
@@ -115,9 +117,9 @@ def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str =
     unet/ or pipeline directory: diffusers builds the reference from its config.json, load_unet reads the same files."""
     import json
 
-    from flax_sgm.layout import CheckpointError
-    from flax_sgm.pretrained_unet import PIPELINE_UNET, load_unet
-    from flax_sgm.sources import CONFIG_FILE
+    from flax_sgm.attention.layout import CheckpointError
+    from flax_sgm.unet.load import PIPELINE_UNET, load_unet
+    from flax_sgm.checkpoints.sources import CONFIG_FILE
 
     path = Path(checkpoint)
     directory = path / PIPELINE_UNET if (path / PIPELINE_UNET / CONFIG_FILE).is_file() else path

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from flax_sgm import convert
-from flax_sgm.config import PRESETS, SpatialTransformerConfig
+from flax_sgm.checkpoints import convert
+from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -129,9 +129,9 @@ def unet_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (1
 def unet_twin(torch_unet, *, dtype=None, param_dtype=jnp.float32):
     """flax_sgm's UNetModel of a diffusers UNet2DConditionModel's config (checkpointing off), its weights read under
     diffusers' names; a param_dtype narrower than torch's weights rounds them."""
-    from flax_sgm.unet_config import UNetConfig
-    from flax_sgm.unet_diffusers import vector_embedding
-    from flax_sgm.unet_layout import diffusers_layout
+    from flax_sgm.unet.config import UNetConfig
+    from flax_sgm.unet.diffusers import vector_embedding
+    from flax_sgm.unet.layout import diffusers_layout
 
     config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
     layout = diffusers_layout(config, vector_embedding(torch_unet.config))

@@ -15,11 +15,11 @@ import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 
-from flax_sgm.attention import CrossAttention, MemoryEfficientCrossAttention
-from flax_sgm.attention_policy import resolve_backend
-from flax_sgm.checks import expect_array, expect_shape
-from flax_sgm.primitives import FeedForward, LayerNorm
-from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY, check_policy, checkpointed_call
+from flax_sgm.attention.modules import CrossAttention, MemoryEfficientCrossAttention
+from flax_sgm.attention.policy import resolve_backend
+from flax_sgm.nn.checks import expect_array, expect_shape
+from flax_sgm.nn.primitives import FeedForward, LayerNorm
+from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY, check_policy, checkpointed_call
 from flax_sgm.sharding import TOKENS, constrain
 
 Dtype = Any

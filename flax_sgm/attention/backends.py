@@ -11,9 +11,9 @@ Backends:
   "cudnn"    cuDNN fused attention (CUDA GPU, bf16/fp16). Odd lengths are padded to
              even and hidden with query/key_value_seq_lengths, masks are broadcast
              to full size, so forward and backward both run.
-  "chunked"  flax_sgm.chunked_attention: an online softmax over key blocks in pure JAX,
+  "chunked"  flax_sgm.attention.chunked: an online softmax over key blocks in pure JAX,
              memory linear in sequence length, any dtype, jax.grad and jax.jvp alike.
-  "auto"     one of the three, chosen by flax_sgm.attention_policy.choose_backend: a
+  "auto"     one of the three, chosen by flax_sgm.attention.policy.choose_backend: a
              pure function of the platform, dtype, sizes, mask and forward mode.
 
 What the policy is told comes from the call's arrays, plus three things a trace
@@ -39,9 +39,11 @@ import jax.numpy as jnp
 # if JAX changes this).
 from jax.interpreters.ad import JVPTracer
 
-from flax_sgm import numerics, sharding
-from flax_sgm.attention_policy import MASK_VALUE, AttentionProblem, Backend, choose_backend
-from flax_sgm.chunked_attention import chunked_attention
+from flax_sgm import sharding
+
+from flax_sgm.nn import numerics
+from flax_sgm.attention.policy import MASK_VALUE, AttentionProblem, Backend, choose_backend
+from flax_sgm.attention.chunked import chunked_attention
 
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)
 _FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("flax_sgm_forward_mode", default=False)

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_sgm import convert, output
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.layout import CheckpointError
-from flax_sgm.sources import Source, open_source
-from flax_sgm.stacks import Stack, plan_stacks
+from flax_sgm.checkpoints import convert, converted as output
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.checkpoints.sources import Source, open_source
+from flax_sgm.attention.stacks import Stack, plan_stacks
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_sgm.config import SEED_NAMES, SpatialTransformerConfig
-from flax_sgm.unet_config import UNetConfig
-from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
+from flax_sgm.attention.config import SEED_NAMES, SpatialTransformerConfig
+from flax_sgm.unet.config import UNetConfig
+from flax_sgm.attention.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
 
 FORMAT_NAME = "flax-sgm"
 FORMAT_VERSION = 3  # 2: a stack's config named its heads as the seed does; 1: a bare Orbax directory (refused)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from flax_sgm.convert import KeyLayout
-from flax_sgm.layout import CheckpointError, listing, top_level_prefixes
-from flax_sgm.unet_config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
+from flax_sgm.checkpoints.convert import KeyLayout
+from flax_sgm.attention.layout import CheckpointError, listing, top_level_prefixes
+from flax_sgm.unet.config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
 
 # sgm/LDM single files hold the UNet under this prefix, beside first_stage_model. and the conditioners.
 SGM_PREFIX = "model.diffusion_model."

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm.blocks import BasicTransformerBlock
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
-from flax_sgm.checks import expect_array, expect_shape
-from flax_sgm.primitives import Conv1x1, Linear, Normalize, zero_module
+from flax_sgm.attention.blocks import BasicTransformerBlock
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.nn.checks import expect_array, expect_shape
+from flax_sgm.nn.primitives import Conv1x1, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
 Dtype = Any

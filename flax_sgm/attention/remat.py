@@ -17,8 +17,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flax_sgm.attention_backends import forward_mode_scope, is_forward_mode
-from flax_sgm.attention_policy import ATTENTION_OUT, ATTENTION_STATS
+from flax_sgm.attention.backends import forward_mode_scope, is_forward_mode
+from flax_sgm.attention.policy import ATTENTION_OUT, ATTENTION_STATS
 
 # jax's cuDNN fused-attention forward: its outputs hold the softmax statistics that the
 # fused backward reads. Kept by name, or every attention forward runs again in the backward.

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm import layout
-from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.attention import layout
+from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
 
@@ -150,7 +150,7 @@ class SpatialTransformerConfig:
 
     def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         """A SpatialTransformer of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
-        from flax_sgm.transformer import SpatialTransformer
+        from flax_sgm.attention.transformer import SpatialTransformer
 
         return SpatialTransformer.from_config(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 

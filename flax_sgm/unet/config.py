@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm import numerics
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.nn import numerics
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
 
 Dtype = Any
 
@@ -279,7 +279,7 @@ class UNetConfig:
 
         `options` set flax_sgm's own fields (use_checkpoint, checkpoint_policy, sdp_backend).
         """
-        from flax_sgm.unet_diffusers import config_fields
+        from flax_sgm.unet.diffusers import config_fields
 
         return cls(**config_fields(config, source), **options)
 
@@ -293,7 +293,7 @@ class UNetConfig:
 
     def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         """A UNetModel of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
-        from flax_sgm.unet import UNetModel
+        from flax_sgm.unet.model import UNetModel
 
         return UNetModel(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_sgm import numerics
-from flax_sgm.blocks import maybe_checkpointed
-from flax_sgm.checks import expect_shape
-from flax_sgm.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
-from flax_sgm.remat import check_policy
+from flax_sgm.nn import numerics
+from flax_sgm.attention.blocks import maybe_checkpointed
+from flax_sgm.nn.checks import expect_shape
+from flax_sgm.nn.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
+from flax_sgm.attention.remat import check_policy
 from flax_sgm.sharding import IMAGE, constrain
-from flax_sgm.transformer import SpatialTransformer
-from flax_sgm.unet_config import Attn, ConvIn, Down, Res, UNetConfig, Up
+from flax_sgm.attention.transformer import SpatialTransformer
+from flax_sgm.unet.config import Attn, ConvIn, Down, Res, UNetConfig, Up
 
 Dtype = Any
 MAX_PERIOD = 10000  # sgm's timestep_embedding

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from flax_sgm.layout import CONFIG_FILE, CheckpointError, first_line
+from flax_sgm.attention.layout import CONFIG_FILE, CheckpointError, first_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
@@ -121,7 +121,7 @@ class Source:
         """The tensor as a numpy array of its own (bfloat16 as ml_dtypes.bfloat16)."""
         place = self._places[key]
         if isinstance(place, dict):
-            from flax_sgm.convert import to_numpy
+            from flax_sgm.checkpoints.convert import to_numpy
 
             return to_numpy(place[key])
         try:
@@ -338,7 +338,7 @@ def _data_starts(path: Path) -> dict[str, int]:
 
 
 def _torch_dtype(dtype) -> np.dtype:
-    from flax_sgm.convert import numpy_dtype
+    from flax_sgm.checkpoints.convert import numpy_dtype
 
     try:
         return numpy_dtype(dtype)

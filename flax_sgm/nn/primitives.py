@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from flax_sgm import numerics
-from flax_sgm.checks import expect_equal
+from flax_sgm.nn import numerics
+from flax_sgm.nn.checks import expect_equal
 from flax_sgm.sharding import constrain, param_metadata
 
 Dtype = Any

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from flax_sgm import attention_policy, numerics
-from flax_sgm.attention_policy import ATTENTION_STATS, MASK_VALUE, is_static
+from flax_sgm.attention import policy as attention_policy
+
+from flax_sgm.nn import numerics
+from flax_sgm.attention.policy import ATTENTION_STATS, MASK_VALUE, is_static
 
 
 def chunked_attention(q, k, v, bias=None, *, scale, chunk_size: int | None = None):

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flax_sgm import numerics
-from flax_sgm.attention_backends import dot_product_attention
-from flax_sgm.attention_policy import ATTENTION_OUT, resolve_backend
-from flax_sgm.checks import expect_broadcastable, expect_shape
-from flax_sgm.primitives import Conv1x1, Dropout, Linear, Normalize
+from flax_sgm.nn import numerics
+from flax_sgm.attention.backends import dot_product_attention
+from flax_sgm.attention.policy import ATTENTION_OUT, resolve_backend
+from flax_sgm.nn.checks import expect_broadcastable, expect_shape
+from flax_sgm.nn.primitives import Conv1x1, Dropout, Linear, Normalize
 from flax_sgm.sharding import constrain
 
 Dtype = Any

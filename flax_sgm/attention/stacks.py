@@ -14,10 +14,10 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from flax_sgm import diffusers_config, layout
-from flax_sgm.config import SpatialTransformerConfig
-from flax_sgm.layout import CheckpointError
-from flax_sgm.sources import Source, TensorInfo
+from flax_sgm.attention import diffusers as diffusers_config, layout
+from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.checkpoints.sources import Source, TensorInfo
 
 
 class Stack(NamedTuple):

@@ -25,9 +25,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from flax_sgm import unet
-from flax_sgm.attention import CrossAttention
-from flax_sgm.primitives import GELU, Conv1x1, Conv3x3, FeedForward, GroupNorm, LayerNorm, Linear
+from flax_sgm.unet import model as unet
+from flax_sgm.attention.modules import CrossAttention
+from flax_sgm.nn.primitives import GELU, Conv1x1, Conv3x3, FeedForward, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flax_sgm import numerics
-from flax_sgm.layout import CheckpointError
+from flax_sgm.nn import numerics
+from flax_sgm.attention.layout import CheckpointError
 
 # Read into UNetConfig (see config_fields).
 HONOURED = (

@@ -18,8 +18,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from flax_sgm import layout
-from flax_sgm.layout import CheckpointError
+from flax_sgm.attention import layout
+from flax_sgm.attention.layout import CheckpointError
 
 # The values SpatialTransformer and its BasicTransformerBlock are built with (numerics.py, blocks.py).
 LAYER_NORM_EPS = 1e-5

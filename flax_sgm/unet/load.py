@@ -16,14 +16,14 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from flax_sgm import convert, output
-from flax_sgm.layout import CheckpointError
-from flax_sgm.pretrained import _concrete, _restore
-from flax_sgm.sources import CONFIG_FILE, open_source
-from flax_sgm.unet import UNetModel
-from flax_sgm.unet_config import PRESETS, UNetConfig
-from flax_sgm.unet_diffusers import vector_embedding
-from flax_sgm.unet_layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
+from flax_sgm.checkpoints import convert, converted as output
+from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.attention.load import _concrete, _restore
+from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
+from flax_sgm.unet.model import UNetModel
+from flax_sgm.unet.config import PRESETS, UNetConfig
+from flax_sgm.unet.diffusers import vector_embedding
+from flax_sgm.unet.layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
 
 PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
 
