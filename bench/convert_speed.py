@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flax_sgm import models
 
 REPO = Path(__file__).resolve().parents[1]
 # The last commit with the hand-written engine (flax_sgm/checkpoints.py).
@@ -53,7 +54,7 @@ def stack_shapes(prefix: str, channels: int, depth: int, context: int) -> dict[s
     from flax_sgm.attention.config import SpatialTransformerConfig
 
     config = SpatialTransformerConfig(channels, channels // 64, 64, depth=depth, context_dim=context, use_linear=True)
-    return convert.torch_shapes(config.make_abstract(), prefix=prefix)
+    return convert.torch_shapes(models.abstract(config), prefix=prefix)
 
 
 def synthetic_layout(size_bytes: int, itemsize: int) -> dict[str, tuple[int, ...]]:

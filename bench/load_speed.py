@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from common import DIFFUSERS_CONFIGS as CONFIGS
+from flax_sgm import models
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -157,7 +158,7 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
         layout = diffusers_layout(config, vector_embedding(source.config))
         stored = max({i.dtype for i in source.infos.values()}, key=lambda d: d.itemsize)
         lap("open")
-        model = config.make_abstract(param_dtype=stored)
+        model = models.abstract(config, param_dtype=stored)
         lap("abstract model")
         plan = convert.conversion_plan(model, source.infos, layout=layout)
         lap("plan")

@@ -23,6 +23,7 @@ import torch_ref
 from common import emit, environment, jax_peak_bytes, jax_sync, median_ms, torch_median_ms, write_json
 from flax_sgm.checkpoints import convert
 from flax_sgm.attention.config import PRESETS, Preset, SpatialTransformerConfig
+from flax_sgm import models
 
 # name -> Preset(config, batch, hw, context tokens): flax_sgm.attention.config's presets (sdxl, long, sd15,
 # default), plus the small config of the first CPU table.
@@ -72,7 +73,7 @@ def main():
         config = preset.config.replace(use_checkpoint=checkpoint, checkpoint_policy=args.policy)
         torch.manual_seed(0)
         t = torch_ref.SpatialTransformer(**config.seed_args()).to(device, t_dtype)
-        abstract = config.make_abstract(dtype=j_dtype, param_dtype=j_dtype)
+        abstract = models.abstract(config, dtype=j_dtype, param_dtype=j_dtype)
         model = convert.load_torch_state_dict(abstract, t.state_dict())
         params, fwd, fwd_bwd = flax_steps(model)
         jx = jnp.asarray(x.transpose(0, 2, 3, 1), j_dtype)  # NCHW -> NHWC at the torch boundary

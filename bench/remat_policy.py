@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import flax_sgm
+from flax_sgm import models
 from jax.ad_checkpoint import print_saved_residuals
 
 from common import emit, environment, jax_sync, median_ms
@@ -59,7 +60,7 @@ def main():
     rows = []
     for policy in [None, *sorted(flax_sgm.CHECKPOINT_POLICIES)]:
         config = preset.config.replace(use_checkpoint=policy is not None, checkpoint_policy=policy or "recompute")
-        model = config.make(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+        model = models.build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
         params, _, fwd_bwd = flax_steps(model)
         row = {
             "config": args.config,

@@ -26,6 +26,7 @@ from flax_sgm.checkpoints import convert
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.unet.diffusers import vector_embedding
 from flax_sgm.unet.layout import diffusers_layout
+from flax_sgm import models
 
 CONTEXT_TOKENS = 77
 
@@ -105,7 +106,7 @@ def main():
     rows = []
     for checkpoint in args.checkpoint:
         config = base.replace(use_checkpoint=checkpoint)
-        model = convert.load_torch_state_dict(config.make_abstract(dtype=j_dtype, param_dtype=j_dtype), state, layout=layout)
+        model = convert.load_torch_state_dict(models.abstract(config, dtype=j_dtype, param_dtype=j_dtype), state, layout=layout)
         params, fwd, fwd_bwd = flax_steps(model)
         jx, jt, jc = jnp.asarray(x.transpose(0, 2, 3, 1), j_dtype), jnp.asarray(t), jnp.asarray(ctx, j_dtype)
         row = {"config": args.config, "checkpoint": checkpoint}

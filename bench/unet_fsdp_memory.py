@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from flax_sgm import models
 
 GIB = 1 << 30
 
@@ -60,7 +61,7 @@ def step_memory(preset: str, devices: int, fsdp: bool, hw: int, dtype, compile_s
 
     config = flax_sgm.UNetConfig.preset(preset)
     mesh = sharding.make_mesh(data=devices, devices=jax.devices()[:devices])
-    model = config.make_abstract(dtype=dtype)  # eval_shape with ref RNG state (see UNetConfig.make_abstract)
+    model = models.abstract(config, dtype=dtype)  # eval_shape with ref RNG state (see flax_sgm.models.abstract)
     sharding.shard_model(model, mesh, fsdp=fsdp)  # abstract: shardings on the ShapeDtypeStructs
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(1e-4)

@@ -18,9 +18,10 @@ from flax_sgm.attention.backends import dot_product_attention, forward_mode_scop
 from flax_sgm.attention.policy import AttentionProblem, Choice, choose_backend, select_backend
 from flax_sgm.attention.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm import models
 from flax_sgm.checkpoints import convert
-from flax_sgm.checkpoints.convert import ConversionError
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import ConversionError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.attention.load import convert_file, load_pretrained, load_pretrained_all
 from flax_sgm.nn.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.attention.remat import CHECKPOINT_POLICIES

@@ -39,6 +39,7 @@ from flax_sgm.attention.modules import CrossAttention, SpatialSelfAttention
 from flax_sgm.attention.config import Preset, SpatialTransformerConfig
 from flax_sgm.unet.config import PRESETS as UNET_CONFIGS
 from flax_sgm.unet.config import UNetConfig
+from flax_sgm import models
 
 # The lowering platform (jax's name) -> the platform backend selection sees (jax.default_backend()'s name).
 PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
@@ -258,7 +259,7 @@ def lower_spatial_transformer(
     with respect to every parameter, x and the context.
     """
     dtype = jnp.dtype(inputs.dtype)
-    model = config.make_abstract(dtype=dtype, param_dtype=dtype)
+    model = models.abstract(config, dtype=dtype, param_dtype=dtype)
     if mesh is not None:
         sharding.shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -355,7 +356,7 @@ def lower_unet(config: UNetConfig, inputs: Inputs, *, platform: str = "cuda", ba
     program: gradients of a scalar loss with respect to every parameter, x and the context.
     """
     dtype = jnp.dtype(inputs.dtype)
-    model = config.make_abstract(dtype=dtype, param_dtype=dtype)
+    model = models.abstract(config, dtype=dtype, param_dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     b = inputs.batch
     x = jax.ShapeDtypeStruct((b, *inputs.hw, config.in_channels), dtype)

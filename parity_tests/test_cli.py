@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import flax_sgm
 import torch_ref
 from flax_sgm.attention import load as pretrained
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.attention.policy import BACKENDS
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded

@@ -7,6 +7,7 @@ from flax import nnx
 
 from flax_sgm import SpatialTransformer
 from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
+from flax_sgm import models
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -18,7 +19,7 @@ def test_json_round_trip(name):
 def test_per_block_context_dims_are_a_tuple():
     config = SpatialTransformerConfig.from_dict(dict(in_channels=64, heads=2, head_dim=32, depth=2, context_dim=[16, 24]))
     assert config.context_dim == (16, 24)
-    model = config.make_abstract()
+    model = models.abstract(config)
     assert [b.attn2.context_dim for b in model.transformer_blocks] == [16, 24]
 
 
@@ -42,7 +43,7 @@ def test_the_seed_call_takes_numpy_ints_and_a_stretched_context_list():
 
 
 def test_abstract_build_allocates_nothing():
-    model = PRESETS["sdxl"].config.make_abstract()
+    model = models.abstract(PRESETS["sdxl"].config)
     assert isinstance(model.proj_in.kernel.get_value(), jax.ShapeDtypeStruct)
 
 

@@ -11,7 +11,7 @@ import flax_sgm
 import torch_ref
 from conftest import randomize_
 from flax_sgm.checkpoints import convert
-from flax_sgm.checkpoints.convert import ConversionError
+from flax_sgm.errors import ConversionError
 
 MODULES = {
     "transformer-conv": (torch_ref.SpatialTransformer, flax_sgm.SpatialTransformer, (64, 2, 16), dict(depth=2, context_dim=24)),

@@ -10,7 +10,7 @@ import pytest
 
 import flax_sgm
 from flax_sgm.attention import diffusers as diffusers_config
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from conftest import assert_stack_matches_torch, randomize_
 
 diffusers = pytest.importorskip("diffusers")

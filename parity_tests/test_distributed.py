@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax_sgm import models
 
 BATCH = 8  # divides every mesh here
 
@@ -39,7 +40,7 @@ def _step(mesh_shape: dict | None, fsdp: bool, out: Path) -> None:
         model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), transformer_depth=(0, 2),
         num_head_channels=16, context_dim=24, use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=16,
     )
-    model = config.make(rngs=nnx.Rngs(0))
+    model = models.build(config, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
     nnx.update(model, jax.tree.map(lambda p: 0.2 * jax.random.normal(next(keys), p.shape), params))
@@ -194,7 +195,7 @@ def _main(argv: list[str]) -> None:
         import flax_sgm
         from flax_sgm import sharding
 
-        model = flax_sgm.UNetConfig.preset("sd15").make_abstract()
+        model = models.abstract(flax_sgm.UNetConfig.preset("sd15"))
         try:
             sharding.shard_model(model, sharding.make_mesh(2, 2, 2))
             refused = "accepted"

@@ -23,6 +23,7 @@ from flax_sgm import lowering
 from flax_sgm.attention.policy import AttentionProblem, choose_backend
 from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
 from flax_sgm.lowering import cudnn_calls
+from flax_sgm import models
 from conftest import cli_error, run_cli
 
 FWD, BWD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
@@ -244,7 +245,7 @@ def test_calls_are_named_only_when_they_match_the_modules(block):
     program = lower_module(block, S((2, 64, 640), BF16), S((2, 77, 2048), BF16))
     assert lowering.name_calls(block, program.calls) == ["attn1", "attn2"]
     with pytest.raises(ValueError, match="2 attention calls traced for 4 attention modules"):
-        lowering.name_calls(PRESETS["sdxl"].config.make_abstract(), program.calls)
+        lowering.name_calls(models.abstract(PRESETS["sdxl"].config), program.calls)
     other = nnx.eval_shape(lambda: flax_sgm.BasicTransformerBlock(640, 5, 128, context_dim=2048, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="heads x head_dim 10 x 64"):
         lowering.name_calls(other, program.calls)
@@ -303,7 +304,7 @@ def test_on_a_gpu_the_lowered_program_compiles_with_the_same_custom_calls():
     )
     assert report["cudnn_version"]["stand_in"] is False
     assert cudnn_calls(report["custom_calls"]["backward"]) == {FWD: 4, BWD: 4}
-    model = p.config.replace(use_checkpoint=False).make_abstract(dtype=BF16, param_dtype=BF16)
+    model = models.abstract(p.config.replace(use_checkpoint=False), dtype=BF16, param_dtype=BF16)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = S((p.batch, *p.hw, p.config.in_channels), BF16)
     ctx = S((p.batch, p.context_tokens, p.config.context_dim), BF16)
@@ -320,7 +321,7 @@ def test_on_a_gpu_the_lowered_program_compiles_with_the_same_custom_calls():
 
 def _st_bf16(**kwargs):
     config = SpatialTransformerConfig(64, 2, 32, context_dim=48, use_linear=True, **kwargs)
-    return config.make_abstract(dtype=BF16, param_dtype=BF16)
+    return models.abstract(config, dtype=BF16, param_dtype=BF16)
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpoint", "no-checkpoint"])

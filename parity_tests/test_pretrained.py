@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from conftest import assert_stack_matches_torch, cli_error, randomize_, run_cli
 
 REPO = Path(__file__).resolve().parents[1]

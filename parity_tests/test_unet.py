@@ -21,12 +21,13 @@ from safetensors.numpy import save_file
 from conftest import assert_close, assert_parity, compare, randomize_
 from flax_sgm import load_pretrained, load_unet
 from flax_sgm.checkpoints import convert
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.unet.model import sdxl_vector
 from flax_sgm.unet.config import PRESETS, UNetConfig
 from flax_sgm.unet.diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
 from flax_sgm.unet.layout import SGM_PREFIX, config_from_weights, diffusers_layout
 from flax_sgm.verify import verify_modules
+from flax_sgm import models
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
 CONFIGS = {
@@ -94,7 +95,7 @@ def flax_unet(torch_unet: UNet2DConditionModel, **options):
     """flax_sgm's UNet of a diffusers model's config, its weights read under diffusers' names."""
     config = UNetConfig.from_diffusers(dict(torch_unet.config), **options)
     layout = diffusers_layout(config, vector_embedding(torch_unet.config))
-    return convert.load_torch_state_dict(config.make_abstract(), torch_unet.state_dict(), layout=layout)
+    return convert.load_torch_state_dict(models.abstract(config), torch_unet.state_dict(), layout=layout)
 
 
 def unet_inputs(config: UNetConfig, rng, batch: int = 2, hw=(8, 8)) -> dict:
@@ -139,7 +140,7 @@ def test_unet_bf16_error_no_worse_than_diffusers(rng):
     torch_unet = diffusers_unet("sdxl", seed=1)
     config = UNetConfig.from_diffusers(dict(torch_unet.config))
     bf16 = {k: v.to(torch.bfloat16) for k, v in torch_unet.state_dict().items()}  # as the harness rounds torch's
-    flax = convert.load_torch_state_dict(config.make_abstract(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), bf16,
+    flax = convert.load_torch_state_dict(models.abstract(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), bf16,
                                          layout=diffusers_layout(config, vector_embedding(torch_unet.config)))
     report = verify_modules(torch_unet, flax, unet_inputs(config, np.random.default_rng(1)), dtype="bfloat16")
     assert len(report.rows) == 19 and report.model.flax_dtype == "bfloat16"
@@ -204,7 +205,7 @@ def test_weights_round_trip_both_layouts(name):
     assert mapped.keys() == want.keys()
     assert all(np.array_equal(mapped[k].numpy(), want[k]) for k in want)
 
-    again = convert.load_torch_state_dict(flax.config.make_abstract(), sgm, prefix=SGM_PREFIX)
+    again = convert.load_torch_state_dict(models.abstract(flax.config), sgm, prefix=SGM_PREFIX)
     first, second = (dict(jax.tree.leaves_with_path(convert.nnx.state(m, convert.nnx.Param))) for m in (flax, again))
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
@@ -283,7 +284,7 @@ def test_load_unet_sgm_single_file(tmp_path):
 
 def test_a_released_single_file_forced_into_another_preset_is_refused():
     """An SD 1.5 file read with config=UNetConfig.preset("sdxl-base"): one line naming what differs and what it is."""
-    sd15 = convert.torch_shapes(PRESETS["sd15"].make_abstract(), prefix=SGM_PREFIX)
+    sd15 = convert.torch_shapes(models.abstract(PRESETS["sd15"]), prefix=SGM_PREFIX)
     shapes = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in sd15.items()}
     with pytest.raises(CheckpointError) as err:
         config_from_weights(shapes, config=PRESETS["sdxl-base"], source="v1-5-pruned.safetensors")
@@ -361,7 +362,7 @@ def test_missing_and_extra_keys_are_listed_at_once():
     state["mid_block.attentions.0.extra.weight"] = torch.zeros(1)
     state["up_blocks.0.resnets.0.conv1.weight"] = torch.zeros(3, 3)
     with pytest.raises(convert.ConversionError) as err:
-        convert.load_torch_state_dict(config.make_abstract(), state, layout=diffusers_layout(config, None))
+        convert.load_torch_state_dict(models.abstract(config), state, layout=diffusers_layout(config, None))
     text = str(err.value)
     assert "missing key: conv_in.weight" in text
     assert "unexpected key: mid_block.attentions.0.extra.weight" in text
@@ -439,7 +440,7 @@ def test_presets_are_the_released_models(name):
     with torch.device("meta"):
         torch_unet = UNet2DConditionModel(**RELEASED[name])
     want = {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()}
-    model = PRESETS[name].make_abstract()
+    model = models.abstract(PRESETS[name])
     layout = diffusers_layout(PRESETS[name], vector_embedding(torch_unet.config))
     assert convert.torch_shapes(model, layout=layout) == want
     # A single file of it is recognised by its shapes (no heads needed), an inpainting one (9 channels) too.

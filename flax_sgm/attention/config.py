@@ -3,22 +3,17 @@
 It holds SpatialTransformer's architecture (the seed's defaults; the heads as
 `heads` of `head_dim` each, where the seed says n_heads and d_head), derives the
 per-block context dims once, goes to and from JSON, is read off a checkpoint's
-shapes (`from_weights`), and builds a module, concrete or abstract
-(nnx.eval_shape: shapes only, nothing allocated).
+shapes (`from_weights`). `flax_sgm.models.build(config)` / `abstract(config)` make its module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from flax_sgm.attention import layout
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
@@ -146,22 +141,6 @@ class SpatialTransformerConfig:
             **options,
         )
 
-    # Modules ---------------------------------------------------------------
-
-    def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        """A SpatialTransformer of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
-        from flax_sgm.attention.transformer import SpatialTransformer
-
-        return SpatialTransformer.from_config(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-
-    def make_abstract(self, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        """The same module with ShapeDtypeStruct leaves (nnx.eval_shape): nothing is allocated.
-
-        Traced once per (config, dtypes): a checkpoint repeats a few configs.
-        """
-        graphdef, state = _abstract_parts(self, _dtype_name(dtype), _dtype_name(param_dtype))
-        return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))  # fresh Variables; the cache stays as it is
-
 
 def _is_list_like(value) -> bool:
     """list, tuple, omegaconf.ListConfig: what the seed accepts as a per-block list."""
@@ -179,22 +158,6 @@ def _per_block_context_dims(context_dim, depth: int) -> tuple[int | None, ...]:
             "a list of another length must be homogeneous and not empty"
         )
     return dims if len(dims) == depth else depth * dims[:1]
-
-
-def _dtype_name(dtype: Dtype) -> str | None:
-    return None if dtype is None else jnp.dtype(dtype).name
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_parts(config: SpatialTransformerConfig, dtype: str | None, param_dtype: str):
-    def build():
-        # RNG state as refs: a plain Variable's update reads `.sharding` off a tracer, whose
-        # error message walks the whole trace (SDXL's depth 10: 0.16 s with refs, 0.5 s without).
-        with nnx.var_defaults(ref=True):
-            rngs = nnx.Rngs(0)
-        return config.make(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-
-    return nnx.split(nnx.eval_shape(build))
 
 
 class Preset(NamedTuple):

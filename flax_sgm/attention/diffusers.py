@@ -19,10 +19,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from flax_sgm.attention import layout
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.nn import numerics
+from flax_sgm.errors import CheckpointError
 
 # The values SpatialTransformer and its BasicTransformerBlock are built with (numerics.py, blocks.py).
-LAYER_NORM_EPS = 1e-5
 
 TRANSFORMER_2D_HONOURED = (
     "num_attention_heads", "attention_head_dim",  # the heads split (layout.diffusers_heads)
@@ -33,13 +33,13 @@ TRANSFORMER_2D_HONOURED = (
     "out_channels",  # None, or the input width: sgm's proj_out maps back to in_channels
 )
 TRANSFORMER_2D_FIXED = {
-    "norm_num_groups": layout.GROUPS,
+    "norm_num_groups": numerics.GROUP_NORM_GROUPS,
     "attention_bias": False,  # sgm's to_q, to_k, to_v have no bias
     "activation_fn": "geglu",  # the seed's GEGLU with exact GELU
     "num_embeds_ada_norm": None,  # set, it turns layer_norm into ada_norm
     "norm_type": "layer_norm",
     "norm_elementwise_affine": True,
-    "norm_eps": LAYER_NORM_EPS,
+    "norm_eps": numerics.LAYER_NORM_EPS,
     "attention_type": "default",  # "gated": GLIGEN's fuser
     "num_vector_embeds": None,  # discrete (VQ) input
     "patch_size": None,  # patched input (DiT, PixArt)
@@ -61,7 +61,7 @@ UNET_HONOURED = (
     "dropout",  # the stacks' attention and feed-forward dropout
 )
 UNET_FIXED = {
-    "norm_num_groups": layout.GROUPS,  # the stacks' GroupNorm too
+    "norm_num_groups": numerics.GROUP_NORM_GROUPS,  # the stacks' GroupNorm too
     "attention_type": "default",
     "dual_cross_attention": False,  # DualTransformer2DModel: two stacks mixed
 }

@@ -13,6 +13,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from flax_sgm.errors import CheckpointError
+from flax_sgm.nn import numerics
+
 # A stack's children, in the seed's names.
 STACK_CHILDREN = ("norm", "proj_in", "transformer_blocks", "proj_out")
 # Keys that mark a stack (relative to its prefix) and that its shapes are read from.
@@ -27,20 +30,6 @@ _BLOCK_INDEX = re.compile(r"^transformer_blocks\.(\d+)\.")
 # diffusers models whose config.json says how many heads each stack has.
 DIFFUSERS_UNET = "UNet2DConditionModel"
 DIFFUSERS_TRANSFORMER = "Transformer2DModel"
-GROUPS = 32  # SpatialTransformer's GroupNorm (numerics.py); a diffusers config must agree
-
-
-CONFIG_FILE = "config.json"  # beside a diffusers model's weights, and in a `flax-sgm convert` output
-
-
-class CheckpointError(ValueError):
-    """A problem with a checkpoint's files or keys, said in one line."""
-
-
-def first_line(err: BaseException) -> str:
-    """An error's first line, for a one-line CheckpointError (its type's name when it says nothing)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def natural_key(text: str):
@@ -211,9 +200,9 @@ def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: 
     if kind not in (DIFFUSERS_UNET, DIFFUSERS_TRANSFORMER):
         said = f"a {kind} config" if kind else "no `_class_name`"
         raise CheckpointError(f"{source}: {said}, not a diffusers {DIFFUSERS_UNET} or {DIFFUSERS_TRANSFORMER} config")
-    groups = config.get("norm_num_groups", GROUPS)
-    if groups != GROUPS:
-        raise CheckpointError(f"{source}: norm_num_groups {groups}; SpatialTransformer's GroupNorm has {GROUPS} groups")
+    groups = config.get("norm_num_groups", numerics.GROUP_NORM_GROUPS)
+    if groups != numerics.GROUP_NORM_GROUPS:
+        raise CheckpointError(f"{source}: norm_num_groups {groups}; SpatialTransformer's GroupNorm has {numerics.GROUP_NORM_GROUPS} groups")
     prefixes = list(prefixes)
     if kind == DIFFUSERS_TRANSFORMER:
         heads, width = config.get("num_attention_heads"), config.get("attention_head_dim")

@@ -21,9 +21,10 @@ from flax import nnx
 
 from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.attention.config import SpatialTransformerConfig
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import Source, open_source
 from flax_sgm.attention.stacks import Stack, plan_stacks
+from flax_sgm import models
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,7 +52,7 @@ def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: 
 def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, seed: int = 0, **options):
     """The stack's weights in a ready SpatialTransformer, tensor by tensor (convert.load_planned)."""
     param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
-    model = stack.config.replace(**options).make_abstract(dtype=dtype, param_dtype=param_dtype)
+    model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype)
     plan = stack_plan(source, stack, model, downcast)
     convert.load_planned(model, plan, source)
     return _concrete(model, seed)
@@ -80,7 +81,7 @@ def load_stack(
         )
         values = {k: source.read(k) for k in stack.keys}
     param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
-    model = stack.config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+    model = models.abstract(stack.config, dtype=dtype, param_dtype=param_dtype)
     plan = convert.conversion_plan(model, values, prefix=stack.prefix, allow_downcast=downcast)
     convert.load_planned(model, plan, values)
     return stack, _concrete(model, 0), {k[len(stack.prefix):]: v for k, v in values.items()}
@@ -177,9 +178,9 @@ def _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, varian
 
 def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype, seed: int, options) -> nnx.Module:
     config = record.config.replace(**options)
-    model = output.restore(path, weights, record, config.make_abstract(dtype=dtype, param_dtype=record.param_dtype))
+    model = output.restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype))
     if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
-        cast = config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
         params = jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param))
         nnx.update(cast, params)
         model = cast
@@ -247,14 +248,14 @@ def convert_file(
         plans = []
         for stack in stacks:
             dtype, downcast = _chosen_param_dtype(stack, param_dtype)
-            plans.append(stack_plan(source, stack, stack.config.make_abstract(param_dtype=dtype), downcast))
+            plans.append(stack_plan(source, stack, models.abstract(stack.config, param_dtype=dtype), downcast))
         if on_plan:
             on_plan(stacks, skipped)
         read, private = _Reads(source, progress), source.private
         written = []
         with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(source_path).name) as writer:
             for stack, plan in zip(stacks, plans):
-                model = stack.config.make_abstract(param_dtype=plan[0].dtype)  # traced once per config, then cached
+                model = models.abstract(stack.config, param_dtype=plan[0].dtype)  # traced once per config, then cached
                 writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read, copy=not private))
                 del model  # written: at most one stack is in memory
                 source.release()

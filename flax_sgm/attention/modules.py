@@ -32,6 +32,8 @@ class CrossAttention(nnx.Module):
     attends to the keys and values of its first item.
     """
 
+    torch_names = {"to_out": "to_out.0"}  # nn.Sequential(Linear, Dropout)
+
     def __init__(
         self,
         query_dim: int,

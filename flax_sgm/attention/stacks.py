@@ -16,7 +16,7 @@ import numpy as np
 
 from flax_sgm.attention import diffusers as diffusers_config, layout
 from flax_sgm.attention.config import SpatialTransformerConfig
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import Source, TensorInfo
 
 

@@ -22,13 +22,14 @@ Dtype = Any
 
 
 class SpatialTransformer(nnx.Module):
-    """Built from a SpatialTransformerConfig (`from_config`), or from the seed's arguments as torch is."""
+    """Built from a SpatialTransformerConfig (`SpatialTransformer(config, rngs=...)`, or `from_config`), or from
+    the seed's arguments as torch is (`SpatialTransformer(320, 5, 64, context_dim=768, rngs=...)`)."""
 
     def __init__(
         self,
-        in_channels: int,
-        n_heads: int,
-        d_head: int,
+        in_channels: int | SpatialTransformerConfig,
+        n_heads: int | None = None,
+        d_head: int | None = None,
         depth: int = 1,
         dropout: float = 0.0,
         context_dim=None,
@@ -43,11 +44,15 @@ class SpatialTransformer(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY,
     ):
-        # The seed's names stop here: from this line on, the config's.
-        config = SpatialTransformerConfig(
-            in_channels, n_heads, d_head, depth, dropout, context_dim, disable_self_attn, use_linear, attn_type,
-            use_checkpoint, sdp_backend, checkpoint_policy,
-        )
+        if isinstance(in_channels, SpatialTransformerConfig):
+            config = in_channels
+        else:  # the seed's names stop here: from this line on, the config's
+            if n_heads is None or d_head is None:
+                raise ValueError("SpatialTransformer: give a SpatialTransformerConfig, or in_channels, n_heads and d_head")
+            config = SpatialTransformerConfig(
+                in_channels, n_heads, d_head, depth, dropout, context_dim, disable_self_attn, use_linear, attn_type,
+                use_checkpoint, sdp_backend, checkpoint_policy,
+            )
         self.config = config
         self.dtype = dtype
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -81,9 +86,7 @@ class SpatialTransformer(nnx.Module):
         """The module `config` describes (random init from `rngs`)."""
         if not isinstance(config, SpatialTransformerConfig):
             raise ValueError(f"SpatialTransformer: `config` must be a SpatialTransformerConfig; got {type(config).__name__}")
-        return cls(
-            **config.seed_args(), checkpoint_policy=config.checkpoint_policy, rngs=rngs, dtype=dtype, param_dtype=param_dtype
-        )
+        return cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, context=None) -> jax.Array:
         """`context`: None (self-attention), one array for every block, or a list of 1 or depth arrays."""

@@ -1,9 +1,9 @@
 """Weight conversion between torch state_dicts (sgm/diffusers names) and flax_sgm modules.
 
 Conversion is data: `conversion_table(model)` lists one Row per parameter,
-(torch key, flax path, transform), built by walking the module tree with two
-tables below: CHILD_NAMES (where a torch name differs from the flax attribute,
-i.e. nn.Sequential indices) and LEAF_RULES (each layer's parameters). Both
+(torch key, flax path, transform), built by walking the module tree: each module class
+names its torch children where they differ (`torch_names`: nn.Sequential indices) and
+LEAF_RULES below holds each layer's parameters. Both
 directions read the same rows. A KeyLayout renames the rows' keys for another
 checkpoint layout of the same model (a UNet under diffusers' names: unet_layout.py).
 
@@ -25,9 +25,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from flax_sgm.unet import model as unet
-from flax_sgm.attention.modules import CrossAttention
-from flax_sgm.nn.primitives import GELU, Conv1x1, Conv3x3, FeedForward, GroupNorm, LayerNorm, Linear
+from flax_sgm.errors import ConversionError
+from flax_sgm.nn.primitives import Conv1x1, Conv3x3, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
@@ -45,19 +44,6 @@ CONV1X1 = Transform("conv1x1", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.tr
 CONV3X3 = Transform("conv3x3", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
-
-# Flax attribute -> torch child name, where they differ.
-CHILD_NAMES: dict[type, dict[str, str]] = {
-    CrossAttention: {"to_out": "to_out.0"},  # nn.Sequential(Linear, Dropout)
-    FeedForward: {"project_in": "net.0", "project_out": "net.2"},  # nn.Sequential(in, Dropout, Linear)
-    GELU: {"proj": "0"},  # nn.Sequential(Linear, GELU)
-    # sgm's UNet: nn.Sequential indices of its layer runs (unet.py names them).
-    unet.EmbeddingMLP: {"linear_1": "0", "linear_2": "2"},  # (Linear, SiLU, Linear)
-    unet.LabelEmbedding: {"mlp": "0"},  # nn.Sequential(nn.Sequential(Linear, SiLU, Linear))
-    unet.NormActConv: {"norm": "0", "conv": "2"},  # (GroupNorm32, SiLU, conv)
-    unet.NormActDropoutConv: {"norm": "0", "conv": "3"},  # (GroupNorm32, SiLU, Dropout, conv)
-    unet.ActLinear: {"linear": "1"},  # (SiLU, Linear)
-}
 
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
@@ -113,16 +99,10 @@ class KeyLayout(NamedTuple):
         return KeyLayout(f"{self.name}:{name}", tuple(pairs))
 
 
-class ConversionError(ValueError):
-    """Every problem of one conversion, listed at once."""
-
-    def __init__(self, missing=(), unexpected=(), mismatched=(), context: str = ""):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        lines = [f"weight conversion failed{context}:"]
-        lines += [f"  missing key: {k}" for k in self.missing]
-        lines += [f"  unexpected key: {k}" for k in self.unexpected]
-        lines += [f"  {m}" for m in self.mismatched]
-        super().__init__("\n".join(lines))
+def torch_names(node) -> dict[str, str]:
+    """A module's torch child names where they differ from its attributes (nn.Sequential indices): each class
+    declares its own as `torch_names`, so the engine knows no model family."""
+    return getattr(type(node), "torch_names", {})
 
 
 def _lookup(type_table: Mapping[type, Any], node) -> Any:
@@ -139,7 +119,7 @@ def conversion_table(model: nnx.Module, *, layout: KeyLayout | None = None) -> l
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         node, torch_parts = model, []
         for part in path[:-1]:
-            renames = _lookup(CHILD_NAMES, node) or {}
+            renames = torch_names(node)
             torch_parts.append(renames.get(part, str(part)))
             node = node[part] if isinstance(part, int) else getattr(node, part)
         rules = _lookup(LEAF_RULES, node)
@@ -165,12 +145,12 @@ def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
 def flax_submodule(model: nnx.Module, torch_name: str) -> nnx.Module:
     """The flax submodule of a torch submodule name: 'transformer_blocks.0.ff.net.2' -> ...ff.project_out.
 
-    Walks CHILD_NAMES backwards (a torch name may span two parts, `to_out.0`); raises
+    Walks `torch_names` backwards (a torch name may span two parts, `to_out.0`); raises
     ValueError when `model` has no such submodule.
     """
     node, parts = model, [p for p in torch_name.split(".") if p]
     while parts:
-        renames = {torch: flax for flax, torch in (_lookup(CHILD_NAMES, node) or {}).items()}
+        renames = {torch: flax for flax, torch in torch_names(node).items()}
         two = ".".join(parts[:2])
         if len(parts) > 1 and two in renames:
             attr, parts = renames[two], parts[2:]

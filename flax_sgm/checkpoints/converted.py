@@ -32,7 +32,9 @@ from flax import nnx
 
 from flax_sgm.attention.config import SEED_NAMES, SpatialTransformerConfig
 from flax_sgm.unet.config import UNetConfig
-from flax_sgm.attention.layout import CONFIG_FILE, CheckpointError, first_line, normalize_prefix
+from flax_sgm.attention.layout import normalize_prefix
+from flax_sgm.errors import CheckpointError, first_line
+from flax_sgm.checkpoints.sources import CONFIG_FILE
 
 FORMAT_NAME = "flax-sgm"
 FORMAT_VERSION = 3  # 2: a stack's config named its heads as the seed does; 1: a bare Orbax directory (refused)

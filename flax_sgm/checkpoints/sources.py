@@ -38,7 +38,9 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from flax_sgm.attention.layout import CONFIG_FILE, CheckpointError, first_line
+from flax_sgm.errors import CheckpointError, first_line
+
+CONFIG_FILE = "config.json"  # beside a diffusers model's weights, and in a `flax-sgm convert` output
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it

@@ -9,7 +9,7 @@ import re
 
 import click
 
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 
 
 # Exit statuses.

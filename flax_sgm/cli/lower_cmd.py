@@ -8,6 +8,7 @@ import click
 
 from flax_sgm.checkpoints import converted as output
 from flax_sgm.cli.common import LOWERING_FAILED, UserError, clean_errors, to_json
+from flax_sgm import models
 
 
 class _OneLineUsageErrors(click.Command):
@@ -139,7 +140,7 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
         if device_mesh is not None:
             from flax_sgm import sharding
 
-            sharding.shard_model(config.make_abstract(), device_mesh)  # refuses a mesh the heads do not fit
+            sharding.shard_model(models.abstract(config), device_mesh)  # refuses a mesh the heads do not fit
     except ValueError as err:
         raise UserError(str(err).replace(":\n  ", ": ").replace("\n  ", "; ")) from None  # one line
     try:

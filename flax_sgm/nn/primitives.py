@@ -264,6 +264,8 @@ def zero_module(module: nnx.Module) -> nnx.Module:
 class GELU(nnx.Module):
     """Linear then exact GELU: the seed's `nn.Sequential(nn.Linear, nn.GELU())`."""
 
+    torch_names = {"proj": "0"}  # nn.Sequential(Linear, GELU)
+
     def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         self.proj = Linear(dim_in, dim_out, axes=("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -286,6 +288,8 @@ class GEGLU(nnx.Module):
 
 class FeedForward(nnx.Module):
     """project_in (GELU or GEGLU) -> dropout -> project_out; torch's `net.0`, `net.1`, `net.2`."""
+
+    torch_names = {"project_in": "net.0", "project_out": "net.2"}  # nn.Sequential(in, Dropout, Linear)
 
     def __init__(
         self,

@@ -12,12 +12,11 @@ import dataclasses
 import json
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
-from flax import nnx
 
 from flax_sgm.nn import numerics
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.unet.diffusers import config_fields
 
 Dtype = Any
 
@@ -279,8 +278,6 @@ class UNetConfig:
 
         `options` set flax_sgm's own fields (use_checkpoint, checkpoint_policy, sdp_backend).
         """
-        from flax_sgm.unet.diffusers import config_fields
-
         return cls(**config_fields(config, source), **options)
 
     @classmethod
@@ -288,24 +285,6 @@ class UNetConfig:
         if name not in PRESETS:
             raise ValueError(f"no UNet preset {name!r}; known: {sorted(PRESETS)}")
         return PRESETS[name].replace(**changes)
-
-    # Modules ----------------------------------------------------------------
-
-    def make(self, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        """A UNetModel of this config (random init; seeded by `rngs`, default nnx.Rngs(0))."""
-        from flax_sgm.unet.model import UNetModel
-
-        return UNetModel(self, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-
-    def make_abstract(self, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        """The same model with ShapeDtypeStruct leaves (nnx.eval_shape): nothing is allocated."""
-
-        def build():
-            with nnx.var_defaults(ref=True):
-                rngs = nnx.Rngs(0)
-            return self.make(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-
-        return nnx.eval_shape(build)
 
 
 # The released models (sgm's configs; diffusers' config.json of the same checkpoints agree).

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax_sgm.nn import numerics
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 
 # Read into UNetConfig (see config_fields).
 HONOURED = (

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from flax_sgm.checkpoints.convert import KeyLayout
-from flax_sgm.attention.layout import CheckpointError, listing, top_level_prefixes
+from flax_sgm.attention.layout import listing, top_level_prefixes
+from flax_sgm.errors import CheckpointError
 from flax_sgm.unet.config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
 
 # sgm/LDM single files hold the UNet under this prefix, beside first_stage_model. and the conditioners.

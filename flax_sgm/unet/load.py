@@ -17,13 +17,14 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from flax_sgm.checkpoints import convert, converted as output
-from flax_sgm.attention.layout import CheckpointError
+from flax_sgm.errors import CheckpointError
 from flax_sgm.attention.load import _concrete, _restore
 from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm.unet.model import UNetModel
 from flax_sgm.unet.config import PRESETS, UNetConfig
 from flax_sgm.unet.diffusers import vector_embedding
 from flax_sgm.unet.layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
+from flax_sgm import models
 
 PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
 
@@ -65,7 +66,7 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
                                          **options)
             layout = None
         stored = _stored_dtype(source, path)
-        model = config.make_abstract(dtype=dtype, param_dtype=param_dtype or stored)
+        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored)
         plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
     return _concrete(model, seed)

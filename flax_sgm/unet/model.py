@@ -4,7 +4,7 @@ Channels-last: x [b, h, w, in_channels] -> [b, h, w, out_channels]. The model is
 built from a UNetConfig, whose block specs say every layer; attribute names are
 sgm's (`time_embed`, `label_emb`, `input_blocks`, `middle_block`, `output_blocks`,
 `out`; a ResBlock's `in_layers`, `emb_layers`, `out_layers`, `skip_connection`), and
-convert.CHILD_NAMES holds the nn.Sequential indices of sgm's state_dict.
+Each layer class's `torch_names` holds the nn.Sequential indices of sgm's state_dict.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def sdxl_vector(pooled: jax.Array, time_ids: jax.Array, dim: int = 256) -> jax.A
 class EmbeddingMLP(nnx.Module):
     """Linear, SiLU, Linear: sgm's `time_embed` and the inside of `label_emb`."""
 
+    torch_names = {"linear_1": "0", "linear_2": "2"}  # nn.Sequential(Linear, SiLU, Linear)
+
     def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         layer = dict(axes=("embed", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.linear_1 = Linear(in_features, features, **layer)
@@ -67,6 +69,8 @@ class EmbeddingMLP(nnx.Module):
 class LabelEmbedding(nnx.Module):
     """sgm's `label_emb` for num_classes="sequential": the vector y [b, adm_in_channels] -> [b, time_embed_dim]."""
 
+    torch_names = {"mlp": "0"}  # nn.Sequential(nn.Sequential(Linear, SiLU, Linear))
+
     def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         self.mlp = EmbeddingMLP(in_features, features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -76,6 +80,8 @@ class LabelEmbedding(nnx.Module):
 
 class NormActConv(nnx.Module):
     """GroupNorm32, SiLU, 3x3 conv: a ResBlock's `in_layers` and the UNet's `out`."""
+
+    torch_names = {"norm": "0", "conv": "2"}  # nn.Sequential(GroupNorm32, SiLU, conv)
 
     def __init__(
         self,
@@ -98,6 +104,8 @@ class NormActConv(nnx.Module):
 class NormActDropoutConv(nnx.Module):
     """GroupNorm32, SiLU, dropout, 3x3 conv: a ResBlock's `out_layers` (`norm` alone for scale-shift)."""
 
+    torch_names = {"norm": "0", "conv": "3"}  # nn.Sequential(GroupNorm32, SiLU, Dropout, conv)
+
     def __init__(
         self, channels: int, *, eps: float, dropout: float, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32
     ):
@@ -115,6 +123,8 @@ class NormActDropoutConv(nnx.Module):
 
 class ActLinear(nnx.Module):
     """SiLU, Linear: a ResBlock's `emb_layers`."""
+
+    torch_names = {"linear": "1"}  # nn.Sequential(SiLU, Linear)
 
     def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         self.linear = Linear(in_features, features, axes=("embed", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)

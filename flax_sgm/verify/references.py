@@ -117,7 +117,7 @@ def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str =
     unet/ or pipeline directory: diffusers builds the reference from its config.json, load_unet reads the same files."""
     import json
 
-    from flax_sgm.attention.layout import CheckpointError
+    from flax_sgm.errors import CheckpointError
     from flax_sgm.unet.load import PIPELINE_UNET, load_unet
     from flax_sgm.checkpoints.sources import CONFIG_FILE
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from flax_sgm.checkpoints import convert
 from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
+from flax_sgm import models
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -94,7 +95,7 @@ def spatial_transformer_pair(
         torch_module.load_state_dict(convert.as_torch_tensors(torch_state), strict=True)
     if flax_module is None:
         jdtype = jnp.dtype(dtype)
-        flax_module = config.make_abstract(dtype=jdtype, param_dtype=jdtype)
+        flax_module = models.abstract(config, dtype=jdtype, param_dtype=jdtype)
         convert.load_torch_state_dict(flax_module, torch_module.state_dict(), allow_downcast=True)
     return torch_module, flax_module, sample_inputs(config, seed=seed)
 
@@ -135,7 +136,7 @@ def unet_twin(torch_unet, *, dtype=None, param_dtype=jnp.float32):
 
     config = UNetConfig.from_diffusers(dict(torch_unet.config), use_checkpoint=False)
     layout = diffusers_layout(config, vector_embedding(torch_unet.config))
-    model = config.make_abstract(dtype=dtype, param_dtype=param_dtype)
+    model = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
     return convert.load_torch_state_dict(model, torch_unet.state_dict(), layout=layout, allow_downcast=True)
 
 

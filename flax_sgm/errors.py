@@ -1,0 +1,25 @@
+"""The errors flax_sgm raises for bad checkpoints, each said so a user can act on it."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A problem with a checkpoint's files or keys, said in one line."""
+
+
+class ConversionError(ValueError):
+    """Every problem of one conversion, listed at once."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), context: str = ""):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"weight conversion failed{context}:"]
+        lines += [f"  missing key: {k}" for k in self.missing]
+        lines += [f"  unexpected key: {k}" for k in self.unexpected]
+        lines += [f"  {m}" for m in self.mismatched]
+        super().__init__("\n".join(lines))
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line, for a one-line CheckpointError (its type's name when it says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
