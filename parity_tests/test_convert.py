@@ -176,7 +176,7 @@ def test_prefix_in_error_messages():
 def test_table_rows_name_their_transform():
     f = abstract(flax_sgm.SpatialTransformer, (32, 2, 8), dict(context_dim=16, use_linear=False))
     rows = {row.torch_key: row.transform.name for row in convert.conversion_table(f)}
-    assert rows["proj_in.weight"] == "conv1x1"
+    assert rows["proj_in.weight"] == "conv"
     assert rows["transformer_blocks.0.attn1.to_out.0.weight"] == "linear"
     assert rows["transformer_blocks.0.ff.net.0.proj.weight"] == "linear"
     assert rows["norm.weight"] == rows["transformer_blocks.0.norm2.weight"] == "norm"

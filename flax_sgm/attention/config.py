@@ -9,7 +9,6 @@ shapes (`from_weights`). `flax_sgm.models.build(config)` / `abstract(config)` ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 
 from flax_sgm.attention import layout
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.config_io import ConfigIO
 
 Dtype = Any
 
@@ -25,8 +25,10 @@ SEED_NAMES = {"n_heads": "heads", "d_head": "head_dim"}
 
 
 @dataclasses.dataclass(frozen=True)
-class SpatialTransformerConfig:
+class SpatialTransformerConfig(ConfigIO):
     """SpatialTransformer's architecture. `context_dim` is None, an int, or a tuple (one per block, or one for all)."""
+
+    NAME = "SpatialTransformer"
 
     in_channels: int
     heads: int
@@ -64,9 +66,6 @@ class SpatialTransformerConfig:
         """Each block's context dim (None: self-attention only), as the seed stretches `context_dim`."""
         return _per_block_context_dims(self.context_dim, self.depth)
 
-    def replace(self, **changes) -> SpatialTransformerConfig:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_seed_args(cls, **kwargs) -> SpatialTransformerConfig:
         """The config of the seed's `SpatialTransformer(**kwargs)`: its keyword names (n_heads, d_head) accepted."""
@@ -77,38 +76,9 @@ class SpatialTransformerConfig:
         names = {v: k for k, v in SEED_NAMES.items()}
         return {names.get(k, k): v for k, v in self.to_dict().items() if k != "checkpoint_policy"}
 
-    # JSON ------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if isinstance(d["context_dim"], tuple):
-            d["context_dim"] = list(d["context_dim"])
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
     @classmethod
-    def from_dict(cls, d: dict, *, source: str = "config") -> SpatialTransformerConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: a SpatialTransformer config must be a JSON object; got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            seed_names = "".join(f"; {k} is the seed's name for {SEED_NAMES[k]}" for k in unknown if k in SEED_NAMES)
-            raise ValueError(f"{source}: unknown SpatialTransformer config keys {unknown}{seed_names}; known: {sorted(known)}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:  # a required key missing, a bad value
-            raise ValueError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "config") -> SpatialTransformerConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: not valid JSON ({err})") from None
-        return cls.from_dict(d, source=source)
+    def unknown_keys_hint(cls, unknown: list[str]) -> str:
+        return "".join(f"; {k} is the seed's name for {SEED_NAMES[k]}" for k in unknown if k in SEED_NAMES)
 
     @classmethod
     def from_weights(

@@ -17,7 +17,7 @@ from flax_sgm.nn import numerics
 from flax_sgm.attention.backends import dot_product_attention
 from flax_sgm.attention.policy import ATTENTION_OUT, resolve_backend
 from flax_sgm.nn.checks import expect_broadcastable, expect_shape
-from flax_sgm.nn.primitives import Conv1x1, Dropout, Linear, Normalize
+from flax_sgm.nn.primitives import Conv, Dropout, Linear, Normalize
 from flax_sgm.sharding import constrain
 
 Dtype = Any
@@ -160,8 +160,8 @@ class LinearAttention(nnx.Module):
         hidden_dim = dim_head * heads
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         # (qkv heads c) features: one split would cut across q, k and v, so not split.
-        self.to_qkv = Conv1x1(dim, hidden_dim * 3, axes=("channels", None), use_bias=False, **layer)
-        self.to_out = Conv1x1(hidden_dim, dim, axes=(None, "channels"), **layer)
+        self.to_qkv = Conv(dim, hidden_dim * 3, kernel_size=1, axes=("channels", None), use_bias=False, **layer)
+        self.to_out = Conv(hidden_dim, dim, kernel_size=1, axes=(None, "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         expect_shape("LinearAttention", "x", x, ("b", "h", "w", self.dim))
@@ -192,10 +192,10 @@ class SpatialSelfAttention(nnx.Module):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(in_channels, **layer)
         # One head of in_channels features: nothing to split by heads.
-        self.q = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
-        self.k = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
-        self.v = Conv1x1(in_channels, in_channels, axes=("channels", None), **layer)
-        self.proj_out = Conv1x1(in_channels, in_channels, axes=(None, "channels"), **layer)
+        self.q = Conv(in_channels, in_channels, kernel_size=1, axes=("channels", None), **layer)
+        self.k = Conv(in_channels, in_channels, kernel_size=1, axes=("channels", None), **layer)
+        self.v = Conv(in_channels, in_channels, kernel_size=1, axes=("channels", None), **layer)
+        self.proj_out = Conv(in_channels, in_channels, kernel_size=1, axes=(None, "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.in_channels

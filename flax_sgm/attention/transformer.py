@@ -5,6 +5,7 @@ Channels-last: x [b, h, w, in_channels] -> same shape.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ from flax_sgm.attention.blocks import BasicTransformerBlock
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
 from flax_sgm.nn.checks import expect_array, expect_shape
-from flax_sgm.nn.primitives import Conv1x1, Linear, Normalize, zero_module
+from flax_sgm.nn.primitives import Conv, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
 Dtype = Any
@@ -57,7 +58,7 @@ class SpatialTransformer(nnx.Module):
         self.dtype = dtype
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = Normalize(config.in_channels, **layer)
-        project = Linear if config.use_linear else Conv1x1
+        project = Linear if config.use_linear else functools.partial(Conv, kernel_size=1)
         self.proj_in = project(config.in_channels, config.inner_dim, axes=("channels", "embed"), **layer)
         self.transformer_blocks = nnx.List(
             [

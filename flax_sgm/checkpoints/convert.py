@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.errors import ConversionError
-from flax_sgm.nn.primitives import Conv1x1, Conv3x3, GroupNorm, LayerNorm, Linear
+from flax_sgm.nn.primitives import Conv, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
@@ -38,18 +38,15 @@ class Transform(NamedTuple):
 IDENTITY = Transform("identity", lambda w: w, lambda w: w)
 # torch Linear weight [out, in] <-> flax kernel [in, out].
 LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
-# torch Conv2d 1x1 weight [out, in, 1, 1] <-> flax kernel [1, 1, in, out] (channels-last).
-CONV1X1 = Transform("conv1x1", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
-# torch Conv2d 3x3 weight [out, in, 3, 3] <-> flax kernel [3, 3, in, out] (channels-last).
-CONV3X3 = Transform("conv3x3", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
+# torch Conv2d weight [out, in, kh, kw] <-> flax kernel [kh, kw, in, out] (channels-last).
+CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
 
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
     Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
-    Conv1x1: {"kernel": ("weight", CONV1X1), "bias": ("bias", IDENTITY)},
-    Conv3x3: {"kernel": ("weight", CONV3X3), "bias": ("bias", IDENTITY)},
+    Conv: {"kernel": ("weight", CONV), "bias": ("bias", IDENTITY)},
     LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
     GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
 }

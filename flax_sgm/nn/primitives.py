@@ -1,4 +1,4 @@
-"""Primitives: the layers every tier uses (Linear, Conv1x1, Conv3x3, LayerNorm, GroupNorm), GEGLU and FeedForward.
+"""Primitives: the layers every tier uses (Linear, Conv, LayerNorm, GroupNorm), GEGLU and FeedForward.
 
 Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage),
 and the logical axis names of its parameters (`axes`: in and out features; `axis`:
@@ -102,10 +102,11 @@ class Linear(nnx.Linear):
         return _dense(self, x, self.kernel[...])
 
 
-class Conv1x1(nnx.Conv):
-    """torch.nn.Conv2d(kernel_size=1) on channels-last input; kernel [1, 1, in, out].
+class Conv(nnx.Conv):
+    """torch.nn.Conv2d(kernel_size, stride, padding) on channels-last input; kernel [k, k, in, out].
 
-    `axes`: the logical names of the in and out channels.
+    `padding` defaults to k // 2 on every side (torch's padding=1 for a 3x3); a pair of pairs
+    ((top, bottom), (left, right)) for an asymmetric one. `axes`: the logical names of the in and out channels.
     """
 
     def __init__(
@@ -113,16 +114,22 @@ class Conv1x1(nnx.Conv):
         in_features: int,
         out_features: int,
         *,
+        kernel_size: int,
         axes: Axes,
+        strides: int = 1,
+        padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None,
         use_bias: bool = True,
         rngs: nnx.Rngs,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
     ):
+        pad = kernel_size // 2 if padding is None else padding
         super().__init__(
             in_features,
             out_features,
-            kernel_size=(1, 1),
+            kernel_size=(kernel_size, kernel_size),
+            strides=(strides, strides),
+            padding=((pad, pad), (pad, pad)) if isinstance(pad, int) else tuple(map(tuple, pad)),
             use_bias=use_bias,
             rngs=rngs,
             dtype=dtype,
@@ -132,42 +139,11 @@ class Conv1x1(nnx.Conv):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # A 1x1 convolution on channels-last input is a matmul over the channel axis.
-        return _dense(self, x, self.kernel[...][0, 0])
-
-
-class Conv3x3(nnx.Conv):
-    """torch.nn.Conv2d(kernel_size=3, padding=1, stride=strides) on channels-last input; kernel [3, 3, in, out].
-
-    `axes`: the logical names of the in and out channels.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        axes: Axes,
-        strides: int = 1,
-        rngs: nnx.Rngs,
-        dtype: Dtype = None,
-        param_dtype: Dtype = jnp.float32,
-    ):
-        super().__init__(
-            in_features,
-            out_features,
-            kernel_size=(3, 3),
-            strides=(strides, strides),
-            padding=((1, 1), (1, 1)),
-            rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_metadata=param_metadata(None, None, *axes),
-            bias_metadata=param_metadata(axes[1]),
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        if self.kernel_size == (1, 1) and self.strides == (1, 1) and self.padding == ((0, 0), (0, 0)):
+            # A 1x1 convolution on channels-last input is a matmul over the channel axis.
+            return _dense(self, x, self.kernel[...][0, 0])
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
 
         def conv(x, kernel, preferred_element_type=None):
             return jax.lax.conv_general_dilated(
@@ -175,7 +151,7 @@ class Conv3x3(nnx.Conv):
                 precision=self.precision, preferred_element_type=preferred_element_type,
             )
 
-        return with_bias(conv, x, kernel, bias)
+        return conv(x, kernel) if bias is None else with_bias(conv, x, kernel, bias)
 
 
 class LayerNorm(nnx.LayerNorm):

@@ -9,13 +9,13 @@ diffusers UNet2DConditionModel config.json (unet_diffusers.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, NamedTuple
 
 
 from flax_sgm.nn import numerics
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
+from flax_sgm.config_io import ConfigIO
 from flax_sgm.unet.diffusers import config_fields
 
 Dtype = Any
@@ -68,7 +68,7 @@ def _positive(name: str, value) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigIO):
     """sgm's UNetModel arguments (2-D, conv resampling, softmax attention).
 
     transformer_depth: per level (or one int); a level has attention where its
@@ -78,6 +78,8 @@ class UNetConfig:
     norm_eps: the ResBlocks' and `out`'s GroupNorm (sgm's GroupNorm32: 1e-5); the
     SpatialTransformers keep the seed's 1e-6.
     """
+
+    NAME = "UNet"
 
     in_channels: int = 4
     out_channels: int = 4
@@ -240,37 +242,6 @@ class UNetConfig:
                     layers.append(Up(ch))
                 blocks.append(tuple(layers))
         return tuple(blocks)
-
-    def replace(self, **changes) -> UNetConfig:
-        return dataclasses.replace(self, **changes)
-
-    # JSON -------------------------------------------------------------------
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict, *, source: str = "config") -> UNetConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: a UNet config must be a JSON object; got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown UNet config keys {unknown}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "config") -> UNetConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: not valid JSON ({err})") from None
-        return cls.from_dict(d, source=source)
 
     @classmethod
     def from_diffusers(cls, config: dict, *, source: str = "config.json", **options) -> UNetConfig:

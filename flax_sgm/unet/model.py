@@ -19,7 +19,7 @@ from flax import nnx
 from flax_sgm.nn import numerics
 from flax_sgm.attention.blocks import maybe_checkpointed
 from flax_sgm.nn.checks import expect_shape
-from flax_sgm.nn.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
+from flax_sgm.nn.primitives import Conv, Dropout, GroupNorm, Linear
 from flax_sgm.attention.remat import check_policy
 from flax_sgm.sharding import IMAGE, constrain
 from flax_sgm.attention.transformer import SpatialTransformer
@@ -95,7 +95,7 @@ class NormActConv(nnx.Module):
     ):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = GroupNorm(channels, epsilon=eps, **layer)
-        self.conv = Conv3x3(channels, out_channels, axes=("channels", "channels"), **layer)
+        self.conv = Conv(channels, out_channels, kernel_size=3, axes=("channels", "channels"), **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(numerics.silu(self.norm(x)))
@@ -112,7 +112,7 @@ class NormActDropoutConv(nnx.Module):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = GroupNorm(channels, epsilon=eps, **layer)
         self.dropout = Dropout(dropout, rngs=rngs)
-        self.conv = Conv3x3(channels, channels, axes=("channels", "channels"), **layer)
+        self.conv = Conv(channels, channels, kernel_size=3, axes=("channels", "channels"), **layer)
 
     def __call__(self, x: jax.Array, scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         h = self.norm(x)
@@ -164,7 +164,7 @@ class ResBlock(nnx.Module):
         self.emb_layers = ActLinear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels, **layer)
         self.out_layers = NormActDropoutConv(out_channels, eps=eps, dropout=dropout, **layer)
         same = out_channels == channels
-        self.skip_connection = None if same else Conv1x1(channels, out_channels, axes=("channels", "channels"), **layer)
+        self.skip_connection = None if same else Conv(channels, out_channels, kernel_size=1, axes=("channels", "channels"), **layer)
 
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         expect_shape("ResBlock", "x", x, ("b", "h", "w", self.channels))
@@ -186,7 +186,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.op = Conv3x3(channels, channels, axes=("channels", "channels"), strides=2, **layer)
+        self.op = Conv(channels, channels, kernel_size=3, axes=("channels", "channels"), strides=2, **layer)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.op(x)
@@ -196,7 +196,7 @@ class Upsample(nnx.Module):
     """Nearest-neighbour x2, then a 3x3 conv: sgm's Upsample with conv_resample."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
-        self.conv = Conv3x3(channels, channels, axes=("channels", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.conv = Conv(channels, channels, kernel_size=3, axes=("channels", "channels"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [b, 2h, 2w, c]
@@ -234,7 +234,7 @@ class UNetModel(nnx.Module):
 
         def build(spec):
             if isinstance(spec, ConvIn):
-                return Conv3x3(spec.in_channels, spec.out_channels, axes=("channels", "channels"), **layer)
+                return Conv(spec.in_channels, spec.out_channels, kernel_size=3, axes=("channels", "channels"), **layer)
             if isinstance(spec, Res):
                 return ResBlock(
                     spec.channels,
