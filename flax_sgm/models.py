@@ -1,20 +1,20 @@
 """Which model each config builds: the one table every loader looks a config up in.
 
 A config knows nothing of its model (arrows run down: models -> configs); `build(config)` makes the model with
-random weights, `abstract(config)` the same tree with ShapeDtypeStruct leaves for a loader to fill.
+random weights, `abstract(config)` the same tree with ShapeDtypeStruct parameters for a loader to fill, built without
+tracing.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.transformer import SpatialTransformer
+from flax_sgm.nn.primitives import shapes_only
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.unet.model import UNetModel
 
@@ -39,24 +39,8 @@ def build(config, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dt
     return model_class(config)(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
 
-def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.Module:
-    """The same model with ShapeDtypeStruct leaves: nothing is allocated. Traced once per (config, dtypes),
-    since a checkpoint repeats a few configs; each call returns fresh Variables."""
-    graphdef, state = _abstract_parts(config, _dtype_name(dtype), _dtype_name(param_dtype))
-    return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
-
-
-def _dtype_name(dtype: Dtype) -> str | None:
-    return None if dtype is None else jnp.dtype(dtype).name
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_parts(config, dtype: str | None, param_dtype: str):
-    def make():
-        # RNG state as refs: a plain Variable's update reads `.sharding` off a tracer, whose
-        # error message walks the whole trace (SDXL's depth 10: 0.16 s with refs, 0.5 s without).
-        with nnx.var_defaults(ref=True):
-            rngs = nnx.Rngs(0)
+def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The same model with ShapeDtypeStruct parameters, for a loader to fill: built without running or tracing an
+    initializer (primitives.shapes_only). Dropout RNG state, if any, is real (from `rngs`, default nnx.Rngs(0))."""
+    with shapes_only():
         return build(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-
-    return nnx.split(nnx.eval_shape(make))

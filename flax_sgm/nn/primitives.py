@@ -8,6 +8,8 @@ flax's. Numerical choices that differ between torch and flax come from `numerics
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -21,6 +23,29 @@ from flax_sgm.sharding import constrain, param_metadata
 
 Dtype = Any
 Axes = tuple[str | None, str | None]
+
+# Building a model for a loader to fill needs its tree and shapes only: under `shapes_only()` every layer's
+# initializers return ShapeDtypeStructs, so nothing is computed or allocated (and nothing is traced, which
+# nnx.eval_shape would do for every initializer).
+_SHAPES_ONLY = contextvars.ContextVar("shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def _shape_of(key, shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def initializers(*names: str) -> dict:
+    """The layer's initializer arguments `names` as shape-only ones under `shapes_only()`; else none (flax's)."""
+    return dict.fromkeys(names, _shape_of) if _SHAPES_ONLY.get() else {}
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
@@ -96,6 +121,7 @@ class Linear(nnx.Linear):
             param_dtype=param_dtype,
             kernel_metadata=param_metadata(*axes),
             bias_metadata=param_metadata(axes[1]),
+            **initializers("kernel_init", "bias_init"),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,6 +162,7 @@ class Conv(nnx.Conv):
             param_dtype=param_dtype,
             kernel_metadata=param_metadata(None, None, *axes),
             bias_metadata=param_metadata(axes[1]),
+            **initializers("kernel_init", "bias_init"),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -171,6 +198,7 @@ class LayerNorm(nnx.LayerNorm):
             param_dtype=param_dtype,
             scale_metadata=param_metadata(axis),
             bias_metadata=param_metadata(axis),
+            **initializers("scale_init", "bias_init"),
         )
         self.out_dtype = dtype
 
@@ -210,6 +238,7 @@ class GroupNorm(nnx.GroupNorm):
             param_dtype=param_dtype,
             scale_metadata=param_metadata(axis),
             bias_metadata=param_metadata(axis),
+            **initializers("scale_init", "bias_init"),
         )
         self.out_dtype = dtype
 
@@ -233,7 +262,7 @@ def Dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
 def zero_module(module: nnx.Module) -> nnx.Module:
     """Zero out the parameters of a module in place and return it."""
     params = nnx.state(module, nnx.Param)
-    nnx.update(module, jax.tree.map(jnp.zeros_like, params))
+    nnx.update(module, jax.tree.map(lambda p: p if isinstance(p, jax.ShapeDtypeStruct) else jnp.zeros_like(p), params))
     return module
 
 
