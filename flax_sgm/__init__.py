@@ -10,7 +10,8 @@ mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
 cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
+layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder).
+Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
@@ -23,6 +24,7 @@ from flax_sgm.layout import CheckpointError
 from flax_sgm.pretrained import convert_file, load_pretrained, load_pretrained_all
 from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
+from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
 from flax_sgm.pretrained_unet import load_unet
 from flax_sgm.transformer import SpatialTransformer
 from flax_sgm.unet import UNetModel, sdxl_vector
@@ -33,6 +35,9 @@ __all__ = [
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTextOutput",
     "CheckpointError",
     "Choice",
     "ConversionError",
@@ -53,6 +58,7 @@ __all__ = [
     "forward_mode_scope",
     "load_pretrained",
     "load_pretrained_all",
+    "load_text_encoder",
     "load_unet",
     "record_attention_calls",
     "sdxl_vector",

@@ -396,7 +396,7 @@ def to_torch_state_dict(
     for key, slices in parts.items():
         if any(s is None for s in slices):
             raise TypeError(f"to_torch_state_dict: {key} is fused from {len(slices)} parameters; the table has fewer")
-        out[key] = np.concatenate(slices, axis=0)
+        out[key] = np.ascontiguousarray(np.concatenate(slices, axis=0))  # transposed slices concatenate F-ordered
     return out
 
 

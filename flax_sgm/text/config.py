@@ -114,14 +114,16 @@ class CLIPTextConfig:
         return cls.from_dict(d, source=source)
 
     @classmethod
-    def from_transformers(cls, config: dict, *, source: str = "config.json", **options) -> CLIPTextConfig:
+    def from_transformers(cls, config: dict, *, source: str = "config.json", projection: bool | None = None,
+                          **options) -> CLIPTextConfig:
         """A transformers CLIPTextConfig config.json: every field honoured, refused in one line, or irrelevant.
 
+        `projection`: whether the weights hold the text projection, where `architectures` does not say.
         `options` set flax_sgm's own fields (sdp_backend).
         """
         from flax_sgm.text.transformers import config_fields
 
-        return cls(**config_fields(config, source), **options)
+        return cls(**config_fields(config, source, projection=projection), **options)
 
     @classmethod
     def preset(cls, name: str, **changes) -> CLIPTextConfig:
