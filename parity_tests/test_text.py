@@ -223,6 +223,27 @@ def test_load_text_encoder_directories(saved, tmp_path):
     assert_holds(load_text_encoder(refiner), openclip)
 
 
+def test_load_text_encoder_variants(tmp_path):
+    """A text_encoder/ as a model repository holds it (model.safetensors, pytorch_model.bin, fp16 variants, one
+    file and sharded): the float32 safetensors by default, variant= picks the others."""
+    import copy
+
+    tower = torch_tower("openclip", seed=11)
+    half = copy.deepcopy(tower).half()
+    tower.save_pretrained(tmp_path / "te")
+    torch.save(tower.state_dict(), tmp_path / "te" / "pytorch_model.bin")
+    half.save_pretrained(tmp_path / "te", variant="fp16")
+    half.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="20KB")
+    assert list((tmp_path / "sharded").glob("model.safetensors.index.fp16.json"))
+    assert_holds(load_text_encoder(tmp_path / "te"), tower)
+    for path in (tmp_path / "te", tmp_path / "sharded"):
+        model = load_text_encoder(path, variant="fp16")
+        assert model.final_layer_norm.scale[...].dtype == jnp.float16
+        assert_holds(model, half)
+    with pytest.raises(CheckpointError, match=r"sharded: holds diffusers variants only \(fp16\); pass variant="):
+        load_text_encoder(tmp_path / "sharded")
+
+
 # Single files -----------------------------------------------------------------------------------------------
 
 def flax_of(tower):
