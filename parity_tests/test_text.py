@@ -125,7 +125,7 @@ def test_outputs_are_transformers_by_name(saved, rng):
             assert_close(got.pooler_output, want.pooler_output.numpy(), what="pooler_output")
         else:
             assert_close(got.text_embeds, want.text_embeds.numpy(), what="text_embeds")
-        assert flax(ids).hidden_states is None
+            assert flax(ids).hidden_states is None
 
 
 def test_pooling_rules_differ_and_each_is_transformers(saved, rng):
@@ -136,9 +136,10 @@ def test_pooling_rules_differ_and_each_is_transformers(saved, rng):
     assert (np.argmax(ids, axis=1) != np.argmax(ids == 7, axis=1)).all()
     legacy = CLIPTextModel(dataclasses.replace(flax.config, eos_token_id=2), rngs=nnx.Rngs(0))
     nnx.update(legacy, nnx.state(flax, nnx.Param))
-    last = np.asarray(flax(ids).last_hidden_state)
+    out = flax(ids)
+    last = np.asarray(out.last_hidden_state)
     at_first_eos = last[np.arange(3), np.argmax(ids == 7, axis=1)]
-    assert_close(flax(ids).pooler_output, at_first_eos, what="first-eos pooling")
+    assert_close(out.pooler_output, at_first_eos, what="first-eos pooling")
     assert_close(legacy(ids).pooler_output, last[np.arange(3), np.argmax(ids, axis=1)], what="argmax pooling")
 
 
@@ -398,6 +399,10 @@ def test_refused_config_fields_are_one_line(saved, tmp_path, change, message):
 
 
 def test_bad_files_are_one_line(tmp_path):
+    save_file({"vision_model.embeddings.patch_embedding.weight": np.ones((2, 3, 2, 2), np.float32)},
+              str(tmp_path / "vision.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vision.safetensors: no text encoder .*\(a CLIP vision tower\)$"):
+        load_text_encoder(tmp_path / "vision.safetensors")
     save_file(UNET_KEY | {"first_stage_model.decoder.conv_in.weight": np.ones(3, np.float32)}, str(tmp_path / "unet.safetensors"))
     with pytest.raises(CheckpointError, match=r"unet.safetensors: no text encoder .* it holds first_stage_model., "
                                               r"model. \(a UNet and a VAE\)$"):
@@ -425,3 +430,53 @@ def test_bad_inputs_are_one_line(saved):
         with pytest.raises(ValueError, match=message) as err:
             flax(bad)
         assert "\n" not in str(err.value)
+
+
+# The conditioner and tokenization ---------------------------------------------------------------------------
+
+def tiny_tokenizer(pad: str):
+    """A CLIP BPE tokenizer over a 1000-token vocabulary (letters, a merged word, the start and end tokens last,
+    as CLIP's): what a pipeline's tokenizer/ folder holds, in miniature."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for ch in ["!", *string.ascii_lowercase]:
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
+    while len(vocab) < VOCAB - 2:
+        vocab[f"q{len(vocab)}q</w>"] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = VOCAB - 2, END
+    return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token=pad, model_max_length=77)
+
+
+def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):
+    """A prompt through both tokenizers (read from a pipeline folder) and both encoders becomes diffusers'
+    StableDiffusionXLPipeline.encode_prompt's prompt embeddings (the two penultimate layers, 32 + 32 wide) and
+    pooled vector; `y` is the pooled vector beside the embedded size and crop ids (sdxl_vector)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from flax_sgm.text.conditioner import EMBEDDERS, condition
+    from flax_sgm.text.tokenizer import load_tokenizer, tokenize
+
+    clip, openclip = torch_tower("clip", seed=12), torch_tower("openclip", seed=13)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip, text_encoder_2=openclip, tokenizer=tiny_tokenizer("<|endoftext|>"),
+                                     tokenizer_2=tiny_tokenizer("!"), unet=None, scheduler=None)
+    pipe.save_pretrained(tmp_path)
+    prompts = ["a cat", "the dog sits on a mat"]
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    tokenizers = [load_tokenizer(tmp_path, embedder=n) for n in (0, 1)]
+    ids = [tokenize(t, prompts) for t in tokenizers]
+    assert ids[0][0, -1] == END and ids[1][0, -1] == 0  # the second pads with "!", as open_clip
+    models = [load_text_encoder(tmp_path, embedder=n) for n in (0, 1)]
+    specs = EMBEDDERS["sdxl-base"]
+    specs = (dataclasses.replace(specs[0], layer_idx=1),) + specs[1:]  # layer 11 of 12: here 1 of 2
+    time_ids = np.array([[64, 64, 0, 0, 64, 64]] * 2, np.float32)
+    context, y = condition(models, ids, specs, time_ids)
+    assert_close(context, want.numpy(), what="context")
+    assert_close(y[:, :24], want_pooled.numpy(), what="pooled")
+    assert y.shape == (2, 24 + 6 * 256)
+    with pytest.warns(UserWarning, match="the prompt was cut at 77 tokens"):
+        assert tokenize(tokenizers[0], "a " * 100).shape == (1, 77)
