@@ -32,7 +32,6 @@ from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
 from flax_sgm.text.load import plan_text_encoder
 from flax_sgm.text.transformers import DEFAULTS, HONOURED, IRRELEVANT
 from flax_sgm.sources import open_source
-from flax_sgm.verify import criteria
 
 VOCAB = 1000
 END = VOCAB - 1  # CLIP's end token is the largest id of its vocabulary (49407): the legacy rule pools at the argmax

@@ -171,7 +171,7 @@ def choose_tower(keys: list[str], embedder: int, source: str) -> Tower:
         if any(k.startswith(f"conditioner.embedders.{embedder}.") for k in keys):
             extra = f" (conditioner.embedders.{embedder} holds no text tower)"
         elif any(t.prefix.startswith("conditioner.") for t in towers):
-            extra = f" (SDXL's embedders after the text encoders are the size and crop embedders, which have no weights)"
+            extra = " (SDXL's embedders after the text encoders are the size and crop embedders, which have no weights)"
         raise CheckpointError(f"{source}: embedder={embedder} is no text encoder{extra}; its text encoders: {held}")
     return chosen[0]
 

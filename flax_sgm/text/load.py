@@ -20,7 +20,7 @@ from flax_sgm.layout import CONFIG_FILE, CheckpointError
 from flax_sgm.pretrained import _concrete, choose_param_dtype
 from flax_sgm.sources import Source, open_source
 from flax_sgm.text.config import CLIPTextConfig
-from flax_sgm.text.layout import Tower, choose_tower, config_from_weights, ignored_reason
+from flax_sgm.text.layout import choose_tower, config_from_weights, ignored_reason
 from flax_sgm.text.model import CLIPTextModel
 
 # A diffusers pipeline's text encoders, in sgm's embedder order (the refiner has text_encoder_2 only: its embedder 0).
