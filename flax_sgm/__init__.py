@@ -10,7 +10,8 @@ mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
 cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
+layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder).
+Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention.modules import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
@@ -29,12 +30,16 @@ from flax_sgm.unet.load import load_unet
 from flax_sgm.attention.transformer import SpatialTransformer
 from flax_sgm.unet.model import UNetModel, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
+from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
 
 __all__ = [
     "AttentionProblem",
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTextOutput",
     "CheckpointError",
     "Choice",
     "ConversionError",
@@ -55,6 +60,7 @@ __all__ = [
     "forward_mode_scope",
     "load_pretrained",
     "load_pretrained_all",
+    "load_text_encoder",
     "load_unet",
     "record_attention_calls",
     "sdxl_vector",

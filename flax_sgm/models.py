@@ -15,6 +15,8 @@ from flax import nnx
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.transformer import SpatialTransformer
 from flax_sgm.nn.primitives import shapes_only
+from flax_sgm.text.config import CLIPTextConfig
+from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.unet.model import UNetModel
 
@@ -23,6 +25,7 @@ Dtype = Any
 MODELS: dict[type, Any] = {
     SpatialTransformerConfig: SpatialTransformer,
     UNetConfig: UNetModel,
+    CLIPTextConfig: CLIPTextModel,
 }
 
 

@@ -30,9 +30,14 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _chosen_param_dtype(stack: Stack, param_dtype) -> tuple[np.dtype, bool]:
-    """The parameters' dtype, and whether a narrowing cast is allowed (only when the caller picked the dtype)."""
+    return choose_param_dtype(stack.dtype, param_dtype)
+
+
+def choose_param_dtype(stored, param_dtype) -> tuple[np.dtype, bool]:
+    """The parameters' dtype (the caller's, else as `stored`), and whether a narrowing cast is allowed (only when
+    the caller picked the dtype)."""
     if param_dtype is None:
-        return stack.dtype, False
+        return stored, False
     try:
         dtype = np.dtype(jnp.dtype(param_dtype))
     except TypeError:

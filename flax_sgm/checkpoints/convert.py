@@ -26,13 +26,16 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.errors import ConversionError
-from flax_sgm.nn.primitives import Conv, GroupNorm, LayerNorm, Linear
+from flax_sgm.nn.primitives import Conv, Embed, GroupNorm, LayerNorm, Linear
 
 
 class Transform(NamedTuple):
     name: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    # (index, count): the row's torch tensor holds `count` parameters stacked along its first axis and the row is
+    # the index-th of them (to_flax is handed the whole tensor, to_torch gives the row's slice); see `fused`.
+    part: tuple[int, int] | None = None
 
 
 IDENTITY = Transform("identity", lambda w: w, lambda w: w)
@@ -43,12 +46,27 @@ CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpos
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
 
+
+
+def fused(transform: Transform, index: int, count: int) -> Transform:
+    """The index-th of `count` equal slices along torch's first axis, then `transform`: torch's
+    nn.MultiheadAttention `in_proj_weight` [3 * dim, dim] (open_clip) stacks q, k and v [dim, dim] that way.
+    The rows sharing one torch key are written back concatenated in index order (to_torch_state_dict)."""
+
+    def to_flax(w):
+        size = w.shape[0] // count
+        return transform.to_flax(w[index * size : (index + 1) * size])
+
+    return Transform(f"{transform.name}[{index}/{count}]", to_flax, transform.to_torch, (index, count))
+
+
 # Layer type -> {flax parameter: (torch parameter, transform)}.
 LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
     Linear: {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
     Conv: {"kernel": ("weight", CONV), "bias": ("bias", IDENTITY)},
     LayerNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
     GroupNorm: {"scale": ("weight", NORM), "bias": ("bias", IDENTITY)},
+    Embed: {"embedding": ("weight", IDENTITY)},  # torch.nn.Embedding weight [num, features], the same table
 }
 
 
@@ -69,6 +87,14 @@ class KeyLayout(NamedTuple):
     # (model's, layout's) prefix of each module the layout holds whole under another name (sgm's ResBlock
     # `input_blocks.1.0.` is diffusers' ResnetBlock2D `down_blocks.0.resnets.0.`): what verify reports.
     modules: tuple[tuple[str, str], ...] = ()
+    # (model's key, transform) where the layout stores a tensor otherwise than the model's own names do
+    # (open_clip's `text_projection` [in, out], its fused `in_proj_weight`: `fused`).
+    transforms: tuple[tuple[str, Transform], ...] = ()
+
+    def row(self, row: Row) -> Row:
+        """The row under this layout's name and transform."""
+        transform = dict(self.transforms).get(row.torch_key, row.transform)
+        return Row(self.rename(row.torch_key), row.flax_path, transform)
 
     def rename(self, key: str) -> str:
         best = max((p for p in self.prefixes if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
@@ -123,8 +149,8 @@ def conversion_table(model: nnx.Module, *, layout: KeyLayout | None = None) -> l
         if rules is None or path[-1] not in rules:
             raise TypeError(f"no conversion rule for parameter {'.'.join(map(str, path))} of {type(node).__name__}")
         torch_name, transform = rules[path[-1]]
-        key = ".".join(torch_parts + [torch_name])
-        rows.append(Row(layout.rename(key) if layout else key, tuple(path), transform))
+        row = Row(".".join(torch_parts + [torch_name]), tuple(path), transform)
+        rows.append(layout.row(row) if layout else row)
     return rows
 
 
@@ -136,7 +162,11 @@ def torch_shapes(model: nnx.Module, *, prefix: str = "", layout: KeyLayout | Non
 
 
 def _torch_shape(row: Row, flax_shape) -> tuple[int, ...]:
-    return row.transform.to_torch(np.broadcast_to(np.empty((), np.bool_), tuple(flax_shape))).shape
+    """The shape of the row's whole torch tensor (all of a fused tensor's parts)."""
+    shape = row.transform.to_torch(np.broadcast_to(np.empty((), np.bool_), tuple(flax_shape))).shape
+    if row.transform.part is not None:
+        shape = (shape[0] * row.transform.part[1], *shape[1:])
+    return shape
 
 
 def flax_submodule(model: nnx.Module, torch_name: str) -> nnx.Module:
@@ -329,12 +359,21 @@ def to_torch_state_dict(
     bfloat16 arrays come back as ml_dtypes.bfloat16; `as_torch_tensors` makes torch tensors of them.
     """
     values = dict(nnx.to_flat_state(params if params is not None else nnx.state(model, nnx.Param)))
-    out = {}
+    out, parts = {}, {}
     for row in conversion_table(model, layout=layout):
         value = values[row.flax_path]
         value = value.get_value() if isinstance(value, nnx.Variable) else value
+        torch_value = row.transform.to_torch(np.asarray(value))
+        if row.transform.part is not None:  # one slice of a fused tensor: stacked once all are in
+            index, count = row.transform.part
+            parts.setdefault(prefix + row.torch_key, [None] * count)[index] = torch_value
+            continue
         # A writable C-ordered copy: views of jax buffers are read-only.
-        out[prefix + row.torch_key] = np.array(row.transform.to_torch(np.asarray(value)), order="C")
+        out[prefix + row.torch_key] = np.array(torch_value, order="C")
+    for key, slices in parts.items():
+        if any(s is None for s in slices):
+            raise TypeError(f"to_torch_state_dict: {key} is fused from {len(slices)} parameters; the table has fewer")
+        out[key] = np.ascontiguousarray(np.concatenate(slices, axis=0))  # transposed slices concatenate F-ordered
     return out
 
 

@@ -16,7 +16,9 @@ Accepted inputs (`open_source`):
                 config is the spec of its stacks (diffusers_config.py). `variant`
                 picks diffusers' variant files (`diffusion_pytorch_model.fp16.safetensors`,
                 `diffusion_pytorch_model.safetensors.index.fp16.json` and its shards), as
-                diffusers' `from_pretrained(variant=...)` does.
+                diffusers' `from_pretrained(variant=...)` does. A transformers model directory
+                (a pipeline's `text_encoder/`: `model.safetensors` or `pytorch_model.bin`, their
+                variants `model.fp16.safetensors` and shards) is read the same way.
 A diffusers weights file or index passed on its own takes the config.json beside it.
 
 A Source gives each tensor two ways: `source[key]`, a read-only numpy view of a safetensors file's
@@ -47,31 +49,51 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # after this many bytes.
 MAPPED_BYTES = 64 << 20
 INDEX_SUFFIX = ".safetensors.index.json"
-# What diffusers' save_pretrained writes, by preference.
+# What diffusers' save_pretrained writes, by preference; then transformers' (a pipeline's text_encoder/).
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-# diffusers' file names, with the variant they carry: a weights file, a sharded index, a shard.
-_SHARD_NAME = re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[^.]+))?-\d+-of-\d+\.safetensors$")
-_DIFFUSERS_NAMES = (
-    _SHARD_NAME,
-    re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$"),
-    re.compile(r"^diffusion_pytorch_model\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$"),
-)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _names(stem: str) -> tuple[re.Pattern, ...]:
+    """A library's file names with the variant they carry: a shard, a weights file, a sharded index."""
+    return (
+        re.compile(rf"^{stem}(?:\.(?P<variant>[^.]+))?-\d+-of-\d+\.safetensors$"),
+        re.compile(rf"^{stem}(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$"),
+        re.compile(rf"^{stem}\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$"),
+    )
+
+
+_DIFFUSERS_NAMES = _names("diffusion_pytorch_model")
+_MODEL_NAMES = _names("(?:diffusion_pytorch_model|model|pytorch_model)")  # diffusers' and transformers'
+_SHARD_NAME = _MODEL_NAMES[0]
 
 
 def diffusers_variant(name: str) -> tuple[bool, str | None]:
     """(whether `name` is a diffusers weights file, index or shard, the variant it carries)."""
-    for pattern in _DIFFUSERS_NAMES:
+    return _match(_DIFFUSERS_NAMES, name)
+
+
+def weights_variant(name: str) -> tuple[bool, str | None]:
+    """(whether `name` is a diffusers or transformers weights file, index or shard, the variant it carries)."""
+    return _match(_MODEL_NAMES, name)
+
+
+def _match(patterns, name: str) -> tuple[bool, str | None]:
+    for pattern in patterns:
         if match := pattern.match(name):
             return True, match.group("variant")
     return False, None
 
 
 def _variant_files(variant: str) -> tuple[str, ...]:
-    """diffusers' names of a variant, by preference: the sharded index, then one file."""
+    """diffusers' and transformers' names of a variant, by preference: the sharded index, then one file."""
     return (
         f"diffusion_pytorch_model.safetensors.index.{variant}.json",
         f"diffusion_pytorch_model.{variant}.safetensors",
         f"diffusion_pytorch_model.{variant}.bin",
+        f"model.safetensors.index.{variant}.json",
+        f"model.{variant}.safetensors",
+        f"pytorch_model.{variant}.bin",
     )
 
 # safe_open reports dtypes by safetensors' code.
@@ -211,13 +233,13 @@ def _open_directory(path: Path, variant: str | None) -> Source:
         weights = [p for p in chosen if p.suffix != ".json"]
     else:
         # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
-        index = path / (DIFFUSERS_WEIGHTS[0] + ".index.json")
-        indexes = [index] if index.is_file() else sorted(path.glob("*" + INDEX_SUFFIX))
-        weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).is_file()][:1]
+        index = [path / (name + ".index.json") for name in (DIFFUSERS_WEIGHTS[0], TRANSFORMERS_WEIGHTS[0])]
+        indexes = [i for i in index if i.is_file()][:1] or sorted(path.glob("*" + INDEX_SUFFIX))
+        weights = [path / name for name in DIFFUSERS_WEIGHTS + TRANSFORMERS_WEIGHTS if (path / name).is_file()][:1]
         if not weights:
             weights = sorted(
                 p for p in path.iterdir()
-                if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not diffusers_variant(p.name)[1]
+                if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not weights_variant(p.name)[1]
                 and not _SHARD_NAME.match(p.name)
             )
         if not indexes and not weights and _variants(path):
@@ -243,7 +265,7 @@ def _open_directory(path: Path, variant: str | None) -> Source:
 
 def _variants(path: Path) -> list[str]:
     """The variants of diffusers' files in a directory."""
-    return sorted({v for p in path.iterdir() if (v := diffusers_variant(p.name)[1])})
+    return sorted({v for p in path.iterdir() if (v := weights_variant(p.name)[1])})
 
 
 def _variants_here(path: Path) -> str:

@@ -45,6 +45,15 @@ def gelu(x: jax.Array) -> jax.Array:
     return in_float32(functools.partial(jax.nn.gelu, approximate=False), x)
 
 
+# OpenAI CLIP's activation (transformers' "quick_gelu"): x * sigmoid(1.702 x).
+QUICK_GELU_SCALE = 1.702
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """transformers' QuickGELUActivation, in float32 and rounded once."""
+    return in_float32(lambda v: v * jax.nn.sigmoid(QUICK_GELU_SCALE * v), x)
+
+
 def attention_scale(head_dim: int) -> float:
     """The seed's `dim_head ** -0.5` (torch SDPA's default scale)."""
     return head_dim**-0.5

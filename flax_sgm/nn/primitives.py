@@ -1,4 +1,4 @@
-"""Primitives: the layers every tier uses (Linear, Conv, LayerNorm, GroupNorm), GEGLU and FeedForward.
+"""Primitives: the layers every tier uses (Linear, Conv, LayerNorm, GroupNorm, Embed), GEGLU and FeedForward.
 
 Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage),
 and the logical axis names of its parameters (`axes`: in and out features; `axis`:
@@ -184,14 +184,24 @@ class Conv(nnx.Conv):
 class LayerNorm(nnx.LayerNorm):
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance; `axis`: the features' logical name.
 
-    Computed in float32 (float64 for float64 inputs) and rounded once to `dtype` (None: the input's dtype promoted
-    with the parameters'), as torch normalizes bf16.
+    `epsilon`: a model whose config says another (transformers' `layer_norm_eps`). Computed in float32 (float64 for
+    float64 inputs) and rounded once to `dtype` (None: the input's dtype promoted with the parameters'), as torch
+    normalizes bf16.
     """
 
-    def __init__(self, dim: int, *, axis: str = "embed", rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        axis: str = "embed",
+        epsilon: float = numerics.LAYER_NORM_EPS,
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
         super().__init__(
             dim,
-            epsilon=numerics.LAYER_NORM_EPS,
+            epsilon=epsilon,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,
             dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64
@@ -248,6 +258,38 @@ class GroupNorm(nnx.GroupNorm):
 
 
 Normalize = GroupNorm  # the seed's name for it
+
+
+class Embed(nnx.Embed):
+    """torch.nn.Embedding(num, features): a table [num, features] (the same layout as torch's weight), rows by id.
+
+    `axes`: the logical names of the rows and the features. Ids out of range give NaN rows (jnp.take's "fill"
+    mode), not a clamped row: a model checks concrete ids before it looks them up.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        axes: Axes = (None, "embed"),
+        rngs: nnx.Rngs,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        super().__init__(
+            num_embeddings,
+            features,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_metadata=param_metadata(*axes),
+            **initializers("embedding_init"),
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        (table,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 def Dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:

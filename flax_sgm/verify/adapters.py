@@ -37,6 +37,10 @@ class CallAdapter:
         renamed = {self.names.get(k, k): v for k, v in kwargs.items()}
         return self.output(call(x, **renamed, **self.torch_kwargs))
 
+    def call_flax(self, module, x, kwargs: Mapping[str, Any]):
+        """flax_sgm's twin on the same inputs (flax_sgm's names): one array back."""
+        return module(x, **kwargs)
+
     def flax_names(self, torch_module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """A recorded torch call (args, kwargs) as flax_sgm-named inputs; `x` is the first argument.
 
@@ -122,9 +126,59 @@ DIFFUSERS_PARTS = {
 }
 
 
+def clip_text_outputs(out, cat) -> Any:
+    """Every output of a CLIP text model, transformers' or flax_sgm's, in one [b, features] array (`cat`:
+    torch.cat or jnp.concatenate): last_hidden_state, text_embeds where there is a projection (transformers'
+    CLIPTextModelWithProjection returns no pooler_output), else pooler_output, then each of hidden_states."""
+    b = out.last_hidden_state.shape[0]
+    text_embeds = getattr(out, "text_embeds", None)
+    parts = [out.last_hidden_state.reshape(b, -1), out.pooler_output if text_embeds is None else text_embeds]
+    parts += [h.reshape(b, -1) for h in (out.hidden_states or ())]
+    return cat(parts, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformersCLIPTextAdapter(CallAdapter):
+    """transformers' CLIPTextModel / CLIPTextModelWithProjection called with flax_sgm's (input_ids as `x`,
+    attention_mask, inputs_embeds): the output is every output at once (clip_text_outputs). transformers'
+    forward takes no inputs_embeds: they replace its token embedding's output through a forward hook, so their
+    gradient (prompt tuning) is compared too."""
+
+    def call_torch(self, module, x, kwargs: Mapping[str, Any]):
+        import torch
+
+        kwargs = dict(kwargs)
+        embeds = kwargs.pop("inputs_embeds", None)
+        text = getattr(module, "text_model", module)
+        handle = None
+        if embeds is not None:
+            handle = text.embeddings.token_embedding.register_forward_hook(lambda _mod, _args, _out: embeds)
+        try:
+            out = module(x, **kwargs, output_hidden_states=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return clip_text_outputs(out, torch.cat)
+
+    def call_flax(self, module, x, kwargs: Mapping[str, Any]):
+        import jax.numpy as jnp
+
+        return clip_text_outputs(module(x, **kwargs, output_hidden_states=True), jnp.concatenate)
+
+
+def _transformers_clip_text(torch_module) -> CallAdapter:
+    from flax_sgm.text.layout import TRANSFORMERS
+
+    # transformers 5's CLIPTextModel has flax_sgm's own names; CLIPTextModelWithProjection keeps `text_model.`.
+    layout = TRANSFORMERS if hasattr(torch_module, "text_model") else None
+    return TransformersCLIPTextAdapter(key_layout=(lambda _flax: layout) if layout else None)
+
+
 def adapter_for(torch_module) -> CallAdapter:
-    """The call convention of torch_ref's, the seed's and diffusers' modules."""
+    """The call convention of torch_ref's, the seed's, diffusers' modules and transformers' CLIP text models."""
     cls = type(torch_module)
+    if cls.__module__.startswith("transformers") and cls.__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        return _transformers_clip_text(torch_module)
     if not cls.__module__.startswith("diffusers"):
         return SGM
     if cls.__name__ == "UNet2DConditionModel":

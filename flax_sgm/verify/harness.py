@@ -110,7 +110,7 @@ def run_torch(module, inputs, adapter: CallAdapter, cotangent, dtype: torch.dtyp
     return Run(out.detach().cpu().to(torch.float64).numpy(), as_f64), cotangent
 
 
-def _run_flax(module, inputs, cotangent, dtype, layout=None) -> tuple[Run, str, tuple[str, ...]]:
+def _run_flax(module, inputs, cotangent, dtype, layout=None, adapter: CallAdapter | None = None) -> tuple[Run, str, tuple[str, ...]]:
     """flax_sgm's output and gradients (torch layout and names), its output dtype, the attention backends it ran."""
     image = np.ndim(inputs["x"]) == 4
 
@@ -130,7 +130,8 @@ def _run_flax(module, inputs, cotangent, dtype, layout=None) -> tuple[Run, str, 
 
     def loss(model, diff):
         args = diff | const
-        out = model(args.pop("x"), **args)
+        x = args.pop("x")
+        out = adapter.call_flax(model, x, args) if adapter is not None else model(x, **args)
         return (out.astype(jnp.float32) * f_cot).sum(), out
 
     with record_attention_calls() as calls:
@@ -230,7 +231,7 @@ def compare(
     else:
         expected = torch_run
     with jax.default_matmul_precision("highest"):
-        flax_run, flax_dtype, backends = _run_flax(flax_module, inputs, cotangent, jnp.dtype(dtype), layout)
+        flax_run, flax_dtype, backends = _run_flax(flax_module, inputs, cotangent, jnp.dtype(dtype), layout, adapter)
     return Comparison(_errors(flax_run, torch_run, expected), dtype, reference, flax_dtype, backends)
 
 

@@ -1,0 +1,95 @@
+"""sgm's text conditioning for the released models: which layer each text embedder takes, and SDXL's `context`
+and vector `y`.
+
+sgm's GeneralConditioner runs each embedder of a checkpoint and concatenates their outputs: token embeddings
+along the features into `context` (SDXL: 768 + 1280 = 2048), vectors into `y` (SDXL: the pooled 1280 beside
+the size and crop ids, each embedded by 256 sinusoids: 2816; the refiner's 1280 + 5 * 256 = 2560). An
+EmbedderSpec says what one embedder hands on; EMBEDDERS holds sgm's for the released models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from flax_sgm.text.model import CLIPTextModel
+from flax_sgm.unet.model import sdxl_vector
+
+LAYERS = ("last", "penultimate", "hidden", "pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderSpec:
+    """What one of sgm's text embedders hands the UNet.
+
+    layer: "last" (the last layer), "penultimate" (the one before it), "hidden" (hidden_states[layer_idx], 0 being
+      the embeddings), "pooled" (the pooled vector as one token).
+    final_norm: the final layer norm on that layer (sgm's FrozenCLIPEmbedder "last" and its legacy OpenCLIP
+      embedder, SD 2.x: yes; SDXL's "hidden" and FrozenOpenCLIPEmbedder2's "penultimate": no).
+    pooled: also hand on the pooled vector for `y` (text_embeds where the tower has a projection).
+    """
+
+    layer: str = "last"
+    layer_idx: int | None = None
+    final_norm: bool = True
+    pooled: bool = False
+
+    def __post_init__(self):
+        if self.layer not in LAYERS:
+            raise ValueError(f"EmbedderSpec: `layer` must be one of {LAYERS}; got {self.layer!r}")
+        if (self.layer == "hidden") != (self.layer_idx is not None):
+            raise ValueError(f"EmbedderSpec: `layer_idx` goes with layer='hidden' only; got layer={self.layer!r}, "
+                             f"layer_idx={self.layer_idx!r}")
+
+
+# sgm's embedders of the released models, by sgm's embedder number (configs/inference/*.yaml).
+EMBEDDERS = {
+    "sd15": (EmbedderSpec("last"),),  # FrozenCLIPEmbedder
+    "sd21": (EmbedderSpec("penultimate", final_norm=True),),  # FrozenOpenCLIPEmbedder, legacy: ln_final applied
+    "sdxl-base": (
+        EmbedderSpec("hidden", layer_idx=11, final_norm=False),  # FrozenCLIPEmbedder(layer="hidden", layer_idx=11)
+        EmbedderSpec("penultimate", final_norm=False, pooled=True),  # FrozenOpenCLIPEmbedder2, always_return_pooled
+    ),
+    "sdxl-refiner": (EmbedderSpec("penultimate", final_norm=False, pooled=True),),
+}
+
+
+def embed(model: CLIPTextModel, input_ids: jax.Array, spec: EmbedderSpec) -> tuple[jax.Array, jax.Array | None]:
+    """(context part [b, n, hidden], pooled [b, p] or None) of one embedder."""
+    out = model(input_ids, output_hidden_states=spec.layer != "pooled")
+    if spec.layer == "pooled":
+        context = out.pooler_output[:, None]
+    elif spec.layer == "last" and spec.final_norm:
+        context = out.last_hidden_state
+    else:
+        index = {"last": -1, "penultimate": -2}.get(spec.layer, spec.layer_idx)
+        if not -len(out.hidden_states) <= index < len(out.hidden_states):
+            raise ValueError(f"EmbedderSpec: layer_idx {index} is past the {len(out.hidden_states)} hidden states")
+        context = out.hidden_states[index]
+        context = model.final_layer_norm(context) if spec.final_norm else context
+    pooled = None
+    if spec.pooled:
+        pooled = out.text_embeds if out.text_embeds is not None else out.pooler_output
+    return context, pooled
+
+
+def condition(models: Sequence[CLIPTextModel], input_ids: Sequence[jax.Array], specs: Sequence[EmbedderSpec],
+              time_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """sgm's GeneralConditioner over text embedders: (`context` [b, n, sum of widths], `y` or None).
+
+    time_ids: SDXL's size and crop conditions [b, k] (base: original h, w, crop top, left, target h, w; the
+    refiner: original h, w, crop top, left, aesthetic score), embedded beside the pooled vector (sdxl_vector).
+    """
+    if not len(models) == len(input_ids) == len(specs):
+        raise ValueError(f"condition: {len(models)} models, {len(input_ids)} id arrays, {len(specs)} specs; one each")
+    parts = [embed(m, ids, s) for m, ids, s in zip(models, input_ids, specs)]
+    context = jnp.concatenate([c for c, _ in parts], axis=-1)
+    pooled = [p for _, p in parts if p is not None]
+    if time_ids is None:
+        return context, None
+    if len(pooled) != 1:
+        raise ValueError(f"condition: `y` takes one pooled vector; the specs give {len(pooled)}")
+    return context, sdxl_vector(pooled[0], jnp.asarray(time_ids, jnp.float32))

@@ -1,0 +1,483 @@
+"""The CLIP / OpenCLIP text encoders (flax_sgm.text) against transformers' CLIPTextModel(WithProjection).
+
+Tiny random towers (2 layers of 32, vocabulary 1000, 77 positions), saved with transformers' save_pretrained and
+read back with load_text_encoder, forward and gradients against the float64 referee (verify.compare: every
+output at once, clip_text_outputs). Single-file fixtures are checked by diffusers' own converters
+(convert_ldm_clip_checkpoint, convert_open_clip_checkpoint), never by flax_sgm's mapping alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+from flax import nnx
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig as TransformersConfig
+from transformers import CLIPTextModel as TransformersCLIPTextModel
+from transformers import CLIPTextModelWithProjection
+
+from conftest import assert_close, assert_parity, compare, randomize_
+from flax_sgm import CheckpointError, CLIPTextConfig, CLIPTextModel, load_text_encoder
+from flax_sgm.checkpoints import convert
+from flax_sgm.text.config import PRESETS
+from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
+from flax_sgm.text.load import plan_text_encoder
+from flax_sgm.text.transformers import DEFAULTS, HONOURED, IRRELEVANT
+from flax_sgm.checkpoints.sources import open_source
+from flax_sgm import models
+
+VOCAB = 1000
+END = VOCAB - 1  # CLIP's end token is the largest id of its vocabulary (49407): the legacy rule pools at the argmax
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=0, pad_token_id=1)
+CONFIGS = {
+    # OpenAI CLIP ViT-L's kind (SD 1.x, SDXL's first): quick_gelu, no projection, the legacy eos_token_id 2.
+    "clip": (TransformersCLIPTextModel, dict(TINY, hidden_act="quick_gelu", eos_token_id=2)),
+    # OpenCLIP's kind (SD 2.x, SDXL's second): exact GELU, a projection, 4 heads, another layer-norm eps.
+    "openclip": (CLIPTextModelWithProjection, dict(TINY, hidden_act="gelu", eos_token_id=2, num_attention_heads=4,
+                                                   projection_dim=24, layer_norm_eps=1e-3)),
+    # A config written after transformers PR #24773: the pooled vector at the first eos_token_id, not the argmax.
+    "eos": (CLIPTextModelWithProjection, dict(TINY, hidden_act="quick_gelu", eos_token_id=7, projection_dim=16)),
+}
+
+
+def torch_tower(name: str, seed: int = 0):
+    cls, kwargs = CONFIGS[name]
+    return randomize_(cls(TransformersConfig(**kwargs)).eval(), seed)
+
+
+def token_ids(eos: int, rng, batch: int = 3, n: int = 77, pad: int | None = None) -> np.ndarray:
+    """Prompts as a tokenizer makes them: bos, words, the end token at a varying place, then padding (the end
+    token again, or `pad`). Words avoid the end token and include ids above it where it is not the largest."""
+    ids = rng.integers(3, END, (batch, n))
+    ids[ids == eos] = eos + 1
+    ids[:, 0] = 0
+    for i, end in enumerate(rng.choice(np.arange(3, n - 1), batch, replace=False)):
+        ids[i, end] = eos
+        ids[i, end + 1 :] = eos if pad is None else pad
+    return ids
+
+
+def eos_of(name: str) -> int:
+    eos = CONFIGS[name][1]["eos_token_id"]
+    return END if eos == 2 else eos
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each tower saved by transformers' save_pretrained, and loaded back by load_text_encoder."""
+    root = tmp_path_factory.mktemp("towers")
+    towers = {}
+    for name in CONFIGS:
+        tower = torch_tower(name)
+        tower.save_pretrained(root / name)
+        towers[name] = (tower, load_text_encoder(root / name), root / name)
+    return towers
+
+
+def layout_of(tower):
+    """transformers 5 saves a CLIPTextModel under flax_sgm's own names, a CLIPTextModelWithProjection under `text_model.`."""
+    return TRANSFORMERS if hasattr(tower, "text_model") else None
+
+
+def assert_holds(flax, tower) -> None:
+    """`flax` holds `tower`'s weights, bit for bit."""
+    got = convert.to_torch_state_dict(flax, layout=layout_of(tower))
+    want = tower.state_dict()
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k].numpy()) for k in want)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_text_encoder_matches_transformers(saved, name, rng):
+    """last_hidden_state, pooler_output, text_embeds and every hidden state, and the gradients of every
+    parameter through all of them, against the float64 referee. The eos config's mask hides the padding."""
+    tower, flax, _ = saved[name]
+    assert flax.config.hidden_act == CONFIGS[name][1]["hidden_act"]
+    ids = token_ids(eos_of(name), rng)
+    inputs = {"x": ids}
+    if name == "eos":
+        inputs["attention_mask"] = (np.arange(77)[None] <= np.argmax(ids == 7, axis=1)[:, None]).astype(np.int64)
+    assert_parity(compare(tower, flax, inputs), "CLIPTextModel")
+
+
+def test_outputs_are_transformers_by_name(saved, rng):
+    """Each output on its own, under transformers' names, against transformers' float32 run."""
+    for name in ("clip", "eos"):
+        tower, flax, _ = saved[name]
+        ids = token_ids(eos_of(name), rng, pad=0)
+        with torch.no_grad():
+            want = tower(torch.from_numpy(ids), output_hidden_states=True)
+        got = flax(ids, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == 3
+        assert_close(got.hidden_states, [h.numpy() for h in want.hidden_states], what=f"{name} hidden_states")
+        assert_close(got.last_hidden_state, want.last_hidden_state.numpy(), what=f"{name} last_hidden_state")
+        if name == "clip":
+            assert got.text_embeds is None
+            assert_close(got.pooler_output, want.pooler_output.numpy(), what="pooler_output")
+        else:
+            assert_close(got.text_embeds, want.text_embeds.numpy(), what="text_embeds")
+            assert flax(ids).hidden_states is None
+
+
+def test_pooling_rules_differ_and_each_is_transformers(saved, rng):
+    """The legacy rule (eos_token_id 2) pools at the largest id, any other at the first eos: on ids where the two
+    places differ, each config pools where transformers does (a model pooling by the other rule fails)."""
+    tower, flax, _ = saved["eos"]
+    ids = token_ids(7, rng)
+    assert (np.argmax(ids, axis=1) != np.argmax(ids == 7, axis=1)).all()
+    legacy = CLIPTextModel(dataclasses.replace(flax.config, eos_token_id=2), rngs=nnx.Rngs(0))
+    nnx.update(legacy, nnx.state(flax, nnx.Param))
+    out = flax(ids)
+    last = np.asarray(out.last_hidden_state)
+    at_first_eos = last[np.arange(3), np.argmax(ids == 7, axis=1)]
+    assert_close(out.pooler_output, at_first_eos, what="first-eos pooling")
+    assert_close(legacy(ids).pooler_output, last[np.arange(3), np.argmax(ids, axis=1)], what="argmax pooling")
+
+
+def test_prompt_tuning_gradients_match_transformers(saved, rng):
+    """Gradients with respect to the token embeddings (inputs_embeds; transformers' through a hook), with the
+    parameters', against the float64 referee."""
+    tower, flax, _ = saved["openclip"]
+    ids = token_ids(END, rng, batch=2)
+    embeds = np.asarray(flax.embeddings.token_embedding.embedding[...])[ids] + 0.01 * rng.standard_normal((2, 77, 32))
+    result = compare(tower, flax, {"x": ids, "inputs_embeds": embeds.astype(np.float32)})
+    assert "input:inputs_embeds" in result.errors
+    assert_parity(result, "CLIPTextModel")
+
+
+def test_jit_grad_vmap(saved, rng):
+    _, flax, _ = saved["openclip"]
+    ids = token_ids(END, rng, batch=2)
+    eager = flax(ids, output_hidden_states=True)
+    graphdef, params = nnx.split(flax)
+
+    @jax.jit
+    def encode(params, ids):
+        return nnx.merge(graphdef, params)(ids, output_hidden_states=True)
+
+    assert_close(encode(params, ids), eager, what="jit")
+    per_prompt = jax.vmap(lambda one: encode(params, one[None]).text_embeds[0])(jnp.asarray(ids))
+    assert_close(per_prompt, eager.text_embeds, what="vmap")
+
+    def loss(params, embeds):
+        out = nnx.merge(graphdef, params)(ids, inputs_embeds=embeds)
+        return (out.text_embeds**2).sum()
+
+    embeds = flax.embeddings.token_embedding.embedding[...][ids]
+    g_params, g_embeds = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, embeds)
+    table = g_params["embeddings"]["token_embedding"]["embedding"][...]
+    assert not np.asarray(table).any()  # the table is not looked up when inputs_embeds are given
+    assert np.abs(np.asarray(g_embeds)).max() > 0
+    # An id past the vocabulary under jit (where it cannot be checked) gives NaN, not a clamped row.
+    bad = ids.copy()
+    bad[0, 5] = VOCAB
+    assert np.isnan(np.asarray(encode(params, bad).last_hidden_state[0])).any()
+
+
+# Directories ------------------------------------------------------------------------------------------------
+
+def hub_layout(directory) -> None:
+    """A directory as transformers 4 wrote every released text_encoder/: `text_model.` before every name, and the
+    position-id buffer. transformers 5 itself reads it (checked), as load_text_encoder must."""
+    path = directory / "model.safetensors"
+    tensors = {k if k.startswith("text_") else "text_model." + k: v for k, v in load_file(path).items()}
+    tensors["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    from safetensors.torch import save_file as save_torch
+
+    save_torch(tensors, path)
+    reread, info = TransformersCLIPTextModel.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+
+
+def test_load_text_encoder_directories(saved, tmp_path):
+    """text_encoder/ dirs as transformers 5 and 4 save them, and a pipeline's (embedder 0 and 1)."""
+    for name in CONFIGS:
+        assert_holds(saved[name][1], saved[name][0])
+        assert saved[name][1].config.eos_token_id == CONFIGS[name][1]["eos_token_id"]
+    clip, openclip = torch_tower("clip", seed=3), torch_tower("openclip", seed=4)
+    pipe = tmp_path / "pipe"
+    clip.save_pretrained(pipe / "text_encoder")
+    openclip.save_pretrained(pipe / "text_encoder_2")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    hub_layout(pipe / "text_encoder")
+    assert_holds(load_text_encoder(pipe / "text_encoder"), clip)
+    assert_holds(load_text_encoder(pipe), clip)
+    assert_holds(load_text_encoder(pipe, embedder=1), openclip)
+    with open_source(pipe / "text_encoder") as source:
+        ignored = plan_text_encoder(source).ignored
+    assert [k for k, _ in ignored] == ["text_model.embeddings.position_ids"]
+    with pytest.raises(CheckpointError, match=r"pipe: embedder=2, but the pipeline's text encoders are 0 \(text_encoder/\), "
+                                              r"1 \(text_encoder_2/\)$"):
+        load_text_encoder(pipe, embedder=2)
+    # The refiner's pipeline has text_encoder_2 alone: sgm's embedder 0.
+    refiner = tmp_path / "refiner"
+    openclip.save_pretrained(refiner / "text_encoder_2")
+    assert_holds(load_text_encoder(refiner), openclip)
+
+
+def test_load_text_encoder_variants(tmp_path):
+    """A text_encoder/ as a model repository holds it (model.safetensors, pytorch_model.bin, fp16 variants, one
+    file and sharded): the float32 safetensors by default, variant= picks the others."""
+    import copy
+
+    tower = torch_tower("openclip", seed=11)
+    half = copy.deepcopy(tower).half()
+    tower.save_pretrained(tmp_path / "te")
+    torch.save(tower.state_dict(), tmp_path / "te" / "pytorch_model.bin")
+    half.save_pretrained(tmp_path / "te", variant="fp16")
+    half.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="20KB")
+    assert list((tmp_path / "sharded").glob("model.safetensors.index.fp16.json"))
+    assert_holds(load_text_encoder(tmp_path / "te"), tower)
+    for path in (tmp_path / "te", tmp_path / "sharded"):
+        model = load_text_encoder(path, variant="fp16")
+        assert model.final_layer_norm.scale[...].dtype == jnp.float16
+        assert_holds(model, half)
+    with pytest.raises(CheckpointError, match=r"sharded: holds diffusers variants only \(fp16\); pass variant="):
+        load_text_encoder(tmp_path / "sharded")
+
+
+# Single files -----------------------------------------------------------------------------------------------
+
+def flax_of(tower):
+    config = CLIPTextConfig.from_transformers(tower.config.to_dict(), projection=hasattr(tower, "text_projection"))
+    return convert.load_torch_state_dict(models.abstract(config), tower.state_dict(), layout=layout_of(tower))
+
+
+def sgm_clip(tower, prefix: str) -> dict:
+    """A CLIP tower as sgm's FrozenCLIPEmbedder holds it (transformers 4's names under `prefix`), checked by
+    diffusers' convert_ldm_clip_checkpoint mapping it back onto the transformers model exactly."""
+    tensors = convert.to_torch_state_dict(flax_of(tower), prefix=prefix, layout=TRANSFORMERS)
+    tensors[prefix + "text_model.embeddings.position_ids"] = np.arange(77)[None]
+    mapped = convert_ldm_clip_checkpoint({k: torch.from_numpy(v) for k, v in tensors.items()})
+    mapped = {k.removeprefix("text_model."): v for k, v in mapped.items() if not k.endswith("position_ids")}
+    want = tower.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+    return tensors
+
+
+def sgm_open_clip(tower, prefix: str) -> dict:
+    """An OpenCLIP tower as sgm's FrozenOpenCLIPEmbedder(2) holds it (open_clip's names under `prefix`, with
+    logit_scale and attn_mask), checked by diffusers' convert_open_clip_checkpoint mapping it back exactly."""
+    flax = flax_of(tower)
+    tensors = convert.to_torch_state_dict(flax, prefix=prefix, layout=open_clip_layout(flax.config))
+    assert tensors[prefix + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 32, 32)
+    tensors[prefix + "logit_scale"] = np.array(4.6, np.float32)
+    tensors[prefix + "attn_mask"] = np.triu(np.full((77, 77), -np.inf, np.float32), 1)
+    mapped = convert_open_clip_checkpoint(tower, {k: torch.from_numpy(v) for k, v in tensors.items()}, prefix=prefix)
+    want = tower.state_dict()
+    if prefix == "cond_stage_model.model.":  # diffusers' SD 2.x text encoder has no projection: it skips that key
+        want = {k: v for k, v in want.items() if k != "text_projection.weight"}
+        assert np.array_equal(tensors[prefix + "text_projection"], tower.text_projection.weight.detach().numpy().T)
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+    return tensors
+
+
+UNET_KEY = {"model.diffusion_model.input_blocks.0.0.weight": np.ones((8, 4, 3, 3), np.float16)}
+
+
+def tiny_config(tower) -> CLIPTextConfig:
+    return CLIPTextConfig.from_transformers(tower.config.to_dict(), projection=hasattr(tower, "text_projection"))
+
+
+def test_load_text_encoder_sgm_single_files(tmp_path):
+    """SD 1.x, SD 2.x, SDXL (both embedders) and the refiner, each tower read back bit for bit."""
+    clip, openclip = torch_tower("clip", seed=5), torch_tower("openclip", seed=6)
+    files = {
+        "sd1": sgm_clip(clip, "cond_stage_model.transformer."),
+        "sd2": sgm_open_clip(openclip, "cond_stage_model.model."),
+        "sdxl": sgm_clip(clip, "conditioner.embedders.0.transformer.")
+        | sgm_open_clip(openclip, "conditioner.embedders.1.model."),
+        "refiner": sgm_open_clip(openclip, "conditioner.embedders.0.model."),
+    }
+    for name, tensors in files.items():
+        save_file(tensors | UNET_KEY, str(tmp_path / f"{name}.safetensors"))
+    path = lambda name: tmp_path / f"{name}.safetensors"  # noqa: E731
+    assert_holds(load_text_encoder(path("sd1"), config=tiny_config(clip)), clip)
+    assert_holds(load_text_encoder(path("sd2"), config=tiny_config(openclip)), openclip)
+    assert_holds(load_text_encoder(path("sdxl"), config=tiny_config(clip)), clip)
+    assert_holds(load_text_encoder(path("sdxl"), embedder=1, config=tiny_config(openclip)), openclip)
+    assert_holds(load_text_encoder(path("refiner"), config=tiny_config(openclip)), openclip)
+    with open_source(path("sdxl")) as source:
+        ignored = [k for k, _ in plan_text_encoder(source, embedder=1, config=tiny_config(openclip)).ignored]
+    assert sorted(ignored) == ["conditioner.embedders.1.model.attn_mask", "conditioner.embedders.1.model.logit_scale"]
+
+    # The weights do not say the heads or the activation: a tower of none of the released shapes needs config=.
+    with pytest.raises(CheckpointError, match=r"sd1.safetensors: the text encoder under 'cond_stage_model.transformer.' is "
+                                              r"none of clip-vit-l-14, .*: give config="):
+        load_text_encoder(path("sd1"))
+    with pytest.raises(CheckpointError, match=r"does not fit config=: num_hidden_layers 2 \(config= has 3\)$"):
+        load_text_encoder(path("sd1"), config=tiny_config(clip).replace(num_hidden_layers=3))
+    with pytest.raises(CheckpointError, match=r"sdxl.safetensors: embedder=2 is no text encoder \(SDXL's embedders after the text "
+                                              r"encoders are the size and crop embedders, which have no weights\); its text "
+                                              r"encoders: 0 \(conditioner.embedders.0.transformer.: CLIP"):
+        load_text_encoder(path("sdxl"), embedder=2)
+    # A strict load: a key under the tower that is neither the model's nor named as ignored is an error.
+    save_file(files["sd2"] | {"cond_stage_model.model.transformer.extra": np.ones(3, np.float32)}, str(path("extra")))
+    with pytest.raises(convert.ConversionError, match="unexpected key: cond_stage_model.model.transformer.extra"):
+        load_text_encoder(path("extra"), config=tiny_config(openclip))
+
+
+def test_released_towers_are_recognised_by_their_shapes():
+    """A single file's released tower needs no config: its shapes pick the preset (heads, activation)."""
+    from flax_sgm.text.layout import Tower, config_from_weights
+
+    for name, kind in (("clip-vit-l-14", "transformers"), ("openclip-vit-h-14", "open_clip"),
+                       ("openclip-vit-bigg-14", "open_clip")):
+        preset = PRESETS[name]
+        layout = TRANSFORMERS if kind == "transformers" else open_clip_layout(preset)
+        shapes = {k: jax.ShapeDtypeStruct(v, jnp.float16)
+                  for k, v in convert.torch_shapes(models.abstract(preset), prefix="p.", layout=layout).items()}
+        assert config_from_weights(shapes, Tower(0, "p.", kind)) == preset
+
+
+def test_round_trip_bit_exact(saved):
+    """transformers -> flax -> transformers, and flax -> open_clip -> flax, bit for bit."""
+    tower, flax, _ = saved["openclip"]
+    back = convert.to_torch_state_dict(flax, layout=TRANSFORMERS)
+    assert back.keys() == tower.state_dict().keys()
+    assert all(np.array_equal(back[k], v.numpy()) for k, v in tower.state_dict().items())
+    layout = open_clip_layout(flax.config)
+    tensors = convert.to_torch_state_dict(flax, layout=layout)
+    again = convert.load_torch_state_dict(models.abstract(flax.config), tensors, layout=layout)
+    first, second = (dict(jax.tree.leaves_with_path(nnx.state(m, nnx.Param))) for m in (flax, again))
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_presets_have_the_released_sizes():
+    """Parameter counts of the released towers as diffusers holds them: SD's CLIP ViT-L text_encoder 123,060,480;
+    SD 2.x's (OpenCLIP ViT-H, 23 of 24 layers, no projection) 340,387,840; SDXL's text_encoder_2 (ViT-bigG with
+    its projection) 694,659,840."""
+    def count(config):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(models.abstract(config), nnx.Param)))
+
+    assert count(PRESETS["clip-vit-l-14"]) == 123_060_480
+    assert count(PRESETS["openclip-vit-h-14"].replace(num_hidden_layers=23, projection_dim=None)) == 340_387_840
+    assert count(PRESETS["openclip-vit-bigg-14"]) == 694_659_840
+
+
+def test_config_json_round_trip():
+    config = PRESETS["openclip-vit-bigg-14"].replace(sdp_backend="xla")
+    assert CLIPTextConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match=r"unknown CLIP text config keys \['heads'\]"):
+        CLIPTextConfig.from_dict(dict(config.to_dict(), heads=3))
+
+
+# Bad input --------------------------------------------------------------------------------------------------
+
+def test_every_transformers_field_is_honoured_refused_or_irrelevant():
+    tables = (set(HONOURED), set(DEFAULTS), set(IRRELEVANT))
+    for field in TransformersConfig().to_dict():
+        assert sum(field in t for t in tables) == 1, field
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu_new"}, "hidden_act = 'gelu_new' is not supported ('quick_gelu' or 'gelu')"),
+    ({"attention_dropout": 0.1}, "attention_dropout = 0.1 is not supported (CLIPTextModel computes attention_dropout = 0.0)"),
+    ({"eos_token_id": [2, 3]}, "eos_token_id = [2, 3] is not supported (one int"),
+    ({"rope_theta": 10.0}, "field rope_theta = 10.0 is unknown to flax_sgm's CLIPTextModel"),
+    ({"model_type": "clip_vision_model"}, "a CLIP vision tower, not a CLIP text tower"),
+    ({"model_type": "clip"}, "a full CLIP model (CLIPModel: text and vision towers), not a CLIP text tower"),
+    ({"architectures": ["CLIPModel"]}, "architectures ['CLIPModel'] is not one of"),
+])
+def test_refused_config_fields_are_one_line(saved, tmp_path, change, message):
+    tower = torch_tower("clip")
+    tower.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text()) | change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        load_text_encoder(tmp_path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "config.json"))
+
+
+def test_bad_files_are_one_line(tmp_path):
+    save_file({"vision_model.embeddings.patch_embedding.weight": np.ones((2, 3, 2, 2), np.float32)},
+              str(tmp_path / "vision.safetensors"))
+    with pytest.raises(CheckpointError, match=r"vision.safetensors: no text encoder .*\(a CLIP vision tower\)$"):
+        load_text_encoder(tmp_path / "vision.safetensors")
+    save_file(UNET_KEY | {"first_stage_model.decoder.conv_in.weight": np.ones(3, np.float32)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unet.safetensors: no text encoder .* it holds first_stage_model., "
+                                              r"model. \(a UNet and a VAE\)$"):
+        load_text_encoder(tmp_path / "unet.safetensors")
+    full = {"text_model.embeddings.token_embedding.weight": np.ones((4, 2), np.float32),
+            "vision_model.embeddings.patch_embedding.weight": np.ones((2, 3, 2, 2), np.float32)}
+    save_file(full, str(tmp_path / "clip.safetensors"))
+    with pytest.raises(CheckpointError, match=r"clip.safetensors: a full CLIP model \(text and vision towers, CLIPModel\)"):
+        load_text_encoder(tmp_path / "clip.safetensors")
+    with pytest.raises(CheckpointError, match=r"embedder must be sgm's embedder number \(0, 1, ...\); got -1"):
+        load_text_encoder(tmp_path / "clip.safetensors", embedder=-1)
+
+
+def test_bad_inputs_are_one_line(saved):
+    _, flax, _ = saved["clip"]
+    ids = np.zeros((2, 77), np.int32)
+    for bad, message in [
+        (ids + VOCAB, f"CLIPTextModel: `input_ids` holds {VOCAB}, outside the vocabulary 0..{VOCAB - 1}"),
+        (ids - 1, "CLIPTextModel: `input_ids` holds -1, outside the vocabulary"),
+        (np.zeros((2, 78), np.int32), "CLIPTextModel: `input_ids` has 78 tokens, more than the 77 positions"),
+        (ids.astype(np.float32), "CLIPTextModel: `input_ids` must be integer token ids; got dtype float32"),
+        (ids[0], r"CLIPTextModel: `input_ids` must have rank 2, shape \[b, n\]; got shape \[77\]"),
+        (torch.zeros(2, 77, dtype=torch.long), "CLIPTextModel: `input_ids` is a torch.Tensor"),
+    ]:
+        with pytest.raises(ValueError, match=message) as err:
+            flax(bad)
+        assert "\n" not in str(err.value)
+
+
+# The conditioner and tokenization ---------------------------------------------------------------------------
+
+def tiny_tokenizer(pad: str):
+    """A CLIP BPE tokenizer over a 1000-token vocabulary (letters, a merged word, the start and end tokens last,
+    as CLIP's): what a pipeline's tokenizer/ folder holds, in miniature."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for ch in ["!", *string.ascii_lowercase]:
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
+    while len(vocab) < VOCAB - 2:
+        vocab[f"q{len(vocab)}q</w>"] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = VOCAB - 2, END
+    return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token=pad, model_max_length=77)
+
+
+def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):
+    """A prompt through both tokenizers (read from a pipeline folder) and both encoders becomes diffusers'
+    StableDiffusionXLPipeline.encode_prompt's prompt embeddings (the two penultimate layers, 32 + 32 wide) and
+    pooled vector; `y` is the pooled vector beside the embedded size and crop ids (sdxl_vector)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from flax_sgm.text.conditioner import EMBEDDERS, condition
+    from flax_sgm.text.tokenizer import load_tokenizer, tokenize
+
+    clip, openclip = torch_tower("clip", seed=12), torch_tower("openclip", seed=13)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip, text_encoder_2=openclip, tokenizer=tiny_tokenizer("<|endoftext|>"),
+                                     tokenizer_2=tiny_tokenizer("!"), unet=None, scheduler=None)
+    pipe.save_pretrained(tmp_path)
+    prompts = ["a cat", "the dog sits on a mat"]
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    tokenizers = [load_tokenizer(tmp_path, embedder=n) for n in (0, 1)]
+    ids = [tokenize(t, prompts) for t in tokenizers]
+    assert ids[0][0, -1] == END and ids[1][0, -1] == 0  # the second pads with "!", as open_clip
+    models = [load_text_encoder(tmp_path, embedder=n) for n in (0, 1)]
+    specs = EMBEDDERS["sdxl-base"]
+    specs = (dataclasses.replace(specs[0], layer_idx=1),) + specs[1:]  # layer 11 of 12: here 1 of 2
+    time_ids = np.array([[64, 64, 0, 0, 64, 64]] * 2, np.float32)
+    context, y = condition(models, ids, specs, time_ids)
+    assert_close(context, want.numpy(), what="context")
+    assert_close(y[:, :24], want_pooled.numpy(), what="pooled")
+    assert y.shape == (2, 24 + 6 * 256)
+    with pytest.warns(UserWarning, match="the prompt was cut at 77 tokens"):
+        assert tokenize(tokenizers[0], "a " * 100).shape == (1, 77)
