@@ -39,6 +39,9 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
     diffusers' from_pretrained(variant=...) does. `dtype` is the compute dtype,
     `param_dtype` the parameters' (default: as stored). `options` set UNetConfig's own
     fields (use_checkpoint, checkpoint_policy, sdp_backend); `seed` seeds dropout keys.
+
+    The model is returned in inference mode (model.eval(): dropout off), as diffusers'
+    from_pretrained returns its UNet; model.train() turns dropout on.
     """
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():

@@ -18,8 +18,9 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
-from conftest import assert_close, assert_parity, compare, randomize_
+from conftest import CRITERIA, assert_close, assert_parity, compare, randomize_, rel_err
 from flax_sgm import convert, load_pretrained, load_unet
+from flax_sgm.pretrained_unet import convert_unet
 from flax_sgm.layout import CheckpointError
 from flax_sgm.unet import sdxl_vector
 from flax_sgm.unet_config import PRESETS, UNetConfig
@@ -246,6 +247,39 @@ def test_load_unet_fp16_variants(tmp_path):
         assert_holds(unet, half)
     with pytest.raises(CheckpointError, match=r"sharded: holds diffusers variants only \(fp16\); pass variant="):
         load_unet(tmp_path / "sharded")
+
+
+def diffusers_output(torch_unet, inputs: dict, **extra) -> np.ndarray:
+    """diffusers' UNet on `unet_inputs` (NCHW), as NHWC."""
+    with torch.no_grad():
+        out = torch_unet(*(torch.from_numpy(inputs[k]) for k in ("x", "timesteps", "context")),
+                         **{k: torch.from_numpy(v) for k, v in extra.items()}).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def test_load_unet_returns_inference_mode_as_diffusers_does(tmp_path, rng):
+    """dropout 0.1 in config.json: load_unet's model answers as diffusers' from_pretrained (eval mode) does, eager
+    and under jax.jit, the same every call; model.train() turns dropout on. A convert output loads the same way.
+    Without model.eval() in the loaders the eager output was 0.59 off (relative) and two calls differed."""
+    randomize_(UNet2DConditionModel(**CONFIGS["sd1"], dropout=0.1), 13).save_pretrained(tmp_path / "unet")
+    reference = UNet2DConditionModel.from_pretrained(tmp_path / "unet", low_cpu_mem_usage=False)
+    assert not reference.training
+    unet = load_unet(tmp_path / "unet")
+    inputs = unet_inputs(unet.config, rng)
+    args = (inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"])
+    want = diffusers_output(reference, inputs)
+    tol = CRITERIA["float32"].forward
+    eager = np.asarray(unet(*args))
+    assert_close(eager, want, tol, what="eager, as loaded")
+    assert_close(np.asarray(unet(*args)), eager, 0.0, what="a second eager call")
+    assert_close(np.asarray(jax.jit(lambda m, *a: m(*a))(unet, *args)), want, tol, what="under jax.jit")
+    unet.train()
+    dropped = np.asarray(unet(*args))
+    assert rel_err(dropped, want) > 1e-2 and rel_err(np.asarray(unet(*args)), dropped) > 1e-2  # dropout on, fresh keys
+    unet.eval()
+    assert_close(np.asarray(unet(*args)), want, tol, what="eager after model.eval()")
+    convert_unet(tmp_path / "unet", tmp_path / "out")
+    assert_close(np.asarray(load_unet(tmp_path / "out")(*args)), want, tol, what="a convert output, loaded")
 
 
 def sgm_single_file(torch_unet, path) -> None:
