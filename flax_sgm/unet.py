@@ -18,7 +18,7 @@ from flax import nnx
 
 from flax_sgm import numerics
 from flax_sgm.blocks import maybe_checkpointed
-from flax_sgm.checks import expect_shape
+from flax_sgm.checks import expect_numbers, expect_shape
 from flax_sgm.primitives import Conv1x1, Conv3x3, Dropout, GroupNorm, Linear
 from flax_sgm.remat import check_policy
 from flax_sgm.sharding import IMAGE, constrain
@@ -47,7 +47,10 @@ def sdxl_vector(pooled: jax.Array, time_ids: jax.Array, dim: int = 256) -> jax.A
     (text_embeds, time_ids through add_time_proj) give: [b, p + k * dim]. SDXL base: k = 6
     (original size, crop top-left, target size), the refiner k = 5 (with the aesthetic score).
     """
+    pooled, time_ids = expect_numbers("sdxl_vector", "pooled", pooled), expect_numbers("sdxl_vector", "time_ids", time_ids)
+    expect_shape("sdxl_vector", "time_ids", time_ids, ("b", "k"))
     b, k = time_ids.shape
+    expect_shape("sdxl_vector", "pooled", pooled, (b, "p"))
     ids = timestep_embedding(time_ids.reshape(-1), dim).reshape(b, k * dim)
     return jnp.concatenate([pooled.astype(jnp.float32), ids], axis=-1).astype(jnp.result_type(pooled.dtype, jnp.float32))
 
@@ -248,6 +251,9 @@ class UNetModel(nnx.Module):
 
     def __call__(self, x: jax.Array, timesteps, context: jax.Array | None = None, y: jax.Array | None = None) -> jax.Array:
         c = self.config
+        x, timesteps = expect_numbers("UNetModel", "x", x), expect_numbers("UNetModel", "timesteps", timesteps)
+        context = None if context is None else expect_numbers("UNetModel", "context", context)
+        y = None if y is None else expect_numbers("UNetModel", "y", y)
         expect_shape("UNetModel", "x", x, ("b", "h", "w", c.in_channels))
         b, h, w, _ = x.shape
         factor = 2 ** (c.levels - 1)

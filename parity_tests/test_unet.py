@@ -503,8 +503,17 @@ def tiny_sdxl():
         (dict(context=np.zeros((2, 5, 25), np.float32)), r"`context` must have shape \[2, m, 24\]; got shape \[2, 5, 25\]"),
         (dict(context=None), r"UNetModel: this model has cross-attention: `context` \[b, m, 24\] is required"),
         (dict(x=np.zeros((2, 9, 8, 4), np.float32)), r"multiples of 2 \(2 \*\* \(levels - 1\)\); got 9 x 8"),
+        (dict(timesteps="10"), r"^UNetModel: `timesteps` must be integers or floats; got '10'$"),
+        (dict(timesteps=None), r"^UNetModel: `timesteps` must be integers or floats; got None$"),
+        (dict(timesteps=["1", "2"]), r"^UNetModel: `timesteps` must be integers or floats; got dtype <U1$"),
+        (dict(timesteps=np.array([1j, 2j])), r"^UNetModel: `timesteps` must be integers or floats; got dtype complex128$"),
+        (dict(x=None), r"^UNetModel: `x` must be integers or floats; got None$"),
+        (dict(x=np.zeros((2, 8, 8, 4), bool)), r"^UNetModel: `x` must be integers or floats; got dtype bool$"),
+        (dict(context="a cat"), r"^UNetModel: `context` must be integers or floats; got 'a cat'$"),
+        (dict(y="pooled"), r"^UNetModel: `y` must be integers or floats; got 'pooled'$"),
     ],
-    ids=["no-y", "y-width", "context-width", "no-context", "odd-size"],
+    ids=["no-y", "y-width", "context-width", "no-context", "odd-size", "timesteps-str", "timesteps-none",
+         "timesteps-strs", "timesteps-complex", "x-none", "x-bool", "context-str", "y-str"],
 )
 def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
     args = dict(
@@ -515,3 +524,16 @@ def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
     )
     with pytest.raises(ValueError, match=message):
         tiny_sdxl(**(args | change))
+
+
+@pytest.mark.parametrize(
+    "pooled,time_ids,message",
+    [
+        ("text", np.zeros((2, 3)), r"^sdxl_vector: `pooled` must be integers or floats; got 'text'$"),
+        (np.zeros((2, 16)), np.zeros(3), r"^sdxl_vector: `time_ids` must have rank 2, shape \[b, k\]; got shape \[3\]$"),
+        (np.zeros((3, 16)), np.zeros((2, 3)), r"^sdxl_vector: `pooled` must have shape \[2, p\]; got shape \[3, 16\]"),
+    ],
+)
+def test_sdxl_vector_bad_inputs_are_one_line(pooled, time_ids, message):
+    with pytest.raises(ValueError, match=message):
+        sdxl_vector(pooled, time_ids)
