@@ -25,7 +25,7 @@ from flax_sgm.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.remat import CHECKPOINT_POLICIES
 from flax_sgm.pretrained_unet import load_unet
 from flax_sgm.transformer import SpatialTransformer
-from flax_sgm.unet import UNetModel, sdxl_vector
+from flax_sgm.unet import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet_config import UNetConfig
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
+    "guidance_scale_embedding",
     "load_pretrained",
     "load_pretrained_all",
     "load_unet",

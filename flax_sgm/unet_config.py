@@ -78,6 +78,8 @@ class UNetConfig:
     num_classes: None or "sequential" (the vector `y` of width `adm_in_channels`).
     norm_eps: the ResBlocks' and `out`'s GroupNorm (sgm's GroupNorm32: 1e-5); the
     SpatialTransformers keep the seed's 1e-6.
+    time_cond_proj_dim: an LCM-distilled UNet's `timestep_cond` width (diffusers' field; sgm has
+    none): `time_embed.cond_proj` [time_cond_proj_dim -> model_channels] adds it to the time embedding's input.
     """
 
     in_channels: int = 4
@@ -98,6 +100,7 @@ class UNetConfig:
     num_classes: str | None = None
     adm_in_channels: int | None = None
     dropout: float = 0.0
+    time_cond_proj_dim: int | None = None  # an LCM UNet's guidance embedding width (diffusers' name); not sgm's
     norm_eps: float = numerics.UNET_GROUP_NORM_EPS
     spatial_transformer_attn_type: str = "softmax"
     use_checkpoint: bool = True
@@ -141,6 +144,8 @@ class UNetConfig:
             _positive("adm_in_channels", self.adm_in_channels)
         if self.context_dim is not None:
             _positive("context_dim", self.context_dim)
+        if self.time_cond_proj_dim is not None:
+            _positive("time_cond_proj_dim", self.time_cond_proj_dim)
         for channels in {self.model_channels * m for m in self.channel_mult} | {self.model_channels}:
             if channels % numerics.GROUP_NORM_GROUPS:
                 raise ValueError(

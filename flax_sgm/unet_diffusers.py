@@ -37,6 +37,7 @@ HONOURED = (
     "addition_embed_type",
     "projection_class_embeddings_input_dim",
     "mid_block_type",
+    "time_cond_proj_dim",
 )
 
 # Refused unless they hold these values (what sgm's UNetModel computes).
@@ -59,7 +60,6 @@ DEFAULTS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -173,6 +173,10 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
     if vector and not (isinstance(adm, int) and adm > 0):
         raise CheckpointError(f"{source}: projection_class_embeddings_input_dim must be a positive int; got {adm!r}")
 
+    cond = config.get("time_cond_proj_dim")
+    if cond is not None and not (isinstance(cond, int) and not isinstance(cond, bool) and cond > 0):
+        raise CheckpointError(f"{source}: time_cond_proj_dim must be a positive int or null; got {cond!r}")
+
     return dict(
         in_channels=config.get("in_channels", 4),
         out_channels=config.get("out_channels", 4),
@@ -189,6 +193,7 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         num_classes="sequential" if vector else None,
         adm_in_channels=adm,
         dropout=float(config.get("dropout", 0.0)),
+        time_cond_proj_dim=cond,
         norm_eps=float(config.get("norm_eps", numerics.UNET_GROUP_NORM_EPS)),
         **head_fields,
     )

@@ -22,11 +22,11 @@ from conftest import CRITERIA, assert_close, assert_parity, compare, randomize_,
 from flax_sgm import convert, load_pretrained, load_unet
 from flax_sgm.pretrained_unet import convert_unet
 from flax_sgm.layout import CheckpointError
-from flax_sgm.unet import sdxl_vector
+from flax_sgm.unet import guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet_config import PRESETS, UNetConfig
 from flax_sgm.unet_diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
 from flax_sgm.unet_layout import SGM_PREFIX, config_from_weights, diffusers_layout
-from flax_sgm.verify import verify_modules
+from flax_sgm.verify import criteria, verify_modules
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
 CONFIGS = {
@@ -82,6 +82,14 @@ CONFIGS = {
         attention_head_dim=2,
         class_embed_type="projection",
         projection_class_embeddings_input_dim=12,
+    ),
+    # An LCM-distilled UNet: the guidance-scale embedding (timestep_cond) through time_embedding.cond_proj.
+    "lcm": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        time_cond_proj_dim=16,
     ),
 }
 
@@ -185,6 +193,36 @@ def test_sdxl_vector_is_diffusers_added_cond(rng):
         ids = torch_unet.add_time_proj(torch.from_numpy(time_ids).flatten()).reshape(2, -1)
         want_y = torch.cat([torch.from_numpy(text_embeds), ids], dim=-1).numpy()
     assert_close(y, want_y, what="sdxl_vector")
+
+
+def test_lcm_unet_matches_diffusers(tmp_path, rng):
+    """time_cond_proj_dim: the guidance embedding w -> timestep_cond as diffusers' LCM pipeline computes it, and
+    the UNet with it, forward and gradients (timestep_cond's too); its weights from a diffusers directory and
+    an sgm single file (time_embed.cond_proj.weight)."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = np.array([7.5 - 1, 3.0 - 1], np.float32)  # the pipeline embeds guidance_scale - 1
+    embed = LatentConsistencyModelPipeline.get_guidance_scale_embedding  # uses no `self`
+    for dim in (16, 9, 512):  # sin(6500 * f) in float32 is 1e-4 off either way: judged against float64, as compare does
+        referee = embed(None, torch.from_numpy(w).double(), embedding_dim=dim, dtype=torch.float64).numpy()
+        torch_error = rel_err(embed(None, torch.from_numpy(w), embedding_dim=dim).numpy(), referee)
+        assert rel_err(guidance_scale_embedding(w, dim), referee) <= criteria.allowed("forward", torch_error, "float32")
+    torch_unet = diffusers_unet("lcm", seed=2)
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    inputs = unet_inputs(flax.config, rng) | {"timestep_cond": np.asarray(guidance_scale_embedding(w, 16))}
+    assert_parity(compare(torch_unet, flax, inputs), "UNetModel")
+    torch_unet.save_pretrained(tmp_path / "unet")
+    assert_holds(load_unet(tmp_path / "unet"), torch_unet)
+    # diffusers' single-file converter knows no cond_proj (sgm has none): flax_sgm names it time_embed.cond_proj.
+    save_file(convert.to_torch_state_dict(flax, prefix=SGM_PREFIX), str(tmp_path / "lcm.safetensors"))
+    loaded = load_unet(tmp_path / "lcm.safetensors", heads=2)
+    assert loaded.config.time_cond_proj_dim == 16 and loaded.time_embed.cond_proj.kernel.shape == (16, 32)
+    assert_holds(loaded, torch_unet)
+    with pytest.raises(ValueError, match=r"^UNetModel: `timestep_cond` must have shape \[2, 16\]; got shape \[2, 8\]"):
+        flax(inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], timestep_cond=np.zeros((2, 8)))
+    plain = flax_unet(diffusers_unet("sd1"))
+    with pytest.raises(ValueError, match=r"^UNetModel: this model takes no `timestep_cond` \(no time_cond_proj_dim"):
+        plain(inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], timestep_cond=inputs["timestep_cond"])
 
 
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
