@@ -164,7 +164,7 @@ def _read_fields(local: dict) -> dict:
     """UNetConfig's fields, heads aside, from sgm-named shapes (no prefix)."""
     model_channels, in_channels = local[UNET_MARK][:2]
     # Walk the input blocks: ResBlocks (+ a stack at .1) until a Downsample (`op`) opens the next level.
-    mults, res_blocks, depth, disabled = [None], [], [], []
+    mults, res_blocks, depth, disabled, depth_input = [None], [], [], [], []
     n, count = 1, 0
     while f"input_blocks.{n}.0.op.weight" in local or f"input_blocks.{n}.0.in_layers.0.weight" in local:
         if f"input_blocks.{n}.0.op.weight" in local:
@@ -175,6 +175,7 @@ def _read_fields(local: dict) -> dict:
             out = local[f"input_blocks.{n}.0.in_layers.2.weight"][0]
             mults[-1] = out // model_channels
             stem = f"input_blocks.{n}.1."
+            depth_input.append(_count(local, stem))
             if count == 0:
                 depth.append(_count(local, stem))
                 attn1 = local.get(stem + "transformer_blocks.0.attn1.to_k.weight")
@@ -183,6 +184,8 @@ def _read_fields(local: dict) -> dict:
         n += 1
     res_blocks.append(count)
     levels = len(mults)
+    outputs = sum(res_blocks) + levels
+    depth_output = [_count(local, f"output_blocks.{n}.1.") for n in range(outputs)]
     adm = local["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in local else None
     proj_in = next((v for k, v in local.items() if k.endswith("proj_in.weight")), None)
     context = next((v[1] for k, v in local.items() if k.endswith("attn2.to_k.weight")), None)
@@ -196,6 +199,8 @@ def _read_fields(local: dict) -> dict:
         attention_resolutions=tuple(2**lvl for lvl in range(levels) if depth[lvl]),
         transformer_depth=tuple(depth),
         transformer_depth_middle=_count(local, "middle_block.1."),
+        transformer_depth_input=tuple(depth_input),  # UNetConfig keeps them only where they differ from the level's
+        transformer_depth_output=tuple(depth_output),
         context_dim=context,
         use_linear_in_transformer=proj_in is not None and len(proj_in) == 2,
         disable_self_attentions=tuple(disabled),

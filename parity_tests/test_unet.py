@@ -91,6 +91,17 @@ CONFIGS = {
         attention_head_dim=2,
         time_cond_proj_dim=16,
     ),
+    # SSD-1B/Vega-shaped: depths per layer (a list per block) and up blocks unlike the down ones.
+    "ssd1b": dict(
+        TINY,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, [2, 1]],
+        reverse_transformer_layers_per_block=[[1, 3, 2], 1],
+    ),
 }
 
 
@@ -223,6 +234,36 @@ def test_lcm_unet_matches_diffusers(tmp_path, rng):
     plain = flax_unet(diffusers_unet("sd1"))
     with pytest.raises(ValueError, match=r"^UNetModel: this model takes no `timestep_cond` \(no time_cond_proj_dim"):
         plain(inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], timestep_cond=inputs["timestep_cond"])
+
+
+def test_per_layer_depths_match_diffusers(tmp_path, rng):
+    """transformer_layers_per_block listing each layer's depth and reverse_transformer_layers_per_block (SSD-1B,
+    Vega): UNetConfig's transformer_depth_input/_output, forward and gradients equal to diffusers; a single file
+    of it reads its depths off the shapes (diffusers' own converter maps its keys back exactly)."""
+    torch_unet = diffusers_unet("ssd1b", seed=4)
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    assert flax.config.transformer_depth_input == (1, 1, 2, 1)  # level 0 has no attention: its entries do not count
+    assert flax.config.transformer_depth_output == (1, 3, 2, 1, 1, 1) and flax.config.transformer_depth_middle == 2
+    assert [len(flax.output_blocks[n][1].transformer_blocks) for n in range(3)] == [1, 3, 2]
+    assert_parity(compare(torch_unet, flax, unet_inputs(flax.config, rng)), "UNetModel")
+    sgm_single_file(torch_unet, tmp_path / "ssd.safetensors")
+    loaded = load_unet(tmp_path / "ssd.safetensors", head_dim=16)
+    assert loaded.config.transformer_depth_output[:3] == (1, 3, 2)  # the up path's attention blocks
+    assert (loaded.config.input_blocks, loaded.config.output_blocks) == (flax.config.input_blocks, flax.config.output_blocks)
+    assert_holds(loaded, torch_unet)
+    assert UNetConfig.from_json(flax.config.to_json()) == flax.config
+    base = dict(torch_unet.config)
+    for change, message in [
+        (dict(reverse_transformer_layers_per_block=None), "transformer_layers_per_block lists layers but "
+                                                          "reverse_transformer_layers_per_block is not set"),
+        (dict(transformer_layers_per_block=[1, [2, 1, 1]]), r"transformer_layers_per_block \[2, 1, 1\] for down block 1 is "
+                                                            r"not one int >= 0 or 2 of them \(one per layer\)"),
+        (dict(reverse_transformer_layers_per_block=[[1, 3], 1]), r"reverse_transformer_layers_per_block \[1, 3\] for up "
+                                                                 "block 0 is not one int >= 0 or 3 of them"),
+        (dict(reverse_transformer_layers_per_block=[1]), r"reverse_transformer_layers_per_block \[1\] is not one entry per up block \(2\)"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            UNetConfig.from_diffusers(base | change)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
