@@ -107,7 +107,7 @@ def child(case: str, directory: Path, out: Path, convert_args: str) -> dict:
     from flax import nnx
 
     import flax_sgm  # noqa: F401
-    from flax_sgm import pretrained  # noqa: F401
+    from flax_sgm.attention import load as pretrained  # noqa: F401
     from safetensors import flax as st_flax, numpy as st_numpy
 
     base, cpu, start = _rss(), _cpu_seconds(), time.perf_counter()

@@ -28,7 +28,7 @@ from flax_sgm.nn.primitives import GEGLU, FeedForward, Normalize, zero_module
 from flax_sgm.attention.remat import CHECKPOINT_POLICIES
 from flax_sgm.unet.load import load_unet
 from flax_sgm.attention.transformer import SpatialTransformer
-from flax_sgm.unet.model import UNetModel, sdxl_vector
+from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
 
@@ -58,6 +58,7 @@ __all__ = [
     "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
+    "guidance_scale_embedding",
     "load_pretrained",
     "load_pretrained_all",
     "load_text_encoder",

@@ -19,6 +19,7 @@ from flax_sgm.errors import CheckpointError
 from flax_sgm.attention.policy import BACKENDS
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded
+from flax_sgm import models
 from conftest import assert_stack_matches_torch, cli_error, run_cli
 
 SGM = "model.diffusion_model."
@@ -491,3 +492,45 @@ def test_an_unexpected_error_is_not_called_bad_input(files, monkeypatch):
     monkeypatch.setattr(sources, "open_source", broken)
     line = cli_error("inspect", d / "sgm.safetensors", code=3)
     assert line == "Error: TypeError: unsupported operand (not the input's fault; run with --debug for the traceback)"
+
+
+def inspect_in_a_process(path, *flags) -> str:
+    """`python -m flax_sgm inspect PATH` as a user runs it: its stdout (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-m", "flax_sgm", "inspect", str(path), *flags], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_inspect_says_a_unets_channels_and_where_heads_come_from(tmp_path):
+    """inspect names what in/out channels other than 4 mean (inpainting 9, InstructPix2Pix 8, depth 5, learned
+    sigma 8 out) and an LCM's timestep_cond; for a UNet that is no released model it sends the user to where the
+    model was trained for its heads, and gives no example value (SD 1.x's 8 would load this one wrong, silently)."""
+    from diffusers import UNet2DConditionModel
+
+    from flax_sgm.checkpoints import convert
+    from flax_sgm.cli.convert_cmd import _heads_hint
+    from flax_sgm.unet.load import channel_notes
+    from flax_sgm.unet.config import UNetConfig
+
+    config = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                        num_heads=2, context_dim=24)
+    save_file({k: torch.from_numpy(v) for k, v in convert.to_torch_state_dict(models.build(config), prefix=SGM).items()},
+              tmp_path / "inpaint.safetensors")
+    text = inspect_in_a_process(tmp_path / "inpaint.safetensors")
+    assert "none of the released models" in text
+    assert "in 9 channels (inpainting: latents, mask, masked-image latents), out 4" in text
+    assert "take --heads N or --head-dim D from where the model was trained" in text
+    assert "--heads 8" not in text and "SD 1.x" not in text and "--head-dim 64" not in text
+
+    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=2,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                         in_channels=8, out_channels=8, time_cond_proj_dim=16).save_pretrained(tmp_path / "unet")
+    text = inspect_in_a_process(tmp_path / "unet")
+    assert ("in 8 channels (InstructPix2Pix: latents, image latents), out 8 (learned sigma: the prediction and the "
+            "variance), LCM: timestep_cond of 16 (flax_sgm.guidance_scale_embedding)") in text
+    info = json.loads(inspect_in_a_process(tmp_path / "unet", "--json"))["unet"]
+    assert (info["in_channels"], info["out_channels"], info["time_cond_proj_dim"]) == (8, 8, 16)
+    assert channel_notes(5, 4) == ["in 5 channels (depth: latents, depth map)", "out 4"]
+    # A released model's file: its own heads (the preset's), said as the flag.
+    assert _heads_hint({"preset": "sd15"}).endswith("as sd15, pass --heads 8 to convert/verify the stacks")
+    assert _heads_hint({"preset": "sdxl-base"}).endswith("as sdxl-base, pass --head-dim 64 to convert/verify the stacks")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import flax_sgm
 import torch_ref
 from flax_sgm.errors import CheckpointError
-from conftest import assert_stack_matches_torch, cli_error, randomize_, run_cli
+from conftest import REORDERED, assert_stack_matches_torch, cli_error, nchw_to_nhwc, randomize_, rel_err, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 24
@@ -87,6 +87,54 @@ def test_one_stack_of_a_diffusers_directory_or_of_its_sharded_index(unet):
     # The index passed on its own takes the config.json beside it; an index elsewhere needs the heads.
     assert_stack_matches_torch(flax_sgm.load_pretrained(index, prefix), submodule(model, prefix))
     assert_stack_matches_torch(flax_sgm.load_pretrained(index, prefix, heads=4), submodule(model, prefix))
+
+
+def answers_as_loaded(flax_module, torch_module, jit: bool = True) -> None:
+    """Eager and under jax.jit, equal to the torch stack (in eval mode) and the same on every call."""
+    import jax
+
+    from flax_sgm.verify import seeded
+
+    assert not torch_module.training
+    assert_stack_matches_torch(flax_module, torch_module)
+    inputs = seeded.sample_inputs(flax_module.config, seed=0, hw=(3, 5), context_tokens=6)
+    x, context = nchw_to_nhwc(inputs["x"]), inputs["context"]
+    eager = np.asarray(flax_module(x, context))
+    assert np.array_equal(np.asarray(flax_module(x, context)), eager)
+    if not jit:
+        return
+    jitted = np.asarray(jax.jit(lambda m, *a: m(*a))(flax_module, x, context))
+    assert rel_err(jitted, eager) <= REORDERED
+
+
+def test_loaders_return_inference_mode(tmp_path):
+    """dropout 0.1 in config.json: load_pretrained and load_pretrained_all (a directory and a convert output)
+    answer as diffusers' from_pretrained (eval mode) does; model.train() turns dropout on. Without model.eval()
+    in the loaders the stacks dropped units: 2 calls differed, and differed from diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, layers_per_block=1,
+                  cross_attention_dim=CONTEXT, dropout=0.1)
+    randomize_(UNet2DConditionModel(**config), seed=4).save_pretrained(tmp_path / "unet")
+    reference = UNet2DConditionModel.from_pretrained(tmp_path / "unet", low_cpu_mem_usage=False)
+    prefix = "down_blocks.0.attentions.0"
+    one = flax_sgm.load_pretrained(tmp_path / "unet", prefix)
+    assert one.config.dropout == 0.1
+    answers_as_loaded(one, reference.get_submodule(prefix))
+    every = flax_sgm.load_pretrained_all(tmp_path / "unet", use_checkpoint=False)  # eager remat compiles: slow
+    assert len(every) == 4
+    for name, module in every.items():
+        answers_as_loaded(module, reference.get_submodule(name))
+    flax_sgm.convert_file(tmp_path / "unet", tmp_path / "out", all_stacks=True)
+    for name, module in flax_sgm.load_pretrained_all(tmp_path / "out", use_checkpoint=False).items():
+        answers_as_loaded(module, reference.get_submodule(name), jit=False)
+    one.train()
+    from flax_sgm.verify import seeded
+
+    inputs = seeded.sample_inputs(one.config, seed=0, hw=(3, 5), context_tokens=6)
+    x, context = nchw_to_nhwc(inputs["x"]), inputs["context"]
+    assert not np.array_equal(np.asarray(one(x, context)), np.asarray(one(x, context)))  # dropout on
 
 
 def test_heads_contradicting_config_json_are_refused(unet):

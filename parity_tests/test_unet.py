@@ -18,15 +18,16 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
-from conftest import assert_close, assert_parity, compare, randomize_
+from conftest import CRITERIA, assert_close, assert_parity, compare, randomize_, rel_err
 from flax_sgm import load_pretrained, load_unet
 from flax_sgm.checkpoints import convert
 from flax_sgm.errors import CheckpointError
-from flax_sgm.unet.model import sdxl_vector
+from flax_sgm.unet.load import convert_unet
+from flax_sgm.unet.model import guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import PRESETS, UNetConfig
 from flax_sgm.unet.diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
 from flax_sgm.unet.layout import SGM_PREFIX, config_from_weights, diffusers_layout
-from flax_sgm.verify import verify_modules
+from flax_sgm.verify import criteria, verify_modules
 from flax_sgm import models
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
@@ -83,6 +84,25 @@ CONFIGS = {
         attention_head_dim=2,
         class_embed_type="projection",
         projection_class_embeddings_input_dim=12,
+    ),
+    # An LCM-distilled UNet: the guidance-scale embedding (timestep_cond) through time_embedding.cond_proj.
+    "lcm": dict(
+        TINY,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        time_cond_proj_dim=16,
+    ),
+    # SSD-1B/Vega-shaped: depths per layer (a list per block) and up blocks unlike the down ones.
+    "ssd1b": dict(
+        TINY,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, [2, 1]],
+        reverse_transformer_layers_per_block=[[1, 3, 2], 1],
     ),
 }
 
@@ -188,6 +208,66 @@ def test_sdxl_vector_is_diffusers_added_cond(rng):
     assert_close(y, want_y, what="sdxl_vector")
 
 
+def test_lcm_unet_matches_diffusers(tmp_path, rng):
+    """time_cond_proj_dim: the guidance embedding w -> timestep_cond as diffusers' LCM pipeline computes it, and
+    the UNet with it, forward and gradients (timestep_cond's too); its weights from a diffusers directory and
+    an sgm single file (time_embed.cond_proj.weight)."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = np.array([7.5 - 1, 3.0 - 1], np.float32)  # the pipeline embeds guidance_scale - 1
+    embed = LatentConsistencyModelPipeline.get_guidance_scale_embedding  # uses no `self`
+    for dim in (16, 9, 512):  # sin(6500 * f) in float32 is 1e-4 off either way: judged against float64, as compare does
+        referee = embed(None, torch.from_numpy(w).double(), embedding_dim=dim, dtype=torch.float64).numpy()
+        torch_error = rel_err(embed(None, torch.from_numpy(w), embedding_dim=dim).numpy(), referee)
+        assert rel_err(guidance_scale_embedding(w, dim), referee) <= criteria.allowed("forward", torch_error, "float32")
+    torch_unet = diffusers_unet("lcm", seed=2)
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    inputs = unet_inputs(flax.config, rng) | {"timestep_cond": np.asarray(guidance_scale_embedding(w, 16))}
+    assert_parity(compare(torch_unet, flax, inputs), "UNetModel")
+    torch_unet.save_pretrained(tmp_path / "unet")
+    assert_holds(load_unet(tmp_path / "unet"), torch_unet)
+    # diffusers' single-file converter knows no cond_proj (sgm has none): flax_sgm names it time_embed.cond_proj.
+    save_file(convert.to_torch_state_dict(flax, prefix=SGM_PREFIX), str(tmp_path / "lcm.safetensors"))
+    loaded = load_unet(tmp_path / "lcm.safetensors", heads=2)
+    assert loaded.config.time_cond_proj_dim == 16 and loaded.time_embed.cond_proj.kernel.shape == (16, 32)
+    assert_holds(loaded, torch_unet)
+    with pytest.raises(ValueError, match=r"^UNetModel: `timestep_cond` must have shape \[2, 16\]; got shape \[2, 8\]"):
+        flax(inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], timestep_cond=np.zeros((2, 8)))
+    plain = flax_unet(diffusers_unet("sd1"))
+    with pytest.raises(ValueError, match=r"^UNetModel: this model takes no `timestep_cond` \(no time_cond_proj_dim"):
+        plain(inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"], timestep_cond=inputs["timestep_cond"])
+
+
+def test_per_layer_depths_match_diffusers(tmp_path, rng):
+    """transformer_layers_per_block listing each layer's depth and reverse_transformer_layers_per_block (SSD-1B,
+    Vega): UNetConfig's transformer_depth_input/_output, forward and gradients equal to diffusers; a single file
+    of it reads its depths off the shapes (diffusers' own converter maps its keys back exactly)."""
+    torch_unet = diffusers_unet("ssd1b", seed=4)
+    flax = flax_unet(torch_unet, use_checkpoint=False)
+    assert flax.config.transformer_depth_input == (1, 1, 2, 1)  # level 0 has no attention: its entries do not count
+    assert flax.config.transformer_depth_output == (1, 3, 2, 1, 1, 1) and flax.config.transformer_depth_middle == 2
+    assert [len(flax.output_blocks[n][1].transformer_blocks) for n in range(3)] == [1, 3, 2]
+    assert_parity(compare(torch_unet, flax, unet_inputs(flax.config, rng)), "UNetModel")
+    sgm_single_file(torch_unet, tmp_path / "ssd.safetensors")
+    loaded = load_unet(tmp_path / "ssd.safetensors", head_dim=16)
+    assert loaded.config.transformer_depth_output[:3] == (1, 3, 2)  # the up path's attention blocks
+    assert (loaded.config.input_blocks, loaded.config.output_blocks) == (flax.config.input_blocks, flax.config.output_blocks)
+    assert_holds(loaded, torch_unet)
+    assert UNetConfig.from_json(flax.config.to_json()) == flax.config
+    base = dict(torch_unet.config)
+    for change, message in [
+        (dict(reverse_transformer_layers_per_block=None), "transformer_layers_per_block lists layers but "
+                                                          "reverse_transformer_layers_per_block is not set"),
+        (dict(transformer_layers_per_block=[1, [2, 1, 1]]), r"transformer_layers_per_block \[2, 1, 1\] for down block 1 is "
+                                                            r"not one int >= 0 or 2 of them \(one per layer\)"),
+        (dict(reverse_transformer_layers_per_block=[[1, 3], 1]), r"reverse_transformer_layers_per_block \[1, 3\] for up "
+                                                                 "block 0 is not one int >= 0 or 3 of them"),
+        (dict(reverse_transformer_layers_per_block=[1]), r"reverse_transformer_layers_per_block \[1\] is not one entry per up block \(2\)"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            UNetConfig.from_diffusers(base | change)
+
+
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
 def test_weights_round_trip_both_layouts(name):
     """diffusers -> flax -> diffusers and flax -> sgm -> flax bit for bit; sgm's names are what diffusers'
@@ -248,6 +328,39 @@ def test_load_unet_fp16_variants(tmp_path):
         assert_holds(unet, half)
     with pytest.raises(CheckpointError, match=r"sharded: holds diffusers variants only \(fp16\); pass variant="):
         load_unet(tmp_path / "sharded")
+
+
+def diffusers_output(torch_unet, inputs: dict, **extra) -> np.ndarray:
+    """diffusers' UNet on `unet_inputs` (NCHW), as NHWC."""
+    with torch.no_grad():
+        out = torch_unet(*(torch.from_numpy(inputs[k]) for k in ("x", "timesteps", "context")),
+                         **{k: torch.from_numpy(v) for k, v in extra.items()}).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def test_load_unet_returns_inference_mode_as_diffusers_does(tmp_path, rng):
+    """dropout 0.1 in config.json: load_unet's model answers as diffusers' from_pretrained (eval mode) does, eager
+    and under jax.jit, the same every call; model.train() turns dropout on. A convert output loads the same way.
+    Without model.eval() in the loaders the eager output was 0.59 off (relative) and two calls differed."""
+    randomize_(UNet2DConditionModel(**CONFIGS["sd1"], dropout=0.1), 13).save_pretrained(tmp_path / "unet")
+    reference = UNet2DConditionModel.from_pretrained(tmp_path / "unet", low_cpu_mem_usage=False)
+    assert not reference.training
+    unet = load_unet(tmp_path / "unet")
+    inputs = unet_inputs(unet.config, rng)
+    args = (inputs["x"].transpose(0, 2, 3, 1), inputs["timesteps"], inputs["context"])
+    want = diffusers_output(reference, inputs)
+    tol = CRITERIA["float32"].forward
+    eager = np.asarray(unet(*args))
+    assert_close(eager, want, tol, what="eager, as loaded")
+    assert_close(np.asarray(unet(*args)), eager, 0.0, what="a second eager call")
+    assert_close(np.asarray(jax.jit(lambda m, *a: m(*a))(unet, *args)), want, tol, what="under jax.jit")
+    unet.train()
+    dropped = np.asarray(unet(*args))
+    assert rel_err(dropped, want) > 1e-2 and rel_err(np.asarray(unet(*args)), dropped) > 1e-2  # dropout on, fresh keys
+    unet.eval()
+    assert_close(np.asarray(unet(*args)), want, tol, what="eager after model.eval()")
+    convert_unet(tmp_path / "unet", tmp_path / "out")
+    assert_close(np.asarray(load_unet(tmp_path / "out")(*args)), want, tol, what="a convert output, loaded")
 
 
 def sgm_single_file(torch_unet, path) -> None:
@@ -471,8 +584,17 @@ def tiny_sdxl():
         (dict(context=np.zeros((2, 5, 25), np.float32)), r"`context` must have shape \[2, m, 24\]; got shape \[2, 5, 25\]"),
         (dict(context=None), r"UNetModel: this model has cross-attention: `context` \[b, m, 24\] is required"),
         (dict(x=np.zeros((2, 9, 8, 4), np.float32)), r"multiples of 2 \(2 \*\* \(levels - 1\)\); got 9 x 8"),
+        (dict(timesteps="10"), r"^UNetModel: `timesteps` must be integers or floats; got '10'$"),
+        (dict(timesteps=None), r"^UNetModel: `timesteps` must be integers or floats; got None$"),
+        (dict(timesteps=["1", "2"]), r"^UNetModel: `timesteps` must be integers or floats; got dtype <U1$"),
+        (dict(timesteps=np.array([1j, 2j])), r"^UNetModel: `timesteps` must be integers or floats; got dtype complex128$"),
+        (dict(x=None), r"^UNetModel: `x` must be integers or floats; got None$"),
+        (dict(x=np.zeros((2, 8, 8, 4), bool)), r"^UNetModel: `x` must be integers or floats; got dtype bool$"),
+        (dict(context="a cat"), r"^UNetModel: `context` must be integers or floats; got 'a cat'$"),
+        (dict(y="pooled"), r"^UNetModel: `y` must be integers or floats; got 'pooled'$"),
     ],
-    ids=["no-y", "y-width", "context-width", "no-context", "odd-size"],
+    ids=["no-y", "y-width", "context-width", "no-context", "odd-size", "timesteps-str", "timesteps-none",
+         "timesteps-strs", "timesteps-complex", "x-none", "x-bool", "context-str", "y-str"],
 )
 def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
     args = dict(
@@ -483,3 +605,16 @@ def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
     )
     with pytest.raises(ValueError, match=message):
         tiny_sdxl(**(args | change))
+
+
+@pytest.mark.parametrize(
+    "pooled,time_ids,message",
+    [
+        ("text", np.zeros((2, 3)), r"^sdxl_vector: `pooled` must be integers or floats; got 'text'$"),
+        (np.zeros((2, 16)), np.zeros(3), r"^sdxl_vector: `time_ids` must have rank 2, shape \[b, k\]; got shape \[3\]$"),
+        (np.zeros((3, 16)), np.zeros((2, 3)), r"^sdxl_vector: `pooled` must have shape \[2, p\]; got shape \[3, 16\]"),
+    ],
+)
+def test_sdxl_vector_bad_inputs_are_one_line(pooled, time_ids, message):
+    with pytest.raises(ValueError, match=message):
+        sdxl_vector(pooled, time_ids)

@@ -122,9 +122,12 @@ def load_pretrained(
     variant: a diffusers directory's variant files ("fp16", or any name it was saved with).
     dtype: the compute dtype (the output's too); param_dtype: the parameters' (default:
         as stored; a narrower one rounds).
-    seed: seeds the dropout keys.
+    seed: seeds the dropout keys (used after model.train()).
     options: how it runs (RUN_OPTIONS): use_checkpoint, sdp_backend, checkpoint_policy,
         attn_type, dropout.
+
+    The stack is returned in inference mode (model.eval(): dropout off), as diffusers'
+    from_pretrained returns its models; model.train() turns dropout on.
     """
     _check_options(options)
     if output.is_output(path):
@@ -151,7 +154,8 @@ def load_pretrained_all(
     `get_submodule` takes it ("down_blocks.1.attentions.0"; "" for a stack at the root).
 
     `skip_unsupported` leaves out the stacks SpatialTransformer cannot build; the
-    other arguments are load_pretrained's.
+    other arguments are load_pretrained's. Each stack is in inference mode (model.eval());
+    model.train() turns its dropout on.
     """
     _check_options(options)
     if output.is_output(path):
@@ -193,7 +197,9 @@ def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype,
 
 
 def _concrete(model: nnx.Module, seed: int) -> nnx.Module:
-    """eval_shape leaves the dropout RNG keys and counts abstract; give them values (keys from `seed`)."""
+    """The model a loader returns: the dropout RNG keys and counts that eval_shape leaves abstract given values
+    (keys from `seed`), and in inference mode (model.eval(): dropout off), as diffusers' and transformers'
+    from_pretrained return theirs; model.train() turns dropout on."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     counter = iter(range(1 << 30))
 
@@ -205,7 +211,9 @@ def _concrete(model: nnx.Module, seed: int) -> nnx.Module:
             return keys.reshape(leaf.shape)
         return jnp.zeros(leaf.shape, leaf.dtype)
 
-    return nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+    model = nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+    model.eval()
+    return model
 
 
 class ConvertedStack(NamedTuple):

@@ -15,7 +15,7 @@ from flax import nnx
 from flax_sgm.attention.blocks import BasicTransformerBlock
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
-from flax_sgm.nn.checks import expect_array, expect_shape
+from flax_sgm.nn.checks import expect_array, expect_numbers, expect_shape
 from flax_sgm.nn.primitives import Conv, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
@@ -91,11 +91,11 @@ class SpatialTransformer(nnx.Module):
 
     def __call__(self, x: jax.Array, context=None) -> jax.Array:
         """`context`: None (self-attention), one array for every block, or a list of 1 or depth arrays."""
+        x = expect_numbers("SpatialTransformer", "x", x)
         expect_shape("SpatialTransformer", "x", x, ("b", "h", "w", self.config.in_channels))
         depth = len(self.transformer_blocks)
         contexts = list(context) if isinstance(context, (list, tuple)) else [context]
-        for c in contexts:
-            expect_array("SpatialTransformer", "context", c)
+        contexts = [None if c is None else expect_numbers("SpatialTransformer", "context", c) for c in contexts]
         if len(contexts) not in (1, depth):
             raise ValueError(f"SpatialTransformer: `context` list must have 1 or {depth} (depth) entries; got {len(contexts)}")
         if len(contexts) == 1:

@@ -171,10 +171,14 @@ def inspect(checkpoint, variant, as_json):
     click.echo(f"{info['file']}: {info['format']}, {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
     click.echo(f"top-level prefixes: {', '.join(info['top_level_prefixes'])}")
     if unet is not None:
+        from flax_sgm.unet.load import channel_notes
+
         what = f"the {unet['preset']} preset" if unet["preset"] else "none of the released models"
         click.echo(f"a whole UNet, {unet['parameters'] / 1e6:.1f}M parameters: {what}"
                    + (f" ({as_flags(unet['problem'])})" if unet["problem"] else "")
                    + "; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
+        if unet["in_channels"] is not None and unet["out_channels"] is not None:
+            click.echo("  " + ", ".join(channel_notes(unet["in_channels"], unet["out_channels"], unet["time_cond_proj_dim"])))
     if not summaries and not problems:
         click.echo("no SpatialTransformer stack found")
         return
@@ -189,8 +193,19 @@ def inspect(checkpoint, variant, as_json):
     for p, why in problems.items():
         click.echo(f"  {p:45s} not convertible: {why}")
     if any(s["heads"] is None for s in summaries):
-        click.echo("heads are not in the weights: pass --heads N or --head-dim D to convert/verify "
-                   "(SD 1.x: --heads 8; SD 2.x, SDXL: --head-dim 64)")
+        click.echo(_heads_hint(unet))
+
+
+def _heads_hint(unet: dict | None) -> str:
+    """Where the stacks' heads come from: the released model the file is, else where it was trained (a value
+    guessed from another model loads it wrong, silently: the weights cannot say the split)."""
+    if unet is not None and unet["preset"]:
+        preset = UNetConfig.preset(unet["preset"])
+        flag = f"--heads {preset.num_heads}" if preset.num_heads != -1 else f"--head-dim {preset.num_head_channels}"
+        return f"heads are not in the weights: as {unet['preset']}, pass {flag} to convert/verify the stacks"
+    what = "" if unet is None else ", and this UNet is none of the released models"
+    return (f"heads are not in the weights{what}: take --heads N or --head-dim D from where the model was trained "
+            "(its training config); another model's value loads it wrong without an error")
 
 
 def _inspect_output(path, as_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -16,6 +17,21 @@ def expect_array(module: str, arg: str, x) -> None:
             f"{module}: `{arg}` is a {type(x).__module__}.{type(x).__name__}; pass a numpy or JAX array "
             "(t.numpy(); a torch NCHW image is t.permute(0, 2, 3, 1).numpy() here, channels-last)"
         )
+
+
+def expect_numbers(module: str, arg: str, x):
+    """`x` as an array of integers or floats (a list or scalar converted); anything else (a string, None, an
+    object, complex or bool array) refused in one line, before JAX's own message."""
+    expect_array(module, arg, x)
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"{module}: `{arg}` must be an array of numbers; got {type(x).__name__}") from None
+    if not (jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)):  # bfloat16 too
+        got = f"{x.item()!r}" if isinstance(x, np.ndarray) and x.dtype.kind in "OUS" and x.ndim == 0 else f"dtype {x.dtype}"
+        raise ValueError(f"{module}: `{arg}` must be integers or floats; got {got}")
+    return x
 
 
 def expect_shape(module: str, arg: str, x, expected: Sequence[int | str | None]) -> None:

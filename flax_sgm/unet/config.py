@@ -72,11 +72,16 @@ class UNetConfig(ConfigIO):
     """sgm's UNetModel arguments (2-D, conv resampling, softmax attention).
 
     transformer_depth: per level (or one int); a level has attention where its
-    downsampling rate 2**level is in `attention_resolutions`. Heads: `num_heads` (per
+    downsampling rate 2**level is in `attention_resolutions`. transformer_depth_input /
+    transformer_depth_output: the depth of each input ResBlock's / output block's stack where
+    they differ within a level or between the down and up paths (ComfyUI's names for sgm's
+    UNetModel so extended); entries at levels without attention do not count. Heads: `num_heads` (per
     block, width channels // num_heads) or `num_head_channels` (width fixed), the other -1.
     num_classes: None or "sequential" (the vector `y` of width `adm_in_channels`).
     norm_eps: the ResBlocks' and `out`'s GroupNorm (sgm's GroupNorm32: 1e-5); the
     SpatialTransformers keep the seed's 1e-6.
+    time_cond_proj_dim: an LCM-distilled UNet's `timestep_cond` width (diffusers' field; sgm has
+    none): `time_embed.cond_proj` [time_cond_proj_dim -> model_channels] adds it to the time embedding's input.
     """
 
     NAME = "UNet"
@@ -89,6 +94,10 @@ class UNetConfig(ConfigIO):
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     transformer_depth: int | tuple[int, ...] = 1
     transformer_depth_middle: int | None = None  # default: transformer_depth[-1], as sgm
+    # Per layer where a level's blocks differ (SSD-1B, Vega): one depth per input ResBlock, one per output
+    # block (sgm's order); default (None): each level's transformer_depth, as sgm.
+    transformer_depth_input: tuple[int, ...] | None = None
+    transformer_depth_output: tuple[int, ...] | None = None
     num_heads: int = -1
     num_head_channels: int = -1
     context_dim: int | None = None
@@ -99,6 +108,7 @@ class UNetConfig(ConfigIO):
     num_classes: str | None = None
     adm_in_channels: int | None = None
     dropout: float = 0.0
+    time_cond_proj_dim: int | None = None  # an LCM UNet's guidance embedding width (diffusers' name); not sgm's
     norm_eps: float = numerics.UNET_GROUP_NORM_EPS
     spatial_transformer_attn_type: str = "softmax"
     use_checkpoint: bool = True
@@ -125,6 +135,8 @@ class UNetConfig(ConfigIO):
         if self.transformer_depth_middle is None:
             set_("transformer_depth_middle", self.transformer_depth[-1])
         _positive("transformer_depth_middle", self.transformer_depth_middle)
+        for name, output in (("transformer_depth_input", False), ("transformer_depth_output", True)):
+            set_(name, self._layer_depths(name, output))
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError(
                 f"UNetConfig: set exactly one of `num_heads` and `num_head_channels` (the other -1); "
@@ -142,6 +154,8 @@ class UNetConfig(ConfigIO):
             _positive("adm_in_channels", self.adm_in_channels)
         if self.context_dim is not None:
             _positive("context_dim", self.context_dim)
+        if self.time_cond_proj_dim is not None:
+            _positive("time_cond_proj_dim", self.time_cond_proj_dim)
         for channels in {self.model_channels * m for m in self.channel_mult} | {self.model_channels}:
             if channels % numerics.GROUP_NORM_GROUPS:
                 raise ValueError(
@@ -166,6 +180,31 @@ class UNetConfig(ConfigIO):
     def has_attention(self, level: int) -> bool:
         """sgm: attention where the downsampling rate is listed and the level has transformer blocks."""
         return 2**level in self.attention_resolutions and self.transformer_depth[level] > 0
+
+    def _layer_levels(self, output: bool) -> tuple[int, ...]:
+        """The level of each input ResBlock (or output block), in sgm's order."""
+        levels = reversed(range(self.levels)) if output else range(self.levels)
+        return tuple(lvl for lvl in levels for _ in range(self.num_res_blocks[lvl] + output))
+
+    def _layer_depths(self, name: str, output: bool) -> tuple[int, ...] | None:
+        """transformer_depth_input/_output checked and canonical: levels without attention take the level's
+        depth, and None when every entry is its level's transformer_depth."""
+        value, levels = getattr(self, name), self._layer_levels(output)
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) != len(levels):
+            what = "output block" if output else "input ResBlock"
+            raise ValueError(f"UNetConfig: `{name}` must list one depth per {what} ({len(levels)}); got {value!r}")
+        default = tuple(self.transformer_depth[lvl] for lvl in levels)
+        depths = tuple(d if self.has_attention(lvl) else self.transformer_depth[lvl] for d, lvl in zip(value, levels))
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d, lvl in zip(depths, levels) if self.has_attention(lvl)):
+            raise ValueError(f"UNetConfig: `{name}` must be ints >= 1 where a level has attention; got {list(value)}")
+        return None if depths == default else depths
+
+    def depths(self, output: bool) -> tuple[int, ...]:
+        """Each input ResBlock's (or output block's) stack depth."""
+        given = self.transformer_depth_output if output else self.transformer_depth_input
+        return given or tuple(self.transformer_depth[lvl] for lvl in self._layer_levels(output))
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a SpatialTransformer over `channels`, as sgm splits them."""
@@ -201,13 +240,15 @@ class UNetConfig(ConfigIO):
         """Each input block's layers, in sgm's order: conv_in, then per level its ResBlocks (+ attention), a Downsample."""
         blocks: list[tuple[Layer, ...]] = [(ConvIn(self.in_channels, self.model_channels),)]
         ch = self.model_channels
+        depths = iter(self.depths(output=False))
         for level in range(self.levels):
             out = self.level_channels(level)
             for _ in range(self.num_res_blocks[level]):
                 layers: list[Layer] = [Res(ch, out)]
+                depth = next(depths)
                 if self.has_attention(level):
                     disabled = self.disable_self_attentions[level] and self.context_dim is not None  # sgm's rule
-                    layers.append(self._attention(out, self.transformer_depth[level], disabled))
+                    layers.append(self._attention(out, depth, disabled))
                 blocks.append(tuple(layers))
                 ch = out
             if level != self.levels - 1:
@@ -231,13 +272,15 @@ class UNetConfig(ConfigIO):
         skips = list(self.skip_channels)
         ch = self.level_channels(self.levels - 1)
         blocks = []
+        depths = iter(self.depths(output=True))
         for level in reversed(range(self.levels)):
             out = self.level_channels(level)
             for i in range(self.num_res_blocks[level] + 1):
                 layers: list[Layer] = [Res(ch + skips.pop(), out)]
                 ch = out
+                depth = next(depths)
                 if self.has_attention(level):
-                    layers.append(self._attention(ch, self.transformer_depth[level], self.disable_self_attentions[level]))
+                    layers.append(self._attention(ch, depth, self.disable_self_attentions[level]))
                 if level and i == self.num_res_blocks[level]:
                     layers.append(Up(ch))
                 blocks.append(tuple(layers))

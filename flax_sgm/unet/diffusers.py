@@ -37,6 +37,8 @@ HONOURED = (
     "addition_embed_type",
     "projection_class_embeddings_input_dim",
     "mid_block_type",
+    "time_cond_proj_dim",
+    "reverse_transformer_layers_per_block",
 )
 
 # Refused unless they hold these values (what sgm's UNetModel computes).
@@ -48,7 +50,6 @@ DEFAULTS: dict[str, Any] = {
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
     "norm_num_groups": numerics.GROUP_NORM_GROUPS,
-    "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
@@ -59,7 +60,6 @@ DEFAULTS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -87,6 +87,36 @@ def _per_level(config: Mapping[str, Any], name: str, default, n: int, source: st
     if len(values) != n or not all(isinstance(v, kind) and not (kind is int and isinstance(v, bool)) for v in values):
         raise CheckpointError(f"{source}: {name} {value!r} is not one {kind.__name__} or {n} of them (one per down block)")
     return values
+
+
+def _layer_depths(config: Mapping[str, Any], layers: list[int], source: str):
+    """(per level, each down layer's depth; per up block, each layer's; the mid block's), as diffusers builds
+    them from transformer_layers_per_block (an int, one per down block, or a list per block's layers) and
+    reverse_transformer_layers_per_block (the up blocks', required by diffusers when a block lists its layers)."""
+    n = len(layers)
+
+    def per_layer(name: str, value, count: int, block: str) -> list[int]:
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+        if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise CheckpointError(f"{source}: {name} {value!r} for {block} is not one int >= 0 or {count} of them (one per layer)")
+        return values
+
+    down = config.get("transformer_layers_per_block", 1)
+    down = list(down) if isinstance(down, (list, tuple)) else [down] * n
+    if len(down) != n:
+        raise CheckpointError(f"{source}: transformer_layers_per_block {down!r} is not one entry per down block ({n})")
+    reverse = config.get("reverse_transformer_layers_per_block")
+    if reverse is None and any(isinstance(d, (list, tuple)) for d in down):
+        raise CheckpointError(f"{source}: transformer_layers_per_block lists layers but reverse_transformer_layers_per_block "
+                              "is not set (diffusers requires it for the up blocks)")
+    up = down[::-1] if reverse is None else list(reverse) if isinstance(reverse, (list, tuple)) else None
+    if up is None or len(up) != n:
+        raise CheckpointError(f"{source}: reverse_transformer_layers_per_block {reverse!r} is not one entry per up block ({n})")
+    down_depths = [per_layer("transformer_layers_per_block", d, layers[i], f"down block {i}") for i, d in enumerate(down)]
+    up_depths = [per_layer("reverse_transformer_layers_per_block" if reverse is not None else "transformer_layers_per_block",
+                           d, layers[n - 1 - i] + 1, f"up block {i}") for i, d in enumerate(up)]
+    middle = down[-1][0] if isinstance(down[-1], (list, tuple)) else down[-1]  # UNetMidBlock2DCrossAttn's one layer
+    return down_depths, up_depths, middle
 
 
 def vector_embedding(config: Mapping[str, Any]) -> str | None:
@@ -140,10 +170,9 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
     if shift not in ("default", "scale_shift"):
         raise CheckpointError(f"{source}: resnet_time_scale_shift = {shift!r} is not supported ('default' or 'scale_shift')")
 
-    depth = config.get("transformer_layers_per_block", 1)
-    if isinstance(depth, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in depth):
-        raise CheckpointError(f"{source}: transformer_layers_per_block {depth!r} varies within a block; sgm's depth is per level")
-    depth = _per_level(config, "transformer_layers_per_block", 1, n, source)
+    layers = _per_level(config, "layers_per_block", 2, n, source)
+    down_depths, up_depths, middle = _layer_depths(config, layers, source)
+    depth = [d[0] if d else 0 for d in down_depths]  # sgm's per-level depth; the layers' own are transformer_depth_input/_output
     heads = _per_level(config, "num_attention_heads", None, n, source) if config.get("num_attention_heads") else None
     heads = heads or _per_level(config, "attention_head_dim", 8, n, source)  # legacy: attention_head_dim holds the heads
     used = [lvl for lvl in range(n) if attention[lvl]] + [n - 1]  # the mid block takes the last level's
@@ -173,15 +202,21 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
     if vector and not (isinstance(adm, int) and adm > 0):
         raise CheckpointError(f"{source}: projection_class_embeddings_input_dim must be a positive int; got {adm!r}")
 
+    cond = config.get("time_cond_proj_dim")
+    if cond is not None and not (isinstance(cond, int) and not isinstance(cond, bool) and cond > 0):
+        raise CheckpointError(f"{source}: time_cond_proj_dim must be a positive int or null; got {cond!r}")
+
     return dict(
         in_channels=config.get("in_channels", 4),
         out_channels=config.get("out_channels", 4),
         model_channels=base,
         channel_mult=tuple(c // base for c in channels),
-        num_res_blocks=tuple(_per_level(config, "layers_per_block", 2, n, source)),
+        num_res_blocks=tuple(layers),
         attention_resolutions=tuple(2**lvl for lvl in range(n) if attention[lvl]),
         transformer_depth=tuple(depth),
-        transformer_depth_middle=depth[-1],
+        transformer_depth_middle=middle,
+        transformer_depth_input=tuple(d for level in down_depths for d in level),
+        transformer_depth_output=tuple(d for level in up_depths for d in level),
         context_dim=context[0],
         use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
         disable_self_attentions=tuple(only_cross),
@@ -189,6 +224,7 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         num_classes="sequential" if vector else None,
         adm_in_channels=adm,
         dropout=float(config.get("dropout", 0.0)),
+        time_cond_proj_dim=cond,
         norm_eps=float(config.get("norm_eps", numerics.UNET_GROUP_NORM_EPS)),
         **head_fields,
     )

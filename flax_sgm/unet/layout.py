@@ -31,6 +31,7 @@ RESBLOCK = (
     ("skip_connection.", "conv_shortcut."),
 )
 EMBEDDING = (("0.", "linear_1."), ("2.", "linear_2."))  # (Linear, SiLU, Linear) -> TimestepEmbedding
+COND_PROJ = "time_embed.cond_proj."  # an LCM UNet's guidance projection: sgm has none, flax_sgm names it so
 
 
 def _layer(sgm: str, layer, diffusers: str) -> list[tuple[str, str]]:
@@ -47,6 +48,8 @@ def diffusers_layout(config: UNetConfig, vector: str | None = "add_embedding") -
     """diffusers' names for a UNet of `config`. `vector`: the module holding sgm's label_emb
     ("add_embedding" for SDXL's text_time, "class_embedding" for class_embed_type 'projection')."""
     pairs = [("time_embed." + a, "time_embedding." + b) for a, b in EMBEDDING]
+    if config.time_cond_proj_dim is not None:
+        pairs.append((COND_PROJ, "time_embedding.cond_proj."))
     if config.adm_in_channels is not None:
         if vector is None:
             raise ValueError("diffusers_layout: a UNet with a vector embedding needs `vector` (add_embedding or class_embedding)")
@@ -145,7 +148,7 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
     if heads is None and head_dim is None:
         name = _preset_of(fields)
         if name is not None:
-            return PRESETS[name].replace(in_channels=fields["in_channels"], out_channels=fields["out_channels"], **options)
+            return PRESETS[name].replace(**{k: fields[k] for k in BESIDE_PRESET}, **options)
         raise CheckpointError(
             f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
             "(the weights do not say how attention splits into heads)"
@@ -162,7 +165,7 @@ def _read_fields(local: dict) -> dict:
     """UNetConfig's fields, heads aside, from sgm-named shapes (no prefix)."""
     model_channels, in_channels = local[UNET_MARK][:2]
     # Walk the input blocks: ResBlocks (+ a stack at .1) until a Downsample (`op`) opens the next level.
-    mults, res_blocks, depth, disabled = [None], [], [], []
+    mults, res_blocks, depth, disabled, depth_input = [None], [], [], [], []
     n, count = 1, 0
     while f"input_blocks.{n}.0.op.weight" in local or f"input_blocks.{n}.0.in_layers.0.weight" in local:
         if f"input_blocks.{n}.0.op.weight" in local:
@@ -173,6 +176,7 @@ def _read_fields(local: dict) -> dict:
             out = local[f"input_blocks.{n}.0.in_layers.2.weight"][0]
             mults[-1] = out // model_channels
             stem = f"input_blocks.{n}.1."
+            depth_input.append(_count(local, stem))
             if count == 0:
                 depth.append(_count(local, stem))
                 attn1 = local.get(stem + "transformer_blocks.0.attn1.to_k.weight")
@@ -181,6 +185,8 @@ def _read_fields(local: dict) -> dict:
         n += 1
     res_blocks.append(count)
     levels = len(mults)
+    outputs = sum(res_blocks) + levels
+    depth_output = [_count(local, f"output_blocks.{n}.1.") for n in range(outputs)]
     adm = local["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in local else None
     proj_in = next((v for k, v in local.items() if k.endswith("proj_in.weight")), None)
     context = next((v[1] for k, v in local.items() if k.endswith("attn2.to_k.weight")), None)
@@ -194,20 +200,28 @@ def _read_fields(local: dict) -> dict:
         attention_resolutions=tuple(2**lvl for lvl in range(levels) if depth[lvl]),
         transformer_depth=tuple(depth),
         transformer_depth_middle=_count(local, "middle_block.1."),
+        transformer_depth_input=tuple(depth_input),  # UNetConfig keeps them only where they differ from the level's
+        transformer_depth_output=tuple(depth_output),
         context_dim=context,
         use_linear_in_transformer=proj_in is not None and len(proj_in) == 2,
         disable_self_attentions=tuple(disabled),
         use_scale_shift_norm=emb_width == 2 * out,  # the embedding gives a scale and a shift
         num_classes="sequential" if adm else None,
         adm_in_channels=adm,
+        time_cond_proj_dim=local[COND_PROJ + "weight"][1] if COND_PROJ + "weight" in local else None,
     )
 
 
+# What a released model's fine-tunes change and still take its heads: in/out channels (inpainting,
+# InstructPix2Pix, depth, learned sigma) and an LCM distillation's guidance projection.
+BESIDE_PRESET = ("in_channels", "out_channels", "time_cond_proj_dim")
+
+
 def _preset_of(fields: dict) -> str | None:
-    """Which released model sgm-read `fields` (heads aside) are, in/out channels aside (inpainting)."""
+    """Which released model sgm-read `fields` (heads aside) are, BESIDE_PRESET aside."""
     for name, preset in PRESETS.items():
         guess = dict(fields, num_heads=preset.num_heads, num_head_channels=preset.num_head_channels)
-        if _same(guess | dict(in_channels=preset.in_channels, out_channels=preset.out_channels), preset):
+        if _same(guess | {k: getattr(preset, k) for k in BESIDE_PRESET}, preset):
             return name
     return None
 
@@ -242,4 +256,4 @@ def _same(fields: dict, preset) -> bool:
 def _blocks(c: UNetConfig) -> tuple:
     """What a config's weights and heads are made of."""
     return (c.input_blocks, c.middle_block, c.output_blocks, c.context_dim, c.use_linear_in_transformer,
-            c.use_scale_shift_norm, c.adm_in_channels)
+            c.use_scale_shift_norm, c.adm_in_channels, c.time_cond_proj_dim)

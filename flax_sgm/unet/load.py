@@ -23,7 +23,7 @@ from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm.unet.model import UNetModel
 from flax_sgm.unet.config import PRESETS, UNetConfig
 from flax_sgm.unet.diffusers import vector_embedding
-from flax_sgm.unet.layout import SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
+from flax_sgm.unet.layout import BESIDE_PRESET, COND_PROJ, SGM_PREFIX, UNET_MARK, config_from_weights, diffusers_layout
 from flax_sgm import models
 
 PIPELINE_UNET = "unet"  # a diffusers pipeline directory's UNet
@@ -40,6 +40,9 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
     diffusers' from_pretrained(variant=...) does. `dtype` is the compute dtype,
     `param_dtype` the parameters' (default: as stored). `options` set UNetConfig's own
     fields (use_checkpoint, checkpoint_policy, sdp_backend); `seed` seeds dropout keys.
+
+    The model is returned in inference mode (model.eval(): dropout off), as diffusers'
+    from_pretrained returns its UNet; model.train() turns dropout on.
     """
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
@@ -90,25 +93,51 @@ def convert_unet(path, out, *, heads: int | None = None, head_dim: int | None = 
     return model.config
 
 
+# What in/out channels other than 4 mean in the released families (diffusers' pipelines feed them so).
+IN_CHANNELS = {
+    9: "inpainting: latents, mask, masked-image latents",
+    8: "InstructPix2Pix: latents, image latents",
+    5: "depth: latents, depth map",
+}
+OUT_CHANNELS = {8: "learned sigma: the prediction and the variance"}
+
+
+def channel_notes(in_channels: int, out_channels: int, time_cond_proj_dim: int | None = None) -> list[str]:
+    """What a UNet's input and output channels (and an LCM's guidance embedding) say it takes and returns."""
+    notes = [f"in {in_channels} channels" + (f" ({IN_CHANNELS[in_channels]})" if in_channels in IN_CHANNELS else ""),
+             f"out {out_channels}" + (f" ({OUT_CHANNELS[out_channels]})" if out_channels in OUT_CHANNELS else "")]
+    if time_cond_proj_dim is not None:
+        notes.append(f"LCM: timestep_cond of {time_cond_proj_dim} (flax_sgm.guidance_scale_embedding)")
+    return notes
+
+
 def unet_summary(source) -> dict | None:
-    """What `flax-sgm inspect` says of a whole UNet in an open Source: its config and the released model it is
-    (preset), or the one-line reason its config cannot be read (heads); None when it holds no UNet."""
+    """What `flax-sgm inspect` says of a whole UNet in an open Source: its config, the released model it is
+    (preset), its in/out channels, or the one-line reason its config cannot be read (heads); None when it holds
+    no UNet."""
     if source.config is not None:
         if source.config.get("_class_name") != "UNet2DConditionModel":
             return None
-        prefix = ""
+        prefix, conv_in, conv_out = "", "conv_in.weight", "conv_out.weight"
     else:
         prefix = "" if UNET_MARK in source.infos else SGM_PREFIX
         if prefix + UNET_MARK not in source.infos:
             return None
+        conv_in, conv_out = prefix + UNET_MARK, prefix + "out.2.weight"
     params = sum(math.prod(i.shape) for k, i in source.infos.items() if k.startswith(prefix))
+    channels = {"in_channels": source.infos[conv_in].shape[1] if conv_in in source.infos else None,
+                "out_channels": source.infos[conv_out].shape[0] if conv_out in source.infos else None}
+    cond = source.infos.get(prefix + (COND_PROJ if source.config is None else "time_embedding.cond_proj.") + "weight")
+    summary = {"preset": None, "parameters": params, **channels,
+               "time_cond_proj_dim": cond.shape[1] if cond is not None else None, "config": None, "problem": None}
     try:
         if source.config is not None:
             config = UNetConfig.from_diffusers(source.config, source=str(source.config_path))
         else:
             config = config_from_weights(source.infos, prefix, source=str(source.path))
     except CheckpointError as err:
-        return {"preset": None, "parameters": params, "config": None, "problem": str(err)}
+        return summary | {"problem": str(err)}
     preset = next((name for name, p in PRESETS.items()
-                   if p == config.replace(in_channels=p.in_channels, out_channels=p.out_channels)), None)
-    return {"preset": preset, "parameters": params, "config": config.to_dict(), "problem": None}
+                   if p == config.replace(**{k: getattr(p, k) for k in BESIDE_PRESET})), None)
+    return summary | {"preset": preset, "config": config.to_dict(), "in_channels": config.in_channels,
+                      "out_channels": config.out_channels, "time_cond_proj_dim": config.time_cond_proj_dim}

@@ -18,7 +18,7 @@ from flax import nnx
 
 from flax_sgm.nn import numerics
 from flax_sgm.attention.blocks import maybe_checkpointed
-from flax_sgm.nn.checks import expect_shape
+from flax_sgm.nn.checks import expect_numbers, expect_shape
 from flax_sgm.nn.primitives import Conv, Dropout, GroupNorm, Linear
 from flax_sgm.attention.remat import check_policy
 from flax_sgm.sharding import IMAGE, constrain
@@ -47,22 +47,56 @@ def sdxl_vector(pooled: jax.Array, time_ids: jax.Array, dim: int = 256) -> jax.A
     (text_embeds, time_ids through add_time_proj) give: [b, p + k * dim]. SDXL base: k = 6
     (original size, crop top-left, target size), the refiner k = 5 (with the aesthetic score).
     """
+    pooled, time_ids = expect_numbers("sdxl_vector", "pooled", pooled), expect_numbers("sdxl_vector", "time_ids", time_ids)
+    expect_shape("sdxl_vector", "time_ids", time_ids, ("b", "k"))
     b, k = time_ids.shape
+    expect_shape("sdxl_vector", "pooled", pooled, (b, "p"))
     ids = timestep_embedding(time_ids.reshape(-1), dim).reshape(b, k * dim)
     return jnp.concatenate([pooled.astype(jnp.float32), ids], axis=-1).astype(jnp.result_type(pooled.dtype, jnp.float32))
 
 
+GUIDANCE_SCALE = 1000.0  # diffusers' LCM pipelines scale w by 1000 before embedding it
+
+
+def guidance_scale_embedding(w, dim: int = 512, dtype=jnp.float32) -> jax.Array:
+    """An LCM UNet's `timestep_cond`: w [b] -> [b, dim], as diffusers' LatentConsistencyModelPipeline's
+    get_guidance_scale_embedding computes it (w * 1000, `dim // 2` frequencies 10000 ** (-i / (dim // 2 - 1)),
+    sin then cos, a zero column when `dim` is odd). The pipelines pass w = guidance_scale - 1; `dim` is
+    the UNet's time_cond_proj_dim.
+    """
+    w = expect_numbers("guidance_scale_embedding", "w", w)
+    expect_shape("guidance_scale_embedding", "w", w, ("b",))
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 4:
+        raise ValueError(f"guidance_scale_embedding: `dim` must be an int >= 4; got {dim!r}")
+    half = dim // 2
+    w = jnp.asarray(w, jnp.float32) * GUIDANCE_SCALE
+    step = jnp.log(jnp.float32(MAX_PERIOD)) / (half - 1)  # float32 op for op, as diffusers computes it
+    args = w.astype(dtype)[:, None] * jnp.exp(jnp.arange(half, dtype=dtype) * -step.astype(dtype))[None]
+    embedding = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+    return embedding
+
+
 class EmbeddingMLP(nnx.Module):
-    """Linear, SiLU, Linear: sgm's `time_embed` and the inside of `label_emb`."""
+    """Linear, SiLU, Linear: sgm's `time_embed` and the inside of `label_emb`.
+
+    `cond_dim`: an LCM UNet's `cond_proj` (diffusers' TimestepEmbedding cond_proj, no bias), the
+    condition [b, cond_dim] projected and added to the input before linear_1.
+    """
 
     torch_names = {"linear_1": "0", "linear_2": "2"}  # nn.Sequential(Linear, SiLU, Linear)
 
-    def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
+    def __init__(self, in_features: int, features: int, *, cond_dim: int | None = None, rngs: nnx.Rngs, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32):
         layer = dict(axes=("embed", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.linear_1 = Linear(in_features, features, **layer)
         self.linear_2 = Linear(features, features, **layer)
+        self.cond_proj = None if cond_dim is None else Linear(cond_dim, in_features, use_bias=False, **layer)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(numerics.silu(self.linear_1(x)))
 
 
@@ -220,7 +254,9 @@ class UNetModel(nnx.Module):
 
     x [b, h, w, in_channels], h and w divisible by 2 ** (levels - 1); timesteps [b] (or a
     scalar for every item); context [b, m, context_dim]; y [b, adm_in_channels] when the
-    config has num_classes="sequential" (SDXL: `sdxl_vector`), else None.
+    config has num_classes="sequential" (SDXL: `sdxl_vector`), else None; timestep_cond
+    [b, time_cond_proj_dim] for an LCM UNet (`guidance_scale_embedding`), added to the time
+    embedding's input through `time_embed.cond_proj`; left out, it is skipped, as diffusers does.
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32):
@@ -229,7 +265,7 @@ class UNetModel(nnx.Module):
         self.config = config
         layer = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         emb_dim = config.time_embed_dim
-        self.time_embed = EmbeddingMLP(config.model_channels, emb_dim, **layer)
+        self.time_embed = EmbeddingMLP(config.model_channels, emb_dim, cond_dim=config.time_cond_proj_dim, **layer)
         self.label_emb = LabelEmbedding(config.adm_in_channels, emb_dim, **layer) if config.adm_in_channels else None
 
         def build(spec):
@@ -256,8 +292,12 @@ class UNetModel(nnx.Module):
         self.output_blocks = nnx.List([nnx.List([build(s) for s in block]) for block in config.output_blocks])
         self.out = NormActConv(config.model_channels, config.out_channels, eps=config.norm_eps, **layer)
 
-    def __call__(self, x: jax.Array, timesteps, context: jax.Array | None = None, y: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, timesteps, context: jax.Array | None = None, y: jax.Array | None = None,
+                 timestep_cond: jax.Array | None = None) -> jax.Array:
         c = self.config
+        x, timesteps = expect_numbers("UNetModel", "x", x), expect_numbers("UNetModel", "timesteps", timesteps)
+        context = None if context is None else expect_numbers("UNetModel", "context", context)
+        y = None if y is None else expect_numbers("UNetModel", "y", y)
         expect_shape("UNetModel", "x", x, ("b", "h", "w", c.in_channels))
         b, h, w, _ = x.shape
         factor = 2 ** (c.levels - 1)
@@ -276,7 +316,12 @@ class UNetModel(nnx.Module):
             raise ValueError(f"UNetModel: this model takes {needs}; got {'None' if y is None else 'y'}")
         if y is not None:
             expect_shape("UNetModel", "y", y, (b, c.adm_in_channels))
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).astype(x.dtype))
+        if timestep_cond is not None:
+            if c.time_cond_proj_dim is None:
+                raise ValueError("UNetModel: this model takes no `timestep_cond` (no time_cond_proj_dim: not an LCM UNet)")
+            timestep_cond = expect_numbers("UNetModel", "timestep_cond", timestep_cond)
+            expect_shape("UNetModel", "timestep_cond", timestep_cond, (b, c.time_cond_proj_dim))
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).astype(x.dtype), timestep_cond)
         if y is not None:
             emb = emb + self.label_emb(y)
         hs = []
