@@ -125,3 +125,11 @@ def test_block_runs_and_prints_what_the_text_says(block, tmp_path, monkeypatch, 
         exec(compile(block.code, f"{block.doc}:{block.line}", "exec"), {"__name__": "__main__"})
         out = capsys.readouterr().out
     assert_printed_as_said(out, block.after)
+
+
+def test_readme_names_every_seed_difference_test():
+    """The README's "Known differences from the seed" names each test of test_seed_differences.py, and only those."""
+    section = (ROOT / "README.md").read_text().split("## Known differences from the seed", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = set(re.findall(r"^def (test_\w+)", (ROOT / "parity_tests" / "test_seed_differences.py").read_text(), re.M))
+    assert named == defined
