@@ -133,3 +133,22 @@ def test_readme_names_every_seed_difference_test():
     named = set(re.findall(r"`(test_\w+)`", section))
     defined = set(re.findall(r"^def (test_\w+)", (ROOT / "parity_tests" / "test_seed_differences.py").read_text(), re.M))
     assert named == defined
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_reaches_a_file_and_heading():
+    for doc in DOCS:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, fragment = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            assert linked.exists(), f"{doc.name}: {target}"
+            if fragment:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+                assert fragment in {anchor(h) for h in headings}, f"{doc.name}: {target}"
