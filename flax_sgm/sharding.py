@@ -223,7 +223,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES, *, fsdp: bool = Fals
 def _check_row_split_convs(state: nnx.State, mesh: Mesh, rules) -> list[str]:
     """A 3x3 convolution (a kernel [3, 3, in, out]) over image rows split across devices gets its kernel gradient
     multiplied by the size of any mesh axis the activations do not use (XLA's SPMD partitioner, jax 0.10.2:
-    2x on a (2, 2, 2) mesh, 4x on (1, 2, 4); README, "Several devices"). Refused rather than trained wrong: the
+    2x on a (2, 2, 2) mesh, 4x on (1, 2, 4); docs/sharding.md). Refused rather than trained wrong: the
     `model` axis splits no image activation, so a UNet takes `seq` or `model`, not both."""
     rows, unused = _axis_size(mesh, dict(rules)["height"]), _axis_size(mesh, dict(rules)["heads"])
     if rows == 1 or unused == 1:

@@ -146,7 +146,7 @@ def test_a_head_dim_cudnn_refuses_falls_to_the_documented_path(tmp_path):
 @pytest.mark.skipif(ON_GPU, reason="a Hopper GPU takes head dims up to 256; the limit below is the CPU machine's")
 def test_a_program_that_does_not_lower_exits_1(tmp_path):
     # JAX reads the head-dim limit off the local GPU; with none it applies the pre-Hopper 128,
-    # so a head dim of 160 that an H100 runs cannot be lowered here (README: what this cannot check).
+    # so a head dim of 160 that an H100 runs cannot be lowered here (docs/attention.md: what this cannot check).
     path = tmp_path / "d160.json"
     path.write_text(SpatialTransformerConfig(320, 2, 160, context_dim=64, use_linear=True).to_json())
     line = cli_error("lower", "--config", path, "--hw", "16", "16", code=1)

@@ -1,6 +1,6 @@
 """Where flax_sgm differs from the seed on purpose (the seed's bugs), and agrees where the seed is right.
 
-Each test is named in the README's list of intended differences.
+Each test is named in the README's list of intended differences ("Known differences from the seed"); test_docs.py checks it.
 """
 
 import numpy as np

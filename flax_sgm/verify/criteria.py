@@ -29,7 +29,7 @@ class Criterion(NamedTuple):
 
 
 CRITERIA = {
-    # fp32: floors at the old fp32 tolerances (measured errors are 10-100x below, README
+    # fp32: floors at the old fp32 tolerances (measured errors are 10-100x below, docs/verification.md
     # parity table); above them flax_sgm may be up to 4x torch's own error from float64.
     "float32": Criterion(slack=4.0, forward=1e-5, grad=1e-4),
     # bf16: no floor. Two correct bf16 implementations scatter: measured on CPU (4 seeds,
