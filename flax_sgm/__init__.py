@@ -10,12 +10,14 @@ mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
 cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). Lowering for another platform: lowering.py.
+layouts), pretrained_unet.py (load_unet). The KL autoencoder: autoencoder/ (AutoencoderKL,
+AutoencoderConfig, load_vae). Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
 from flax_sgm.attention_backends import dot_product_attention, forward_mode_scope, record_attention_calls, target_platform
 from flax_sgm.attention_policy import AttentionProblem, Choice, choose_backend, select_backend
+from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.blocks import BasicTransformerBlock, BasicTransformerSingleLayerBlock
 from flax_sgm.config import SpatialTransformerConfig
 from flax_sgm.convert import ConversionError
@@ -30,6 +32,8 @@ from flax_sgm.unet_config import UNetConfig
 
 __all__ = [
     "AttentionProblem",
+    "AutoencoderConfig",
+    "AutoencoderKL",
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
@@ -37,6 +41,7 @@ __all__ = [
     "Choice",
     "ConversionError",
     "CrossAttention",
+    "DiagonalGaussian",
     "FeedForward",
     "GEGLU",
     "LinearAttention",
@@ -54,6 +59,7 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_all",
     "load_unet",
+    "load_vae",
     "record_attention_calls",
     "sdxl_vector",
     "select_backend",

@@ -45,6 +45,9 @@ CONV1X1 = Transform("conv1x1", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.tr
 CONV3X3 = Transform("conv3x3", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
+# A layout holding a 1x1 conv's weight as a Linear's: torch [out, in] <-> flax kernel [1, 1, in, out]
+# (diffusers' VAE attention to_q/to_k/to_v/to_out.0, where sgm's AttnBlock has 1x1 convs).
+LINEAR_AS_CONV1X1 = Transform("linear_as_conv1x1", lambda w: w.T[None, None], lambda w: w[0, 0].T)
 
 # Flax attribute -> torch child name, where they differ.
 CHILD_NAMES: dict[type, dict[str, str]] = {
@@ -86,6 +89,13 @@ class KeyLayout(NamedTuple):
     # (model's, layout's) prefix of each module the layout holds whole under another name (sgm's ResBlock
     # `input_blocks.1.0.` is diffusers' ResnetBlock2D `down_blocks.0.resnets.0.`): what verify reports.
     modules: tuple[tuple[str, str], ...] = ()
+    # (model's key, Transform) of each tensor the layout stores in another torch layout than the model's
+    # own (diffusers' VAE attention holds Linear weights where sgm's has 1x1 convs).
+    transforms: tuple[tuple[str, Transform], ...] = ()
+
+    def transform(self, key: str, default: Transform) -> Transform:
+        """The layout's torch layout of the model's `key` (default: the model's own)."""
+        return next((t for k, t in self.transforms if k == key), default)
 
     def rename(self, key: str) -> str:
         best = max((p for p in self.prefixes if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
@@ -110,7 +120,8 @@ class KeyLayout(NamedTuple):
         pairs = [(m[len(ours):], t[len(theirs):]) for m, t in self.prefixes if m.startswith(ours) and t.startswith(theirs)]
         # A module inside a renamed one keeps the rest of its names.
         pairs += [("", self.rename(ours)[len(theirs):])] if not pairs else []
-        return KeyLayout(f"{self.name}:{name}", tuple(pairs))
+        transforms = tuple((k[len(ours):], t) for k, t in self.transforms if k.startswith(ours))
+        return KeyLayout(f"{self.name}:{name}", tuple(pairs), transforms=transforms)
 
 
 class ConversionError(ValueError):
@@ -147,7 +158,9 @@ def conversion_table(model: nnx.Module, *, layout: KeyLayout | None = None) -> l
             raise TypeError(f"no conversion rule for parameter {'.'.join(map(str, path))} of {type(node).__name__}")
         torch_name, transform = rules[path[-1]]
         key = ".".join(torch_parts + [torch_name])
-        rows.append(Row(layout.rename(key) if layout else key, tuple(path), transform))
+        if layout is not None:
+            key, transform = layout.rename(key), layout.transform(key, transform)
+        rows.append(Row(key, tuple(path), transform))
     return rows
 
 

@@ -139,7 +139,8 @@ class Conv1x1(nnx.Conv):
 class Conv3x3(nnx.Conv):
     """torch.nn.Conv2d(kernel_size=3, padding=1, stride=strides) on channels-last input; kernel [3, 3, in, out].
 
-    `axes`: the logical names of the in and out channels.
+    `axes`: the logical names of the in and out channels. `padding`: ((top, bottom), (left, right)), torch's
+    padding=1 by default (the autoencoder's Downsample pads (0, 1, 0, 1) itself, then convolves unpadded).
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class Conv3x3(nnx.Conv):
         *,
         axes: Axes,
         strides: int = 1,
+        padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1)),
         rngs: nnx.Rngs,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
@@ -158,7 +160,7 @@ class Conv3x3(nnx.Conv):
             out_features,
             kernel_size=(3, 3),
             strides=(strides, strides),
-            padding=((1, 1), (1, 1)),
+            padding=padding,
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -207,7 +209,8 @@ class GroupNorm(nnx.GroupNorm):
     """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, exact variance, affine; channels-last.
 
     `axis`: the channels' logical name; `epsilon`: sgm's UNet uses torch's 1e-5
-    (numerics.UNET_GROUP_NORM_EPS). Computed in float32 and rounded once, as LayerNorm.
+    (numerics.UNET_GROUP_NORM_EPS); `num_groups`: the seed's Normalize argument (diffusers' norm_num_groups).
+    Computed in float32 and rounded once, as LayerNorm.
     """
 
     def __init__(
@@ -216,17 +219,18 @@ class GroupNorm(nnx.GroupNorm):
         *,
         axis: str = "channels",
         epsilon: float = numerics.GROUP_NORM_EPS,
+        num_groups: int = numerics.GROUP_NORM_GROUPS,
         rngs: nnx.Rngs,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
     ):
-        if in_channels % numerics.GROUP_NORM_GROUPS:
+        if in_channels % num_groups:
             raise ValueError(
-                f"Normalize (GroupNorm): `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
+                f"Normalize (GroupNorm): `in_channels` must be divisible by {num_groups} groups; got {in_channels}"
             )
         super().__init__(
             in_channels,
-            num_groups=numerics.GROUP_NORM_GROUPS,
+            num_groups=num_groups,
             epsilon=epsilon,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,
