@@ -199,8 +199,9 @@ class AutoencoderConfig:
 
 # The released KL-f8 VAEs: one architecture, the scaling factor and the float16 behaviour differ.
 PRESETS = {
-    # SD 1.x and 2.x (sgm's first_stage_config; diffusers' vae/config.json of the same checkpoints).
-    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR),
+    # SD 1.x and 2.x (sgm's first_stage_config; diffusers' vae/config.json of the same checkpoints, which leave
+    # force_upcast at diffusers' default, true).
+    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR, force_upcast=True),
     # SDXL base and refiner: the original VAE overflows in float16, so it decodes in float32.
     "sdxl": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True),
     # madebyollin's sdxl-vae-fp16-fix: the same shapes, fine-tuned to stay in float16's range.

@@ -55,7 +55,7 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
         else:
             prefix = "" if VAE_MARK in source.infos else SGM_PREFIX  # a bare VAE file, or a whole checkpoint
             infos = {k: v for k, v in source.infos.items() if not k.startswith(prefix + TRAINING_LOSS)}
-            known = _released_fields(source.infos, path) if "scaling_factor" not in options else {}
+            known = released_vae_fields(source.infos, str(path)) if "scaling_factor" not in options else {}
             config = config_from_weights(infos, prefix, source=str(path), **(known | options))
             if config.scaling_factor is None:
                 raise CheckpointError(
@@ -71,18 +71,18 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
     return model
 
 
-def _released_fields(infos, path) -> dict:
-    """The scaling factor and float16 behaviour of the released model whose UNet the file holds; else
-    scaling_factor=None (asked of the caller)."""
+def released_vae_fields(shapes, source: str = "checkpoint") -> dict:
+    """The scaling factor and float16 behaviour of the released model whose UNet a single file holds (by its
+    shapes, sgm-named); scaling_factor None (asked of the caller) for any other file."""
     from flax_sgm.unet_config import PRESETS as UNETS
     from flax_sgm.unet_layout import SGM_PREFIX as UNET_PREFIX
     from flax_sgm.unet_layout import UNET_MARK
     from flax_sgm.unet_layout import config_from_weights as unet_config
 
-    if UNET_PREFIX + UNET_MARK not in infos:
+    if UNET_PREFIX + UNET_MARK not in shapes:
         return {"scaling_factor": None}
     try:
-        unet = unet_config(infos, UNET_PREFIX, source=str(path))  # a released UNet's shapes, or an error
+        unet = unet_config(shapes, UNET_PREFIX, source=source)  # a released UNet's shapes, or an error
     except CheckpointError:
         return {"scaling_factor": None}
     name = next(n for n, p in UNETS.items() if p == unet.replace(in_channels=p.in_channels, out_channels=p.out_channels))
