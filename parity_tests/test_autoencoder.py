@@ -437,3 +437,16 @@ def test_cli_verify_model_vae_refuses_stack_options():
 
     result = CliRunner().invoke(cli, ["verify", "--model", "vae", "--checkpoint", ".", "--heads", "2"])
     assert result.exit_code != 0 and "--model vae verifies a whole autoencoder" in result.output
+
+
+def test_readme_vae_snippet_runs_and_prints_what_the_readme_says(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The KL autoencoder", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (said,) = re.findall(r"It prints `(.*?)`", section)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == said
