@@ -30,10 +30,13 @@ from flax_sgm.unet.load import load_unet
 from flax_sgm.attention.transformer import SpatialTransformer
 from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
+from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
 
 __all__ = [
     "AttentionProblem",
+    "AutoencoderConfig",
+    "AutoencoderKL",
     "BasicTransformerBlock",
     "BasicTransformerSingleLayerBlock",
     "CHECKPOINT_POLICIES",
@@ -44,6 +47,7 @@ __all__ = [
     "Choice",
     "ConversionError",
     "CrossAttention",
+    "DiagonalGaussian",
     "FeedForward",
     "GEGLU",
     "LinearAttention",
@@ -63,6 +67,7 @@ __all__ = [
     "load_pretrained_all",
     "load_text_encoder",
     "load_unet",
+    "load_vae",
     "record_attention_calls",
     "sdxl_vector",
     "select_backend",

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm.attention.config import SpatialTransformerConfig
+from flax_sgm.autoencoder.config import AutoencoderConfig
+from flax_sgm.autoencoder.model import AutoencoderKL
 from flax_sgm.attention.transformer import SpatialTransformer
 from flax_sgm.nn.primitives import shapes_only
 from flax_sgm.text.config import CLIPTextConfig
@@ -26,6 +28,7 @@ MODELS: dict[type, Any] = {
     SpatialTransformerConfig: SpatialTransformer,
     UNetConfig: UNetModel,
     CLIPTextConfig: CLIPTextModel,
+    AutoencoderConfig: AutoencoderKL,
 }
 
 

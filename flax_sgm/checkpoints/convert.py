@@ -45,6 +45,9 @@ LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
 CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 # torch norm weight <-> flax scale: same vector.
 NORM = Transform("norm", lambda w: w, lambda w: w)
+# A layout holding a 1x1 conv's weight as a Linear's: torch [out, in] <-> flax kernel [1, 1, in, out]
+# (diffusers' VAE attention to_q/to_k/to_v/to_out.0, where sgm's AttnBlock has 1x1 convs).
+LINEAR_AS_CONV1X1 = Transform("linear_as_conv1x1", lambda w: w.T[None, None], lambda w: w[0, 0].T)
 
 
 
@@ -119,7 +122,8 @@ class KeyLayout(NamedTuple):
         pairs = [(m[len(ours):], t[len(theirs):]) for m, t in self.prefixes if m.startswith(ours) and t.startswith(theirs)]
         # A module inside a renamed one keeps the rest of its names.
         pairs += [("", self.rename(ours)[len(theirs):])] if not pairs else []
-        return KeyLayout(f"{self.name}:{name}", tuple(pairs))
+        transforms = tuple((k[len(ours):], t) for k, t in self.transforms if k.startswith(ours))
+        return KeyLayout(f"{self.name}:{name}", tuple(pairs), transforms=transforms)
 
 
 def torch_names(node) -> dict[str, str]:

@@ -18,6 +18,7 @@ Examples:
   flax-sgm verify --dtype bfloat16
   flax-sgm verify --model unet
   flax-sgm verify --model unet --checkpoint stable-diffusion-xl-base-1.0 --variant fp16
+  flax-sgm verify --model vae --checkpoint stable-diffusion-xl-base-1.0
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
   flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0
@@ -26,9 +27,10 @@ Examples:
 In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
   flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
-@click.option("--model", type=click.Choice(["stack", "unet"]), default="stack", show_default=True,
-              help="What runs without --checkpoint: a SpatialTransformer stack, or a whole SDXL-style UNet "
-                   "(diffusers' UNet2DConditionModel made in-process, random weights) reported per diffusers module.")
+@click.option("--model", type=click.Choice(["stack", "unet", "vae"]), default="stack", show_default=True,
+              help="What runs without --checkpoint: a SpatialTransformer stack, a whole SDXL-style UNet or a KL "
+                   "autoencoder (diffusers' UNet2DConditionModel / AutoencoderKL made in-process, random weights) "
+                   "reported per diffusers module.")
 @click.option("--checkpoint", type=click.Path(),
               help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory, a "
                    "sharded *.safetensors.index.json or a `flax-sgm convert` output; default: seeded random weights.")
@@ -53,7 +55,9 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
     (64 and 128 channels, depth 1 and 2, 16 x 16 latent) against diffusers'
     UNet2DConditionModel, a row per module diffusers holds whole; with --checkpoint, the
     UNet of a diffusers unet/ or pipeline directory, diffusers' model built from it
-    (float64 referee: about 8 bytes per parameter of memory).
+    (float64 referee: about 8 bytes per parameter of memory). With --model vae: a KL
+    autoencoder (32 and 64 channels, 16 x 16 images) against diffusers' AutoencoderKL;
+    with --checkpoint, the autoencoder of a diffusers vae/ or pipeline directory.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out) and for the whole model: flax_sgm's and torch's relative error against
@@ -79,6 +83,19 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
             from flax_sgm.verify.references import unet_checkpoint_pair
 
             config, torch_module, flax_module, inputs, source = unet_checkpoint_pair(
+                checkpoint, variant=variant, dtype=dtype, seed=seed
+            )
+    elif model == "vae":
+        if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn)):
+            raise click.UsageError("--model vae verifies a whole autoencoder: leave out --prefix, --heads, --head-dim and "
+                                   "--disable-self-attn")
+        if checkpoint is None:
+            config, torch_module, flax_module, inputs = seeded.vae_pair(dtype=dtype, seed=seed)
+            source = {"weights": f"diffusers AutoencoderKL made in-process, seeded random (seed {seed})"}
+        else:
+            from flax_sgm.verify.references import vae_checkpoint_pair
+
+            config, torch_module, flax_module, inputs, source = vae_checkpoint_pair(
                 checkpoint, variant=variant, dtype=dtype, seed=seed
             )
     elif checkpoint is None:

@@ -221,7 +221,8 @@ class GroupNorm(nnx.GroupNorm):
     """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, exact variance, affine; channels-last.
 
     `axis`: the channels' logical name; `epsilon`: sgm's UNet uses torch's 1e-5
-    (numerics.UNET_GROUP_NORM_EPS). Computed in float32 and rounded once, as LayerNorm.
+    (numerics.UNET_GROUP_NORM_EPS); `num_groups`: the seed's Normalize argument (diffusers' norm_num_groups).
+    Computed in float32 and rounded once, as LayerNorm.
     """
 
     def __init__(
@@ -230,17 +231,18 @@ class GroupNorm(nnx.GroupNorm):
         *,
         axis: str = "channels",
         epsilon: float = numerics.GROUP_NORM_EPS,
+        num_groups: int = numerics.GROUP_NORM_GROUPS,
         rngs: nnx.Rngs,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
     ):
-        if in_channels % numerics.GROUP_NORM_GROUPS:
+        if in_channels % num_groups:
             raise ValueError(
-                f"Normalize (GroupNorm): `in_channels` must be divisible by {numerics.GROUP_NORM_GROUPS} groups; got {in_channels}"
+                f"Normalize (GroupNorm): `in_channels` must be divisible by {num_groups} groups; got {in_channels}"
             )
         super().__init__(
             in_channels,
-            num_groups=numerics.GROUP_NORM_GROUPS,
+            num_groups=num_groups,
             epsilon=epsilon,
             use_fast_variance=numerics.USE_FAST_VARIANCE,
             rngs=rngs,

@@ -9,11 +9,8 @@ projection (transformers' CLIPTextModel, sgm's FrozenCLIPEmbedder) and its width
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-import jax.numpy as jnp
-from flax import nnx
 
 from flax_sgm.config_io import ConfigIO
 from flax_sgm.nn import numerics

@@ -116,6 +116,16 @@ def _diffusers_unet(torch_module) -> CallAdapter:
     )
 
 
+def _diffusers_vae(torch_module) -> CallAdapter:
+    """diffusers' AutoencoderKL: forward(sample) decodes the posterior's mode, as flax_sgm's model(x) does."""
+    from flax_sgm.autoencoder.layout import diffusers_layout
+
+    return CallAdapter(torch_kwargs={"return_dict": False}, key_layout=lambda flax_vae: diffusers_layout(flax_vae.config))
+
+
+# An autoencoder's ResnetBlock2D: no timestep embedding, but forward(x, temb) still takes one.
+VAE_RESNET = CallAdapter(torch_kwargs={"temb": None})
+
 # diffusers' UNet parts by class: ResnetBlock2D(x, temb); the samplers and TimestepEmbedding take x alone.
 DIFFUSERS_PARTS = {
     "Transformer2DModel": DIFFUSERS_TRANSFORMER_2D,
@@ -183,4 +193,8 @@ def adapter_for(torch_module) -> CallAdapter:
         return SGM
     if cls.__name__ == "UNet2DConditionModel":
         return _diffusers_unet(torch_module)
+    if cls.__name__ == "AutoencoderKL":
+        return _diffusers_vae(torch_module)
+    if cls.__name__ == "ResnetBlock2D" and getattr(torch_module, "time_emb_proj", None) is None:
+        return VAE_RESNET
     return DIFFUSERS_PARTS.get(cls.__name__, DIFFUSERS)

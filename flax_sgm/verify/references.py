@@ -137,3 +137,29 @@ def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str =
     source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
               "reference": f"diffusers UNet2DConditionModel, built by diffusers from {directory}"}
     return config, torch_unet, flax_unet, inputs, source
+
+
+def vae_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
+    """(config, diffusers' AutoencoderKL, flax_sgm's AutoencoderKL, seeded images, what was used) of a diffusers
+    vae/ or pipeline directory: diffusers builds the reference from its config.json, load_vae reads the same files."""
+    import json
+
+    from flax_sgm.autoencoder.load import PIPELINE_VAE, load_vae
+    from flax_sgm.errors import CheckpointError
+    from flax_sgm.checkpoints.sources import CONFIG_FILE
+
+    path = Path(checkpoint)
+    directory = path / PIPELINE_VAE if (path / PIPELINE_VAE / CONFIG_FILE).is_file() else path
+    kind = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
+    if kind != "AutoencoderKL":
+        raise CheckpointError(f"{path}: an autoencoder is verified from a diffusers vae/ or pipeline directory (diffusers "
+                              "builds the reference from its config.json); this is not one")
+    from diffusers import AutoencoderKL
+
+    torch_vae = _from_pretrained(AutoencoderKL, directory, variant)
+    flax_vae = load_vae(directory, variant=variant, dtype=None if dtype == "float32" else dtype, param_dtype=dtype)
+    config = flax_vae.config
+    inputs = seeded.vae_inputs(config, seed=seed, hw=(max(16, config.downsample_factor),) * 2)
+    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
+              "reference": f"diffusers AutoencoderKL, built by diffusers from {directory}"}
+    return config, torch_vae, flax_vae, inputs, source

@@ -152,3 +152,39 @@ def unet_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16), context_to
     if config.adm_in_channels is not None:
         inputs["y"] = rng.standard_normal((2, config.adm_in_channels)).astype(np.float32)
     return inputs
+
+
+# `flax-sgm verify --model vae`: a two-level diffusers AutoencoderKL with its mid-block attention.
+VERIFY_VAE = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    sample_size=16,
+)
+
+
+def vae_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (16, 16)):
+    """diffusers' AutoencoderKL of VERIFY_VAE with seeded random weights, its flax_sgm twin and images."""
+    from diffusers import AutoencoderKL
+
+    torch_vae = randomize_(AutoencoderKL(**VERIFY_VAE).eval(), seed)
+    flax_vae = vae_twin(torch_vae, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    return flax_vae.config, torch_vae, flax_vae, vae_inputs(flax_vae.config, seed=seed, hw=hw)
+
+
+def vae_twin(torch_vae, *, dtype=None, param_dtype=jnp.float32):
+    """flax_sgm's AutoencoderKL of a diffusers AutoencoderKL's config, its weights read under diffusers' names."""
+    from flax_sgm.autoencoder.config import AutoencoderConfig
+    from flax_sgm.autoencoder.layout import diffusers_layout
+
+    config = AutoencoderConfig.from_diffusers(dict(torch_vae.config))
+    model = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
+    return convert.load_torch_state_dict(model, torch_vae.state_dict(), layout=diffusers_layout(config), allow_downcast=True)
+
+
+def vae_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16)) -> dict:
+    """Seeded images in [-1, 1], NCHW (torch's layout)."""
+    rng = np.random.default_rng(seed)
+    return {"x": rng.uniform(-1, 1, (2, config.in_channels, *hw)).astype(np.float32)}

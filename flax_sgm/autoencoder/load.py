@@ -1,0 +1,98 @@
+"""`load_vae`: a KL autoencoder from the checkpoints users hold, strictly.
+
+Reads through sources.open_source: a diffusers `vae/` directory (config.json beside one weights file or a
+sharded index, variants too), a whole pipeline directory (its `vae/`), or an sgm/LDM single file holding the
+autoencoder under `first_stage_model.` beside the UNet and text encoders (or a bare VAE file). A diffusers
+config.json is a spec (AutoencoderConfig.from_diffusers); a single file's config is read off its shapes
+(autoencoder/layout.py), and its scaling factor off the model the file is recognised as. Every key is used
+and every shape checked before a value is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from flax_sgm.checkpoints import convert
+from flax_sgm.autoencoder.config import PRESETS, AutoencoderConfig
+from flax_sgm.autoencoder.layout import SGM_PREFIX, TRAINING_LOSS, VAE_MARK, config_from_weights, diffusers_layout
+from flax_sgm.autoencoder.model import AutoencoderKL
+from flax_sgm.errors import CheckpointError
+from flax_sgm.attention.load import _concrete
+from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
+from flax_sgm import models
+
+PIPELINE_VAE = "vae"  # a diffusers pipeline directory's autoencoder
+# The released UNets a single file is recognised by (unet_config.PRESETS) -> the autoencoder preset beside them.
+VAE_OF_UNET = {"sd15": "sd", "sd21": "sd", "sdxl-base": "sdxl", "sdxl-refiner": "sdxl"}
+
+
+def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, scaling_factor: float | None = None,
+             seed: int = 0, **options) -> AutoencoderKL:
+    """A ready AutoencoderKL (eval mode) from a checkpoint.
+
+    `variant` picks a diffusers directory's variant files ("fp16"). `dtype` is the compute dtype,
+    `param_dtype` the parameters' (default: as stored). `scaling_factor` overrides the config's; a single
+    file that is not recognised as a released model (by its UNet) needs it. `options` set
+    AutoencoderConfig's own fields (use_checkpoint, checkpoint_policy, sdp_backend, force_upcast).
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_VAE / CONFIG_FILE).is_file():
+        path = path / PIPELINE_VAE
+    if scaling_factor is not None:
+        options["scaling_factor"] = scaling_factor
+    with open_source(path, variant) as source:
+        if source.config is not None:
+            where = str(source.config_path)
+            try:
+                config = AutoencoderConfig.from_diffusers(source.config, source=where, **options)
+                layout = diffusers_layout(config)
+            except CheckpointError:
+                raise
+            except ValueError as err:  # the config's own checks
+                raise CheckpointError(f"{where}: {err}") from None
+            prefix, infos = "", source.infos
+        else:
+            prefix = "" if VAE_MARK in source.infos else SGM_PREFIX  # a bare VAE file, or a whole checkpoint
+            infos = {k: v for k, v in source.infos.items() if not k.startswith(prefix + TRAINING_LOSS)}
+            known = released_vae_fields(source.infos, str(path)) if "scaling_factor" not in options else {}
+            config = config_from_weights(infos, prefix, source=str(path), **(known | options))
+            if config.scaling_factor is None:
+                raise CheckpointError(
+                    f"{path}: an autoencoder of no recognised model (no released UNet beside it): give scaling_factor= "
+                    f"({PRESETS['sd'].scaling_factor} for SD 1.x/2.x, {PRESETS['sdxl'].scaling_factor} for SDXL)"
+                )
+            layout = None
+        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path))
+        plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
+        convert.load_planned(model, plan, source, copy=not source.private)
+    model = _concrete(model, seed)
+    model.eval()
+    return model
+
+
+def released_vae_fields(shapes, source: str = "checkpoint") -> dict:
+    """The scaling factor and float16 behaviour of the released model whose UNet a single file holds (by its
+    shapes, sgm-named); scaling_factor None (asked of the caller) for any other file."""
+    from flax_sgm.unet.config import PRESETS as UNETS
+    from flax_sgm.unet.layout import SGM_PREFIX as UNET_PREFIX
+    from flax_sgm.unet.layout import UNET_MARK
+    from flax_sgm.unet.layout import config_from_weights as unet_config
+
+    if UNET_PREFIX + UNET_MARK not in shapes:
+        return {"scaling_factor": None}
+    try:
+        unet = unet_config(shapes, UNET_PREFIX, source=source)  # a released UNet's shapes, or an error
+    except CheckpointError:
+        return {"scaling_factor": None}
+    name = next(n for n, p in UNETS.items() if p == unet.replace(in_channels=p.in_channels, out_channels=p.out_channels))
+    preset = PRESETS[VAE_OF_UNET[name]]
+    return {"scaling_factor": preset.scaling_factor, "force_upcast": preset.force_upcast}
+
+
+def _stored_dtype(infos, path) -> jnp.dtype:
+    dtypes = {info.dtype for info in infos.values() if jnp.issubdtype(info.dtype, jnp.floating)}
+    if not dtypes:
+        raise CheckpointError(f"{path}: holds no floating-point tensors")
+    return jnp.dtype(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
