@@ -15,7 +15,7 @@ from flax import nnx
 from flax_sgm.attention.blocks import BasicTransformerBlock
 from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
-from flax_sgm.nn.checks import expect_array, expect_numbers, expect_shape
+from flax_sgm.nn.checks import expect_numbers, expect_shape
 from flax_sgm.nn.primitives import Conv, Linear, Normalize, zero_module
 from flax_sgm.sharding import IMAGE, TOKENS, constrain
 
