@@ -1,17 +1,11 @@
-"""flax-sgm: Stable Diffusion's sgm attention module in Flax NNX, with parity to its PyTorch original.
+"""flax-sgm: Stability AI's sgm (Stable Diffusion's UNet, KL autoencoder, CLIP text encoders and the seed's
+attention module) in Flax NNX, with strict PyTorch/diffusers weight loading and parity to the originals.
 
-Tiers: primitives (norms, GEGLU, FeedForward) -> attention (attention_policy: which
-backend runs and why; chunked_attention: the O(n) kernel; attention_backends: the one
-attention function, its dispatch and scopes; attention: the attention modules)
--> blocks -> transformer. Weight mapping: convert.py. Numerical defaults: numerics.py.
-Tolerances and the torch comparison: flax_sgm.verify (needs torch; not imported
-here). Configs: config.py. Checkpoints: layout.py (where stacks sit, what keys
-mean), sources.py (reading files and diffusers directories), pretrained.py
-(load_pretrained, convert_file), output.py (the converted directory). The CLI:
-cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
-(UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder).
-Lowering for another platform: lowering.py.
+A folder per model family, each with the same rooms (config, model, the foreign config's reader, layout, load):
+attention/ (the seed's tier), unet/, autoencoder/, text/. Shared layers: nn/ (numerics, primitives, checks).
+Which model a config builds: models.py. Reading checkpoints: checkpoints/ (sources, the conversion-table engine,
+the converted directory). Errors: errors.py. Tolerances and the torch comparison: verify/ (needs torch; not
+imported here). The CLI: cli/. Meshes: sharding.py. Lowering for another platform: lowering.py.
 """
 
 from flax_sgm.attention.modules import CrossAttention, LinearAttention, MemoryEfficientCrossAttention, SpatialSelfAttention
