@@ -9,6 +9,14 @@ from __future__ import annotations
 import collections
 import gc
 import json
+import os
+import tempfile
+
+# One persistent compilation cache for the whole run, set before jax starts: the xdist workers and the CLI and
+# example subprocesses (which inherit the environment) compile many of the same programs. A fresh directory per
+# run (the controller makes it; workers inherit it), so nothing carries over between runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flax-sgm-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax
 import numpy as np
