@@ -53,7 +53,7 @@ def reference(class_name, fields, n, start_step=0, x=None, clean=None, key=None,
         calls = iter(range(start_step * order, len(sched.timesteps)))
 
         def fed_noise(shape, **kwargs):
-            return torch.from_numpy(np.asarray(step_noise(key, next(calls), tuple(shape))))
+            return torch.from_numpy(np.array(step_noise(key, next(calls), tuple(shape))))  # a writable copy
 
         monkeypatch.setattr(module, "randn_tensor", fed_noise)
     if start_step:
