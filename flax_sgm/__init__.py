@@ -10,7 +10,7 @@ mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
 cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder).
+layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder). Prompt to image: pipeline/ (load_pipeline).
 Lowering for another platform: lowering.py.
 """
 
@@ -32,6 +32,7 @@ from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
+from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 
 __all__ = [
     "AttentionProblem",
@@ -52,6 +53,8 @@ __all__ = [
     "GEGLU",
     "LinearAttention",
     "MemoryEfficientCrossAttention",
+    "Pipeline",
+    "PipelineOutput",
     "Normalize",
     "SpatialSelfAttention",
     "SpatialTransformer",
@@ -66,6 +69,7 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_all",
     "load_text_encoder",
+    "load_pipeline",
     "load_unet",
     "load_vae",
     "record_attention_calls",
