@@ -10,7 +10,8 @@ mean), sources.py (reading files and diffusers directories), pretrained.py
 (load_pretrained, convert_file), output.py (the converted directory). The CLI:
 cli/. Meshes: sharding.py. The whole UNet: unet.py (UNetModel), unet_config.py
 (UNetConfig), unet_diffusers.py (diffusers' config.json), unet_layout.py (its key
-layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder). Prompt to image: pipeline/ (load_pipeline).
+layouts), pretrained_unet.py (load_unet). The text encoders: text/ (CLIPTextModel, load_text_encoder). Samplers: sampling/ (SchedulerConfig, sample).
+Prompt to image: pipeline/ (load_pipeline).
 Lowering for another platform: lowering.py.
 """
 
@@ -32,6 +33,7 @@ from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
+from flax_sgm.sampling import SchedulerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 
 __all__ = [
@@ -53,9 +55,10 @@ __all__ = [
     "GEGLU",
     "LinearAttention",
     "MemoryEfficientCrossAttention",
+    "Normalize",
     "Pipeline",
     "PipelineOutput",
-    "Normalize",
+    "SchedulerConfig",
     "SpatialSelfAttention",
     "SpatialTransformer",
     "SpatialTransformerConfig",
@@ -73,6 +76,7 @@ __all__ = [
     "load_unet",
     "load_vae",
     "record_attention_calls",
+    "sample",
     "sdxl_vector",
     "select_backend",
     "target_platform",
