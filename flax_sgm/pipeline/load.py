@@ -65,7 +65,7 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
       (path), or a list of them / of transformers tokenizers, one per text encoder.
     variant: the models' variant files ("fp16"), as diffusers' from_pretrained(variant=...).
     dtype: the compute dtype of every model (parameters stay as stored); latents are float32 throughout.
-    scheduler: another sampler than the directory's (flax_sgm.sampling's kind, "ddim", "euler", ...), its
+    scheduler: another sampler than the directory's (a flax_sgm.sampling.KINDS name: "ddim", "euler", ...), its
       config made from the directory's as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`.
     """
     path = Path(path)
@@ -149,17 +149,9 @@ def _read_tokenizer(folder: Path):
 def _scheduler_config(config: dict, source: str, kind: str | None):
     from flax_sgm.sampling import SchedulerConfig
 
-    if kind is not None:
-        config = with_scheduler_class(config, kind, source)
     try:
-        return SchedulerConfig.from_diffusers(config, source=source)
+        return SchedulerConfig.from_diffusers(config, source=source, kind=kind)
     except CheckpointError:
         raise
     except ValueError as err:
         raise CheckpointError(first_line(err)) from None
-
-
-def with_scheduler_class(config: dict, kind: str, source: str) -> dict:
-    """The directory's scheduler config as another diffusers scheduler class reads it (diffusers'
-    `Other.from_config(config)`)."""
-    raise CheckpointError(f"{source}: choosing another sampler is not supported yet")

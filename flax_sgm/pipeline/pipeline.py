@@ -55,13 +55,15 @@ class PipelineOutput:
 
 class _Progress:
     """Where the compiled loop's jax.debug.callback reports: one stable function (so a new listener never
-    recompiles) forwarding to the listener of the call in flight on this thread."""
+    recompiles) forwarding to the listener of the call in flight. The callback runs on XLA's host thread, so
+    the listener is the process's, not a thread's: one sampling call at a time reports progress."""
 
-    local = threading.local()
+    lock = threading.Lock()
+    listener: Callable[[int], None] | None = None
 
     @classmethod
     def report(cls, step) -> None:
-        listener = getattr(cls.local, "listener", None)
+        listener = cls.listener
         if listener is not None:
             listener(int(step))
 
@@ -89,8 +91,6 @@ class Pipeline:
         self.time_embed_dim = unet_json.get("addition_time_embed_dim") or 256
         self._check_vae()
         self._check_vector()
-        self._unet_graph, self._unet_state = nnx.split(unet)
-        self._compiled: dict = {}
 
     # -- checks made once, at load ------------------------------------------------------------------------------
 
@@ -185,14 +185,17 @@ class Pipeline:
         jax.block_until_ready(context)
         t1 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(seed), 1)  # stochastic samplers' noise, apart from the initial noise
-        args = (self._unet_state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
-        compiled, compile_s = self._denoiser(args, steps, guided)
+        graph, state = nnx.split(self.unet)
+        args = (state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
+        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, args)
         t2 = time.perf_counter()
-        _Progress.local.listener = progress
-        try:
-            final = jax.block_until_ready(compiled(*args))
-        finally:
-            _Progress.local.listener = None
+        with _Progress.lock:
+            _Progress.listener = progress
+            try:
+                final = jax.block_until_ready(compiled(*args))
+                jax.effects_barrier()  # every step's callback has run
+            finally:
+                _Progress.listener = None
         t3 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "compile_s": compile_s, "denoise_s": t3 - t2, "decode_s": 0.0}
         if output == "latent":
@@ -255,16 +258,6 @@ class Pipeline:
 
     # -- the compiled loop --------------------------------------------------------------------------------------
 
-    def _denoiser(self, args, steps: int, guided: bool):
-        """The compiled denoising loop for these shapes, steps and sampler (cached), and its compile seconds."""
-        cache_key = (steps, guided, self.scheduler, jax.tree.map(lambda a: (a.shape, a.dtype), args[1:]))
-        if cache_key not in self._compiled:
-            t0 = time.perf_counter()
-            fn = jax.jit(_denoise, static_argnums=(0, 1, 2, 3))
-            self._compiled[cache_key] = fn.lower(self._unet_graph, self.scheduler, steps, guided, *args).compile()
-            return self._compiled[cache_key], time.perf_counter() - t0
-        return self._compiled[cache_key], 0.0
-
     def _unscale(self, latents: jax.Array) -> jax.Array:
         """The sampler's latents as the VAE's decoder takes them (diffusers: SDXL's latents_mean/std if given)."""
         c = self.vae.config
@@ -279,6 +272,25 @@ class Pipeline:
     def describe(self) -> dict:
         return {"source": self.source, "family": self.family, "scheduler": _config_dict(self.scheduler),
                 "default_size": self.sample_size * self.vae_scale_factor, "vae_scale_factor": self.vae_scale_factor}
+
+
+_COMPILED: dict = {}  # (UNet graph, sampler, steps, guided, argument shapes) -> the compiled loop
+_COMPILED_KEEP = 8
+
+
+def _denoiser(graph, scheduler, steps: int, guided: bool, args):
+    """The compiled denoising loop for this UNet structure, sampler, steps and shapes (kept for the next call of
+    any pipeline alike), and the seconds its compile took (0.0 when kept)."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (graph, scheduler, steps, guided, tree, tuple((a.shape, a.dtype) for a in leaves))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3)).lower(graph, scheduler, steps, guided, *args).compile()
+    while len(_COMPILED) >= _COMPILED_KEEP:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = compiled
+    return compiled, time.perf_counter() - t0
 
 
 def _denoise(graph, scheduler, steps: int, guided: bool, state, noise, context, y, timestep_cond, guidance_scale, key):
