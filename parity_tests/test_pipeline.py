@@ -152,6 +152,37 @@ def test_pipeline_equals_diffusers(saved, case, tmp_path):
     assert_close(got.images, want_images, PIPELINE, what=f"{case}: images")
 
 
+def test_img2img_equals_diffusers(saved, tmp_path):
+    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
+    strength reaches (add_noise), sampled from there. The VAE's posterior variance is made ~0 (logvar -30), so
+    diffusers' posterior sample is its mean whatever its generator draws; its noise is fed in as `latents`."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    torch_pipe, _ = saved["sd"]
+    components = dict(torch_pipe.components)
+    vae = type(components["vae"]).from_config(components["vae"].config)
+    vae.load_state_dict(components["vae"].state_dict())
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -30.0
+    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=vae.eval(), scheduler=scheduler("ddim")))
+    reference.save_pretrained(tmp_path / "img2img")
+    image = np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    steps, strength = 4, 0.5
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # what the posterior sample draws first
+    noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # then the noise added
+    with torch.no_grad():
+        want = reference("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe = load_pipeline(tmp_path / "img2img")
+    heard = []
+    got = pipe("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+               latents=noise.numpy().transpose(0, 2, 3, 1), progress=heard.append)  # NCHW -> NHWC
+    assert sorted(heard) == [2, 3]  # int(4 * 0.5) steps run: the last two
+    assert_close(got.images, want, PIPELINE, what="img2img images")
+
+
 def test_num_images_per_prompt_and_seed(saved):
     """num_images_per_prompt repeats each prompt's conditioning as diffusers (prompt 0's images first); the seed
     makes the noise: the same seed the same images, another seed others."""
@@ -217,6 +248,11 @@ def test_bad_calls_are_one_line(saved):
         (dict(negative_prompt="blurry", guidance_scale=0.5), "negative_prompt is used only with classifier-free"),
         (dict(output="pt"), "output: one of np, latent, pil"),
         (dict(num_inference_steps=0), "num_inference_steps: a positive int"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=0.0), r"strength: a number in \(0, 1\]"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=1.5), r"strength: a number in \(0, 1\]"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=0.1, num_inference_steps=5), "runs no step"),
+        (dict(image=np.zeros((SIZE, 36, 3))), "image width = 36 is not divisible by 8"),
+        (dict(strength=0.5), "strength: goes with image="),
     ]:
         with pytest.raises(ValueError, match=message) as err:
             pipe("a cat", **kwargs)

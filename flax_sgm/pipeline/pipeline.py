@@ -125,7 +125,7 @@ class Pipeline:
     def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, latents=None, seed: int = 0,
-                 num_images_per_prompt: int = 1, output: str = "np",
+                 num_images_per_prompt: int = 1, output: str = "np", image=None, strength: float | None = None,
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = SDXL_AESTHETIC_SCORE,
                  negative_aesthetic_score: float = SDXL_NEGATIVE_AESTHETIC_SCORE,
@@ -140,6 +140,10 @@ class Pipeline:
         original_size/crops_coords_top_left/target_size (SDXL) and aesthetic scores (the refiner): diffusers'
           size and crop conditions and their defaults ((height, width), (0, 0), (height, width); 6.0 and 2.5).
         output: "np" (float [0, 1] NHWC), "latent" (the final latents NHWC), "pil" (PIL images).
+        image/strength: img2img as diffusers' Img2Img pipelines: `image` (float [0, 1] NHWC, one or one per
+          prompt, or PIL images) is encoded (a posterior sample keyed by `seed`), noised to the step `strength`
+          reaches (int(num_inference_steps * strength) steps are run; strength in (0, 1], default 0.8) and
+          sampled from there; `latents` is then the noise added. height/width come from the image.
         progress: called with each step's index, from inside the compiled loop.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -162,9 +166,15 @@ class Pipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts")
+        batch = len(prompts) * per_prompt
+        start_step = 0
+        if image is not None:
+            image, strength, start_step = self._image(image, strength, steps, len(prompts), per_prompt, height, width)
+            height, width = image.shape[1:3]
+        elif strength is not None:
+            raise ValueError("strength: goes with image= (img2img)")
         height = self._size("height", height)
         width = self._size("width", width)
-        batch = len(prompts) * per_prompt
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
         if latents is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
@@ -186,8 +196,10 @@ class Pipeline:
         t1 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(seed), 1)  # stochastic samplers' noise, apart from the initial noise
         graph, state = nnx.split(self.unet)
+        if image is not None:
+            noise = self._noised(image, noise, steps, start_step, jax.random.fold_in(jax.random.key(seed), 2))
         args = (state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
-        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, args)
+        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, args)
         t2 = time.perf_counter()
         with _Progress.lock:
             _Progress.listener = progress
@@ -205,6 +217,49 @@ class Pipeline:
         if output == "pil":
             images = to_pil(images)
         return PipelineOutput(images, timings, steps)
+
+    def _image(self, image, strength, steps: int, prompts: int, per_prompt: int, height, width):
+        """img2img's image as [batch, h, w, c] in [-1, 1], its strength and the step sampling starts from."""
+        strength = 0.8 if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength: a number in (0, 1] (the share of the steps run on the image); got {strength!r}")
+        run = min(int(steps * strength), steps)  # diffusers' get_timesteps
+        if run < 1:
+            raise ValueError(f"strength {strength} of {steps} steps runs no step (int(num_inference_steps * strength) "
+                             "is 0); raise either")
+        if height is not None or width is not None:
+            raise ValueError("height/width: img2img takes them from image=; leave them out")
+        if hasattr(image, "convert"):  # one PIL image
+            image = [image]
+        if isinstance(image, (list, tuple)):
+            image = np.stack([np.asarray(i.convert("RGB"), np.float32) / 255.0 for i in image])
+        image = np.asarray(image, np.float32)
+        image = image[None] if image.ndim == 3 else image
+        c = self.vae.config.in_channels
+        if image.ndim != 4 or image.shape[-1] != c:
+            raise ValueError(f"image: [batch, height, width, {c}] floats in [0, 1] (NHWC) or PIL images; got shape "
+                             f"{image.shape}")
+        if image.shape[0] not in (1, prompts):
+            raise ValueError(f"image: {image.shape[0]} images for {prompts} prompts; give one, or one per prompt")
+        if image.min() < 0.0 or image.max() > 1.0:
+            raise ValueError(f"image: values in [0, 1]; got [{image.min():.3g}, {image.max():.3g}]")
+        for name, size in zip(("height", "width"), image.shape[1:3]):
+            self._size(f"image {name}", size)
+        image = np.repeat(image, prompts * per_prompt // image.shape[0], axis=0)
+        return jnp.asarray(image * 2.0 - 1.0), strength, steps - run
+
+    def _noised(self, image, noise, steps: int, start_step: int, key):
+        """The image's latents (a posterior sample, scaled as diffusers' Img2Img pipelines) noised to start_step."""
+        from flax_sgm.sampling import add_noise
+
+        latents = _encode_image(self.vae, image, key)
+        c = self.vae.config
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean = jnp.asarray(c.latents_mean, jnp.float32)
+            latents = (latents - mean) * c.scaling_factor / jnp.asarray(c.latents_std, jnp.float32)
+        else:
+            latents = latents * c.scaling_factor
+        return add_noise(self.scheduler, steps, latents, noise, start_step)
 
     def _size(self, name: str, value) -> int:
         if value is None:
@@ -278,22 +333,23 @@ _COMPILED: dict = {}  # (UNet graph, sampler, steps, guided, argument shapes) ->
 _COMPILED_KEEP = 8
 
 
-def _denoiser(graph, scheduler, steps: int, guided: bool, args):
+def _denoiser(graph, scheduler, steps: int, guided: bool, start_step: int, args):
     """The compiled denoising loop for this UNet structure, sampler, steps and shapes (kept for the next call of
     any pipeline alike), and the seconds its compile took (0.0 when kept)."""
     leaves, tree = jax.tree.flatten(args)
-    key = (graph, scheduler, steps, guided, tree, tuple((a.shape, a.dtype) for a in leaves))
+    key = (graph, scheduler, steps, guided, start_step, tree, tuple((a.shape, a.dtype) for a in leaves))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3)).lower(graph, scheduler, steps, guided, *args).compile()
+    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3, 4)).lower(graph, scheduler, steps, guided, start_step,
+                                                                       *args).compile()
     while len(_COMPILED) >= _COMPILED_KEEP:
         _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = compiled
     return compiled, time.perf_counter() - t0
 
 
-def _denoise(graph, scheduler, steps: int, guided: bool, state, noise, context, y, timestep_cond, guidance_scale, key):
+def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, state, noise, context, y, timestep_cond, guidance_scale, key):
     from flax_sgm.sampling import sample
 
     unet = nnx.merge(graph, state)
@@ -305,7 +361,7 @@ def _denoise(graph, scheduler, steps: int, guided: bool, state, noise, context, 
             return uncond + guidance_scale * (cond - uncond)
         return unet(x, t, context, y, timestep_cond).astype(jnp.float32)
 
-    return sample(model, noise, scheduler, steps, key=key, progress=_Progress.report)
+    return sample(model, noise, scheduler, steps, key=key, start_step=start_step, progress=_Progress.report)
 
 
 @nnx.jit(static_argnums=(2,))
@@ -314,6 +370,11 @@ def _encode(encoders, ids, specs):
     context = jnp.concatenate([c for c, _ in parts], axis=-1)
     pooled = [p for _, p in parts if p is not None]
     return context.astype(jnp.float32), (pooled[-1].astype(jnp.float32) if pooled else None)
+
+
+@nnx.jit
+def _encode_image(vae, image, key):
+    return vae.encode(image).sample(key).astype(jnp.float32)
 
 
 @nnx.jit
