@@ -118,6 +118,7 @@ class _Spec:
     honoured: dict[str, Any]  # field -> diffusers' default
     fixed: dict[str, Any]  # field -> the only value accepted
     irrelevant: dict[str, str]  # field -> why it does not change the samples
+    fixed_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # diffusers' default, where not the accepted one
 
 
 SCHEDULERS: dict[str, _Spec] = {
@@ -159,11 +160,13 @@ SCHEDULERS: dict[str, _Spec] = {
     "PNDMScheduler": _Spec(
         "pndm",
         {**_COMMON, "set_alpha_to_one": False, "timestep_spacing": "leading"},
-        {"skip_prk_steps": True}, {}),
+        {"skip_prk_steps": True}, {},
+        # Without skip_prk_steps diffusers runs Runge-Kutta warm-up steps, which are not implemented.
+        fixed_defaults={"skip_prk_steps": False}),
     "LCMScheduler": _Spec(
         "lcm",
-        {**_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-         "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+        {**{k: v for k, v in _COMMON.items() if k != "steps_offset"}, "beta_start": 0.00085, "beta_end": 0.012,
+         "beta_schedule": "scaled_linear", "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
          "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
         {"thresholding": False},
         {**_THRESHOLDING,
@@ -204,15 +207,14 @@ def scheduler_from_diffusers(d: Mapping[str, Any], *, source: str = "scheduler_c
         spec = SCHEDULERS[class_name]
         # OtherScheduler.from_config(config): only the target class's own fields are read.
         fields = {k: v for k, v in fields.items() if k in _fields(spec)}
-    for name, value in fields.items():
-        if name in spec.honoured or name in spec.irrelevant:
-            continue
-        if name in spec.fixed:
-            if value != spec.fixed[name]:
-                raise ValueError(f"{source}: {class_name} field {name}={value!r} is not supported "
-                                 f"(only {spec.fixed[name]!r})")
-            continue
-        raise ValueError(f"{source}: {class_name} field {name!r} is not known to flax_sgm's samplers")
+    unknown = sorted(set(fields) - _fields(spec))
+    if unknown:
+        raise ValueError(f"{source}: {class_name} field {unknown[0]!r} is not known to flax_sgm's samplers")
+    for name, accepted in spec.fixed.items():
+        value = fields.get(name, spec.fixed_defaults.get(name, accepted))  # absent: diffusers' default
+        if value != accepted:
+            said = "" if name in fields else " (diffusers' default, the config leaves it out)"
+            raise ValueError(f"{source}: {class_name} field {name}={value!r}{said} is not supported (only {accepted!r})")
     values = {name: fields.get(name, default) for name, default in spec.honoured.items()}
     values = {k: _ALIASES.get((k, v), v) if isinstance(v, str) else v for k, v in values.items()}
     if values.get("lambda_min_clipped") is not None:

@@ -180,10 +180,11 @@ def lms(cfg: SchedulerConfig, n: int, start: int) -> Plan:
     s64 = sigmas.astype(np.float64)
     coeffs = np.zeros((n, LMS_ORDER), f32)
     for i in range(start, n):
-        order = min(i + 1, LMS_ORDER)  # diffusers counts from step 0 even when img2img starts later
+        # diffusers' order counts from step 0 even when img2img starts later; the derivatives it does not
+        # hold yet (zip() drops them) are the zeros the history starts with.
+        order = min(i + 1, LMS_ORDER)
         nodes = np.array([s64[i - k] for k in range(order)])
-        held = min(i - start + 1, order)  # derivatives diffusers holds; zip() drops the rest
-        for j in range(held):
+        for j in range(order):
             coeffs[i, j] = _lagrange_integral(nodes, j, s64[i], s64[i + 1])
 
     def step(carry, row, out, noise):
