@@ -24,7 +24,7 @@ import torch
 from transformers import CLIPTextConfig as TransformersConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from conftest import assert_close, randomize_
+from conftest import assert_close, cli_error, randomize_
 from test_text import tiny_tokenizer
 from flax_sgm import CheckpointError, load_pipeline
 from flax_sgm.verify.criteria import PIPELINE
@@ -49,6 +49,10 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", dict(BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                    timestep_spacing="leading")),
     "euler": ("EulerDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
+    "pndm": ("PNDMScheduler", dict(BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(BETAS, use_karras_sigmas=True, steps_offset=1)),
+    "heun": ("HeunDiscreteScheduler", dict(BETAS, timestep_spacing="leading", steps_offset=1)),
+    "lms": ("LMSDiscreteScheduler", dict(BETAS, timestep_spacing="trailing")),
 }
 STEPS = 2
 
@@ -131,10 +135,16 @@ CASES = {
     ("sdxl", "ddim"): dict(prompt="a cat", guidance_scale=5.0),
     ("sdxl", "euler"): dict(prompt="the dog", negative_prompt="cat cat", guidance_scale=4.0),
     ("sdxl", "ddim", "unguided"): dict(prompt="a cat", guidance_scale=1.0),
+    ("sd", "pndm"): dict(prompt="a cat", guidance_scale=7.5),  # SD 1.5's released default
+    ("sdxl", "dpmpp_2m"): dict(prompt="a cat", guidance_scale=5.0),  # Karras sigmas
+    ("sd", "heun"): dict(prompt="a cat", guidance_scale=7.5),
+    ("sd", "lms"): dict(prompt="a cat", guidance_scale=7.5),
 }
+SLOW_CASES = {("sd", "heun"), ("sd", "lms")}  # each sampler costs a compile; these two run with -m slow
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+                         ids=["-".join(c) for c in CASES])
 def test_pipeline_equals_diffusers(saved, case, tmp_path):
     """Final latents and images as diffusers' pipeline gives them from the same initial latents (rel <= 1e-4):
     the prompt encoding, classifier-free guidance batched [uncond, cond], SDXL's size ids and zeroed empty
@@ -274,7 +284,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return size
 
 
-def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+def run_process(*args, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "flax_sgm", "sample", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
@@ -284,13 +294,17 @@ def test_cli_sample_writes_pngs(saved, tmp_path):
     """`flax-sgm sample` in a real process: a valid PNG of the asked size per image, --json's record; bad input is
     one line and exit status 2, and no PNG (not even a partial one) is left behind."""
     _, directory = saved["sd"]
-    done = run_cli(directory, "--prompt", "a cat", "--steps", 2, "--batch", 2, "--width", 48, "-o", "out.png", "--json",
+    done = run_process(directory, "--prompt", "a cat", "--steps", 2, "--batch", 2, "--width", 48, "-o", "out.png", "--json",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert [Path(p).name for p in record["images"]] == ["out-0.png", "out-1.png"]
     assert all(png_size(tmp_path / f"out-{i}.png") == (48, SIZE) for i in range(2))
     assert record["steps"] == 2 and record["seconds_per_step"] > 0
-    bad = run_cli(directory, "--prompt", "a cat", "--height", 36, "-o", "bad.png", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "divisible by 8" in bad.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png"]
+    no_scheduler = with_scheduler(directory, "ddim", tmp_path / "no-scheduler")
+    shutil.rmtree(no_scheduler / "scheduler")
+    for args, message in [((directory, "--height", 36), "height = 36 is not divisible by 8"),
+                          ((no_scheduler,), "no scheduler")]:
+        error = cli_error("sample", *args, "--prompt", "a cat", "-o", tmp_path / "bad.png")  # in-process: one line
+        assert message in error
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["out-0.png", "out-1.png"]
