@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flax_sgm.autoencoder.load import load_vae
 from flax_sgm.errors import CheckpointError, first_line
-from flax_sgm.pipeline.pipeline import FAMILIES, Pipeline
+from flax_sgm.pipeline.pipeline import Pipeline
 from flax_sgm.text.load import load_text_encoder
 from flax_sgm.text.tokenizer import PIPELINE_TOKENIZERS, load_tokenizer
 from flax_sgm.unet.load import load_unet
