@@ -2,7 +2,8 @@
 attention module) in Flax NNX, with strict PyTorch/diffusers weight loading and parity to the originals.
 
 A folder per model family, each with the same rooms (config, model, the foreign config's reader, layout, load):
-attention/ (the seed's tier), unet/, autoencoder/, text/; samplers: sampling/. Shared layers: nn/ (numerics, primitives, checks).
+attention/ (the seed's tier), unet/, autoencoder/, text/; samplers: sampling/; prompt to image: pipeline/. Shared layers: nn/
+(numerics, primitives, checks).
 Which model a config builds: models.py. Reading checkpoints: checkpoints/ (sources, the conversion-table engine,
 the converted directory). Errors: errors.py. Tolerances and the torch comparison: verify/ (needs torch; not
 imported here). The CLI: cli/. Meshes: sharding.py. Lowering for another platform: lowering.py.
@@ -27,6 +28,7 @@ from flax_sgm.unet.config import UNetConfig
 from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
 from flax_sgm.sampling import SchedulerConfig, sample
+from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 
 __all__ = [
     "AttentionProblem",
@@ -48,6 +50,8 @@ __all__ = [
     "LinearAttention",
     "MemoryEfficientCrossAttention",
     "Normalize",
+    "Pipeline",
+    "PipelineOutput",
     "SchedulerConfig",
     "SpatialSelfAttention",
     "SpatialTransformer",
@@ -62,6 +66,7 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_all",
     "load_text_encoder",
+    "load_pipeline",
     "load_unet",
     "load_vae",
     "record_attention_calls",

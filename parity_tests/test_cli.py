@@ -85,7 +85,7 @@ def test_python_dash_m_help_lists_the_commands():
 def test_top_level_help_describes_each_command_in_a_whole_sentence():
     commands = run_cli("--help").output.split("Commands:", 1)[1].split("Examples:", 1)[0]
     rows = [line.split(None, 1) for line in commands.strip().splitlines()]
-    assert [name for name, _ in rows] == ["convert", "inspect", "lower", "verify"]
+    assert [name for name, _ in rows] == ["convert", "inspect", "lower", "sample", "verify"]
     assert all(text.endswith(".") and not text.endswith("...") for _, text in rows), rows
 
 

@@ -1,4 +1,4 @@
-"""The `flax-sgm` command line: verify, convert, inspect, lower.
+"""The `flax-sgm` command line: verify, convert, inspect, lower, sample.
 
 Commands only: the work is in pretrained.py and pretrained_unet.py (checkpoints in,
 modules or a converted directory out), flax_sgm.verify (torch vs flax) and
@@ -13,6 +13,7 @@ import click
 
 from flax_sgm.cli.convert_cmd import convert, inspect
 from flax_sgm.cli.lower_cmd import lower
+from flax_sgm.cli.sample_cmd import sample
 from flax_sgm.cli.verify_cmd import verify
 
 
@@ -28,6 +29,7 @@ Examples:
   flax-sgm convert stable-diffusion-xl-base-1.0/unet --all -o sdxl-attention
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet   # the whole UNet
   flax-sgm lower --config sdxl-unet --backward
+  flax-sgm sample stable-diffusion-xl-base-1.0 --prompt "a lighthouse" -o lighthouse.png
 
 Exit status: 0 ok, 1 parity failed (verify), 2 bad input.""",
 )
@@ -37,7 +39,7 @@ def cli(debug):
     """Stable Diffusion's sgm SpatialTransformer and UNet in Flax NNX: check parity with torch, convert checkpoints."""
 
 
-for command in (verify, convert, inspect, lower):
+for command in (verify, convert, inspect, lower, sample):
     cli.add_command(command)
 
 

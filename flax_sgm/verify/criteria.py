@@ -55,6 +55,11 @@ REORDERED_GRAD = 1e-5
 # The same, in float64 (jax_enable_x64): what float64 statistics keep.
 REORDERED_FLOAT64 = 1e-12
 
+# A whole float32 sampling pipeline against diffusers' from the same initial latents (text encoders, every
+# UNet call of the loop, the sampler's steps, the decoder): final latents and images, relative to the largest
+# magnitude (issue 33's bound).
+PIPELINE = 1e-4
+
 # A bf16 run's largest error against float64 lies in this range: above it, bf16 really
 # ran; below the top, it is not broken.
 BF16_ERROR_RANGE = (1e-4, 0.1)

@@ -1,0 +1,157 @@
+"""`load_pipeline`: a diffusers pipeline directory as one Pipeline, through each family's loader.
+
+model_index.json names the pipeline class (StableDiffusionPipeline: SD 1.x/2.x; StableDiffusionXLPipeline:
+SDXL base; the img2img classes of both, the SDXL refiner among them) and its flags (force_zeros_for_empty_prompt,
+requires_aesthetics_score); scheduler/scheduler_config.json is the sampler's spec (flax_sgm.sampling); unet/,
+vae/, text_encoder(_2)/ and tokenizer(_2)/ go through load_unet, load_vae, load_text_encoder and load_tokenizer.
+A class or flag that changes the result and is not honoured is refused in one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flax_sgm.autoencoder.load import load_vae
+from flax_sgm.errors import CheckpointError, first_line
+from flax_sgm.pipeline.pipeline import Pipeline
+from flax_sgm.text.load import load_text_encoder
+from flax_sgm.text.tokenizer import PIPELINE_TOKENIZERS, load_tokenizer
+from flax_sgm.unet.load import load_unet
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = ("scheduler", "scheduler_config.json")
+
+# diffusers' pipeline class -> the family it runs as (pipeline.FAMILIES).
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+}
+# model_index.json's components the pipeline does not run, and why that changes no image here.
+UNUSED_COMPONENTS = {
+    "safety_checker": "diffusers' NSFW filter (blacks out flagged images); not run here",
+    "feature_extractor": "the safety checker's image preprocessing",
+    "image_encoder": "IP-Adapter's image tower, used only with ip_adapter_image",
+}
+# The flags of model_index.json (beside the components) and what is done with each.
+FLAGS = {
+    "force_zeros_for_empty_prompt": "SDXL: no negative prompt -> zero unconditional embeddings",
+    "requires_aesthetics_score": "the SDXL refiner: an aesthetic score in the size/crop ids",
+    "requires_safety_checker": "a warning in diffusers when the safety checker is missing",
+    "add_watermarker": "SDXL's invisible watermark (diffusers applies it only when the package is installed)",
+}
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=None, scheduler: str | None = None) -> Pipeline:
+    """A ready Pipeline (models in inference mode) from a diffusers pipeline directory.
+
+    path: a directory holding model_index.json (StableDiffusionPipeline: SD 1.x/2.x; StableDiffusionXLPipeline:
+      SDXL; their Img2Img classes, the SDXL refiner among them), scheduler/scheduler_config.json and the models.
+    tokenizer: the tokenizers to use instead of the directory's: a pipeline directory or tokenizer folder
+      (path), or a list of them / of transformers tokenizers, one per text encoder.
+    variant: the models' variant files ("fp16"), as diffusers' from_pretrained(variant=...).
+    dtype: the compute dtype of every model (parameters stay as stored); latents are float32 throughout.
+    scheduler: another sampler than the directory's (a flax_sgm.sampling.KINDS name: "ddim", "euler", ...), its
+      config made from the directory's as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        kind = "a single file" if path.is_file() else "no such directory"
+        raise CheckpointError(f"{path}: {kind}; load_pipeline reads a diffusers pipeline directory (an sgm single "
+                              "file is not supported yet: load its parts with load_unet, load_vae, load_text_encoder)")
+    if not (path / MODEL_INDEX).is_file():
+        raise CheckpointError(f"{path}: no {MODEL_INDEX}; not a diffusers pipeline directory")
+    index = read_json(path / MODEL_INDEX, MODEL_INDEX)
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+        raise CheckpointError(f"{path / MODEL_INDEX}: pipeline class {cls!r} is not supported; supported: "
+                              f"{', '.join(PIPELINE_CLASSES)}")
+    components = {k: v for k, v in index.items() if not k.startswith("_") and k not in FLAGS}
+    present = {k for k, v in components.items() if isinstance(v, (list, tuple)) and v and v[0] is not None}
+    for name in sorted(present - {"unet", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
+                                  "tokenizer_2"} - set(UNUSED_COMPONENTS)):
+        raise CheckpointError(f"{path / MODEL_INDEX}: component {name!r} is not supported by flax_sgm's pipeline")
+    flags = {k: index[k] for k in FLAGS if k in index}
+
+    scheduler_path = path.joinpath(*SCHEDULER_CONFIG)
+    if "scheduler" not in present or not scheduler_path.is_file():
+        raise CheckpointError(f"{path}: no scheduler ({'/'.join(SCHEDULER_CONFIG)} is missing); the pipeline needs "
+                              "its sampler's config")
+    scheduler_json = read_json(scheduler_path, "the scheduler config")
+
+    for name in ("unet", "vae"):
+        if name not in present:
+            raise CheckpointError(f"{path / MODEL_INDEX}: the pipeline has no {name}")
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if n in present]
+    if not encoders:
+        raise CheckpointError(f"{path / MODEL_INDEX}: the pipeline has no text encoder")
+    family = PIPELINE_CLASSES[cls]
+    if family == "sd" and encoders != ["text_encoder"]:
+        raise CheckpointError(f"{path / MODEL_INDEX}: a {cls} takes one text encoder (text_encoder); got {encoders}")
+    if family == "sdxl" and "text_encoder_2" not in encoders:
+        raise CheckpointError(f"{path / MODEL_INDEX}: a {cls} needs text_encoder_2 (its pooled vector)")
+    if family == "sdxl" and flags.get("requires_aesthetics_score"):
+        family = "sdxl-refiner"
+
+    unet_json = read_json(path / "unet" / "config.json", "the UNet config")
+    unet = load_unet(path / "unet", variant=variant, dtype=dtype)
+    vae = load_vae(path / "vae", variant=variant, dtype=dtype)
+    text_encoders = [load_text_encoder(path / name, variant=variant, dtype=dtype) for name in encoders]
+    tokenizers = _tokenizers(path, tokenizer, encoders, index)
+    return Pipeline(
+        family=family, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+        scheduler=_scheduler_config(scheduler_json, str(scheduler_path), scheduler),
+        unet_json=unet_json, flags=flags, source=str(path),
+    )
+
+
+def _tokenizers(path: Path, tokenizer, encoders: list[str], index: dict) -> list:
+    """One tokenizer per text encoder: the directory's tokenizer/ for text_encoder/, tokenizer_2/ for
+    text_encoder_2/ (as diffusers pairs them), or the user's."""
+    wanted = [PIPELINE_TOKENIZERS[("text_encoder", "text_encoder_2").index(e)] for e in encoders]
+    if tokenizer is None:
+        missing = [w for w in wanted if not (path / w).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: no {missing[0]}/ folder; pass tokenizer= (a tokenizer folder or a pipeline "
+                                  "directory holding one)")
+        return [_read_tokenizer(path / w) for w in wanted]
+    given = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
+    if given is None:  # one path: a pipeline directory (its folders by name) or one folder for every encoder
+        root = Path(tokenizer)
+        if any((root / w).is_dir() for w in wanted):
+            return [_read_tokenizer(root / w) for w in wanted]
+        given = [root] * len(wanted)
+    if len(given) != len(wanted):
+        raise CheckpointError(f"tokenizer=: {len(given)} given for {len(wanted)} text encoders ({', '.join(encoders)})")
+    return [_read_tokenizer(Path(t)) if isinstance(t, (str, Path)) else t for t in given]
+
+
+def _read_tokenizer(folder: Path):
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a tokenizer folder")
+    return load_tokenizer(folder)
+
+
+def _scheduler_config(config: dict, source: str, kind: str | None):
+    from flax_sgm.sampling import SchedulerConfig
+
+    try:
+        return SchedulerConfig.from_diffusers(config, source=source, kind=kind)
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(first_line(err)) from None

@@ -1,0 +1,310 @@
+"""flax_sgm.load_pipeline and `flax-sgm sample` against diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.
+
+Tiny random pipelines (a 2-level UNet of 32 and 64 channels, a 4-level VAE of 32 channels: 32 x 32 images from
+4 x 4 latents, 2-layer text towers of 32, a 1000-token BPE tokenizer written here) are made in the test, saved
+with save_pipeline's save_pretrained and read back by load_pipeline. Given the same initial latents (NCHW for
+diffusers, NHWC here), the final latents and the decoded images equal diffusers' for each deterministic
+sampler, with and without a negative prompt (SDXL without one: its zeroed unconditional embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextConfig as TransformersConfig
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from conftest import assert_close, cli_error, randomize_
+from test_text import tiny_tokenizer
+from flax_sgm import CheckpointError, load_pipeline
+from flax_sgm.verify.criteria import PIPELINE
+
+SIZE = 32  # images; latents 4 x 4 through the VAE's factor 8
+TOWER = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+UNET = dict(sample_size=SIZE // 8, block_out_channels=(32, 64), layers_per_block=1)
+UNETS = {
+    "sd": dict(UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2),
+    "sdxl": dict(UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8),
+}
+VAE = dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, sample_size=SIZE)
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# The released pipelines' scheduler configs, in miniature (SD 1.5's DDIM-style fields, SDXL's Euler's).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", dict(BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                   timestep_spacing="leading")),
+    "euler": ("EulerDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
+    "pndm": ("PNDMScheduler", dict(BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(BETAS, use_karras_sigmas=True, steps_offset=1)),
+    "heun": ("HeunDiscreteScheduler", dict(BETAS, timestep_spacing="leading", steps_offset=1)),
+    "lms": ("LMSDiscreteScheduler", dict(BETAS, timestep_spacing="trailing")),
+}
+STEPS = 2
+
+
+def scheduler(name: str):
+    import diffusers
+
+    cls, kwargs = SCHEDULERS[name]
+    return getattr(diffusers, cls)(**kwargs)
+
+
+def torch_pipeline(family: str, sampler: str = "ddim"):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = randomize_(UNet2DConditionModel(**UNETS[family]).eval(), 1)
+    clip = randomize_(CLIPTextModel(TransformersConfig(**TOWER, hidden_act="quick_gelu")).eval(), 3)
+    if family == "sd":
+        vae = randomize_(AutoencoderKL(**VAE).eval(), 2)
+        return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tiny_tokenizer("<|endoftext|>"), unet=unet,
+                                       scheduler=scheduler(sampler), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    vae = randomize_(AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=True).eval(), 2)
+    openclip = randomize_(CLIPTextModelWithProjection(TransformersConfig(
+        **TOWER | dict(num_attention_heads=4), hidden_act="gelu", projection_dim=24, layer_norm_eps=1e-3)).eval(), 4)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=clip, text_encoder_2=openclip,
+                                     tokenizer=tiny_tokenizer("<|endoftext|>"), tokenizer_2=tiny_tokenizer("!"),
+                                     unet=unet, scheduler=scheduler(sampler), add_watermarker=False)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each family's torch pipeline and its directory (DDIM's scheduler)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    out = {}
+    for family in UNETS:
+        pipe = torch_pipeline(family)
+        pipe.save_pretrained(root / family)
+        out[family] = (pipe, root / family)
+    return out
+
+
+def with_scheduler(directory: Path, sampler: str, out: Path) -> Path:
+    """A copy of a saved pipeline (its model folders linked) whose scheduler is `sampler`'s."""
+    out.mkdir()
+    for item in directory.iterdir():
+        if item.name not in ("scheduler", "model_index.json"):
+            (out / item.name).symlink_to(item)
+    index = json.loads((directory / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", SCHEDULERS[sampler][0]]
+    (out / "model_index.json").write_text(json.dumps(index))
+    scheduler(sampler).save_pretrained(out / "scheduler")
+    return out
+
+
+def initial_latents(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, SIZE // 8, SIZE // 8, 4)).astype(np.float32)  # NHWC
+
+
+def diffusers_run(pipe, sampler: str, prompt, latents: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' final latents and images (output_type="np"), both NHWC, from `latents` (NHWC here)."""
+    pipe.scheduler = scheduler(sampler)
+    final = {}
+
+    def keep(pipe, i, t, tensors):  # the latents after the last step: what output_type="latent" returns
+        final["latents"] = tensors["latents"]
+        return {}
+
+    with torch.no_grad():
+        images = pipe(prompt, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),  # NHWC -> diffusers' NCHW
+                      num_inference_steps=STEPS, output_type="np", callback_on_step_end=keep, **kwargs).images
+    return final["latents"].permute(0, 2, 3, 1).numpy(), np.asarray(images)
+
+
+# Each family and sampler once with guidance: SD with a negative prompt, SDXL without (its zeroed
+# unconditional embeddings) and with one; guidance off once.
+CASES = {
+    ("sd", "ddim"): dict(prompt="a cat", negative_prompt="blurry", guidance_scale=5.0),
+    ("sd", "euler"): dict(prompt="a cat", guidance_scale=7.5),
+    ("sdxl", "ddim"): dict(prompt="a cat", guidance_scale=5.0),
+    ("sdxl", "euler"): dict(prompt="the dog", negative_prompt="cat cat", guidance_scale=4.0),
+    ("sdxl", "ddim", "unguided"): dict(prompt="a cat", guidance_scale=1.0),
+    ("sd", "pndm"): dict(prompt="a cat", guidance_scale=7.5),  # SD 1.5's released default
+    ("sdxl", "dpmpp_2m"): dict(prompt="a cat", guidance_scale=5.0),  # Karras sigmas
+    ("sd", "heun"): dict(prompt="a cat", guidance_scale=7.5),
+    ("sd", "lms"): dict(prompt="a cat", guidance_scale=7.5),
+}
+SLOW_CASES = {("sd", "heun"), ("sd", "lms")}  # each sampler costs a compile; these two run with -m slow
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+                         ids=["-".join(c) for c in CASES])
+def test_pipeline_equals_diffusers(saved, case, tmp_path):
+    """Final latents and images as diffusers' pipeline gives them from the same initial latents (rel <= 1e-4):
+    the prompt encoding, classifier-free guidance batched [uncond, cond], SDXL's size ids and zeroed empty
+    negative prompt, the sampler's steps, the latents' unscaling and the decoder."""
+    family, sampler = case[:2]
+    torch_pipe, directory = saved[family]
+    pipe = load_pipeline(with_scheduler(directory, sampler, tmp_path / "pipe"))
+    kwargs = CASES[case]
+    latents = initial_latents(1)
+    want_latents, want_images = diffusers_run(torch_pipe, sampler, latents=latents, **kwargs)
+    got = pipe(latents=latents, num_inference_steps=STEPS, output="latent", **kwargs)
+    assert_close(got.images, want_latents, PIPELINE, what=f"{case}: final latents")
+    got = pipe(latents=latents, num_inference_steps=STEPS, output="np", **kwargs)
+    assert got.images.shape == want_images.shape == (1, SIZE, SIZE, 3)
+    assert_close(got.images, want_images, PIPELINE, what=f"{case}: images")
+
+
+def test_img2img_equals_diffusers(saved, tmp_path):
+    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
+    strength reaches (add_noise), sampled from there. The VAE's posterior variance is made ~0 (logvar -30), so
+    diffusers' posterior sample is its mean whatever its generator draws; its noise is fed in as `latents`."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    torch_pipe, _ = saved["sd"]
+    components = dict(torch_pipe.components)
+    vae = type(components["vae"]).from_config(components["vae"].config)
+    vae.load_state_dict(components["vae"].state_dict())
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -30.0
+    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=vae.eval(), scheduler=scheduler("ddim")))
+    reference.save_pretrained(tmp_path / "img2img")
+    image = np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
+    steps, strength = 4, 0.5
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # what the posterior sample draws first
+    noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # then the noise added
+    with torch.no_grad():
+        want = reference("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                         generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe = load_pipeline(tmp_path / "img2img")
+    heard = []
+    got = pipe("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+               latents=noise.numpy().transpose(0, 2, 3, 1), progress=heard.append)  # NCHW -> NHWC
+    assert sorted(heard) == [2, 3]  # int(4 * 0.5) steps run: the last two
+    assert_close(got.images, want, PIPELINE, what="img2img images")
+
+
+def test_num_images_per_prompt_and_seed(saved):
+    """num_images_per_prompt repeats each prompt's conditioning as diffusers (prompt 0's images first); the seed
+    makes the noise: the same seed the same images, another seed others."""
+    torch_pipe, directory = saved["sd"]
+    pipe = load_pipeline(directory)
+    latents = initial_latents(4)
+    want, _ = diffusers_run(torch_pipe, "ddim", ["a cat", "the dog"], latents, num_images_per_prompt=2,
+                            guidance_scale=1.0)
+    got = pipe(["a cat", "the dog"], latents=latents, num_inference_steps=STEPS, num_images_per_prompt=2,
+               guidance_scale=1.0, output="latent")
+    assert_close(got.images, want, PIPELINE, what="num_images_per_prompt")
+    a, b, c = (pipe("a cat", num_inference_steps=2, seed=s, output="latent").images for s in (7, 7, 8))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+def test_pil_output_and_progress(saved):
+    """output="pil" rounds as diffusers' numpy_to_pil; the progress callback hears every step from the compiled
+    loop, and a second call at the same shapes compiles nothing."""
+    _, directory = saved["sd"]
+    pipe = load_pipeline(directory)
+    heard = []
+    out = pipe("a cat", num_inference_steps=STEPS, output="pil", progress=heard.append)
+    assert sorted(heard) == list(range(STEPS))
+    assert out.images[0].size == (SIZE, SIZE) and out.images[0].mode == "RGB"
+    again = pipe("a cat", num_inference_steps=STEPS, output="np")
+    assert again.timings["compile_s"] == 0.0
+    assert np.array_equal(np.asarray(out.images[0]), (again.images[0] * 255).round().astype(np.uint8))
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_directories_are_one_line(saved, tmp_path):
+    _, directory = saved["sd"]
+    no_scheduler = with_scheduler(directory, "ddim", tmp_path / "a")
+    shutil.rmtree(no_scheduler / "scheduler")
+    with pytest.raises(CheckpointError, match="no scheduler") as err:
+        load_pipeline(no_scheduler)
+    one_line(err)
+    unsupported = with_scheduler(directory, "ddim", tmp_path / "b")
+    config = json.loads((unsupported / "scheduler" / "scheduler_config.json").read_text())
+    config["_class_name"] = "KarrasVeScheduler"
+    (unsupported / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="KarrasVeScheduler.*DDIMScheduler") as err:
+        load_pipeline(unsupported)
+    one_line(err)
+    with pytest.raises(CheckpointError, match="no model_index.json") as err:
+        load_pipeline(directory / "unet")
+    one_line(err)
+
+
+def test_bad_calls_are_one_line(saved):
+    _, directory = saved["sd"]
+    pipe = load_pipeline(directory)
+    for kwargs, message in [
+        (dict(height=36), "height = 36 is not divisible by 8"),
+        (dict(width=0), "width: a positive int"),
+        (dict(latents=np.zeros((1, 4, 4, 3), np.float32)), r"latents: shape \(1, 4, 4, 3\).*\(1, 4, 4, 4\)"),
+        (dict(latents=np.zeros((1, 4, 4, 4), np.float32), num_images_per_prompt=2), r"latents: shape \(1, 4, 4, 4\)"),
+        (dict(negative_prompt="blurry", guidance_scale=0.5), "negative_prompt is used only with classifier-free"),
+        (dict(output="pt"), "output: one of np, latent, pil"),
+        (dict(num_inference_steps=0), "num_inference_steps: a positive int"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=0.0), r"strength: a number in \(0, 1\]"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=1.5), r"strength: a number in \(0, 1\]"),
+        (dict(image=np.zeros((SIZE, SIZE, 3)), strength=0.1, num_inference_steps=5), "runs no step"),
+        (dict(image=np.zeros((SIZE, 36, 3))), "image width = 36 is not divisible by 8"),
+        (dict(strength=0.5), "strength: goes with image="),
+    ]:
+        with pytest.raises(ValueError, match=message) as err:
+            pipe("a cat", **kwargs)
+        one_line(err)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG whose every chunk's CRC is right."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, size = 8, None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body, crc = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n], data[pos + 8 + n : pos + 12 + n]
+        assert struct.unpack(">I", crc)[0] == zlib.crc32(kind + body)
+        size = struct.unpack(">II", body[:8]) if kind == b"IHDR" else size
+        pos += 12 + n
+    assert kind == b"IEND"
+    return size
+
+
+def run_process(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "flax_sgm", "sample", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_sample_writes_pngs(saved, tmp_path):
+    """`flax-sgm sample` in a real process: a valid PNG of the asked size per image, --json's record; bad input is
+    one line and exit status 2, and no PNG (not even a partial one) is left behind."""
+    _, directory = saved["sd"]
+    done = run_process(directory, "--prompt", "a cat", "--steps", 2, "--batch", 2, "--width", 48, "-o", "out.png", "--json",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert [Path(p).name for p in record["images"]] == ["out-0.png", "out-1.png"]
+    assert all(png_size(tmp_path / f"out-{i}.png") == (48, SIZE) for i in range(2))
+    assert record["steps"] == 2 and record["seconds_per_step"] > 0
+    no_scheduler = with_scheduler(directory, "ddim", tmp_path / "no-scheduler")
+    shutil.rmtree(no_scheduler / "scheduler")
+    for args, message in [((directory, "--height", 36), "height = 36 is not divisible by 8"),
+                          ((no_scheduler,), "no scheduler")]:
+        error = cli_error("sample", *args, "--prompt", "a cat", "-o", tmp_path / "bad.png")  # in-process: one line
+        assert message in error
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["out-0.png", "out-1.png"]
