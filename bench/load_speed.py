@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 
 from common import DIFFUSERS_CONFIGS as CONFIGS
-from flax_sgm import models
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -139,6 +138,7 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
     import jax
     import numpy as np
 
+    from flax_sgm import models
     from flax_sgm.checkpoints import convert
     from flax_sgm.attention.load import _concrete
     from flax_sgm.checkpoints.sources import open_source
