@@ -199,6 +199,7 @@ def test_verify_and_lower_take_a_convert_output(files, tmp_path):
     assert "pass --prefix" in run_cli("lower", "--config", out, "--platform", "cpu", ok=False).output
 
 
+@pytest.mark.slow  # about 5 min on 2 cores; the pipeline-directory test runs the same command on a smaller UNet
 def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):
     # At 8 x 8 pixels (the real run, 16 x 16, takes about a minute on 2 cores).
     monkeypatch.setattr(seeded, "unet_pair", functools.partial(seeded.unet_pair, hw=(8, 8)))
@@ -208,6 +209,9 @@ def test_verify_model_unet_reports_each_diffusers_module(monkeypatch):
     assert {"time_embedding", "add_embedding", "conv_in", "down_blocks.1.attentions.0", "up_blocks.0.upsamplers.0",
             "conv_out"} <= set(rows)
     assert rows["mid_block.attentions.0"]["backend"] in BACKENDS and rows["mid_block.resnets.0"]["backend"] is None
+
+
+def test_verify_model_unet_refuses_stack_flags():
     refused = run_cli("verify", "--model", "unet", "--checkpoint", "x", "--heads", 2, ok=False)
     assert refused.exit_code == 2 and "--model unet verifies a whole UNet: leave out --prefix" in refused.output
 

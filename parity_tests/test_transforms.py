@@ -92,8 +92,17 @@ def references(kind, x, c, t) -> dict:
     return dict(y=y, grad_x=grad_x, grad_params=grad_params, jvp=tangent, loop=step(step(x)))
 
 
-@pytest.fixture(scope="module", params=[(k, ck) for k in MODULES for ck in ((True, False) if k in CHECKPOINT_ARG else (None,))],
-                ids=lambda p: p[0] + ("" if p[1] is None else ("-checkpoint" if p[1] else "-no-checkpoint")))
+def _case_param(kind: str, checkpoint: bool | None):
+    """The default run takes SpatialTransformer (whose blocks are BasicTransformerBlocks) both ways, the single-layer
+    block as built by default, and CrossAttention; the blocks on their own, and the single-layer block without
+    checkpointing, run under -m slow."""
+    slow = kind == "BasicTransformerBlock" or (kind == "BasicTransformerSingleLayerBlock" and checkpoint is False)
+    name = kind + ("" if checkpoint is None else ("-checkpoint" if checkpoint else "-no-checkpoint"))
+    return pytest.param((kind, checkpoint), id=name, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.fixture(scope="module", params=[_case_param(k, ck) for k in MODULES
+                                        for ck in ((True, False) if k in CHECKPOINT_ARG else (None,))])
 def case(request):
     kind, checkpoint = request.param
     rng = np.random.default_rng(0)
