@@ -9,6 +9,14 @@ import click
 from flax_sgm.cli.common import PARITY_FAILED, clean_errors, exclusive_heads, stack_options, to_json, variant_option
 
 
+# --model values verified whole: (what it is, the diffusers model made in-process); their pairs are
+# verify.seeded.<model>_pair and verify.references.<model>_checkpoint_pair.
+WHOLE_MODELS = {
+    "unet": ("a whole UNet", "diffusers UNet2DConditionModel"),
+    "vae": ("a whole autoencoder", "diffusers AutoencoderKL"),
+}
+
+
 @click.command(
     short_help="Check Flax against torch, submodule by submodule.",
     epilog="""\b
@@ -27,7 +35,7 @@ Examples:
 In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
   flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
-@click.option("--model", type=click.Choice(["stack", "unet", "vae"]), default="stack", show_default=True,
+@click.option("--model", type=click.Choice(["stack", *WHOLE_MODELS]), default="stack", show_default=True,
               help="What runs without --checkpoint: a SpatialTransformer stack, a whole SDXL-style UNet or a KL "
                    "autoencoder (diffusers' UNet2DConditionModel / AutoencoderKL made in-process, random weights) "
                    "reported per diffusers module.")
@@ -72,30 +80,18 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
 
     if checkpoint is None and any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
         raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
-    if model == "unet":
+    if model in WHOLE_MODELS:
+        what, made = WHOLE_MODELS[model]
         if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn)):
-            raise click.UsageError("--model unet verifies a whole UNet: leave out --prefix, --heads, --head-dim and "
+            raise click.UsageError(f"--model {model} verifies {what}: leave out --prefix, --heads, --head-dim and "
                                    "--disable-self-attn")
         if checkpoint is None:
-            config, torch_module, flax_module, inputs = seeded.unet_pair(dtype=dtype, seed=seed)
-            source = {"weights": f"diffusers UNet2DConditionModel made in-process, seeded random (seed {seed})"}
+            config, torch_module, flax_module, inputs = getattr(seeded, f"{model}_pair")(dtype=dtype, seed=seed)
+            source = {"weights": f"{made} made in-process, seeded random (seed {seed})"}
         else:
-            from flax_sgm.verify.references import unet_checkpoint_pair
+            from flax_sgm.verify import references
 
-            config, torch_module, flax_module, inputs, source = unet_checkpoint_pair(
-                checkpoint, variant=variant, dtype=dtype, seed=seed
-            )
-    elif model == "vae":
-        if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn)):
-            raise click.UsageError("--model vae verifies a whole autoencoder: leave out --prefix, --heads, --head-dim and "
-                                   "--disable-self-attn")
-        if checkpoint is None:
-            config, torch_module, flax_module, inputs = seeded.vae_pair(dtype=dtype, seed=seed)
-            source = {"weights": f"diffusers AutoencoderKL made in-process, seeded random (seed {seed})"}
-        else:
-            from flax_sgm.verify.references import vae_checkpoint_pair
-
-            config, torch_module, flax_module, inputs, source = vae_checkpoint_pair(
+            config, torch_module, flax_module, inputs, source = getattr(references, f"{model}_checkpoint_pair")(
                 checkpoint, variant=variant, dtype=dtype, seed=seed
             )
     elif checkpoint is None:
