@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from flax import nnx
 
 import flax_sgm
 from flax_sgm.attention import diffusers as diffusers_config
@@ -185,3 +186,19 @@ def test_every_basic_transformer_block_field_is_set_by_transformer2d_or_left_as_
     signature = parameters(BasicTransformerBlock)
     left = {n: d for n, d in signature.items() if n not in passed_on and n not in ("dim",)}
     assert left == diffusers_config.BLOCK_DEFAULTS
+
+
+def test_load_unet_and_the_stack_loader_read_a_unet_config_alike(tmp_path):
+    """One reading of a UNet's config.json (unet/diffusers.read_blocks): per-block heads (the legacy
+    attention_head_dim), only_cross_attention and the mid block's share give every stack the same config
+    whether it is loaded alone or inside the whole UNet."""
+    path = saved(UNet2DConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=(1, 2), layers_per_block=1,
+        only_cross_attention=[True, False], cross_attention_dim=32, sample_size=8), tmp_path / "unet")
+    alone = flax_sgm.load_pretrained_all(path)
+    whole = [m for _, m in nnx.iter_modules(flax_sgm.load_unet(path)) if isinstance(m, flax_sgm.SpatialTransformer)]
+    assert [m.config for m in alone.values()] == [m.config for m in whole]
+    # down 0, down 1, mid, up 0 (x2), up 1 (x2): the up blocks take the down blocks' reversed, the mid block the last's
+    assert [(m.config.heads, m.config.disable_self_attn) for m in whole] == [
+        (1, True), (2, False), (2, False), (2, False), (2, False), (1, True), (1, True)]

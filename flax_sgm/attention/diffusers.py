@@ -15,17 +15,19 @@ parity_tests/test_diffusers_config.py walks diffusers' signatures against these 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from flax_sgm.attention import layout
 from flax_sgm.nn import numerics
 from flax_sgm.errors import CheckpointError
+from flax_sgm.unet.diffusers import flag, fraction, read_blocks
 
 # The values SpatialTransformer and its BasicTransformerBlock are built with (numerics.py, blocks.py).
 
 TRANSFORMER_2D_HONOURED = (
-    "num_attention_heads", "attention_head_dim",  # the heads split (layout.diffusers_heads)
+    "num_attention_heads", "attention_head_dim",  # the heads split
     "in_channels", "num_layers", "cross_attention_dim", "use_linear_projection",  # checked against the weights
     "only_cross_attention",  # sgm's disable_self_attn: attn1 attends to the context
     "double_self_attention",  # attn2 of the inner width: sgm's context_dim None
@@ -152,61 +154,41 @@ def stack_specs(config: Mapping[str, Any], prefixes: Iterable[str], source: str)
     """Per stack prefix, what a diffusers config.json (read as `source`) says about it; its fields checked first."""
     kind = check_fields(config, source)
     prefixes = list(prefixes)
-    heads = layout.diffusers_heads(config, prefixes, source)
-    dropout = _number(config, "dropout", 0.0, source)
+    dropout = fraction(config, "dropout", 0.0, source)
     if kind == layout.DIFFUSERS_TRANSFORMER:
-        context = None if _flag(config, "double_self_attention", source) else config.get("cross_attention_dim")
+        heads, width = config.get("num_attention_heads"), config.get("attention_head_dim")
+        for name, value in (("num_attention_heads", heads), ("attention_head_dim", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"{source}: {name} must be a positive int; got {value!r}")
+        context = None if flag(config, "double_self_attention", source) else config.get("cross_attention_dim")
         return {
             prefix: StackSpec(
-                heads[prefix], _flag(config, "only_cross_attention", source), dropout, context,
-                _flag(config, "use_linear_projection", source), config.get("in_channels"), config.get("num_layers", 1),
+                layout.Heads(heads, width), flag(config, "only_cross_attention", source), dropout, context,
+                flag(config, "use_linear_projection", source), config.get("in_channels"), config.get("num_layers", 1),
             )
-            for prefix in heads
+            for prefix in prefixes if prefix == ""
         }
-    blocks = len(config["down_block_types"])  # diffusers_heads checked it
-    only_cross = _per_block(config, "only_cross_attention", False, blocks, source)
-    contexts = _per_block(config, "cross_attention_dim", 1280, blocks, source)
-    linear = _flag(config, "use_linear_projection", source)
+    blocks = read_blocks(config, source)  # the one reading of a UNet's config.json, shared with load_unet
     specs = {}
-    for prefix, said in heads.items():
-        part, index = _block_of(prefix)
-        if part == "mid":  # UNetMidBlock2DCrossAttn's stacks take no only_cross_attention
-            only, context = False, contexts[-1]
-        else:
-            table = (lambda values: values) if part == "down" else (lambda values: values[::-1])
-            only, context = table(only_cross)[index], table(contexts)[index]
-        specs[prefix] = StackSpec(said, only, dropout, context, linear)
+    for prefix in prefixes:
+        if (where := _block_of(prefix)) is None:
+            continue
+        part, index = where
+        if index >= len(blocks.types):
+            raise CheckpointError(f"{source}: {len(blocks.types)} blocks, but the weights have a stack at {prefix!r}")
+        heads, only, context = blocks.stack(part, index)
+        specs[prefix] = StackSpec(layout.Heads(heads), only, dropout, context, blocks.use_linear)
     return specs
 
 
-def _block_of(prefix: str) -> tuple[str, int]:
-    """('down', 1) for 'down_blocks.1.attentions.0.', ('mid', -1) for the mid block."""
-    head, *rest = prefix.split(".")
-    return ("mid", -1) if head == "mid_block" else (head.removesuffix("_blocks"), int(rest[0]))
+_STACK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.\d+\.$|^mid_block\.attentions\.\d+\.$")
 
 
-def _flag(config, field: str, source: str) -> bool:
-    value = config.get(field, False)
-    if not isinstance(value, bool):
-        raise CheckpointError(f"{source}: {field} must be true or false; got {value!r}")
-    return value
-
-
-def _number(config, field: str, default: float, source: str) -> float:
-    value = config.get(field, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-        raise CheckpointError(f"{source}: {field} must be a number in [0, 1); got {value!r}")
-    return float(value)
-
-
-def _per_block(config, field: str, default, blocks: int, source: str) -> list:
-    """A UNet field given once or per down block, as a list of one per down block."""
-    value = config.get(field, default)
-    if isinstance(value, (list, tuple)):
-        if len(value) != blocks:
-            raise CheckpointError(f"{source}: {field} has {len(value)} values for {blocks} down blocks")
-        return list(value)
-    return [value] * blocks
+def _block_of(prefix: str) -> tuple[str, int] | None:
+    """('down', 1) for 'down_blocks.1.attentions.0.', ('mid', -1) for the mid block, None for no UNet stack."""
+    if not (m := _STACK.match(prefix)):
+        return None
+    return ("mid", -1) if m.group(1) is None else (m.group(1).removesuffix("_blocks"), int(m.group(2)))
 
 
 def check_weights(spec: StackSpec, shape: layout.StackShape, prefix: str, source: str) -> None:

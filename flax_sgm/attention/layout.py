@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from flax_sgm.errors import CheckpointError
-from flax_sgm.nn import numerics
 
 # A stack's children, in the seed's names.
 STACK_CHILDREN = ("norm", "proj_in", "transformer_blocks", "proj_out")
@@ -173,65 +172,8 @@ def resolve_heads(inner_dim: int, heads: int | None, head_dim: int | None, prefi
     return (given, other) if heads is not None else (other, given)
 
 
-# diffusers config.json -----------------------------------------------------------------------
-
-_DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.\d+\.$")
-_UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.\d+\.$")
-_MID = re.compile(r"^mid_block\.attentions\.\d+\.$")
-
-
 class Heads(NamedTuple):
     """What a config says about a stack's heads: their number, and their width where it says that too."""
 
     heads: int
     head_dim: int | None = None
-
-
-def diffusers_heads(config: Mapping[str, Any], prefixes: Iterable[str], source: str) -> dict[str, Heads]:
-    """Heads per stack prefix, from a diffusers model's config.json (read as `source`).
-
-    UNet2DConditionModel: `num_attention_heads`, or where it is unset (every
-    released Stable Diffusion config) its legacy `attention_head_dim`, which holds
-    the number of heads, not their width; an int, or one per down block, the mid
-    block taking the last and the up blocks them reversed.
-    Transformer2DModel: `num_attention_heads` of `attention_head_dim` each, at the root.
-    """
-    kind = config.get("_class_name")
-    if kind not in (DIFFUSERS_UNET, DIFFUSERS_TRANSFORMER):
-        said = f"a {kind} config" if kind else "no `_class_name`"
-        raise CheckpointError(f"{source}: {said}, not a diffusers {DIFFUSERS_UNET} or {DIFFUSERS_TRANSFORMER} config")
-    groups = config.get("norm_num_groups", numerics.GROUP_NORM_GROUPS)
-    if groups != numerics.GROUP_NORM_GROUPS:
-        raise CheckpointError(f"{source}: norm_num_groups {groups}; SpatialTransformer's GroupNorm has {numerics.GROUP_NORM_GROUPS} groups")
-    prefixes = list(prefixes)
-    if kind == DIFFUSERS_TRANSFORMER:
-        heads, width = config.get("num_attention_heads"), config.get("attention_head_dim")
-        for name, value in (("num_attention_heads", heads), ("attention_head_dim", width)):
-            if not isinstance(value, int) or value <= 0:
-                raise CheckpointError(f"{source}: {name} must be a positive int; got {value!r}")
-        return {p: Heads(heads, width) for p in prefixes if p == ""}
-    heads = config.get("num_attention_heads") or config.get("attention_head_dim")
-    blocks = config.get("down_block_types")
-    if not isinstance(blocks, list) or not blocks:
-        raise CheckpointError(f"{source}: down_block_types must be a non-empty list; got {blocks!r}")
-    if isinstance(heads, int) and not isinstance(heads, bool):
-        heads = [heads] * len(blocks)
-    if not (isinstance(heads, list) and len(heads) == len(blocks) and all(isinstance(h, int) and h > 0 for h in heads)):
-        raise CheckpointError(
-            f"{source}: attention_head_dim (the heads per down block) must be a positive int or {len(blocks)} of them; "
-            f"got {heads!r}"
-        )
-    found = {}
-    for prefix in prefixes:
-        if m := _DOWN.match(prefix):
-            index, table = int(m.group(1)), heads
-        elif m := _UP.match(prefix):
-            index, table = int(m.group(1)), heads[::-1]
-        elif _MID.match(prefix):
-            index, table = -1, heads
-        else:
-            continue
-        if index >= len(table):
-            raise CheckpointError(f"{source}: {len(table)} blocks, but the weights have a stack at {prefix!r}")
-        found[prefix] = Heads(table[index])
-    return found

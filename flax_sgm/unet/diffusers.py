@@ -11,7 +11,7 @@ signature).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax_sgm.nn import numerics
 from flax_sgm.errors import CheckpointError
@@ -79,14 +79,70 @@ IRRELEVANT = {
 DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # -> has attention
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 MID_TYPE = "UNetMidBlock2DCrossAttn"
+DEFAULT_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # diffusers' defaults
+DEFAULT_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
 
-def _per_level(config: Mapping[str, Any], name: str, default, n: int, source: str, kind=int) -> list:
+def _per_level(config: Mapping[str, Any], name: str, default, n: int, source: str, kind=int, what: str = "") -> list:
     value = config.get(name, default)
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n or not all(isinstance(v, kind) and not (kind is int and isinstance(v, bool)) for v in values):
-        raise CheckpointError(f"{source}: {name} {value!r} is not one {kind.__name__} or {n} of them (one per down block)")
+    ok = all(isinstance(v, kind) and not (kind is int and (isinstance(v, bool) or v <= 0)) for v in values)
+    if len(values) != n or not ok:
+        one = "positive int" if kind is int else kind.__name__
+        raise CheckpointError(f"{source}: {name} {value!r} is not one {one} or {n} of them ({what or 'one per down block'})")
     return values
+
+
+def flag(config: Mapping[str, Any], name: str, source: str) -> bool:
+    value = config.get(name, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: {name} must be true or false; got {value!r}")
+    return value
+
+
+def fraction(config: Mapping[str, Any], name: str, default: float, source: str) -> float:
+    value = config.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise CheckpointError(f"{source}: {name} must be a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+class Blocks(NamedTuple):
+    """What a UNet2DConditionModel config says of its cross-attention blocks, per down block (the mid block
+    takes the last, the up blocks them reversed). Read once here, for load_unet's UNetConfig and for the
+    stacks load_pretrained takes out of a UNet alike."""
+
+    types: list[str]  # down_block_types
+    heads: list[int]  # num_attention_heads, or where unset the legacy attention_head_dim, which holds the heads
+    context: list[int]  # cross_attention_dim
+    only_cross: list[bool]  # only_cross_attention; the mid block's stacks never
+    use_linear: bool
+    dropout: float
+
+    def stack(self, part: str, index: int) -> tuple[int, bool, int]:
+        """(heads, only_cross, context) of a stack in `part` ('down', 'up' or 'mid') block `index`."""
+        if part == "mid":
+            return self.heads[-1], False, self.context[-1]
+        flip = (lambda v: v) if part == "down" else (lambda v: v[::-1])
+        return flip(self.heads)[index], flip(self.only_cross)[index], flip(self.context)[index]
+
+
+def read_blocks(config: Mapping[str, Any], source: str) -> Blocks:
+    """The Blocks of a UNet2DConditionModel config (diffusers' defaults where a field is left out);
+    CheckpointError, one line naming the field, where one is malformed."""
+    types = config.get("down_block_types", DEFAULT_DOWN)
+    if not (isinstance(types, (list, tuple)) and types and all(isinstance(t, str) for t in types)):
+        raise CheckpointError(f"{source}: down_block_types must be a non-empty list of block names; got {types!r}")
+    n = len(types)
+    named = "num_attention_heads" if config.get("num_attention_heads") else "attention_head_dim"  # as diffusers: `or`
+    return Blocks(
+        types=list(types),
+        heads=_per_level(config, named, 8, n, source, what="the heads per down block"),
+        context=_per_level(config, "cross_attention_dim", 1280, n, source),
+        only_cross=_per_level(config, "only_cross_attention", False, n, source, kind=bool),
+        use_linear=flag(config, "use_linear_projection", source),
+        dropout=fraction(config, "dropout", 0.0, source),
+    )
 
 
 def _layer_depths(config: Mapping[str, Any], layers: list[int], source: str):
@@ -152,8 +208,8 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{source}: block_out_channels {list(channels)} are not multiples of the first (sgm's channel_mult)"
         )
-    down = config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
-    up = config.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    blocks = read_blocks(config, source)
+    down, up = blocks.types, config.get("up_block_types", DEFAULT_UP)
     for name, types, table in (("down_block_types", down, DOWN_TYPES), ("up_block_types", up, UP_TYPES)):
         bad = [t for t in types if t not in table]
         if bad or len(types) != n:
@@ -173,8 +229,7 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
     layers = _per_level(config, "layers_per_block", 2, n, source)
     down_depths, up_depths, middle = _layer_depths(config, layers, source)
     depth = [d[0] if d else 0 for d in down_depths]  # sgm's per-level depth; the layers' own are transformer_depth_input/_output
-    heads = _per_level(config, "num_attention_heads", None, n, source) if config.get("num_attention_heads") else None
-    heads = heads or _per_level(config, "attention_head_dim", 8, n, source)  # legacy: attention_head_dim holds the heads
+    heads = blocks.heads
     used = [lvl for lvl in range(n) if attention[lvl]] + [n - 1]  # the mid block takes the last level's
     for lvl in used:
         if channels[lvl] % heads[lvl]:
@@ -187,10 +242,10 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{source}: heads {heads} over channels {list(channels)} fit neither sgm's num_heads nor num_head_channels"
         )
-    context = _per_level(config, "cross_attention_dim", 1280, n, source)
+    context = blocks.context
     if len(set(context)) != 1:
         raise CheckpointError(f"{source}: cross_attention_dim {context} differs per block; sgm's context_dim is one width")
-    only_cross = _per_level(config, "only_cross_attention", False, n, source, kind=bool)
+    only_cross = blocks.only_cross
 
     vector = vector_embedding(config)
     for name, allowed in (("addition_embed_type", (None, "text_time")), ("class_embed_type", (None, "projection"))):
@@ -218,12 +273,12 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         transformer_depth_input=tuple(d for level in down_depths for d in level),
         transformer_depth_output=tuple(d for level in up_depths for d in level),
         context_dim=context[0],
-        use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
+        use_linear_in_transformer=blocks.use_linear,
         disable_self_attentions=tuple(only_cross),
         use_scale_shift_norm=shift == "scale_shift",
         num_classes="sequential" if vector else None,
         adm_in_channels=adm,
-        dropout=float(config.get("dropout", 0.0)),
+        dropout=blocks.dropout,
         time_cond_proj_dim=cond,
         norm_eps=float(config.get("norm_eps", numerics.UNET_GROUP_NORM_EPS)),
         **head_fields,
