@@ -22,25 +22,15 @@ import numpy as np
 
 import flax_sgm
 import torch_ref
-from flax_sgm.verify import criteria, flax_twin, randomize_, verify_modules
+from flax_sgm.verify import criteria, flax_twin, randomize_, tiny, verify_modules
 from flax_sgm.verify.seeded import unet_twin
 
 BLOCKS = ("torch_ref BasicTransformerBlock", "diffusers BasicTransformerBlock")
 MODES = {"bf16 params": jnp.bfloat16, "f32 params, bf16 compute": jnp.float32}
 
 
-# SDXL-like at a tiny size (parity_tests/test_unet.py's "sdxl"): no attention at level 0, depth 2, the vector y.
-TINY_SDXL_UNET = dict(
-    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8, attention_head_dim=(2, 4),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=8, projection_class_embeddings_input_dim=40, norm_eps=1e-3,
-)
-
-
 def modules():
     """name -> (torch module of a seed, its flax twin of a param dtype, inputs of a seed)."""
-    from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
 
     def tokens(seed):
@@ -57,10 +47,10 @@ def modules():
         r = np.random.default_rng(seed)
         return {"x": r.standard_normal((2, 4, 8, 8)).astype(np.float32), "timesteps": np.array([3, 917], np.int64),
                 "context": r.standard_normal((2, 5, 24)).astype(np.float32),
-                "y": r.standard_normal((2, 40)).astype(np.float32)}
+                "y": r.standard_normal((2, tiny.UNETS["sdxl"]["projection_class_embeddings_input_dim"])).astype(np.float32)}
 
     return {
-        "diffusers UNet2DConditionModel": (lambda s: UNet2DConditionModel(**TINY_SDXL_UNET),
+        "diffusers UNet2DConditionModel": (lambda s: tiny.unet("sdxl", seed=s),
                                            lambda t, p: unet_twin(t, dtype=jnp.bfloat16, param_dtype=p), unet_inputs),
         "torch_ref BasicTransformerBlock": (
             lambda s: torch_ref.BasicTransformerBlock(64, 4, 16, context_dim=48),

@@ -18,7 +18,7 @@ from flax_sgm.attention import load as pretrained
 from flax_sgm.errors import CheckpointError
 from flax_sgm.attention.policy import BACKENDS
 from flax_sgm.attention.config import SpatialTransformerConfig
-from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded
+from flax_sgm.verify import CRITERIA, criteria, randomize_, seeded, tiny
 from flax_sgm import models
 from conftest import assert_stack_matches_torch, cli_error, run_cli
 
@@ -218,17 +218,10 @@ def test_verify_model_unet_refuses_stack_flags():
 
 def test_verify_model_unet_of_a_diffusers_pipeline_directory(tmp_path):
     """What a user holds: a pipeline directory, its unet/ saved by diffusers; the reference is built by diffusers."""
-    from diffusers import UNet2DConditionModel
-
-    torch_unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=40,
-        use_linear_projection=True)
-    randomize_(torch_unet, seed=3).save_pretrained(tmp_path / "pipeline" / "unet")
+    tiny.unet("sdxl", seed=3).save_pretrained(tmp_path / "pipeline" / "unet")
     report = strict_json(run_cli("verify", "--model", "unet", "--checkpoint", tmp_path / "pipeline", "--json").stdout)
     assert report["passed"] and report["source"]["reference"].startswith("diffusers UNet2DConditionModel, built by diffusers")
-    assert report["inputs"] == {"x": [2, 4, 8, 8], "timesteps": [2], "context": [2, 77, 24], "y": [2, 40]}
+    assert report["inputs"] == {"x": [2, 4, 8, 8], "timesteps": [2], "context": [2, 77, 24], "y": [2, 56]}
     assert {"conv_in", "add_embedding", "down_blocks.1.attentions.0", "conv_out"} <= {r["name"] for r in report["submodules"]}
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, tmp_path / "sgm.safetensors")
     line = cli_error("verify", "--model", "unet", "--checkpoint", tmp_path / "sgm.safetensors")
@@ -509,8 +502,6 @@ def test_inspect_says_a_unets_channels_and_where_heads_come_from(tmp_path):
     """inspect names what in/out channels other than 4 mean (inpainting 9, InstructPix2Pix 8, depth 5, learned
     sigma 8 out) and an LCM's timestep_cond; for a UNet that is no released model it sends the user to where the
     model was trained for its heads, and gives no example value (SD 1.x's 8 would load this one wrong, silently)."""
-    from diffusers import UNet2DConditionModel
-
     from flax_sgm.checkpoints import convert
     from flax_sgm.cli.convert_cmd import _heads_hint
     from flax_sgm.unet.load import channel_notes
@@ -526,9 +517,7 @@ def test_inspect_says_a_unets_channels_and_where_heads_come_from(tmp_path):
     assert "take --heads N or --head-dim D from where the model was trained" in text
     assert "--heads 8" not in text and "SD 1.x" not in text and "--head-dim 64" not in text
 
-    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=2,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                         in_channels=8, out_channels=8, time_cond_proj_dim=16).save_pretrained(tmp_path / "unet")
+    tiny.unet("lcm", in_channels=8, out_channels=8).save_pretrained(tmp_path / "unet")
     text = inspect_in_a_process(tmp_path / "unet")
     assert ("in 8 channels (InstructPix2Pix: latents, image latents), out 8 (learned sigma: the prediction and the "
             "variance), LCM: timestep_cond of 16 (flax_sgm.guidance_scale_embedding)") in text

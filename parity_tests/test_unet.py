@@ -27,88 +27,14 @@ from flax_sgm.unet.model import guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import PRESETS, UNetConfig
 from flax_sgm.unet.diffusers import DEFAULTS, HONOURED, IRRELEVANT, vector_embedding
 from flax_sgm.unet.layout import SGM_PREFIX, config_from_weights, diffusers_layout
-from flax_sgm.verify import criteria, verify_modules
+from flax_sgm.verify import criteria, tiny, verify_modules
 from flax_sgm import models
 
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, sample_size=8)
-CONFIGS = {
-    # SD 1.x: heads by count, conv projections, attention at the top level only; self-attention off at level 0.
-    "sd1": dict(
-        TINY,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2,
-        only_cross_attention=(True, False),
-    ),
-    # SD 2.x: heads by width (2 x 16, 4 x 16), linear projections; FiLM-style time embedding (scale_shift).
-    "sd2": dict(
-        TINY,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        resnet_time_scale_shift="scale_shift",
-        upcast_attention=True,
-    ),
-    # SDXL: no attention at level 0, depth 2 at level 1, the vector y through text_time.
-    "sdxl": dict(
-        TINY,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 3 * 8,
-        norm_eps=1e-3,
-    ),
-    # SDXL refiner: four levels, attention in the middle two, depth 2, y through text_time.
-    "refiner": dict(
-        TINY,
-        block_out_channels=(32, 32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 2, 4, 4),
-        transformer_layers_per_block=2,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 2 * 8,
-    ),
-    # A vector y through class_embed_type 'projection' (diffusers' class_embedding, sgm's label_emb).
-    "projection": dict(
-        TINY,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2,
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=12,
-    ),
-    # An LCM-distilled UNet: the guidance-scale embedding (timestep_cond) through time_embedding.cond_proj.
-    "lcm": dict(
-        TINY,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2,
-        time_cond_proj_dim=16,
-    ),
-    # SSD-1B/Vega-shaped: depths per layer (a list per block) and up blocks unlike the down ones.
-    "ssd1b": dict(
-        TINY,
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=[1, [2, 1]],
-        reverse_transformer_layers_per_block=[[1, 3, 2], 1],
-    ),
-}
+CONFIGS = tiny.UNETS
 
 
 def diffusers_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
-    return randomize_(UNet2DConditionModel(**CONFIGS[name]).eval(), seed)
+    return tiny.unet(name, seed=seed)
 
 
 def flax_unet(torch_unet: UNet2DConditionModel, **options):
@@ -190,8 +116,8 @@ def test_sdxl_vector_is_diffusers_added_cond(rng):
     torch_unet = diffusers_unet("sdxl", seed=3)
     flax = flax_unet(torch_unet, use_checkpoint=False)
     inputs = unet_inputs(flax.config, rng)
-    text_embeds = rng.standard_normal((2, 16)).astype(np.float32)
-    time_ids = np.array([[1024, 1024, 0], [768, 512, 64]], np.float32)
+    text_embeds = rng.standard_normal((2, 8)).astype(np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 512, 64, 0, 512, 512]], np.float32)
     with torch.no_grad():
         want = torch_unet(
             torch.from_numpy(inputs["x"]),
@@ -579,8 +505,8 @@ def tiny_sdxl():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(y=None), r"UNetModel: this model takes `y` \[b, 40\]"),
-        (dict(y=np.zeros((2, 41), np.float32)), r"UNetModel: `y` must have shape \[2, 40\]; got shape \[2, 41\]"),
+        (dict(y=None), r"UNetModel: this model takes `y` \[b, 56\]"),
+        (dict(y=np.zeros((2, 57), np.float32)), r"UNetModel: `y` must have shape \[2, 56\]; got shape \[2, 57\]"),
         (dict(context=np.zeros((2, 5, 25), np.float32)), r"`context` must have shape \[2, m, 24\]; got shape \[2, 5, 25\]"),
         (dict(context=None), r"UNetModel: this model has cross-attention: `context` \[b, m, 24\] is required"),
         (dict(x=np.zeros((2, 9, 8, 4), np.float32)), r"multiples of 2 \(2 \*\* \(levels - 1\)\); got 9 x 8"),
@@ -601,7 +527,7 @@ def test_bad_inputs_are_one_line(tiny_sdxl, change, message):
         x=np.zeros((2, 8, 8, 4), np.float32),
         timesteps=np.array([1, 2]),
         context=np.zeros((2, 5, 24), np.float32),
-        y=np.zeros((2, 40), np.float32),
+        y=np.zeros((2, 56), np.float32),
     )
     with pytest.raises(ValueError, match=message):
         tiny_sdxl(**(args | change))

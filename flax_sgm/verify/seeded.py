@@ -100,29 +100,12 @@ def spatial_transformer_pair(
     return torch_module, flax_module, sample_inputs(config, seed=seed)
 
 
-# `flax-sgm verify --model unet`: an SDXL-style diffusers UNet (no attention at level 0, depth 1 and 2, the vector y
-# through text_time), small enough for about a minute on a 2-core CPU.
-VERIFY_UNET = dict(
-    block_out_channels=(64, 128),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4),
-    transformer_layers_per_block=(1, 2),
-    cross_attention_dim=64,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-    sample_size=16,
-)
-
-
 def unet_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (16, 16)):
-    """diffusers' UNet2DConditionModel of VERIFY_UNET with seeded random weights, its flax_sgm twin and inputs."""
-    from diffusers import UNet2DConditionModel
+    """`flax-sgm verify --model unet`: the tiny SDXL-style diffusers UNet (verify.tiny: no attention at level 0,
+    depths 1 and 2, the vector y through text_time) with seeded random weights, its flax_sgm twin and inputs."""
+    from flax_sgm.verify import tiny
 
-    torch_unet = randomize_(UNet2DConditionModel(**VERIFY_UNET).eval(), seed)
+    torch_unet = tiny.unet("sdxl", seed=seed)
     flax_unet = unet_twin(torch_unet, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     return flax_unet.config, torch_unet, flax_unet, unet_inputs(flax_unet.config, seed=seed, hw=hw)
 
@@ -154,22 +137,12 @@ def unet_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16), context_to
     return inputs
 
 
-# `flax-sgm verify --model vae`: a two-level diffusers AutoencoderKL with its mid-block attention.
-VERIFY_VAE = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    latent_channels=4,
-    sample_size=16,
-)
-
-
 def vae_pair(*, dtype: str = "float32", seed: int = 0, hw: tuple[int, int] = (16, 16)):
-    """diffusers' AutoencoderKL of VERIFY_VAE with seeded random weights, its flax_sgm twin and images."""
-    from diffusers import AutoencoderKL
+    """`flax-sgm verify --model vae`: the tiny diffusers AutoencoderKL (verify.tiny: two levels and the mid block's
+    attention) with seeded random weights, its flax_sgm twin and images."""
+    from flax_sgm.verify import tiny
 
-    torch_vae = randomize_(AutoencoderKL(**VERIFY_VAE).eval(), seed)
+    torch_vae = tiny.vae("tiny", seed=seed)
     flax_vae = vae_twin(torch_vae, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     return flax_vae.config, torch_vae, flax_vae, vae_inputs(flax_vae.config, seed=seed, hw=hw)
 
