@@ -283,6 +283,10 @@ def test_load_unet_returns_inference_mode_as_diffusers_does(tmp_path, rng):
     unet.train()
     dropped = np.asarray(unet(*args))
     assert rel_err(dropped, want) > 1e-2 and rel_err(np.asarray(unet(*args)), dropped) > 1e-2  # dropout on, fresh keys
+    # `seed` seeds the dropout keys: the same seed drops the same units, another seed others (it was ignored once).
+    seeded = [load_unet(tmp_path / "unet", seed=s) for s in (5, 5, 6)]
+    masks = [np.asarray(u.train() or u(*args)) for u in seeded]
+    assert rel_err(masks[0], masks[1]) == 0 and rel_err(masks[0], masks[2]) > 1e-2
     unet.eval()
     assert_close(np.asarray(unet(*args)), want, tol, what="eager after model.eval()")
     convert_unet(tmp_path / "unet", tmp_path / "out")

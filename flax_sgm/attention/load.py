@@ -57,10 +57,10 @@ def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: 
 def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, seed: int = 0, **options):
     """The stack's weights in a ready SpatialTransformer, tensor by tensor (convert.load_planned)."""
     param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
-    model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype)
+    model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     plan = stack_plan(source, stack, model, downcast)
     convert.load_planned(model, plan, source)
-    return _concrete(model, seed)
+    return _ready(model)
 
 
 def load_stack(
@@ -89,7 +89,7 @@ def load_stack(
     model = models.abstract(stack.config, dtype=dtype, param_dtype=param_dtype)
     plan = convert.conversion_plan(model, values, prefix=stack.prefix, allow_downcast=downcast)
     convert.load_planned(model, plan, values)
-    return stack, _concrete(model, 0), {k[len(stack.prefix):]: v for k, v in values.items()}
+    return stack, _ready(model), {k[len(stack.prefix):]: v for k, v in values.items()}
 
 
 # Config fields a caller may set on a loaded stack: how it runs, not what it computes (dropout: in training).
@@ -187,31 +187,20 @@ def _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, varian
 
 def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype, seed: int, options) -> nnx.Module:
     config = record.config.replace(**options)
-    model = output.restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype))
+    abstract = models.abstract(config, dtype=dtype, param_dtype=record.param_dtype, rngs=nnx.Rngs(seed))
+    model = output.restore(path, weights, record, abstract)
     if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
-        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
+        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
         params = jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param))
         nnx.update(cast, params)
         model = cast
-    return _concrete(model, seed)
+    return _ready(model)
 
 
-def _concrete(model: nnx.Module, seed: int) -> nnx.Module:
-    """The model a loader returns: the dropout RNG keys and counts that eval_shape leaves abstract given values
-    (keys from `seed`), and in inference mode (model.eval(): dropout off), as diffusers' and transformers'
-    from_pretrained return theirs; model.train() turns dropout on."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    counter = iter(range(1 << 30))
-
-    def concrete(leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), next(counter)), math.prod(leaf.shape))
-            return keys.reshape(leaf.shape)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    model = nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
+def _ready(model: nnx.Module) -> nnx.Module:
+    """The model a loader returns: in inference mode (model.eval(): dropout off), as diffusers' and transformers'
+    from_pretrained return theirs; model.train() turns dropout on. Its dropout keys are real already:
+    models.abstract seeds them from the loader's `seed`."""
     model.eval()
     return model
 

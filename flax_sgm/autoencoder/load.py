@@ -13,13 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+from flax import nnx
 
 from flax_sgm.checkpoints import convert
 from flax_sgm.autoencoder.config import PRESETS, AutoencoderConfig
 from flax_sgm.autoencoder.layout import SGM_PREFIX, TRAINING_LOSS, VAE_MARK, config_from_weights, diffusers_layout
 from flax_sgm.autoencoder.model import AutoencoderKL
 from flax_sgm.errors import CheckpointError
-from flax_sgm.attention.load import _concrete
+from flax_sgm.attention.load import _ready
 from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm import models
 
@@ -64,12 +65,11 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
                     f"({PRESETS['sd'].scaling_factor} for SD 1.x/2.x, {PRESETS['sdxl'].scaling_factor} for SDXL)"
                 )
             layout = None
-        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path))
+        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path),
+                                rngs=nnx.Rngs(seed))
         plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
-    model = _concrete(model, seed)
-    model.eval()
-    return model
+    return _ready(model)
 
 
 def released_vae_fields(shapes, source: str = "checkpoint") -> dict:

@@ -18,7 +18,7 @@ from flax_sgm.checkpoints import convert
 from flax_sgm.checkpoints.convert import KeyLayout
 from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import CONFIG_FILE
-from flax_sgm.attention.load import _concrete, choose_param_dtype
+from flax_sgm.attention.load import _ready, choose_param_dtype
 from flax_sgm.checkpoints.sources import Source, open_source
 from flax_sgm.text.config import CLIPTextConfig
 from flax_sgm.text.layout import choose_tower, config_from_weights, ignored_reason
@@ -120,9 +120,7 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
         model = models.abstract(plan.config, dtype=dtype, param_dtype=chosen_dtype)
         steps = convert.conversion_plan(model, infos, prefix=plan.prefix, layout=plan.layout, allow_downcast=downcast)
         convert.load_planned(model, steps, source, copy=not source.private)
-    model = _concrete(model, 0)
-    model.eval()
-    return model
+    return _ready(model)
 
 
 def _stored_dtype(infos, path) -> jnp.dtype:

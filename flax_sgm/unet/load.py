@@ -15,10 +15,11 @@ import math
 from pathlib import Path
 
 import jax.numpy as jnp
+from flax import nnx
 
 from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.errors import CheckpointError
-from flax_sgm.attention.load import _concrete, _restore
+from flax_sgm.attention.load import _ready, _restore
 from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm.unet.model import UNetModel
 from flax_sgm.unet.config import PRESETS, UNetConfig
@@ -69,10 +70,10 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
                                          **options)
             layout = None
         stored = _stored_dtype(source, path)
-        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored)
+        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, rngs=nnx.Rngs(seed))
         plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
-    return _concrete(model, seed)
+    return _ready(model)
 
 
 def _stored_dtype(source, path) -> jnp.dtype:
