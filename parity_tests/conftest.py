@@ -83,6 +83,16 @@ def _merge(measured: dict) -> None:
             seen[kind] = max(seen[kind], value)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """A test module may define `slow_case(item) -> bool` for the cases of a grid that run only under -m slow
+    (the exhaustive corners of a parametrization; one rule per file, beside its grid)."""
+    for item in items:
+        rule = getattr(item.module, "slow_case", None)
+        if rule is not None and rule(item):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session):
     # An xdist worker hands its measurements to the controller.
     if hasattr(session.config, "workeroutput"):

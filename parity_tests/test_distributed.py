@@ -37,7 +37,7 @@ def _step(mesh_shape: dict | None, fsdp: bool, out: Path) -> None:
     from flax_sgm import sharding
 
     config = flax_sgm.UNetConfig(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), transformer_depth=(0, 2),
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), transformer_depth=(0, 1),
         num_head_channels=16, context_dim=24, use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=16,
     )
     model = models.build(config, rngs=nnx.Rngs(0))

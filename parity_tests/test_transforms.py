@@ -92,6 +92,23 @@ def references(kind, x, c, t) -> dict:
     return dict(y=y, grad_x=grad_x, grad_params=grad_params, jvp=tangent, loop=step(step(x)))
 
 
+# Transforms through which checkpointing changes the program (the backward pass, remat itself, an export of both);
+# the forward-only ones run without checkpointing under -m slow (the checkpointed module takes them by default).
+CHECKPOINT_SENSITIVE = {"jax.grad-input", "jax.grad-params", "jax.checkpoint", "jax.export-symbolic-batch", "nnx.grad"}
+
+
+def slow_case(item) -> bool:
+    """conftest's hook: which cases of this file's grids run only under -m slow."""
+    params = getattr(item, "callspec", None)
+    params = params.params if params else {}
+    if item.originalname == "test_transform_matches_eager":
+        kind, checkpoint = params["case"]
+        return kind == "SpatialTransformer" and checkpoint is False and params["transform"] not in CHECKPOINT_SENSITIVE
+    if item.originalname == "test_forward_mode_above_one_chunk":  # jvp at both sizes both ways; the others once
+        return params["mode"] != "jax.jvp" and not (params["hw"] == 16 and params["varying"] == "x")
+    return False
+
+
 def _case_param(kind: str, checkpoint: bool | None):
     """The default run takes SpatialTransformer (whose blocks are BasicTransformerBlocks) both ways, the single-layer
     block as built by default, and CrossAttention; the blocks on their own, and the single-layer block without
