@@ -65,3 +65,12 @@ def make_beta_schedule(
     n_timestep,
     linear_start=1e-4,
     linear_end=2e-2,
+):
+    if schedule == "linear":
+        betas = (
+            torch.linspace(
+                linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64
+            )
+            ** 2
+        )
+    return betas.numpy()
