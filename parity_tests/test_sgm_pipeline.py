@@ -1,0 +1,147 @@
+"""load_pipeline of an sgm single file: the tiny pipelines of test_pipeline written as sgm single files.
+
+The file's tensors are the diffusers models' under sgm's names, each part checked by diffusers' own single-file
+converters (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint,
+convert_open_clip_checkpoint) mapping it back exactly. The reference is sgm's sampler and denoiser themselves
+(torch_ref/sgm, vendored) run over the diffusers UNet with diffusers' prompt embeddings; and the single file's
+pipeline equals the directory's with the same sampler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.numpy import save_file
+
+from conftest import assert_close
+from test_autoencoder import flax_vae
+from test_pipeline import SIZE, initial_latents, torch_pipeline
+from test_text import sgm_clip, sgm_open_clip, tiny_config
+from test_unet import flax_unet
+from flax_sgm import CheckpointError, load_pipeline
+from flax_sgm.autoencoder.layout import SGM_PREFIX as VAE_PREFIX
+from flax_sgm.checkpoints import convert
+from flax_sgm.pipeline.sgm_file import DEMO_SAMPLER, RELEASED_DENOISER
+from flax_sgm.sampling import SgmSamplerConfig
+from flax_sgm.unet.layout import SGM_PREFIX as UNET_PREFIX
+from flax_sgm.verify.criteria import PIPELINE
+from torch_ref.sgm.util import instantiate_from_config
+
+STEPS = 3
+SCALING = {"sd": 0.18215, "sdxl": 0.13025}
+
+
+def exact(mapped, model) -> None:
+    want = model.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+
+
+def write_single_file(pipe, family: str, path) -> list:
+    """The torch pipeline as an sgm single file; returns the text towers' configs (tiny: not released shapes)."""
+    unet = convert.to_torch_state_dict(flax_unet(pipe.unet), prefix=UNET_PREFIX)
+    exact(convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in unet.items()}, dict(pipe.unet.config)), pipe.unet)
+    vae = convert.to_torch_state_dict(flax_vae(pipe.vae), prefix=VAE_PREFIX)
+    exact(convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in vae.items()}, dict(pipe.vae.config)), pipe.vae)
+    if family == "sd":
+        text, towers = sgm_clip(pipe.text_encoder, "cond_stage_model.transformer."), [pipe.text_encoder]
+    else:
+        text = (sgm_clip(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+                | sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+        towers = [pipe.text_encoder, pipe.text_encoder_2]
+    save_file(unet | vae | text, str(path))
+    return [tiny_config(t) for t in towers]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Each family's torch pipeline, its directory (for the tokenizers) and its sgm single file."""
+    root = tmp_path_factory.mktemp("sgm_files")
+    out = {}
+    for family in ("sd", "sdxl"):
+        pipe = torch_pipeline(family)
+        pipe.save_pretrained(root / family)
+        configs = write_single_file(pipe, family, root / f"{family}.safetensors")
+        out[family] = (pipe, root / family, root / f"{family}.safetensors", configs)
+    return out
+
+
+def load(files, family, **kwargs):
+    pipe, directory, path, configs = files[family]
+    return load_pipeline(path, tokenizer=directory, unet_config=flax_unet(pipe.unet).config, text_configs=configs,
+                         scaling_factor=SCALING[family], **kwargs)
+
+
+def sgm_reference(pipe, family: str, prompt: str, latents: np.ndarray, steps: int) -> np.ndarray:
+    """sgm's DiffusionEngine sampling with its demo sampler: the vendored EulerEDMSampler, DiscreteDenoiser and
+    VanillaCFG over the diffusers UNet, fed diffusers' prompt embeddings (SDXL: zeroed unconditional ones, as
+    sgm's demo's force_uc_zero_embeddings=["txt"]); final latents NHWC."""
+    sampler = instantiate_from_config({**DEMO_SAMPLER, "params": {**DEMO_SAMPLER["params"], "num_steps": steps,
+                                                                   "device": "cpu"}})
+    denoiser = instantiate_from_config(RELEASED_DENOISER)
+    with torch.no_grad():
+        if family == "sd":
+            c, uc = pipe.encode_prompt(prompt, "cpu", 1, True)
+            cond, uncond = {"crossattn": c}, {"crossattn": uc}
+        else:
+            c, uc, pooled, uc_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=True)
+            ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
+            cond = {"crossattn": c, "vector": torch.cat([pooled, ids], 1)}
+            uncond = {"crossattn": uc, "vector": torch.cat([uc_pooled, ids], 1)}
+        pooled_width = 0 if family == "sd" else pooled.shape[1]
+
+        def network(x, t, cond):
+            extra = {}
+            if "vector" in cond:
+                v = cond["vector"]
+                extra = {"added_cond_kwargs": {"text_embeds": v[:, :pooled_width], "time_ids": v[:, pooled_width:]}}
+            return pipe.unet(x, t, encoder_hidden_states=cond["crossattn"], **extra).sample
+
+        x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+        out = sampler(lambda inp, sigma, c: denoiser(network, inp, sigma, c), x, cond, uncond)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_file_equals_sgm_sampling(files, family):
+    """The single file's pipeline, with sgm's demo sampler by default, equals sgm's own sampler over diffusers'
+    models; (SD) the directory's pipeline with the same sampler gives the same images."""
+    pipe = load(files, family)
+    assert isinstance(pipe.scheduler, SgmSamplerConfig) and pipe.scheduler.kind == "euler_edm"
+    assert pipe.scheduler.guidance_scale == 5.0 and pipe.describe()["family"] == family
+    latents = initial_latents(1)
+    got = pipe("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(files[family][0], family, "a cat", latents, STEPS), PIPELINE, f"{family} latents")
+
+    if family != "sd":  # the decoder path once is enough in the default run
+        return
+    directory = load_pipeline(files[family][1], scheduler=pipe.scheduler)
+    images = pipe("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE).images
+    want = directory("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE).images
+    assert_close(images, want, PIPELINE, f"{family} images, file against directory")
+
+
+def test_single_file_samplers_and_bad_input(files, tmp_path):
+    pipe, directory, path, configs = files["sd"]
+    assert load(files, "sd", scheduler="dpmpp_2m").scheduler.kind == "dpmpp_2m"
+    sampler = {"target": "sgm.modules.diffusionmodules.sampling.HeunEDMSampler",
+               "params": {"discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.EDMDiscretization"}}}
+    heun = load(files, "sd", scheduler=sampler).scheduler
+    assert (heun.kind, heun.discretization, heun.guidance_scale) == ("heun_edm", "edm", None)
+
+    def one_line(call, match):
+        with pytest.raises(CheckpointError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+    one_line(lambda: load_pipeline(path), r"sd.safetensors: a single file holds no tokenizer; pass tokenizer=")
+    one_line(lambda: load(files, "sd", scheduler="pndm"), r"scheduler='pndm': a single file runs sgm's samplers")
+    one_line(lambda: load(files, "sd", scheduler={"target": "x.Foo"}), r"scheduler=: sampler 'Foo' is not supported")
+    one_line(lambda: load_pipeline(directory, scaling_factor=0.2), r"scaling_factor= is for a single file")
+    save_file({"first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
+    one_line(lambda: load_pipeline(tmp_path / "vae.safetensors", tokenizer=directory),
+             r"vae.safetensors: its text encoders \(none\) are none of SD 1.x's")
+    with pytest.raises(ValueError, match="add_noise: sgm samplers have no img2img start"):
+        load(files, "sd")("a cat", num_inference_steps=2, image=np.zeros((1, SIZE, SIZE, 3), np.float32))
