@@ -15,7 +15,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.numpy import save_file
 
-from conftest import assert_close
+from conftest import assert_close, cli_error
 from test_autoencoder import flax_vae
 from test_pipeline import SIZE, initial_latents, torch_pipeline
 from test_text import sgm_clip, sgm_open_clip, tiny_config
@@ -145,3 +145,10 @@ def test_single_file_samplers_and_bad_input(files, tmp_path):
              r"vae.safetensors: its text encoders \(none\) are none of SD 1.x's")
     with pytest.raises(ValueError, match="add_noise: sgm samplers have no img2img start"):
         load(files, "sd")("a cat", num_inference_steps=2, image=np.zeros((1, SIZE, SIZE, 3), np.float32))
+
+
+def test_cli_sample_single_file_needs_its_tokenizers(files, tmp_path):
+    path = files["sd"][2]
+    line = cli_error("sample", str(path), "--prompt", "a cat", "-o", str(tmp_path / "cat.png"))
+    assert "a single file holds no tokenizer; pass tokenizer=" in line
+    assert not (tmp_path / "cat.png").exists()
