@@ -111,3 +111,47 @@ def test_sgm_sampler_equals_sgm(name, monkeypatch):
     key = jax.random.key(7) if cfg.stochastic else None
     want = reference(sampler_config, denoiser_config, x, key, make_plan(cfg, STEPS).rows["draws"], monkeypatch)
     assert_close(ours(cfg, x, key), want, SAMPLER, name)
+
+
+def test_from_sgm_reads_the_demo_config_and_round_trips():
+    cfg = SgmSamplerConfig.from_sgm(sampler("EulerEDMSampler", guider=CFG, s_churn=0.0, s_tmax=999.0, verbose=True),
+                                    discrete("EpsScaling"))
+    assert (cfg.kind, cfg.num_steps, cfg.discretization, cfg.guidance_scale, cfg.scaling) == (
+        "euler_edm", STEPS, "legacy_ddpm", 5.0, "eps")
+    assert not cfg.stochastic and cfg.replace(s_churn=1.0).stochastic
+    assert SgmSamplerConfig.from_dict(cfg.to_dict()) == cfg
+    edm = SgmSamplerConfig.from_sgm(sampler("DPMPP2MSampler", EDM_DEMO), continuous("EDMScaling"))
+    assert (edm.discretization, edm.sigma_min, edm.sigma_max, edm.rho, edm.discrete) == ("edm", 0.03, 14.61, 3.0, False)
+    assert SgmSamplerConfig.from_sgm(sampler("LinearMultistepSampler", order=3)).lms_order == 3
+    assert make_plan(cfg.replace(kind="heun_edm"), STEPS).timesteps.shape == (2 * STEPS - 1,)  # no corrector to sigma 0
+
+
+@pytest.mark.parametrize("sampler_config, denoiser_config, match", [
+    ({"target": M + "sampling.DDIMSampler", "params": {}}, None,
+     r"sampler 'DDIMSampler' is not supported; supported: \['DPMPP2MSampler'"),
+    (sampler("EulerEDMSampler", eta=1.0), None, r"EulerEDMSampler param 'eta' is not known"),
+    ({"target": M + "sampling.EulerEDMSampler", "params": {"num_steps": 4}}, None, r"needs params.discretization_config"),
+    (sampler("EulerEDMSampler", {"target": M + "discretizer.EDMDiscretization", "params": {"sigma": 1}}), None,
+     r"EDMDiscretization param 'sigma' is not known"),
+    (sampler("EulerEDMSampler", guider={"target": M + "guiders.LinearPredictionGuider", "params": {}}), None,
+     r"guider 'LinearPredictionGuider' is not supported"),
+    (sampler("EulerEDMSampler"), continuous("FancyScaling"), r"scaling 'FancyScaling' is not supported"),
+    (sampler("EulerEDMSampler"), {**discrete("EpsScaling"), "params": {**discrete("EpsScaling")["params"], "flip": False}},
+     r"DiscreteDenoiser param flip=False is not supported \(only True\)"),
+    (sampler("EulerEDMSampler"), {**discrete("EpsScaling"), "params": {**discrete("EpsScaling")["params"],
+                                                                         "discretization_config": EDM_DEMO}},
+     r"a DiscreteDenoiser over EDMDiscretization is not supported"),
+])
+def test_from_sgm_refuses_in_one_line(sampler_config, denoiser_config, match):
+    with pytest.raises(ValueError, match=match) as err:
+        SgmSamplerConfig.from_sgm(sampler_config, denoiser_config)
+    assert "\n" not in str(err.value)
+
+
+def test_sample_refuses_img2img_and_a_missing_key():
+    cfg = SgmSamplerConfig.from_sgm(sampler("EulerAncestralSampler"))
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="stochastic and needs key="):
+        sample(lambda x, t: x, x, cfg, STEPS)
+    with pytest.raises(ValueError, match="sgm samplers start at the first step"):
+        sample(lambda x, t: x, x, cfg, STEPS, key=jax.random.key(0), start_step=1)
