@@ -46,6 +46,8 @@ def write_single_file(pipe, family: str, path) -> list:
     exact(convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in vae.items()}, dict(pipe.vae.config)), pipe.vae)
     if family == "sd":
         text, towers = sgm_clip(pipe.text_encoder, "cond_stage_model.transformer."), [pipe.text_encoder]
+    elif family == "sd2":  # sgm's FrozenOpenCLIPEmbedder
+        text, towers = sgm_open_clip(pipe.text_encoder, "cond_stage_model.model."), [pipe.text_encoder]
     else:
         text = (sgm_clip(pipe.text_encoder, "conditioner.embedders.0.transformer.")
                 | sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
@@ -84,13 +86,19 @@ def sgm_reference(pipe, family: str, prompt: str, latents: np.ndarray, steps: in
         if family == "sd":
             c, uc = pipe.encode_prompt(prompt, "cpu", 1, True)
             cond, uncond = {"crossattn": c}, {"crossattn": uc}
+        elif family == "sd2":  # sgm's legacy OpenCLIP embedder: the penultimate layer, then ln_final
+            def embed(text):
+                ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                hidden = pipe.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+                return pipe.text_encoder.text_model.final_layer_norm(hidden)
+            cond, uncond = {"crossattn": embed([prompt])}, {"crossattn": embed([""])}
         else:
             c, uc, pooled, uc_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                           do_classifier_free_guidance=True)
             ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
             cond = {"crossattn": c, "vector": torch.cat([pooled, ids], 1)}
             uncond = {"crossattn": uc, "vector": torch.cat([uc_pooled, ids], 1)}
-        pooled_width = 0 if family == "sd" else pooled.shape[1]
+        pooled_width = pooled.shape[1] if family == "sdxl" else 0
 
         def network(x, t, cond):
             extra = {}
@@ -152,3 +160,42 @@ def test_cli_sample_single_file_needs_its_tokenizers(files, tmp_path):
     line = cli_error("sample", str(path), "--prompt", "a cat", "-o", str(tmp_path / "cat.png"))
     assert "a single file holds no tokenizer; pass tokenizer=" in line
     assert not (tmp_path / "cat.png").exists()
+
+
+def test_the_family_is_read_off_the_text_towers():
+    from flax_sgm.pipeline.sgm_file import family_of
+    from flax_sgm.text.layout import find_towers
+
+    clip, openclip = "text_model.embeddings.token_embedding.weight", "token_embedding.weight"
+    files = {
+        ("sd", ("text_encoder",), ("last",)): ["cond_stage_model.transformer." + clip],
+        ("sd", ("text_encoder",), ("penultimate",)): ["cond_stage_model.model." + openclip],
+        ("sdxl", ("text_encoder", "text_encoder_2"), ("penultimate", "penultimate")): [
+            "conditioner.embedders.0.transformer." + clip, "conditioner.embedders.1.model." + openclip],
+        ("sdxl-refiner", ("text_encoder_2",), ("penultimate",)): ["conditioner.embedders.0.model." + openclip],
+    }
+    for (family, encoders, layers), keys in files.items():
+        got, names, specs = family_of(find_towers(keys), "f")
+        assert (got, tuple(names), tuple(s.layer for s in specs)) == (family, encoders, layers)
+    # sgm's SD 2.x embedder applies the final norm to the penultimate layer; SDXL's embedders do not.
+    assert family_of(find_towers(files[("sd", ("text_encoder",), ("penultimate",))]), "f")[2][0].final_norm
+    assert not any(s.final_norm for s in family_of(find_towers(files[next(k for k in files if k[0] == "sdxl")]), "f")[2])
+
+
+@pytest.mark.slow
+def test_sd2_single_file_equals_sgm_sampling(tmp_path):
+    """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against sgm's sampler fed the
+    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm)."""
+    from diffusers import StableDiffusionPipeline
+
+    sd, sdxl = torch_pipeline("sd"), torch_pipeline("sdxl")
+    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sdxl.text_encoder_2, tokenizer=sdxl.tokenizer_2, unet=sd.unet,
+                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd2")
+    configs = write_single_file(pipe, "sd2", tmp_path / "sd2.safetensors")
+    ours = load_pipeline(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "sd2", unet_config=flax_unet(pipe.unet).config,
+                         text_configs=configs, scaling_factor=SCALING["sd"])
+    latents = initial_latents(1)
+    got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(pipe, "sd2", "a cat", latents, STEPS), PIPELINE, "sd2 latents")

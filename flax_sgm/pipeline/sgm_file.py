@@ -51,6 +51,16 @@ FAMILIES = {
 LATENT_SIZE = {"sd": 64, "sdxl": 128, "sdxl-refiner": 128}  # sgm's demo: 512 (SD), 1024 (SDXL) images
 
 
+def family_of(towers, source: str) -> tuple[str, list[str], tuple[EmbedderSpec, ...]]:
+    """(pipeline family, diffusers' encoder names, embedder specs) of a single file's text towers."""
+    found = tuple((t.prefix, t.kind) for t in towers)
+    if found not in FAMILIES:
+        held = ", ".join(t.describe() for t in towers) or "none"
+        raise CheckpointError(f"{source}: its text encoders ({held}) are none of SD 1.x's, SD 2.x's, SDXL's or the SDXL "
+                              "refiner's; load its parts with load_unet, load_vae, load_text_encoder")
+    return FAMILIES[found]
+
+
 def sampler_config(scheduler) -> SgmSamplerConfig:
     """A single file's sampler: None (sgm's demo default), an SgmSamplerConfig, an sgm kind name (SGM_KINDS,
     with the demo's discretization and guider) or sgm's sampler_config mapping (with the released denoiser)."""
@@ -82,12 +92,7 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
                               "tokenizer/ (and tokenizer_2/), or a list of tokenizer folders, one per text encoder)")
     with open_source(path) as source:
         towers = find_towers(list(source.infos))
-    found = tuple((t.prefix, t.kind) for t in towers)
-    if found not in FAMILIES:
-        held = ", ".join(t.describe() for t in towers) or "none"
-        raise CheckpointError(f"{path}: its text encoders ({held}) are none of SD 1.x's, SD 2.x's, SDXL's or the SDXL "
-                              "refiner's; load its parts with load_unet, load_vae, load_text_encoder")
-    family, encoders, specs = FAMILIES[found]
+    family, encoders, specs = family_of(towers, str(path))
     if text_configs is not None and len(text_configs) != len(towers):
         raise CheckpointError(f"text_configs=: {len(text_configs)} given for {len(towers)} text encoders")
     cfg = sampler_config(scheduler)
