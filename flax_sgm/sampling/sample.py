@@ -59,7 +59,7 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
 
     `noise` is diffusers' `latents` argument (unscaled); at `start_step` > 0 (img2img) it is the
     output of `add_noise` and is used as is. Stochastic samplers (`cfg.stochastic`) take `key`;
-    the noise of step i of the timesteps is `step_noise(key, i, shape)`. `progress(i)` is called
+    the noise of step i of the timesteps (sgm: of network evaluation i) is `step_noise(key, i, shape)`. `progress(i)` is called
     from the compiled loop after each step. Arithmetic is float32; the result has noise's dtype.
     """
     if not isinstance(cfg, (SchedulerConfig, SgmSamplerConfig)):

@@ -128,8 +128,10 @@ class SgmSamplerConfig(ConfigIO):
                 values.update(_discretization(value, f"{source}: discretization_config", prefix=""))
             elif name == "guider_config":
                 values["guidance_scale"] = _guider(value, f"{source}: guider_config")
+            elif name == "order" and name in own:
+                values["lms_order"] = int(value)
             elif name in own:
-                values["lms_order" if name == "order" else name] = float(value) if name != "order" else int(value)
+                values[name] = float(value)
             elif name not in _IRRELEVANT:
                 raise ValueError(f"{source}: {target} param {name!r} is not known to flax_sgm's sgm samplers")
         if "discretization" not in values:
