@@ -113,6 +113,19 @@ def test_sgm_sampler_equals_sgm(name, monkeypatch):
     assert_close(ours(cfg, x, key), want, SAMPLER, name)
 
 
+def test_euler_ancestral_at_eta_0_is_euler(monkeypatch):
+    """sgm's EulerAncestralSampler(eta=0) crashes (get_ancestral_step returns the float 0.0, which append_dims
+    cannot take); its maths is then the Euler step to the next sigma, which ours equals: sgm's EulerEDMSampler."""
+    ancestral = sampler("EulerAncestralSampler", eta=0.0)
+    cfg = SgmSamplerConfig.from_sgm(ancestral, discrete("EpsScaling"))
+    assert not cfg.stochastic
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    with pytest.raises(AttributeError, match="'float' object has no attribute 'ndim'"):
+        reference(ancestral, discrete("EpsScaling"), x, jax.random.key(0), np.ones(STEPS, bool), monkeypatch)
+    want = reference(sampler("EulerEDMSampler"), discrete("EpsScaling"), x, None, np.zeros(STEPS, bool), monkeypatch)
+    assert_close(ours(cfg, x, None), want, SAMPLER, "eta 0")
+
+
 def test_from_sgm_reads_the_demo_config_and_round_trips():
     cfg = SgmSamplerConfig.from_sgm(sampler("EulerEDMSampler", guider=CFG, s_churn=0.0, s_tmax=999.0, verbose=True),
                                     discrete("EpsScaling"))
