@@ -48,6 +48,8 @@ def write_single_file(pipe, family: str, path) -> list:
         text, towers = sgm_clip(pipe.text_encoder, "cond_stage_model.transformer."), [pipe.text_encoder]
     elif family == "sd2":  # sgm's FrozenOpenCLIPEmbedder
         text, towers = sgm_open_clip(pipe.text_encoder, "cond_stage_model.model."), [pipe.text_encoder]
+    elif family == "refiner":  # sgm's FrozenOpenCLIPEmbedder2 alone
+        text, towers = sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.0.model."), [pipe.text_encoder_2]
     else:
         text = (sgm_clip(pipe.text_encoder, "conditioner.embedders.0.transformer.")
                 | sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
@@ -92,13 +94,21 @@ def sgm_reference(pipe, family: str, prompt: str, latents: np.ndarray, steps: in
                 hidden = pipe.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
                 return pipe.text_encoder.text_model.final_layer_norm(hidden)
             cond, uncond = {"crossattn": embed([prompt])}, {"crossattn": embed([""])}
+        elif family == "refiner":  # the penultimate layer and the projected pooled vector; "" encoded for uc
+            def embed(text, score):
+                ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                out = pipe.text_encoder_2(ids.input_ids, output_hidden_states=True)
+                size = torch.tensor([[SIZE, SIZE, 0, 0, score]], dtype=torch.float32)
+                return {"crossattn": out.hidden_states[-2], "vector": torch.cat([out.text_embeds, size], 1)}
+            cond, uncond = embed([prompt], 6.0), embed([""], 2.5)
+            pooled = cond["vector"][:, :-5]
         else:
             c, uc, pooled, uc_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                           do_classifier_free_guidance=True)
             ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
             cond = {"crossattn": c, "vector": torch.cat([pooled, ids], 1)}
             uncond = {"crossattn": uc, "vector": torch.cat([uc_pooled, ids], 1)}
-        pooled_width = pooled.shape[1] if family == "sdxl" else 0
+        pooled_width = pooled.shape[1] if family in ("sdxl", "refiner") else 0
 
         def network(x, t, cond):
             extra = {}
@@ -199,3 +209,28 @@ def test_sd2_single_file_equals_sgm_sampling(tmp_path):
     latents = initial_latents(1)
     got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
     assert_close(got, sgm_reference(pipe, "sd2", "a cat", latents, STEPS), PIPELINE, "sd2 latents")
+
+
+@pytest.mark.slow
+def test_refiner_single_file_equals_sgm_sampling(tmp_path):
+    """An SDXL refiner single file (OpenCLIP alone under conditioner.embedders.0.model.; the aesthetic score in
+    the vector) against sgm's sampler fed sgm's refiner conditioning ("" encoded for the unconditional)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    from conftest import randomize_
+    from test_pipeline import UNETS
+
+    sdxl = torch_pipeline("sdxl")
+    unet = randomize_(UNet2DConditionModel(**UNETS["sdxl"] | dict(cross_attention_dim=32,
+                                                                 projection_class_embeddings_input_dim=24 + 5 * 8)).eval(), 5)
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=sdxl.vae, text_encoder=None, text_encoder_2=sdxl.text_encoder_2,
+                                            tokenizer=None, tokenizer_2=sdxl.tokenizer_2, unet=unet,
+                                            scheduler=sdxl.scheduler, requires_aesthetics_score=True)
+    pipe.save_pretrained(tmp_path / "refiner")
+    configs = write_single_file(pipe, "refiner", tmp_path / "refiner.safetensors")
+    ours = load_pipeline(tmp_path / "refiner.safetensors", tokenizer=tmp_path / "refiner",
+                         unet_config=flax_unet(unet).config, text_configs=configs, scaling_factor=SCALING["sdxl"])
+    assert ours.family == "sdxl-refiner"
+    latents = initial_latents(1)
+    got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(pipe, "refiner", "a cat", latents, STEPS), PIPELINE, "refiner latents")
