@@ -13,7 +13,7 @@ from flax_sgm.sampling import KINDS, SGM_KINDS
 
 
 @click.command(
-    short_help="Sample images from a prompt with a pipeline directory or single file.",
+    short_help="Prompt to images with a diffusers directory or an sgm file.",
     epilog="""\b
 Examples:
   flax-sgm sample stable-diffusion-v1-5 --prompt "a cat on a mat" -o cat.png
