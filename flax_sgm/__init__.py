@@ -27,7 +27,7 @@ from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
 from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
 from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
-from flax_sgm.sampling import SchedulerConfig, sample
+from flax_sgm.sampling import SchedulerConfig, SgmSamplerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Pipeline",
     "PipelineOutput",
     "SchedulerConfig",
+    "SgmSamplerConfig",
     "SpatialSelfAttention",
     "SpatialTransformer",
     "SpatialTransformerConfig",

@@ -9,17 +9,18 @@ from pathlib import Path
 import click
 
 from flax_sgm.cli.common import clean_errors, to_json, variant_option
-from flax_sgm.sampling import KINDS
+from flax_sgm.sampling import KINDS, SGM_KINDS
 
 
 @click.command(
-    short_help="Sample images from a prompt with a diffusers pipeline directory.",
+    short_help="Prompt to images with a diffusers directory or an sgm file.",
     epilog="""\b
 Examples:
   flax-sgm sample stable-diffusion-v1-5 --prompt "a cat on a mat" -o cat.png
   flax-sgm sample stable-diffusion-xl-base-1.0 --prompt "a lighthouse" --steps 30 --sampler euler \\
       --batch 2 -o lighthouse.png          # lighthouse-0.png, lighthouse-1.png
-  flax-sgm sample sd-dir --prompt "a cat" --json -o cat.png""",
+  flax-sgm sample sd-dir --prompt "a cat" --json -o cat.png
+  flax-sgm sample sd_xl_base_1.0.safetensors --tokenizer sdxl-dir --prompt "a cat" -o cat.png""",
 )
 @click.argument("path", type=click.Path())
 @click.option("--prompt", required=True, help="What to draw.")
@@ -29,8 +30,12 @@ Examples:
 @click.option("--height", type=int, help="Image height (default: the UNet's sample size times the VAE's factor).")
 @click.option("--width", type=int, help="Image width (the same default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--sampler", type=click.Choice(KINDS), help="Another sampler than the directory's scheduler, on its "
-              "noise schedule (as diffusers' OtherScheduler.from_config).")
+@click.option("--sampler", type=click.Choice(sorted(set(KINDS) | set(SGM_KINDS))),
+              help="Another sampler than the directory's scheduler, on its noise schedule (as diffusers' "
+              f"OtherScheduler.from_config); for a single file one of sgm's ({', '.join(SGM_KINDS)}).")
+@click.option("--tokenizer", "tokenizers", multiple=True, type=click.Path(),
+              help="A single file's tokenizers: a pipeline directory with tokenizer/ (and tokenizer_2/), or one "
+              "tokenizer folder per text encoder (repeat the option).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images for the prompt (OUT-0.png, OUT-1.png, ... when above 1).")
 @variant_option
@@ -39,11 +44,11 @@ Examples:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="The PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written and the timings as JSON.")
 @clean_errors
-def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, sampler, batch, variant, dtype, out,
-           as_json):
+def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, sampler, tokenizers, batch, variant, dtype,
+           out, as_json):
     """Sample --batch images for --prompt with the diffusers pipeline directory PATH (StableDiffusionPipeline or
-    StableDiffusionXLPipeline: model_index.json, scheduler/, unet/, vae/, text encoders and tokenizers) and
-    write each as a PNG. A progress bar follows the steps of the compiled loop; the time per step (the compile
+    StableDiffusionXLPipeline: model_index.json, scheduler/, unet/, vae/, text encoders and tokenizers), or the
+    sgm single file PATH with --tokenizer (sgm's demo sampler: EulerEDM, guidance 5.0), and write each as a PNG. A progress bar follows the steps of the compiled loop; the time per step (the compile
     apart) is printed at the end. Nothing is written unless the whole image is: each PNG goes to a temporary
     file renamed into place."""
     import jax
@@ -58,7 +63,9 @@ def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, 
         raise click.BadParameter(f"{out.parent}: no such directory", param_hint="-o")
     if dtype is None:
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    pipe = load_pipeline(path, variant=variant, dtype=None if dtype == "float32" else jnp.dtype(dtype), scheduler=sampler)
+    tokenizer = None if not tokenizers else tokenizers[0] if len(tokenizers) == 1 else list(tokenizers)
+    pipe = load_pipeline(path, variant=variant, dtype=None if dtype == "float32" else jnp.dtype(dtype), scheduler=sampler,
+                         tokenizer=tokenizer)
     total = len(timesteps_for(pipe.scheduler, steps))
     with tqdm(total=total, desc="sampling", unit="step", disable=None, leave=False) as bar:
         result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,

@@ -56,8 +56,9 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=None, scheduler: str | None = None) -> Pipeline:
-    """A ready Pipeline (models in inference mode) from a diffusers pipeline directory.
+def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=None, scheduler=None,
+                  unet_config=None, text_configs=None, scaling_factor: float | None = None) -> Pipeline:
+    """A ready Pipeline (models in inference mode) from a diffusers pipeline directory or an sgm single file.
 
     path: a directory holding model_index.json (StableDiffusionPipeline: SD 1.x/2.x; StableDiffusionXLPipeline:
       SDXL; their Img2Img classes, the SDXL refiner among them), scheduler/scheduler_config.json and the models.
@@ -66,13 +67,30 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
     variant: the models' variant files ("fp16"), as diffusers' from_pretrained(variant=...).
     dtype: the compute dtype of every model (parameters stay as stored); latents are float32 throughout.
     scheduler: another sampler than the directory's (a flax_sgm.sampling.KINDS name: "ddim", "euler", ...), its
-      config made from the directory's as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`.
+      config made from the directory's as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`; or an
+      SgmSamplerConfig (sgm's sampler and denoiser over the directory's models).
+
+    An sgm/LDM single file (SD 1.x, SD 2.x, SDXL base or refiner; flax_sgm.pipeline.sgm_file): the UNet, VAE and
+    text encoders from the file, `tokenizer=` required; `scheduler` an sgm sampler (None: sgm's demo default,
+    EulerEDM over LegacyDDPM with VanillaCFG 5.0; an SgmSamplerConfig; a flax_sgm.sampling.SGM_KINDS name; or
+    sgm's sampler_config mapping). unet_config, text_configs (one per text encoder) and scaling_factor: only for
+    a single file whose shapes are no released model's.
     """
     path = Path(path)
+    if path.is_file():
+        from flax_sgm.pipeline.sgm_file import load_single_file_pipeline
+
+        if variant is not None:
+            raise CheckpointError(f"{path}: variant= picks a diffusers directory's files; a single file has none")
+        return load_single_file_pipeline(path, tokenizer=tokenizer, dtype=dtype, scheduler=scheduler,
+                                         unet_config=unet_config, text_configs=text_configs,
+                                         scaling_factor=scaling_factor)
     if not path.is_dir():
-        kind = "a single file" if path.is_file() else "no such directory"
-        raise CheckpointError(f"{path}: {kind}; load_pipeline reads a diffusers pipeline directory (an sgm single "
-                              "file is not supported yet: load its parts with load_unet, load_vae, load_text_encoder)")
+        raise CheckpointError(f"{path}: no such file or directory; load_pipeline reads a diffusers pipeline directory "
+                              "or an sgm single file")
+    for name, value in (("unet_config", unet_config), ("text_configs", text_configs), ("scaling_factor", scaling_factor)):
+        if value is not None:
+            raise CheckpointError(f"{path}: {name}= is for a single file; a pipeline directory's configs say it")
     if not (path / MODEL_INDEX).is_file():
         raise CheckpointError(f"{path}: no {MODEL_INDEX}; not a diffusers pipeline directory")
     index = read_json(path / MODEL_INDEX, MODEL_INDEX)
@@ -146,9 +164,13 @@ def _read_tokenizer(folder: Path):
     return load_tokenizer(folder)
 
 
-def _scheduler_config(config: dict, source: str, kind: str | None):
-    from flax_sgm.sampling import SchedulerConfig
+def _scheduler_config(config: dict, source: str, kind):
+    from flax_sgm.sampling import SchedulerConfig, SgmSamplerConfig
 
+    if isinstance(kind, SgmSamplerConfig):  # sgm's sampler over the directory's models
+        return kind
+    if kind is not None and not isinstance(kind, str):
+        raise CheckpointError(f"scheduler=: a sampler kind name or an SgmSamplerConfig; got {type(kind).__name__}")
     try:
         return SchedulerConfig.from_diffusers(config, source=source, kind=kind)
     except CheckpointError:

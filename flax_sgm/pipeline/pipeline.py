@@ -73,10 +73,10 @@ class Pipeline:
 
     def __init__(self, *, family: str, unet: UNetModel, vae: AutoencoderKL, text_encoders: Sequence[CLIPTextModel],
                  tokenizers: Sequence, scheduler, unet_json: dict | None = None, flags: dict | None = None,
-                 source: str = "pipeline"):
+                 source: str = "pipeline", specs: Sequence[EmbedderSpec] | None = None):
         if family not in FAMILIES:
             raise ValueError(f"Pipeline: family must be one of {list(FAMILIES)}; got {family!r}")
-        specs = FAMILIES[family]
+        specs = FAMILIES[family] if specs is None else tuple(specs)  # an sgm single file: sgm's embedders
         if not len(text_encoders) == len(tokenizers) == len(specs):
             raise ValueError(f"Pipeline: a {family} pipeline takes {len(specs)} text encoders and tokenizers; got "
                              f"{len(text_encoders)} and {len(tokenizers)}")
@@ -153,8 +153,9 @@ class Pipeline:
             raise ValueError(f"output: one of {', '.join(OUTPUTS)}; got {output!r}")
         steps = _positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
-        if guidance_scale is None:
-            guidance_scale = 5.0 if self.family != "sd" else DEFAULT_GUIDANCE
+        if guidance_scale is None:  # an sgm sampler's guider scale, else diffusers' pipeline's default
+            guidance_scale = getattr(self.scheduler, "guidance_scale", None) or (
+                5.0 if self.family != "sd" else DEFAULT_GUIDANCE)
         guidance_scale = float(guidance_scale)
         lcm = self.unet.config.time_cond_proj_dim is not None
         guided = guidance_scale > 1.0 and not lcm  # diffusers' do_classifier_free_guidance

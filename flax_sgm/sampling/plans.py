@@ -29,6 +29,7 @@ class Plan:
     init_carry: Callable  # x -> carry (a dict of arrays)
     step: Callable  # (carry, row, model_output, noise) -> carry; carry["x"] is the latent
     model_input: Callable  # (x, row) -> the UNet's input
+    prepare: Callable | None = None  # (carry, row, noise) -> carry before the model call (sgm's EDM churn)
 
 
 def _identity_input(x, row):
@@ -351,10 +352,15 @@ def lcm(cfg: SchedulerConfig, n: int) -> Plan:
     return Plan(ts.astype(np.int64), rows, 1.0, lambda x: {"x": x}, step, _identity_input)
 
 
-def make_plan(cfg: SchedulerConfig, n: int, start: int = 0) -> Plan:
-    """The plan of `n` inference steps; `start` is the first index into its timesteps that runs."""
+def make_plan(cfg, n: int, start: int = 0) -> Plan:
+    """The plan of `n` inference steps; `start` is the first index into its timesteps that runs.
+    cfg: a SchedulerConfig (diffusers' schedulers) or an SgmSamplerConfig (sgm's samplers)."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
+    from flax_sgm.sampling.sgm import SgmSamplerConfig, sgm_plan
+
+    if isinstance(cfg, SgmSamplerConfig):
+        return sgm_plan(cfg, int(n), start)
     if cfg.kind == "lms":
         return lms(cfg, n, start)
     if cfg.kind == "dpmpp_2m":

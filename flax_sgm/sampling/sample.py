@@ -11,6 +11,7 @@ import numpy as np
 from flax_sgm.sampling import schedules
 from flax_sgm.sampling.config import SchedulerConfig
 from flax_sgm.sampling.plans import make_plan
+from flax_sgm.sampling.sgm import SgmSamplerConfig
 
 
 def timesteps_for(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
@@ -27,6 +28,9 @@ def _start_index(cfg: SchedulerConfig, num_inference_steps: int, start_step: int
 def add_noise(cfg: SchedulerConfig, num_inference_steps: int, clean, noise, start_step: int):
     """The noisy latents img2img starts from at `start_step`, as diffusers' `scheduler.add_noise` at
     `timesteps[start_step * order]` (after `set_begin_index`) gives them."""
+    if isinstance(cfg, SgmSamplerConfig):
+        raise ValueError("add_noise: sgm samplers have no img2img start here (sgm's discretization wrappers are "
+                         "not supported)")
     i = _start_index(cfg, num_inference_steps, start_step)
     plan = make_plan(cfg, num_inference_steps, i)
     clean, noise = jnp.asarray(clean), jnp.asarray(noise)
@@ -50,15 +54,16 @@ def step_noise(key, index: int, shape):
 
 def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: int, *, key=None,
            start_step: int = 0, progress: Callable | None = None):
-    """Run the sampler. `model(x [b, h, w, c], t [b] float32) -> output` as `cfg.prediction_type` says.
+    """Run the sampler. `model(x [b, h, w, c], t [b] float32) -> output` as `cfg.prediction_type` says
+    (SchedulerConfig), or sgm's network output, which the plan's denoiser scaling reads (SgmSamplerConfig).
 
     `noise` is diffusers' `latents` argument (unscaled); at `start_step` > 0 (img2img) it is the
     output of `add_noise` and is used as is. Stochastic samplers (`cfg.stochastic`) take `key`;
-    the noise of step i of the timesteps is `step_noise(key, i, shape)`. `progress(i)` is called
+    the noise of step i of the timesteps (sgm: of network evaluation i) is `step_noise(key, i, shape)`. `progress(i)` is called
     from the compiled loop after each step. Arithmetic is float32; the result has noise's dtype.
     """
-    if not isinstance(cfg, SchedulerConfig):
-        raise ValueError(f"sample: cfg must be a SchedulerConfig; got {type(cfg).__name__}")
+    if not isinstance(cfg, (SchedulerConfig, SgmSamplerConfig)):
+        raise ValueError(f"sample: cfg must be a SchedulerConfig or an SgmSamplerConfig; got {type(cfg).__name__}")
     if cfg.stochastic and key is None:
         raise ValueError(f"sample: the {cfg.kind} sampler is stochastic and needs key=jax.random.key(...)")
     start = _start_index(cfg, num_inference_steps, start_step)
@@ -76,9 +81,11 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
     batch = noise.shape[0]
 
     def body(carry, row):
+        eps = step_noise(key, row["index"], noise.shape) if cfg.stochastic else None
+        if plan.prepare is not None:
+            carry = plan.prepare(carry, row, eps)
         x_in = plan.model_input(carry["x"], row).astype(dtype)
         out = jnp.asarray(model(x_in, jnp.full((batch,), row["t"], jnp.float32))).astype(jnp.float32)
-        eps = step_noise(key, row["index"], noise.shape) if cfg.stochastic else None
         carry = plan.step(carry, row, out, eps)
         if progress is not None:
             jax.debug.callback(progress, row["index"], ordered=True)

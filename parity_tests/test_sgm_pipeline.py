@@ -1,0 +1,236 @@
+"""load_pipeline of an sgm single file: the tiny pipelines of test_pipeline written as sgm single files.
+
+The file's tensors are the diffusers models' under sgm's names, each part checked by diffusers' own single-file
+converters (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint,
+convert_open_clip_checkpoint) mapping it back exactly. The reference is sgm's sampler and denoiser themselves
+(torch_ref/sgm, vendored) run over the diffusers UNet with diffusers' prompt embeddings; and the single file's
+pipeline equals the directory's with the same sampler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.numpy import save_file
+
+from conftest import assert_close, cli_error
+from test_autoencoder import flax_vae
+from test_pipeline import SIZE, initial_latents, torch_pipeline
+from test_text import sgm_clip, sgm_open_clip, tiny_config
+from test_unet import flax_unet
+from flax_sgm import CheckpointError, load_pipeline
+from flax_sgm.autoencoder.layout import SGM_PREFIX as VAE_PREFIX
+from flax_sgm.checkpoints import convert
+from flax_sgm.pipeline.sgm_file import DEMO_SAMPLER, RELEASED_DENOISER, sampler_config
+from flax_sgm.sampling import SgmSamplerConfig
+from flax_sgm.unet.layout import SGM_PREFIX as UNET_PREFIX
+from flax_sgm.verify.criteria import PIPELINE
+from torch_ref.sgm.util import instantiate_from_config
+
+STEPS = 3
+SCALING = {"sd": 0.18215, "sdxl": 0.13025}
+
+
+def exact(mapped, model) -> None:
+    want = model.state_dict()
+    assert mapped.keys() == want.keys() and all(torch.equal(mapped[k], want[k]) for k in want)
+
+
+def write_single_file(pipe, family: str, path) -> list:
+    """The torch pipeline as an sgm single file; returns the text towers' configs (tiny: not released shapes)."""
+    unet = convert.to_torch_state_dict(flax_unet(pipe.unet), prefix=UNET_PREFIX)
+    exact(convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in unet.items()}, dict(pipe.unet.config)), pipe.unet)
+    vae = convert.to_torch_state_dict(flax_vae(pipe.vae), prefix=VAE_PREFIX)
+    exact(convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in vae.items()}, dict(pipe.vae.config)), pipe.vae)
+    if family == "sd":
+        text, towers = sgm_clip(pipe.text_encoder, "cond_stage_model.transformer."), [pipe.text_encoder]
+    elif family == "sd2":  # sgm's FrozenOpenCLIPEmbedder
+        text, towers = sgm_open_clip(pipe.text_encoder, "cond_stage_model.model."), [pipe.text_encoder]
+    elif family == "refiner":  # sgm's FrozenOpenCLIPEmbedder2 alone
+        text, towers = sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.0.model."), [pipe.text_encoder_2]
+    else:
+        text = (sgm_clip(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+                | sgm_open_clip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+        towers = [pipe.text_encoder, pipe.text_encoder_2]
+    save_file(unet | vae | text, str(path))
+    return [tiny_config(t) for t in towers]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Each family's torch pipeline, its directory (for the tokenizers) and its sgm single file."""
+    root = tmp_path_factory.mktemp("sgm_files")
+    out = {}
+    for family in ("sd", "sdxl"):
+        pipe = torch_pipeline(family)
+        pipe.save_pretrained(root / family)
+        configs = write_single_file(pipe, family, root / f"{family}.safetensors")
+        out[family] = (pipe, root / family, root / f"{family}.safetensors", configs)
+    return out
+
+
+def load(files, family, **kwargs):
+    pipe, directory, path, configs = files[family]
+    return load_pipeline(path, tokenizer=directory, unet_config=flax_unet(pipe.unet).config, text_configs=configs,
+                         scaling_factor=SCALING[family], **kwargs)
+
+
+def sgm_reference(pipe, family: str, prompt: str, latents: np.ndarray, steps: int) -> np.ndarray:
+    """sgm's DiffusionEngine sampling with its demo sampler: the vendored EulerEDMSampler, DiscreteDenoiser and
+    VanillaCFG over the diffusers UNet, fed diffusers' prompt embeddings (SDXL: zeroed unconditional ones, as
+    sgm's demo's force_uc_zero_embeddings=["txt"]); final latents NHWC."""
+    sampler = instantiate_from_config({**DEMO_SAMPLER, "params": {**DEMO_SAMPLER["params"], "num_steps": steps,
+                                                                   "device": "cpu"}})
+    denoiser = instantiate_from_config(RELEASED_DENOISER)
+    with torch.no_grad():
+        if family == "sd":
+            c, uc = pipe.encode_prompt(prompt, "cpu", 1, True)
+            cond, uncond = {"crossattn": c}, {"crossattn": uc}
+        elif family == "sd2":  # sgm's legacy OpenCLIP embedder: the penultimate layer, then ln_final
+            def embed(text):
+                ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                hidden = pipe.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+                return pipe.text_encoder.text_model.final_layer_norm(hidden)
+            cond, uncond = {"crossattn": embed([prompt])}, {"crossattn": embed([""])}
+        elif family == "refiner":  # the penultimate layer and the projected pooled vector; "" encoded for uc
+            def embed(text, score):
+                ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+                out = pipe.text_encoder_2(ids.input_ids, output_hidden_states=True)
+                size = torch.tensor([[SIZE, SIZE, 0, 0, score]], dtype=torch.float32)
+                return {"crossattn": out.hidden_states[-2], "vector": torch.cat([out.text_embeds, size], 1)}
+            cond, uncond = embed([prompt], 6.0), embed([""], 2.5)
+            pooled = cond["vector"][:, :-5]
+        else:
+            c, uc, pooled, uc_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=True)
+            ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
+            cond = {"crossattn": c, "vector": torch.cat([pooled, ids], 1)}
+            uncond = {"crossattn": uc, "vector": torch.cat([uc_pooled, ids], 1)}
+        pooled_width = pooled.shape[1] if family in ("sdxl", "refiner") else 0
+
+        def network(x, t, cond):
+            extra = {}
+            if "vector" in cond:
+                v = cond["vector"]
+                extra = {"added_cond_kwargs": {"text_embeds": v[:, :pooled_width], "time_ids": v[:, pooled_width:]}}
+            return pipe.unet(x, t, encoder_hidden_states=cond["crossattn"], **extra).sample
+
+        x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+        out = sampler(lambda inp, sigma, c: denoiser(network, inp, sigma, c), x, cond, uncond)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_file_equals_sgm_sampling(files, family):
+    """The single file's pipeline, with sgm's demo sampler by default, equals sgm's own sampler over diffusers'
+    models; (SD) the directory's pipeline with the same sampler gives the same images."""
+    pipe = load(files, family)
+    assert isinstance(pipe.scheduler, SgmSamplerConfig) and pipe.scheduler.kind == "euler_edm"
+    assert pipe.scheduler.guidance_scale == 5.0 and pipe.describe()["family"] == family
+    latents = initial_latents(1)
+    got = pipe("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(files[family][0], family, "a cat", latents, STEPS), PIPELINE, f"{family} latents")
+
+    if family != "sd":  # the decoder path once is enough in the default run
+        return
+    with pytest.raises(ValueError, match="add_noise: sgm samplers have no img2img start"):
+        pipe("a cat", num_inference_steps=2, image=np.zeros((1, SIZE, SIZE, 3), np.float32))
+    directory = load_pipeline(files[family][1], scheduler=pipe.scheduler)
+    images = pipe("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE).images
+    want = directory("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE).images
+    assert_close(images, want, PIPELINE, f"{family} images, file against directory")
+
+
+def test_single_file_samplers_and_bad_input(files, tmp_path):
+    pipe, directory, path, configs = files["sd"]
+    assert sampler_config("dpmpp_2m").kind == "dpmpp_2m"
+    sampler = {"target": "sgm.modules.diffusionmodules.sampling.HeunEDMSampler",
+               "params": {"discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.EDMDiscretization"}}}
+    heun = sampler_config(sampler)
+    assert (heun.kind, heun.discretization, heun.guidance_scale) == ("heun_edm", "edm", None)
+
+    def one_line(call, match):
+        with pytest.raises(CheckpointError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+    one_line(lambda: load_pipeline(path), r"sd.safetensors: a single file holds no tokenizer; pass tokenizer=")
+    one_line(lambda: load(files, "sd", scheduler="pndm"), r"scheduler='pndm': a single file runs sgm's samplers")
+    one_line(lambda: load(files, "sd", scheduler={"target": "x.Foo"}), r"scheduler=: sampler 'Foo' is not supported")
+    one_line(lambda: load_pipeline(directory, scaling_factor=0.2), r"scaling_factor= is for a single file")
+    save_file({"first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
+    one_line(lambda: load_pipeline(tmp_path / "vae.safetensors", tokenizer=directory),
+             r"vae.safetensors: its text encoders \(none\) are none of SD 1.x's")
+
+
+def test_cli_sample_single_file_needs_its_tokenizers(files, tmp_path):
+    path = files["sd"][2]
+    line = cli_error("sample", str(path), "--prompt", "a cat", "-o", str(tmp_path / "cat.png"))
+    assert "a single file holds no tokenizer; pass tokenizer=" in line
+    assert not (tmp_path / "cat.png").exists()
+
+
+def test_the_family_is_read_off_the_text_towers():
+    from flax_sgm.pipeline.sgm_file import family_of
+    from flax_sgm.text.layout import find_towers
+
+    clip, openclip = "text_model.embeddings.token_embedding.weight", "token_embedding.weight"
+    files = {
+        ("sd", ("text_encoder",), ("last",)): ["cond_stage_model.transformer." + clip],
+        ("sd", ("text_encoder",), ("penultimate",)): ["cond_stage_model.model." + openclip],
+        ("sdxl", ("text_encoder", "text_encoder_2"), ("penultimate", "penultimate")): [
+            "conditioner.embedders.0.transformer." + clip, "conditioner.embedders.1.model." + openclip],
+        ("sdxl-refiner", ("text_encoder_2",), ("penultimate",)): ["conditioner.embedders.0.model." + openclip],
+    }
+    for (family, encoders, layers), keys in files.items():
+        got, names, specs = family_of(find_towers(keys), "f")
+        assert (got, tuple(names), tuple(s.layer for s in specs)) == (family, encoders, layers)
+    # sgm's SD 2.x embedder applies the final norm to the penultimate layer; SDXL's embedders do not.
+    assert family_of(find_towers(files[("sd", ("text_encoder",), ("penultimate",))]), "f")[2][0].final_norm
+    assert not any(s.final_norm for s in family_of(find_towers(files[next(k for k in files if k[0] == "sdxl")]), "f")[2])
+
+
+@pytest.mark.slow
+def test_sd2_single_file_equals_sgm_sampling(tmp_path):
+    """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against sgm's sampler fed the
+    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm)."""
+    from diffusers import StableDiffusionPipeline
+
+    sd, sdxl = torch_pipeline("sd"), torch_pipeline("sdxl")
+    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sdxl.text_encoder_2, tokenizer=sdxl.tokenizer_2, unet=sd.unet,
+                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd2")
+    configs = write_single_file(pipe, "sd2", tmp_path / "sd2.safetensors")
+    ours = load_pipeline(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "sd2", unet_config=flax_unet(pipe.unet).config,
+                         text_configs=configs, scaling_factor=SCALING["sd"])
+    latents = initial_latents(1)
+    got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(pipe, "sd2", "a cat", latents, STEPS), PIPELINE, "sd2 latents")
+
+
+@pytest.mark.slow
+def test_refiner_single_file_equals_sgm_sampling(tmp_path):
+    """An SDXL refiner single file (OpenCLIP alone under conditioner.embedders.0.model.; the aesthetic score in
+    the vector) against sgm's sampler fed sgm's refiner conditioning ("" encoded for the unconditional)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    from conftest import randomize_
+    from test_pipeline import UNETS
+
+    sdxl = torch_pipeline("sdxl")
+    unet = randomize_(UNet2DConditionModel(**UNETS["sdxl"] | dict(cross_attention_dim=32,
+                                                                 projection_class_embeddings_input_dim=24 + 5 * 8)).eval(), 5)
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=sdxl.vae, text_encoder=None, text_encoder_2=sdxl.text_encoder_2,
+                                            tokenizer=None, tokenizer_2=sdxl.tokenizer_2, unet=unet,
+                                            scheduler=sdxl.scheduler, requires_aesthetics_score=True)
+    pipe.save_pretrained(tmp_path / "refiner")
+    configs = write_single_file(pipe, "refiner", tmp_path / "refiner.safetensors")
+    ours = load_pipeline(tmp_path / "refiner.safetensors", tokenizer=tmp_path / "refiner",
+                         unet_config=flax_unet(unet).config, text_configs=configs, scaling_factor=SCALING["sdxl"])
+    assert ours.family == "sdxl-refiner"
+    latents = initial_latents(1)
+    got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+    assert_close(got, sgm_reference(pipe, "refiner", "a cat", latents, STEPS), PIPELINE, "refiner latents")
