@@ -481,3 +481,166 @@ def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):
     assert y.shape == (2, 24 + 6 * 256)
     with pytest.warns(UserWarning, match="the prompt was cut at 77 tokens"):
         assert tokenize(tokenizers[0], "a " * 100).shape == (1, 77)
+
+
+# diffusers' encode_prompt ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """test_pipeline's tiny SD and SDXL pipelines (its builder, imported here: it imports this module), saved with
+    save_pretrained; and an SD 2.x-style one: a 3-layer OpenCLIP-like tower (exact GELU, no projection) that
+    sgm holds whole, which diffusers' text_encoder/ holds one layer short (as SD 2.x's is stored: 23 of 24)."""
+    from diffusers import StableDiffusionPipeline
+    from test_pipeline import torch_pipeline
+
+    root = tmp_path_factory.mktemp("encode_prompt")
+    out = {}
+    for family in ("sd", "sdxl"):
+        pipe = torch_pipeline(family)
+        pipe.save_pretrained(root / family)
+        out[family] = (pipe, root / family)
+    sd = out["sd"][0]
+    whole = randomize_(TransformersCLIPTextModel(TransformersConfig(**dict(
+        CONFIGS["openclip"][1], num_hidden_layers=3, projection_dim=512))).eval(), 21)
+    whole.save_pretrained(root / "sd2-whole")
+    short = TransformersCLIPTextModel(TransformersConfig(**dict(CONFIGS["openclip"][1], num_hidden_layers=2))).eval()
+    short.load_state_dict({k: v for k, v in whole.state_dict().items() if ".layers.2." not in k})
+    out["sd2"] = (StableDiffusionPipeline(**(sd.components | {"text_encoder": short}), requires_safety_checker=False),
+                  root / "sd2-whole", whole)
+    return out
+
+
+PROMPTS = ["a cat", "the dog sits on a mat"]
+
+
+def clip_skip_shim(tower):
+    """diffusers 0.42's StableDiffusionPipeline applies clip_skip's final norm through `text_encoder.text_model`,
+    which transformers 5's CLIPTextModel no longer has (it is flat): the same norm, reachable by that name."""
+    import types
+
+    if not hasattr(tower, "text_model"):
+        object.__setattr__(tower, "text_model", types.SimpleNamespace(final_layer_norm=tower.final_layer_norm))
+    return tower
+
+
+def test_sd_conditioning_is_diffusers_encode_prompt(pipelines):
+    """SD 1.x: the last layer (sgm's FrozenCLIPEmbedder) is encode_prompt's, and the negative "" (diffusers
+    encodes it, as sgm does); clip_skip=1 is the penultimate layer with the final layer norm. diffusers 0.42
+    encodes the negative prompt by the last layer whatever clip_skip says (sgm takes one layer for both)."""
+    from flax_sgm.text import EMBEDDERS, EmbedderSpec, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sd"]
+    tok, model = load_tokenizer(path), load_text_encoder(path)
+    clip_skip_shim(pipe.text_encoder)
+    for prompts, spec, clip_skip in ((PROMPTS, EMBEDDERS["sd15"][0], None),
+                                     (PROMPTS, EmbedderSpec("penultimate", final_norm=True), 1)):
+        with torch.no_grad():
+            want, want_neg = pipe.encode_prompt(prompts, "cpu", 1, True, clip_skip=clip_skip)
+        got, y = condition([model], [tokenize(tok, prompts)], [spec])
+        assert y is None
+        assert_close(got, want.numpy(), what=f"prompt embeds (clip_skip {clip_skip})")
+        neg, _ = condition([model], [tokenize(tok, [""] * 2)], [EMBEDDERS["sd15"][0]])
+        assert_close(neg, want_neg.numpy(), what=f"negative embeds (clip_skip {clip_skip})")
+
+
+def test_sd2_conditioning_is_diffusers_encode_prompt(pipelines):
+    """SD 2.x: sgm's FrozenOpenCLIPEmbedder (the penultimate layer, then ln_final) on the whole tower is
+    diffusers' encode_prompt on its one-layer-short text_encoder/, and clip_skip=1 on the whole tower."""
+    from flax_sgm.text import EMBEDDERS, condition, tokenize
+
+    pipe, path, whole = pipelines["sd2"]
+    model = load_text_encoder(path)
+    ids = tokenize(pipe.tokenizer, PROMPTS)
+    got, _ = condition([model], [ids], EMBEDDERS["sd21"])
+    with torch.no_grad():
+        want, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+        pipe.text_encoder = clip_skip_shim(whole)
+        skip, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False, clip_skip=1)
+    assert_close(got, want.numpy(), what="SD 2.x prompt embeds")
+    assert_close(got, skip.numpy(), what="SD 2.x prompt embeds, clip_skip=1")
+    assert np.abs(got - condition([model], [ids], [EMBEDDERS["sd15"][0]])[0]).max() > 0.1  # the last layer differs
+
+
+def diffusers_y(pipe, pooled, original=(64, 48), crop=(4, 8), target=(32, 40)) -> np.ndarray:
+    """diffusers' `y`: add_time_ids from _get_add_time_ids, embedded by the UNet's add_time_proj beside the pooled
+    vector, as UNet2DConditionModel.get_aug_embed concatenates them before add_embedding."""
+    time_ids = pipe._get_add_time_ids(original, crop, target, dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = time_ids.repeat(pooled.shape[0], 1)
+    with torch.no_grad():
+        embedded = pipe.unet.add_time_proj(time_ids.flatten()).reshape(pooled.shape[0], -1)
+    return torch.cat([pooled, embedded], dim=-1).numpy(), time_ids.numpy()
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_conditioning_with_negatives_is_diffusers_encode_prompt(pipelines, force_zeros):
+    """SDXL: prompt and negative embeddings, pooled vectors and add_time_ids' `y` of encode_prompt with
+    force_zeros_for_empty_prompt on (no negative prompt: zeros, which condition(force_zeros=True) gives beside
+    the embedded sizes) and off (the negative "" encoded)."""
+    from flax_sgm.text import EMBEDDERS, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sdxl"]
+    pipe.register_to_config(force_zeros_for_empty_prompt=force_zeros)
+    try:
+        with torch.no_grad():
+            want, want_neg, want_pooled, want_neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+    finally:
+        pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    time_dim = pipe.unet.config.addition_time_embed_dim
+    y_want, time_ids = diffusers_y(pipe, want_pooled)
+    y_neg_want, _ = diffusers_y(pipe, want_neg_pooled)
+    tokenizers = [load_tokenizer(path, embedder=n) for n in (0, 1)]
+    models = [load_text_encoder(path, embedder=n) for n in (0, 1)]
+    specs = (dataclasses.replace(EMBEDDERS["sdxl-base"][0], layer_idx=-2),) + EMBEDDERS["sdxl-base"][1:]
+    context, y = condition(models, [tokenize(t, PROMPTS) for t in tokenizers], specs, time_ids, time_dim=time_dim)
+    negatives = [tokenize(t, [""] * 2) for t in tokenizers]
+    neg, y_neg = condition(models, negatives, specs, time_ids, time_dim=time_dim, force_zeros=force_zeros)
+    assert_close(context, want.numpy(), what="prompt embeds")
+    assert_close(y, y_want, what="y")
+    assert_close(neg, want_neg.numpy(), what="negative embeds")
+    assert_close(y_neg, y_neg_want, what="negative y")
+    assert (np.asarray(y_neg[:, :24]) == 0).all() == force_zeros
+
+
+def test_sdxl_clip_skip_is_layer_hidden(pipelines):
+    """encode_prompt's clip_skip=1 on SDXL reads hidden_states[-3] of both towers: layer="hidden", layer_idx=-3
+    (here the embeddings), with the pooled vector unchanged."""
+    from flax_sgm.text import EmbedderSpec, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sdxl"]
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False,
+                                                     clip_skip=1)
+    specs = (EmbedderSpec("hidden", layer_idx=-3, final_norm=False),
+             EmbedderSpec("hidden", layer_idx=-3, final_norm=False, pooled=True))
+    ids = [tokenize(load_tokenizer(path, embedder=n), PROMPTS) for n in (0, 1)]
+    models = [load_text_encoder(path, embedder=n) for n in (0, 1)]
+    context, y = condition(models, ids, specs, np.zeros((2, 6), np.float32), time_dim=8)
+    assert_close(context, want.numpy(), what="clip_skip=1 prompt embeds")
+    assert_close(y[:, :24], want_pooled.numpy(), what="pooled")
+
+
+def test_refiner_conditioning_is_diffusers_encode_prompt(pipelines):
+    """The refiner (text_encoder_2 alone, sgm's embedder 0): encode_prompt's embeddings and pooled vector, and
+    `y` 24 + 5 * 8 wide with the aesthetic score embedded last (the refiner's 1280 + 5 * 256 = 2560)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from diffusers.models.embeddings import Timesteps
+
+    from flax_sgm.text import EMBEDDERS, condition, load_tokenizer, tokenize
+
+    sdxl, path = pipelines["sdxl"]
+    pipe = StableDiffusionXLImg2ImgPipeline(**(sdxl.components | {"text_encoder": None, "tokenizer": None}),
+                                            requires_aesthetics_score=True)
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    ids = tokenize(load_tokenizer(path, embedder=1), PROMPTS)
+    time_ids = np.array([[64, 48, 0, 0, 6.0]] * 2, np.float32)  # original size, crop, aesthetic score
+    context, y = condition([load_text_encoder(path, embedder=1)], [ids], EMBEDDERS["sdxl-refiner"], time_ids, time_dim=8)
+    assert_close(context, want.numpy(), what="refiner prompt embeds")
+    assert_close(y[:, :24], want_pooled.numpy(), what="refiner pooled")
+    with torch.no_grad():
+        score = Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.tensor([6.0])).numpy()
+    assert y.shape == (2, 24 + 5 * 8)
+    assert_close(y[:, -8:], np.repeat(score, 2, 0), what="aesthetic score")
+    assert condition([load_text_encoder(path, embedder=1)], [ids], EMBEDDERS["sdxl-refiner"],
+                     time_ids)[1].shape == (2, 24 + 5 * 256)
