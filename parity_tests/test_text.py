@@ -644,3 +644,81 @@ def test_refiner_conditioning_is_diffusers_encode_prompt(pipelines):
     assert_close(y[:, -8:], np.repeat(score, 2, 0), what="aesthetic score")
     assert condition([load_text_encoder(path, embedder=1)], [ids], EMBEDDERS["sdxl-refiner"],
                      time_ids)[1].shape == (2, 24 + 5 * 256)
+
+
+# sgm's GeneralConditioner ---------------------------------------------------------------------------------
+
+def test_embedder_layers_are_sgms(saved, rng):
+    """Each layer choice against transformers' outputs as sgm's embedders read them: FrozenCLIPEmbedder's "last"
+    (last_hidden_state), "pooled" (pooler_output as one token) and "hidden" (hidden_states[layer_idx], no final
+    norm); FrozenOpenCLIPEmbedder2's "last" and "penultimate" (no ln_final) and the legacy FrozenOpenCLIPEmbedder's
+    penultimate with ln_final."""
+    from flax_sgm.text import EmbedderSpec, embed
+
+    tower, flax, _ = saved["openclip"]
+    ids = token_ids(END, rng, batch=2)
+    with torch.no_grad():
+        out = tower(torch.from_numpy(ids), output_hidden_states=True)
+        hidden = [h.numpy() for h in out.hidden_states]
+        normed = tower.text_model.final_layer_norm(out.hidden_states[-2]).numpy()
+    cases = [
+        (EmbedderSpec("last"), out.last_hidden_state.numpy()),
+        (EmbedderSpec("last", final_norm=False), hidden[-1]),
+        (EmbedderSpec("penultimate", final_norm=False), hidden[-2]),
+        (EmbedderSpec("penultimate"), normed),
+        (EmbedderSpec("hidden", layer_idx=1, final_norm=False), hidden[1]),
+        (EmbedderSpec("hidden", layer_idx=0, final_norm=False), hidden[0]),
+        (EmbedderSpec("pooled"), out.last_hidden_state.numpy()[np.arange(2), ids.argmax(1)][:, None]),  # the end token
+    ]
+    for spec, want in cases:
+        context, pooled = embed(flax, ids, spec)
+        assert_close(context, want, what=f"{spec.layer} (final_norm {spec.final_norm}, layer_idx {spec.layer_idx})")
+        assert pooled is None
+    _, pooled = embed(flax, ids, EmbedderSpec("penultimate", final_norm=False, pooled=True))
+    assert_close(pooled, out.text_embeds.numpy(), what="pooled: text_embeds (open_clip's pool @ text_projection)")
+    with pytest.raises(ValueError, match="layer_idx 3 is past the 3 hidden states"):
+        embed(flax, ids, EmbedderSpec("hidden", layer_idx=3))
+    for bad, message in [(dict(layer="middle"), "`layer` must be one of"), (dict(layer="hidden"), "`layer_idx` goes with"),
+                         (dict(layer="last", layer_idx=2), "`layer_idx` goes with"),
+                         (dict(ucg_rate=1.5), r"`ucg_rate` must be a probability in \[0, 1\]; got 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            EmbedderSpec(**bad)
+
+
+def test_ucg_dropout_is_sgms(saved, rng):
+    """ucg_rate: with a key, each prompt's output of each embedder is either kept exactly or zeroed, each output
+    (both contexts and the pooled vector) drawn on its own as sgm's GeneralConditioner does; the sizes' part of y
+    is never dropped. The same key gives the same drops (under jit, the key traced); no key (inference) drops
+    nothing; rate 1 all."""
+    from flax_sgm.text import EmbedderSpec, condition
+
+    models = [saved["clip"][1], saved["openclip"][1]]
+    ids = [token_ids(END, rng, batch=16, n=24)] * 2
+    time_ids = np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (16, 1))
+
+    def specs(rate):
+        return (EmbedderSpec("hidden", layer_idx=1, final_norm=False, ucg_rate=rate),
+                EmbedderSpec("penultimate", final_norm=False, pooled=True, ucg_rate=rate))
+
+    full_context, full_y = map(np.asarray, condition(models, ids, specs(0.0), time_ids))
+    dropped = jax.jit(lambda key, rate: condition(models, ids, specs(rate), time_ids, key=key), static_argnums=1)
+    key = jax.random.key(3)
+    context, y = map(np.asarray, dropped(key, 0.5))
+    parts = [(context[..., :32], full_context[..., :32]), (context[..., 32:], full_context[..., 32:]),
+             (y[:, :24], full_y[:, :24])]
+    kept = []
+    for got, want in parts:
+        rows = np.array([np.allclose(g, w, rtol=0, atol=1e-6 * np.abs(w).max()) for g, w in zip(got, want)])
+        zero = np.array([not g.any() for g in got])
+        assert (rows ^ zero).all()  # each row kept (to jit's reordering) or zeroed
+        assert 0 < rows.sum() < 16
+        kept.append(rows)
+    assert not (np.array_equal(kept[0], kept[1]) and np.array_equal(kept[1], kept[2]))  # drawn on their own
+    assert_close(y[:, 24:], full_y[:, 24:], what="the sizes' part of y")
+    again = dropped(key, 0.5)
+    assert np.array_equal(again[0], context) and np.array_equal(again[1], y)
+    assert not np.array_equal(dropped(jax.random.key(4), 0.5)[0], context)
+    none = dropped(key, 1.0)
+    assert not np.asarray(none[0]).any() and not np.asarray(none[1][:, :24]).any()
+    unkeyed = condition(models, ids, specs(0.5), time_ids)  # inference: no key, no dropout
+    assert np.array_equal(unkeyed[0], full_context) and np.array_equal(unkeyed[1], full_y)
