@@ -29,7 +29,9 @@ from conftest import assert_close, assert_parity, compare, randomize_
 from flax_sgm import CheckpointError, CLIPTextConfig, CLIPTextModel, load_text_encoder
 from flax_sgm.checkpoints import convert
 from flax_sgm.text.config import PRESETS
-from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
+from flax_sgm.text.layout import KIND_NAMES, TRANSFORMERS, open_clip_layout
+
+KIND_OPEN_CLIP = KIND_NAMES["open_clip"]
 from flax_sgm.text.load import plan_text_encoder
 from flax_sgm.text.transformers import DEFAULTS, HONOURED, IRRELEVANT
 from flax_sgm.checkpoints.sources import open_source
@@ -722,3 +724,76 @@ def test_ucg_dropout_is_sgms(saved, rng):
     assert not np.asarray(none[0]).any() and not np.asarray(none[1][:, :24]).any()
     unkeyed = condition(models, ids, specs(0.5), time_ids)  # inference: no key, no dropout
     assert np.array_equal(unkeyed[0], full_context) and np.array_equal(unkeyed[1], full_y)
+
+
+# The command line: verify, inspect, convert --text-encoder --------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_verify_seeded_text_encoder():
+    """`flax-sgm verify --model text-encoder` without a checkpoint: the seeded OpenCLIP-like tower passes."""
+    from conftest import run_cli
+
+    report = json.loads(run_cli("verify", "--model", "text-encoder", "--json").output)
+    assert report["passed"] and report["config"]["hidden_act"] == "gelu"
+
+
+def test_cli_verify_text_encoder(saved, tmp_path):
+    """`flax-sgm verify --model text-encoder --checkpoint` a saved text_encoder/ (transformers builds the reference
+    from its config.json), per layer and whole, passes; a single file is refused in one line."""
+    from conftest import cli_error, run_cli
+
+    _, _, path = saved["clip"]
+    result = run_cli("verify", "--model", "text-encoder", "--checkpoint", path)
+    assert "transformers CLIPTextModel, built by transformers from" in result.output and "PASS" in result.output
+    assert "encoder.layers.1.mlp.fc2" in result.output
+    save_file(UNET_KEY, str(tmp_path / "unet.safetensors"))
+    assert "a text encoder is verified from a transformers text_encoder/ directory" in cli_error(
+        "verify", "--model", "text-encoder", "--checkpoint", tmp_path / "unet.safetensors")
+
+
+def params_of(model) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_cli_convert_and_inspect_text_encoders(tmp_path, weights):
+    """`flax-sgm convert --text-encoder` writes a pipeline's two text encoders, which load_text_encoder reads back
+    bit for bit by sgm's embedder number; `inspect` lists the output, a text_encoder/ directory and an SDXL
+    single file's embedders."""
+    from conftest import cli_error, run_cli
+
+    clip, openclip = torch_tower("clip", seed=31), torch_tower("openclip", seed=32)
+    pipe = tmp_path / "pipe"
+    clip.save_pretrained(pipe / "text_encoder")
+    openclip.save_pretrained(pipe / "text_encoder_2")
+    out = tmp_path / "out"
+    result = run_cli("convert", pipe, "--text-encoder", "-o", out, "--format", weights)
+    assert "2 text encoder(s)" in result.output and "embedder=1)" in result.output
+    for n in (0, 1):
+        want, got = params_of(load_text_encoder(pipe, embedder=n)), params_of(load_text_encoder(out, embedder=n))
+        assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) and want[k].dtype == got[k].dtype
+                                                  for k in want)
+        assert load_text_encoder(out, embedder=n).config == load_text_encoder(pipe, embedder=n).config
+    listing = run_cli("inspect", out).output
+    assert "text encoder 1: CLIP text, 2 layers of 32, gelu, projection 24, float32" in listing
+    with pytest.raises(CheckpointError, match=r"out: embedder=2 is not in this output; it holds conditioner.embedders.0., "):
+        load_text_encoder(out, embedder=2)
+    one = tmp_path / "one"
+    run_cli("convert", pipe, "--text-encoder", "--embedder", "1", "-o", one, "--format", weights, "--param-dtype", "bfloat16")
+    assert load_text_encoder(one, embedder=1).final_layer_norm.scale[...].dtype == jnp.bfloat16
+    refused = run_cli("convert", pipe, "--embedder", "1", "-o", tmp_path / "x", ok=False)
+    assert refused.exit_code == 2 and "Error: --embedder goes with --text-encoder" in refused.output
+
+    if weights == "orbax":
+        listing = run_cli("inspect", pipe / "text_encoder_2").output
+        assert "text encoder, embedder 0: (root) (transformers), 0.1M parameters, none of the released towers" in listing
+        assert "SpatialTransformer" not in listing
+        sdxl = tmp_path / "sdxl.safetensors"
+        save_file(sgm_clip(clip, "conditioner.embedders.0.transformer.")
+                  | sgm_open_clip(openclip, "conditioner.embedders.1.model.") | UNET_KEY, str(sdxl))
+        info = json.loads(run_cli("inspect", sdxl, "--json").output)
+        texts = info["text_encoders"]
+        assert [t["embedder"] for t in texts] == [0, 1]
+        assert texts[1]["prefix"] == "conditioner.embedders.1.model." and texts[1]["layout"] == KIND_OPEN_CLIP
+        assert texts[1]["preset"] is None and "give config=" in texts[1]["problem"]
+        assert texts[0]["parameters"] == sum(p.numel() for p in clip.parameters())
