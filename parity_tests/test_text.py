@@ -797,3 +797,22 @@ def test_cli_convert_and_inspect_text_encoders(tmp_path, weights):
         assert texts[1]["prefix"] == "conditioner.embedders.1.model." and texts[1]["layout"] == KIND_OPEN_CLIP
         assert texts[1]["preset"] is None and "give config=" in texts[1]["problem"]
         assert texts[0]["parameters"] == sum(p.numel() for p in clip.parameters())
+
+
+# Low precision ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [pytest.param("clip", marks=pytest.mark.slow), "openclip"])
+def test_bf16_error_no_worse_than_torch(name, rng):
+    """bf16 weights and compute: flax_sgm's error against the float64 referee, forward and every gradient, within
+    torch's own bf16 error (verify.criteria), and bf16-sized (it really ran in bf16)."""
+    from flax_sgm.verify import criteria
+    from flax_sgm.verify.seeded import text_encoder_twin
+
+    tower = torch_tower(name, seed=41)
+    flax = text_encoder_twin(tower, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert flax.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.bfloat16
+    result = compare(tower, flax, {"x": token_ids(END, rng, batch=2)}, dtype="bfloat16", seed=1)
+    flax_worst = max(e[0] for e in result.errors.values())
+    low, high = criteria.BF16_ERROR_RANGE
+    assert low < flax_worst < high
+    assert_parity(result, "CLIPTextModel bf16")
