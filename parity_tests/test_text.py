@@ -816,3 +816,34 @@ def test_bf16_error_no_worse_than_torch(name, rng):
     low, high = criteria.BF16_ERROR_RANGE
     assert low < flax_worst < high
     assert_parity(result, "CLIPTextModel bf16")
+
+
+def test_more_bad_input_is_one_line(tmp_path, saved):
+    """A full open_clip model as a text encoder; a tokenizer asked of a single file, of a folder without one, or
+    past a pipeline's tokenizers; the conditioner given mismatched embedders or no single pooled vector for y."""
+    from flax_sgm.text import EmbedderSpec, condition, load_tokenizer
+
+    flax = saved["openclip"][1]
+    tensors = convert.to_torch_state_dict(flax, layout=open_clip_layout(flax.config))
+    save_file(tensors | {"visual.conv1.weight": np.ones((4, 3, 2, 2), np.float32)}, str(tmp_path / "open_clip.safetensors"))
+    with pytest.raises(CheckpointError, match=r"open_clip.safetensors: a full open_clip CLIP model \(text and image "
+                                              r"towers at the root\), not a text encoder"):
+        load_text_encoder(tmp_path / "open_clip.safetensors")
+    with pytest.raises(CheckpointError, match=r"open_clip.safetensors: not a tokenizer folder \(a single-file checkpoint "
+                                              r"holds none: pass a pipeline's tokenizer/ folder\)$"):
+        load_tokenizer(tmp_path / "open_clip.safetensors")
+    # transformers 5 reads a folder without a tokenizer's files as an empty tokenizer: refused before it.
+    with pytest.raises(CheckpointError, match=r"clip: not a CLIP tokenizer folder \(no tokenizer.json, nor vocab.json "
+                                              r"and merges.txt\)$"):
+        load_tokenizer(saved["clip"][2])
+    pipe = tmp_path / "pipe"
+    tiny_tokenizer("!").save_pretrained(pipe / "tokenizer")
+    with pytest.raises(CheckpointError, match=r"pipe: embedder=1, but the pipeline's tokenizers are 0 \(tokenizer/\)$"):
+        load_tokenizer(pipe, embedder=1)
+    ids = token_ids(END, np.random.default_rng(0), batch=2, n=8)
+    with pytest.raises(ValueError, match=r"condition: 1 models, 2 id arrays, 1 specs; one each"):
+        condition([flax], [ids, ids], [EmbedderSpec()])
+    with pytest.raises(ValueError, match=r"condition: `y` takes one pooled vector; the specs give 0"):
+        condition([flax], [ids], [EmbedderSpec()], np.zeros((2, 6), np.float32))
+    with pytest.raises(ValueError, match=r"sdxl_vector: `pooled` must have shape \[3, p\]; got shape \[2, 24\]"):
+        condition([flax], [ids], [EmbedderSpec(pooled=True)], np.zeros((3, 6), np.float32))
