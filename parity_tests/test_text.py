@@ -854,3 +854,17 @@ def test_more_bad_input_is_one_line(tmp_path, saved):
         condition([flax], [ids], [EmbedderSpec()], np.zeros((2, 6), np.float32))
     with pytest.raises(ValueError, match=r"sdxl_vector: `pooled` must have shape \[3, p\]; got shape \[2, 24\]"):
         condition([flax], [ids], [EmbedderSpec(pooled=True)], np.zeros((3, 6), np.float32))
+
+
+def test_legacy_ucg_replaces_prompts():
+    """sgm's legacy_ucg_value: prompts replaced by the value with the given probability, keyed; 0 and 1 exact."""
+    from flax_sgm.text.conditioner import legacy_ucg
+
+    prompts = [f"prompt {i}" for i in range(32)]
+    key = jax.random.key(0)
+    got = legacy_ucg(key, prompts, 0.5)
+    assert got == legacy_ucg(key, prompts, 0.5) and 0 < got.count("") < 32
+    assert all(g in ("", p) for g, p in zip(got, prompts))
+    assert legacy_ucg(key, prompts, 0.0) == prompts and legacy_ucg(key, prompts, 1.0, "-") == ["-"] * 32
+    with pytest.raises(ValueError, match=r"legacy_ucg: `rate` must be a probability in \[0, 1\]; got 2"):
+        legacy_ucg(key, prompts, 2)

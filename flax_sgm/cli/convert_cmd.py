@@ -190,7 +190,8 @@ def inspect(checkpoint, variant, as_json):
         unet = None if is_text else unet_summary(source)
         info = {
             "file": str(checkpoint),
-            "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
+            "format": source.kind + ((", transformers config.json" if is_text else ", diffusers config.json")
+                                     if source.config is not None else ""),
             "tensors": len(source.infos),
             "bytes": sum(i.nbytes for i in source.infos.values()),
             "top_level_prefixes": _top_level(source.infos),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.unet.model import sdxl_vector
@@ -80,6 +81,16 @@ def embed(model: CLIPTextModel, input_ids: jax.Array, spec: EmbedderSpec) -> tup
     if spec.pooled:
         pooled = out.text_embeds if out.text_embeds is not None else out.pooler_output
     return context, pooled
+
+
+def legacy_ucg(key: jax.Array, prompts: Sequence[str], rate: float, value: str = "") -> list[str]:
+    """sgm's `legacy_ucg_value` dropout (its SD 1.x / 2.x training configs): each prompt replaced by `value`
+    with probability `rate` before tokenizing, in place of zeroing its embedding (EmbedderSpec.ucg_rate)."""
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1:
+        raise ValueError(f"legacy_ucg: `rate` must be a probability in [0, 1]; got {rate!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    drop = np.asarray(jax.random.bernoulli(key, rate, (len(prompts),)))
+    return [value if d else p for p, d in zip(prompts, drop)]
 
 
 def dropout(key: jax.Array, emb: jax.Array, rate: float) -> jax.Array:
