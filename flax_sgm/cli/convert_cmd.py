@@ -15,7 +15,7 @@ from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_o
 
 
 @click.command(
-    short_help="Convert stacks or a whole UNet to Flax (Orbax or safetensors).",
+    short_help="Convert stacks, a whole UNet or text encoders to Flax.",
     epilog="""\b
 Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
@@ -155,7 +155,7 @@ def _context(context_dim) -> str:
 
 
 @click.command(
-    short_help="List the stacks, UNet and text encoders in a checkpoint, or what a converted one holds.",
+    short_help="List the stacks, UNet and text encoders of a checkpoint or output.",
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
