@@ -868,3 +868,30 @@ def test_legacy_ucg_replaces_prompts():
     assert legacy_ucg(key, prompts, 0.0) == prompts and legacy_ucg(key, prompts, 1.0, "-") == ["-"] * 32
     with pytest.raises(ValueError, match=r"legacy_ucg: `rate` must be a probability in \[0, 1\]; got 2"):
         legacy_ucg(key, prompts, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["clip-vit-l-14", "openclip-vit-h-14", "openclip-vit-bigg-14"])
+def test_released_sizes_match_transformers(preset):
+    """Each released tower at full size (random weights): transformers' model of the preset's sizes, read by
+    flax_sgm, gives the same outputs on 2 prompts (float32 against float32: the same maths reordered)."""
+    from flax_sgm.verify.seeded import text_encoder_twin, text_inputs
+
+    c = PRESETS[preset]
+    cls = CLIPTextModelWithProjection if c.projection_dim else TransformersCLIPTextModel
+    config = TransformersConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                                max_position_embeddings=77, hidden_act=c.hidden_act, projection_dim=c.projection_dim or 768,
+                                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(0)
+    tower = cls(config).eval()
+    flax = text_encoder_twin(tower)
+    assert flax.config == c
+    ids = text_inputs(c, seed=0)["x"]
+    with torch.no_grad():
+        want = tower(torch.from_numpy(ids), output_hidden_states=True)
+    got = flax(ids, output_hidden_states=True)
+    assert_close(got.hidden_states[-2], want.hidden_states[-2].numpy(), what=f"{preset} penultimate")
+    assert_close(got.last_hidden_state, want.last_hidden_state.numpy(), what=f"{preset} last")
+    if c.projection_dim:
+        assert_close(got.text_embeds, want.text_embeds.numpy(), what=f"{preset} text_embeds")
