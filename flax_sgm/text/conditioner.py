@@ -4,7 +4,9 @@ and vector `y`.
 sgm's GeneralConditioner runs each embedder of a checkpoint and concatenates their outputs: token embeddings
 along the features into `context` (SDXL: 768 + 1280 = 2048), vectors into `y` (SDXL: the pooled 1280 beside
 the size and crop ids, each embedded by 256 sinusoids: 2816; the refiner's 1280 + 5 * 256 = 2560). An
-EmbedderSpec says what one embedder hands on; EMBEDDERS holds sgm's for the released models.
+EmbedderSpec says what one embedder hands on; EMBEDDERS holds sgm's for the released models. `condition` also
+gives the zeroed unconditional embeddings (force_zeros) and training's classifier-free dropout (ucg_rate, keyed);
+legacy_ucg is sgm's other dropout, of the prompt text.
 """
 
 from __future__ import annotations
