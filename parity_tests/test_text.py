@@ -26,10 +26,13 @@ from transformers import CLIPTextModel as TransformersCLIPTextModel
 from transformers import CLIPTextModelWithProjection
 
 from conftest import assert_close, assert_parity, compare, randomize_
+import flax_sgm
 from flax_sgm import CheckpointError, CLIPTextConfig, CLIPTextModel, load_text_encoder
 from flax_sgm.checkpoints import convert
 from flax_sgm.text.config import PRESETS
-from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
+from flax_sgm.text.layout import KIND_NAMES, TRANSFORMERS, open_clip_layout
+
+KIND_OPEN_CLIP = KIND_NAMES["open_clip"]
 from flax_sgm.text.load import plan_text_encoder
 from flax_sgm.text.transformers import DEFAULTS, HONOURED, IRRELEVANT
 from flax_sgm.checkpoints.sources import open_source
@@ -481,3 +484,414 @@ def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):
     assert y.shape == (2, 24 + 6 * 256)
     with pytest.warns(UserWarning, match="the prompt was cut at 77 tokens"):
         assert tokenize(tokenizers[0], "a " * 100).shape == (1, 77)
+
+
+# diffusers' encode_prompt ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """test_pipeline's tiny SD and SDXL pipelines (its builder, imported here: it imports this module), saved with
+    save_pretrained; and an SD 2.x-style one: a 3-layer OpenCLIP-like tower (exact GELU, no projection) that
+    sgm holds whole, which diffusers' text_encoder/ holds one layer short (as SD 2.x's is stored: 23 of 24)."""
+    from diffusers import StableDiffusionPipeline
+    from test_pipeline import torch_pipeline
+
+    root = tmp_path_factory.mktemp("encode_prompt")
+    out = {}
+    for family in ("sd", "sdxl"):
+        pipe = torch_pipeline(family)
+        pipe.save_pretrained(root / family)
+        out[family] = (pipe, root / family)
+    sd = out["sd"][0]
+    whole = randomize_(TransformersCLIPTextModel(TransformersConfig(**dict(
+        CONFIGS["openclip"][1], num_hidden_layers=3, projection_dim=512))).eval(), 21)
+    whole.save_pretrained(root / "sd2-whole")
+    short = TransformersCLIPTextModel(TransformersConfig(**dict(CONFIGS["openclip"][1], num_hidden_layers=2))).eval()
+    short.load_state_dict({k: v for k, v in whole.state_dict().items() if ".layers.2." not in k})
+    out["sd2"] = (StableDiffusionPipeline(**(sd.components | {"text_encoder": short}), requires_safety_checker=False),
+                  root / "sd2-whole", whole)
+    return out
+
+
+PROMPTS = ["a cat", "the dog sits on a mat"]
+
+
+def clip_skip_shim(tower):
+    """diffusers 0.42's StableDiffusionPipeline applies clip_skip's final norm through `text_encoder.text_model`,
+    which transformers 5's CLIPTextModel no longer has (it is flat): the same norm, reachable by that name."""
+    import types
+
+    if not hasattr(tower, "text_model"):
+        object.__setattr__(tower, "text_model", types.SimpleNamespace(final_layer_norm=tower.final_layer_norm))
+    return tower
+
+
+def test_sd_conditioning_is_diffusers_encode_prompt(pipelines):
+    """SD 1.x: the last layer (sgm's FrozenCLIPEmbedder) is encode_prompt's, and the negative "" (diffusers
+    encodes it, as sgm does); clip_skip=1 is the penultimate layer with the final layer norm. diffusers 0.42
+    encodes the negative prompt by the last layer whatever clip_skip says (sgm takes one layer for both)."""
+    from flax_sgm.text import EMBEDDERS, EmbedderSpec, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sd"]
+    tok, model = load_tokenizer(path), load_text_encoder(path)
+    clip_skip_shim(pipe.text_encoder)
+    for prompts, spec, clip_skip in ((PROMPTS, EMBEDDERS["sd15"][0], None),
+                                     (PROMPTS, EmbedderSpec("penultimate", final_norm=True), 1)):
+        with torch.no_grad():
+            want, want_neg = pipe.encode_prompt(prompts, "cpu", 1, True, clip_skip=clip_skip)
+        got, y = condition([model], [tokenize(tok, prompts)], [spec])
+        assert y is None
+        assert_close(got, want.numpy(), what=f"prompt embeds (clip_skip {clip_skip})")
+        neg, _ = condition([model], [tokenize(tok, [""] * 2)], [EMBEDDERS["sd15"][0]])
+        assert_close(neg, want_neg.numpy(), what=f"negative embeds (clip_skip {clip_skip})")
+
+
+def test_sd2_conditioning_is_diffusers_encode_prompt(pipelines):
+    """SD 2.x: sgm's FrozenOpenCLIPEmbedder (the penultimate layer, then ln_final) on the whole tower is
+    diffusers' encode_prompt on its one-layer-short text_encoder/, and clip_skip=1 on the whole tower."""
+    from flax_sgm.text import EMBEDDERS, condition, tokenize
+
+    pipe, path, whole = pipelines["sd2"]
+    model = load_text_encoder(path)
+    ids = tokenize(pipe.tokenizer, PROMPTS)
+    got, _ = condition([model], [ids], EMBEDDERS["sd21"])
+    with torch.no_grad():
+        want, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+        pipe.text_encoder = clip_skip_shim(whole)
+        skip, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False, clip_skip=1)
+    assert_close(got, want.numpy(), what="SD 2.x prompt embeds")
+    assert_close(got, skip.numpy(), what="SD 2.x prompt embeds, clip_skip=1")
+    assert np.abs(got - condition([model], [ids], [EMBEDDERS["sd15"][0]])[0]).max() > 0.1  # the last layer differs
+
+
+def diffusers_y(pipe, pooled, original=(64, 48), crop=(4, 8), target=(32, 40)) -> np.ndarray:
+    """diffusers' `y`: add_time_ids from _get_add_time_ids, embedded by the UNet's add_time_proj beside the pooled
+    vector, as UNet2DConditionModel.get_aug_embed concatenates them before add_embedding."""
+    time_ids = pipe._get_add_time_ids(original, crop, target, dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = time_ids.repeat(pooled.shape[0], 1)
+    with torch.no_grad():
+        embedded = pipe.unet.add_time_proj(time_ids.flatten()).reshape(pooled.shape[0], -1)
+    return torch.cat([pooled, embedded], dim=-1).numpy(), time_ids.numpy()
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_conditioning_with_negatives_is_diffusers_encode_prompt(pipelines, force_zeros):
+    """SDXL: prompt and negative embeddings, pooled vectors and add_time_ids' `y` of encode_prompt with
+    force_zeros_for_empty_prompt on (no negative prompt: zeros, which condition(force_zeros=True) gives beside
+    the embedded sizes) and off (the negative "" encoded)."""
+    from flax_sgm.text import EMBEDDERS, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sdxl"]
+    pipe.register_to_config(force_zeros_for_empty_prompt=force_zeros)
+    try:
+        with torch.no_grad():
+            want, want_neg, want_pooled, want_neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+    finally:
+        pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    time_dim = pipe.unet.config.addition_time_embed_dim
+    y_want, time_ids = diffusers_y(pipe, want_pooled)
+    y_neg_want, _ = diffusers_y(pipe, want_neg_pooled)
+    tokenizers = [load_tokenizer(path, embedder=n) for n in (0, 1)]
+    models = [load_text_encoder(path, embedder=n) for n in (0, 1)]
+    specs = (dataclasses.replace(EMBEDDERS["sdxl-base"][0], layer_idx=-2),) + EMBEDDERS["sdxl-base"][1:]
+    context, y = condition(models, [tokenize(t, PROMPTS) for t in tokenizers], specs, time_ids, time_dim=time_dim)
+    negatives = [tokenize(t, [""] * 2) for t in tokenizers]
+    neg, y_neg = condition(models, negatives, specs, time_ids, time_dim=time_dim, force_zeros=force_zeros)
+    assert_close(context, want.numpy(), what="prompt embeds")
+    assert_close(y, y_want, what="y")
+    assert_close(neg, want_neg.numpy(), what="negative embeds")
+    assert_close(y_neg, y_neg_want, what="negative y")
+    assert (np.asarray(y_neg[:, :24]) == 0).all() == force_zeros
+
+
+def test_sdxl_clip_skip_is_layer_hidden(pipelines):
+    """encode_prompt's clip_skip=1 on SDXL reads hidden_states[-3] of both towers: layer="hidden", layer_idx=-3
+    (here the embeddings), with the pooled vector unchanged."""
+    from flax_sgm.text import EmbedderSpec, condition, load_tokenizer, tokenize
+
+    pipe, path = pipelines["sdxl"]
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False,
+                                                     clip_skip=1)
+    specs = (EmbedderSpec("hidden", layer_idx=-3, final_norm=False),
+             EmbedderSpec("hidden", layer_idx=-3, final_norm=False, pooled=True))
+    ids = [tokenize(load_tokenizer(path, embedder=n), PROMPTS) for n in (0, 1)]
+    models = [load_text_encoder(path, embedder=n) for n in (0, 1)]
+    context, y = condition(models, ids, specs, np.zeros((2, 6), np.float32), time_dim=8)
+    assert_close(context, want.numpy(), what="clip_skip=1 prompt embeds")
+    assert_close(y[:, :24], want_pooled.numpy(), what="pooled")
+
+
+def test_refiner_conditioning_is_diffusers_encode_prompt(pipelines):
+    """The refiner (text_encoder_2 alone, sgm's embedder 0): encode_prompt's embeddings and pooled vector, and
+    `y` 24 + 5 * 8 wide with the aesthetic score embedded last (the refiner's 1280 + 5 * 256 = 2560)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from diffusers.models.embeddings import Timesteps
+
+    from flax_sgm.text import EMBEDDERS, condition, load_tokenizer, tokenize
+
+    sdxl, path = pipelines["sdxl"]
+    pipe = StableDiffusionXLImg2ImgPipeline(**(sdxl.components | {"text_encoder": None, "tokenizer": None}),
+                                            requires_aesthetics_score=True)
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    ids = tokenize(load_tokenizer(path, embedder=1), PROMPTS)
+    time_ids = np.array([[64, 48, 0, 0, 6.0]] * 2, np.float32)  # original size, crop, aesthetic score
+    context, y = condition([load_text_encoder(path, embedder=1)], [ids], EMBEDDERS["sdxl-refiner"], time_ids, time_dim=8)
+    assert_close(context, want.numpy(), what="refiner prompt embeds")
+    assert_close(y[:, :24], want_pooled.numpy(), what="refiner pooled")
+    with torch.no_grad():
+        score = Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.tensor([6.0])).numpy()
+    assert y.shape == (2, 24 + 5 * 8)
+    assert_close(y[:, -8:], np.repeat(score, 2, 0), what="aesthetic score")
+    assert condition([load_text_encoder(path, embedder=1)], [ids], EMBEDDERS["sdxl-refiner"],
+                     time_ids)[1].shape == (2, 24 + 5 * 256)
+
+
+# sgm's GeneralConditioner ---------------------------------------------------------------------------------
+
+def test_embedder_layers_are_sgms(saved, rng):
+    """Each layer choice against transformers' outputs as sgm's embedders read them: FrozenCLIPEmbedder's "last"
+    (last_hidden_state), "pooled" (pooler_output as one token) and "hidden" (hidden_states[layer_idx], no final
+    norm); FrozenOpenCLIPEmbedder2's "last" and "penultimate" (no ln_final) and the legacy FrozenOpenCLIPEmbedder's
+    penultimate with ln_final."""
+    from flax_sgm.text import EmbedderSpec, embed
+
+    tower, flax, _ = saved["openclip"]
+    ids = token_ids(END, rng, batch=2)
+    with torch.no_grad():
+        out = tower(torch.from_numpy(ids), output_hidden_states=True)
+        hidden = [h.numpy() for h in out.hidden_states]
+        normed = tower.text_model.final_layer_norm(out.hidden_states[-2]).numpy()
+    cases = [
+        (EmbedderSpec("last"), out.last_hidden_state.numpy()),
+        (EmbedderSpec("last", final_norm=False), hidden[-1]),
+        (EmbedderSpec("penultimate", final_norm=False), hidden[-2]),
+        (EmbedderSpec("penultimate"), normed),
+        (EmbedderSpec("hidden", layer_idx=1, final_norm=False), hidden[1]),
+        (EmbedderSpec("hidden", layer_idx=0, final_norm=False), hidden[0]),
+        (EmbedderSpec("pooled"), out.last_hidden_state.numpy()[np.arange(2), ids.argmax(1)][:, None]),  # the end token
+    ]
+    for spec, want in cases:
+        context, pooled = embed(flax, ids, spec)
+        assert_close(context, want, what=f"{spec.layer} (final_norm {spec.final_norm}, layer_idx {spec.layer_idx})")
+        assert pooled is None
+    _, pooled = embed(flax, ids, EmbedderSpec("penultimate", final_norm=False, pooled=True))
+    assert_close(pooled, out.text_embeds.numpy(), what="pooled: text_embeds (open_clip's pool @ text_projection)")
+    with pytest.raises(ValueError, match="layer_idx 3 is past the 3 hidden states"):
+        embed(flax, ids, EmbedderSpec("hidden", layer_idx=3))
+    for bad, message in [(dict(layer="middle"), "`layer` must be one of"), (dict(layer="hidden"), "`layer_idx` goes with"),
+                         (dict(layer="last", layer_idx=2), "`layer_idx` goes with"),
+                         (dict(ucg_rate=1.5), r"`ucg_rate` must be a probability in \[0, 1\]; got 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            EmbedderSpec(**bad)
+
+
+def test_ucg_dropout_is_sgms(saved, rng):
+    """ucg_rate: with a key, each prompt's output of each embedder is either kept exactly or zeroed, each output
+    (both contexts and the pooled vector) drawn on its own as sgm's GeneralConditioner does; the sizes' part of y
+    is never dropped. The same key gives the same drops (under jit, the key traced); no key (inference) drops
+    nothing; rate 1 all."""
+    from flax_sgm.text import EmbedderSpec, condition
+
+    models = [saved["clip"][1], saved["openclip"][1]]
+    ids = [token_ids(END, rng, batch=16, n=24)] * 2
+    time_ids = np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (16, 1))
+
+    def specs(rate):
+        return (EmbedderSpec("hidden", layer_idx=1, final_norm=False, ucg_rate=rate),
+                EmbedderSpec("penultimate", final_norm=False, pooled=True, ucg_rate=rate))
+
+    full_context, full_y = map(np.asarray, condition(models, ids, specs(0.0), time_ids))
+    dropped = jax.jit(lambda key, rate: condition(models, ids, specs(rate), time_ids, key=key), static_argnums=1)
+    key = jax.random.key(3)
+    context, y = map(np.asarray, dropped(key, 0.5))
+    parts = [(context[..., :32], full_context[..., :32]), (context[..., 32:], full_context[..., 32:]),
+             (y[:, :24], full_y[:, :24])]
+    kept = []
+    for got, want in parts:
+        rows = np.array([np.allclose(g, w, rtol=0, atol=1e-6 * np.abs(w).max()) for g, w in zip(got, want)])
+        zero = np.array([not g.any() for g in got])
+        assert (rows ^ zero).all()  # each row kept (to jit's reordering) or zeroed
+        assert 0 < rows.sum() < 16
+        kept.append(rows)
+    assert not (np.array_equal(kept[0], kept[1]) and np.array_equal(kept[1], kept[2]))  # drawn on their own
+    assert_close(y[:, 24:], full_y[:, 24:], what="the sizes' part of y")
+    again = dropped(key, 0.5)
+    assert np.array_equal(again[0], context) and np.array_equal(again[1], y)
+    assert not np.array_equal(dropped(jax.random.key(4), 0.5)[0], context)
+    none = dropped(key, 1.0)
+    assert not np.asarray(none[0]).any() and not np.asarray(none[1][:, :24]).any()
+    unkeyed = condition(models, ids, specs(0.5), time_ids)  # inference: no key, no dropout
+    assert np.array_equal(unkeyed[0], full_context) and np.array_equal(unkeyed[1], full_y)
+
+
+# The command line: verify, inspect, convert --text-encoder --------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_verify_seeded_text_encoder():
+    """`flax-sgm verify --model text-encoder` without a checkpoint: the seeded OpenCLIP-like tower passes."""
+    from conftest import run_cli
+
+    report = json.loads(run_cli("verify", "--model", "text-encoder", "--json").output)
+    assert report["passed"] and report["config"]["hidden_act"] == "gelu"
+
+
+def test_cli_verify_text_encoder(saved, tmp_path):
+    """`flax-sgm verify --model text-encoder --checkpoint` a saved text_encoder/ (transformers builds the reference
+    from its config.json), per layer and whole, passes; a single file is refused in one line."""
+    from conftest import cli_error, run_cli
+
+    _, _, path = saved["clip"]
+    result = run_cli("verify", "--model", "text-encoder", "--checkpoint", path)
+    assert "transformers CLIPTextModel, built by transformers from" in result.output and "PASS" in result.output
+    assert "encoder.layers.1.mlp.fc2" in result.output
+    save_file(UNET_KEY, str(tmp_path / "unet.safetensors"))
+    assert "a text encoder is verified from a transformers text_encoder/ directory" in cli_error(
+        "verify", "--model", "text-encoder", "--checkpoint", tmp_path / "unet.safetensors")
+
+
+def params_of(model) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("weights", ["orbax", "safetensors"])
+def test_cli_convert_and_inspect_text_encoders(tmp_path, weights):
+    """`flax-sgm convert --text-encoder` writes a pipeline's two text encoders, which load_text_encoder reads back
+    bit for bit by sgm's embedder number; `inspect` lists the output, a text_encoder/ directory and an SDXL
+    single file's embedders."""
+    from conftest import cli_error, run_cli
+
+    clip, openclip = torch_tower("clip", seed=31), torch_tower("openclip", seed=32)
+    pipe = tmp_path / "pipe"
+    clip.save_pretrained(pipe / "text_encoder")
+    openclip.save_pretrained(pipe / "text_encoder_2")
+    out = tmp_path / "out"
+    result = run_cli("convert", pipe, "--text-encoder", "-o", out, "--format", weights)
+    assert "2 text encoder(s)" in result.output and "embedder=1)" in result.output
+    for n in (0, 1):
+        want, got = params_of(load_text_encoder(pipe, embedder=n)), params_of(load_text_encoder(out, embedder=n))
+        assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) and want[k].dtype == got[k].dtype
+                                                  for k in want)
+        assert load_text_encoder(out, embedder=n).config == load_text_encoder(pipe, embedder=n).config
+    listing = run_cli("inspect", out).output
+    assert "text encoder 1: CLIP text, 2 layers of 32, gelu, projection 24, float32" in listing
+    with pytest.raises(CheckpointError, match=r"out: embedder=2 is not in this output; it holds conditioner.embedders.0., "):
+        load_text_encoder(out, embedder=2)
+    with pytest.raises(CheckpointError, match=r"out: holds text encoders, not a whole UNet \(load them with load_text_encoder\)$"):
+        flax_sgm.load_unet(out)
+    with pytest.raises(CheckpointError, match=r"out holds 2 stacks; pass prefix="):
+        flax_sgm.load_pretrained(out)
+    with pytest.raises(CheckpointError, match=r"out: holds a text encoder; load it with load_text_encoder$"):
+        flax_sgm.load_pretrained(out, prefix="conditioner.embedders.0")
+    one = tmp_path / "one"
+    run_cli("convert", pipe, "--text-encoder", "--embedder", "1", "-o", one, "--format", weights, "--param-dtype", "bfloat16")
+    assert load_text_encoder(one, embedder=1).final_layer_norm.scale[...].dtype == jnp.bfloat16
+    refused = run_cli("convert", pipe, "--embedder", "1", "-o", tmp_path / "x", ok=False)
+    assert refused.exit_code == 2 and "Error: --embedder goes with --text-encoder" in refused.output
+
+    if weights == "orbax":
+        listing = run_cli("inspect", pipe / "text_encoder_2").output
+        assert "text encoder, embedder 0: (root) (transformers), 0.1M parameters, none of the released towers" in listing
+        assert "SpatialTransformer" not in listing
+        sdxl = tmp_path / "sdxl.safetensors"
+        save_file(sgm_clip(clip, "conditioner.embedders.0.transformer.")
+                  | sgm_open_clip(openclip, "conditioner.embedders.1.model.") | UNET_KEY, str(sdxl))
+        info = json.loads(run_cli("inspect", sdxl, "--json").output)
+        texts = info["text_encoders"]
+        assert [t["embedder"] for t in texts] == [0, 1]
+        assert texts[1]["prefix"] == "conditioner.embedders.1.model." and texts[1]["layout"] == KIND_OPEN_CLIP
+        assert texts[1]["preset"] is None and "give config=" in texts[1]["problem"]
+        assert texts[0]["parameters"] == sum(p.numel() for p in clip.parameters())
+
+
+# Low precision ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [pytest.param("clip", marks=pytest.mark.slow), "openclip"])
+def test_bf16_error_no_worse_than_torch(name, rng):
+    """bf16 weights and compute: flax_sgm's error against the float64 referee, forward and every gradient, within
+    torch's own bf16 error (verify.criteria), and bf16-sized (it really ran in bf16)."""
+    from flax_sgm.verify import criteria
+    from flax_sgm.verify.seeded import text_encoder_twin
+
+    tower = torch_tower(name, seed=41)
+    flax = text_encoder_twin(tower, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert flax.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.bfloat16
+    result = compare(tower, flax, {"x": token_ids(END, rng, batch=2)}, dtype="bfloat16", seed=1)
+    flax_worst = max(e[0] for e in result.errors.values())
+    low, high = criteria.BF16_ERROR_RANGE
+    assert low < flax_worst < high
+    assert_parity(result, "CLIPTextModel bf16")
+
+
+def test_more_bad_input_is_one_line(tmp_path, saved):
+    """A full open_clip model as a text encoder; a tokenizer asked of a single file, of a folder without one, or
+    past a pipeline's tokenizers; the conditioner given mismatched embedders or no single pooled vector for y."""
+    from flax_sgm.text import EmbedderSpec, condition, load_tokenizer
+
+    flax = saved["openclip"][1]
+    tensors = convert.to_torch_state_dict(flax, layout=open_clip_layout(flax.config))
+    save_file(tensors | {"visual.conv1.weight": np.ones((4, 3, 2, 2), np.float32)}, str(tmp_path / "open_clip.safetensors"))
+    with pytest.raises(CheckpointError, match=r"open_clip.safetensors: a full open_clip CLIP model \(text and image "
+                                              r"towers at the root\), not a text encoder"):
+        load_text_encoder(tmp_path / "open_clip.safetensors")
+    with pytest.raises(CheckpointError, match=r"open_clip.safetensors: not a tokenizer folder \(a single-file checkpoint "
+                                              r"holds none: pass a pipeline's tokenizer/ folder\)$"):
+        load_tokenizer(tmp_path / "open_clip.safetensors")
+    # transformers 5 reads a folder without a tokenizer's files as an empty tokenizer: refused before it.
+    with pytest.raises(CheckpointError, match=r"clip: not a CLIP tokenizer folder \(no tokenizer.json, nor vocab.json "
+                                              r"and merges.txt\)$"):
+        load_tokenizer(saved["clip"][2])
+    pipe = tmp_path / "pipe"
+    tiny_tokenizer("!").save_pretrained(pipe / "tokenizer")
+    with pytest.raises(CheckpointError, match=r"pipe: embedder=1, but the pipeline's tokenizers are 0 \(tokenizer/\)$"):
+        load_tokenizer(pipe, embedder=1)
+    ids = token_ids(END, np.random.default_rng(0), batch=2, n=8)
+    with pytest.raises(ValueError, match=r"condition: 1 models, 2 id arrays, 1 specs; one each"):
+        condition([flax], [ids, ids], [EmbedderSpec()])
+    with pytest.raises(ValueError, match=r"condition: `y` takes one pooled vector; the specs give 0"):
+        condition([flax], [ids], [EmbedderSpec()], np.zeros((2, 6), np.float32))
+    with pytest.raises(ValueError, match=r"sdxl_vector: `pooled` must have shape \[3, p\]; got shape \[2, 24\]"):
+        condition([flax], [ids], [EmbedderSpec(pooled=True)], np.zeros((3, 6), np.float32))
+
+
+def test_legacy_ucg_replaces_prompts():
+    """sgm's legacy_ucg_value: prompts replaced by the value with the given probability, keyed; 0 and 1 exact."""
+    from flax_sgm.text.conditioner import legacy_ucg
+
+    prompts = [f"prompt {i}" for i in range(32)]
+    key = jax.random.key(0)
+    got = legacy_ucg(key, prompts, 0.5)
+    assert got == legacy_ucg(key, prompts, 0.5) and 0 < got.count("") < 32
+    assert all(g in ("", p) for g, p in zip(got, prompts))
+    assert legacy_ucg(key, prompts, 0.0) == prompts and legacy_ucg(key, prompts, 1.0, "-") == ["-"] * 32
+    with pytest.raises(ValueError, match=r"legacy_ucg: `rate` must be a probability in \[0, 1\]; got 2"):
+        legacy_ucg(key, prompts, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["clip-vit-l-14", "openclip-vit-h-14", "openclip-vit-bigg-14"])
+def test_released_sizes_match_transformers(preset):
+    """Each released tower at full size (random weights): transformers' model of the preset's sizes, read by
+    flax_sgm, gives the same outputs on 2 prompts (float32 against float32: the same maths reordered)."""
+    from flax_sgm.verify.seeded import text_encoder_twin, text_inputs
+
+    c = PRESETS[preset]
+    cls = CLIPTextModelWithProjection if c.projection_dim else TransformersCLIPTextModel
+    config = TransformersConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                                max_position_embeddings=77, hidden_act=c.hidden_act, projection_dim=c.projection_dim or 768,
+                                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(0)
+    tower = cls(config).eval()
+    flax = text_encoder_twin(tower)
+    assert flax.config == c
+    ids = text_inputs(c, seed=0)["x"]
+    with torch.no_grad():
+        want = tower(torch.from_numpy(ids), output_hidden_states=True)
+    got = flax(ids, output_hidden_states=True)
+    assert_close(got.hidden_states[-2], want.hidden_states[-2].numpy(), what=f"{preset} penultimate")
+    assert_close(got.last_hidden_state, want.last_hidden_state.numpy(), what=f"{preset} last")
+    if c.projection_dim:
+        assert_close(got.text_embeds, want.text_embeds.numpy(), what=f"{preset} text_embeds")

@@ -42,7 +42,24 @@ WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
 UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet
 STACK_RECORD = "SpatialTransformer"  # what a record without "model" holds
-CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig}
+TEXT_RECORD = "CLIPTextModel"  # a record's "model" when it holds a text encoder (prefix: text_record_prefix)
+CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig}  # TEXT_RECORD's: _config_class
+# A whole model's config class name -> (its record's "model", its default name in the output).
+WHOLE_MODELS = {"UNetConfig": (UNET_RECORD, "unet"), "CLIPTextConfig": (TEXT_RECORD, "text_encoder")}
+
+
+def _config_class(model: str):
+    """The config class of a record's "model" (text's imported here: flax_sgm.text imports this module)."""
+    if model == TEXT_RECORD:
+        from flax_sgm.text.config import CLIPTextConfig
+
+        return CLIPTextConfig
+    return CONFIGS[model]
+
+
+def text_record_prefix(embedder: int) -> str:
+    """The prefix of a convert output's record of sgm's text embedder `embedder`."""
+    return f"conditioner.embedders.{embedder}."
 
 
 class StackRecord(NamedTuple):
@@ -56,13 +73,15 @@ class StackRecord(NamedTuple):
 
     def to_dict(self) -> dict:
         record = {"prefix": self.prefix, "path": self.path, "param_dtype": self.param_dtype, "config": self.config.to_dict()}
-        record |= {"model": UNET_RECORD} if isinstance(self.config, UNetConfig) else {}
+        whole = WHOLE_MODELS.get(type(self.config).__name__)
+        record |= {"model": whole[0]} if whole else {}
         return record | ({"files": dict(self.files)} if self.files else {})
 
 
 def stack_name(prefix: str, config=None) -> str:
     """Directory or file name of a stack (or whole UNet) inside the output."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or ("unet" if isinstance(config, UNetConfig) else "spatial_transformer")
+    default = WHOLE_MODELS.get(type(config).__name__, (None, "spatial_transformer"))[1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or default
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -91,8 +110,8 @@ class OutputWriter:
         self.checkpointer = _checkpointer() if self.weights == "orbax" else None
         return self
 
-    def add_model(self, prefix: str, config: SpatialTransformerConfig | UNetConfig, model: nnx.Module) -> None:
-        """Write a filled model's parameters (Orbax or safetensors): a stack, or a whole UNet."""
+    def add_model(self, prefix: str, config, model: nnx.Module) -> None:
+        """Write a filled model's parameters (Orbax or safetensors): a stack, a whole UNet or a text encoder."""
         params = nnx.state(model, nnx.Param)
         suffix = ".safetensors" if self.weights == "safetensors" else ""
         record = StackRecord(prefix, stack_name(prefix, config) + suffix, _stored_dtype_name(params), config)
@@ -204,7 +223,7 @@ def read_output(path) -> tuple[str, list[StackRecord]]:
             raise ValueError(f"unknown weights format {weights!r}")
         records = [
             StackRecord(s["prefix"], s["path"], jnp.dtype(s["param_dtype"]).name,
-                        CONFIGS[s.get("model", STACK_RECORD)].from_dict(
+                        _config_class(s.get("model", STACK_RECORD)).from_dict(
                             _migrated(s, version), source=f"stack {s['prefix']!r}"),
                         tuple((str(name), int(size)) for name, size in s["files"].items()))
             for s in document["stacks"]

@@ -15,7 +15,7 @@ from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_o
 
 
 @click.command(
-    short_help="Convert stacks or a whole UNet to Flax (Orbax or safetensors).",
+    short_help="Convert stacks, a whole UNet or text encoders to Flax.",
     epilog="""\b
 Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
@@ -27,11 +27,13 @@ Examples:
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
+  flax-sgm convert sd_xl_base_1.0.safetensors --text-encoder -o sdxl-text  # both text encoders
 
 \b
 Then in Python:
   model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several
-  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output"""
+  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output
+  clip = flax_sgm.load_text_encoder("sdxl-text", embedder=1)   # a --text-encoder output"""
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
@@ -40,6 +42,10 @@ Then in Python:
 @click.option("--unet", "whole_unet", is_flag=True,
               help="The whole UNet (what flax_sgm.load_unet reads: an sgm/LDM file, a diffusers unet/ or pipeline "
                    "directory), its UNetConfig recorded.")
+@click.option("--text-encoder", "text_encoder", is_flag=True,
+              help="The text encoders (what flax_sgm.load_text_encoder reads: a diffusers text_encoder/ or pipeline "
+                   "directory, an sgm/LDM file), each CLIPTextConfig recorded; --embedder picks one.")
+@click.option("--embedder", type=int, help="With --text-encoder: sgm's embedder number of the one to convert.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @stack_options
@@ -51,7 +57,7 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @clean_errors
-def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads, head_dim, disable_self_attn, variant,
+def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, skip_unsupported, heads, head_dim, disable_self_attn, variant,
             out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
@@ -69,6 +75,20 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
     if skip_unsupported and not all_stacks:
         raise click.UsageError("--skip-unsupported goes with --all")
     start = time.perf_counter()
+    if embedder is not None and not text_encoder:
+        raise click.UsageError("--embedder goes with --text-encoder")
+    if text_encoder:
+        if whole_unet or prefix or all_stacks or any(v is not None for v in (disable_self_attn, heads, head_dim)):
+            raise click.UsageError("--text-encoder converts text encoders: leave out --unet, --prefix, --all, --heads, "
+                                   "--head-dim and --disable-self-attn")
+        from flax_sgm.text.load import convert_text_encoders
+
+        written = convert_text_encoders(checkpoint, out, embedder=embedder, variant=variant, weights=weights,
+                                        param_dtype=param_dtype, overwrite=overwrite)
+        click.echo(f"wrote {out} ({weights}): {len(written)} text encoder(s) in {time.perf_counter() - start:.1f} s")
+        for n, config in written:
+            click.echo(f"  embedder {n}: {_text(config)}; load: flax_sgm.load_text_encoder({str(out)!r}, embedder={n})")
+        return
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
@@ -122,16 +142,25 @@ def _unet(c) -> str:
     return f"{c.model_channels} ch x {list(c.channel_mult)}, context {c.context_dim}"
 
 
+def _text(c) -> str:
+    from flax_sgm.text.config import PRESETS
+
+    preset = next((f" ({name})" for name, p in PRESETS.items() if p == c.replace(sdp_backend=None)), "")
+    projection = f", projection {c.projection_dim}" if c.projection_dim else ""
+    return f"CLIP text, {c.num_hidden_layers} layers of {c.hidden_size}, {c.hidden_act}{projection}{preset}"
+
+
 def _context(context_dim) -> str:
     return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
 
 
 @click.command(
-    short_help="List the stacks in a checkpoint, or what a converted one holds.",
+    short_help="List the stacks, UNet and text encoders of a checkpoint or output.",
     epilog="""\b
 Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
   flax-sgm inspect stable-diffusion-xl-base-1.0/unet
+  flax-sgm inspect stable-diffusion-xl-base-1.0/text_encoder_2
   flax-sgm inspect v1-5-pruned.ckpt --json
   flax-sgm inspect xl-attention                 # a `flax-sgm convert` output"""
 )
@@ -141,8 +170,9 @@ Examples:
 @clean_errors
 def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
-    index) and what their shapes say about them, and the whole UNet when it holds one. A `flax-sgm convert`
-    output: what its config.json records."""
+    index) and what their shapes say about them, the whole UNet when it holds one, and its text encoders
+    (a transformers text_encoder/ directory, or a single file's embedders). A `flax-sgm convert` output: what
+    its config.json records."""
     if output.is_output(checkpoint):
         if variant is not None:
             raise click.UsageError("a converted output has no variants: leave out --variant")
@@ -151,19 +181,24 @@ def inspect(checkpoint, variant, as_json):
     from flax_sgm.unet.load import unet_summary
     from flax_sgm.checkpoints.sources import open_source
     from flax_sgm.attention.stacks import inspect_stacks
+    from flax_sgm.text.load import text_encoder_summaries
 
     with open_source(checkpoint, variant) as source:
-        summaries, problems = inspect_stacks(source)
-        unet = unet_summary(source)
+        texts = text_encoder_summaries(source)
+        is_text = source.config is not None and bool(texts)  # a transformers text_encoder/: no stacks to look for
+        summaries, problems = ([], {}) if is_text else inspect_stacks(source)
+        unet = None if is_text else unet_summary(source)
         info = {
             "file": str(checkpoint),
-            "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
+            "format": source.kind + ((", transformers config.json" if is_text else ", diffusers config.json")
+                                     if source.config is not None else ""),
             "tensors": len(source.infos),
             "bytes": sum(i.nbytes for i in source.infos.values()),
             "top_level_prefixes": _top_level(source.infos),
             "stacks": summaries,
             "unsupported": problems,
             "unet": unet,
+            "text_encoders": texts,
         }
     if as_json:
         click.echo(to_json(info))
@@ -179,6 +214,14 @@ def inspect(checkpoint, variant, as_json):
                    + "; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
         if unet["in_channels"] is not None and unet["out_channels"] is not None:
             click.echo("  " + ", ".join(channel_notes(unet["in_channels"], unet["out_channels"], unet["time_cond_proj_dim"])))
+    for t in texts:
+        what = f"the {t['preset']} preset" if t["preset"] else ("config= needed: " + t["problem"] if t["problem"]
+                                                              else "none of the released towers")
+        click.echo(f"text encoder, embedder {t['embedder']}: {t['prefix'] or '(root)'} ({t['layout']}), "
+                   f"{t['parameters'] / 1e6:.1f}M parameters, {what}; load: flax_sgm.load_text_encoder"
+                   f"(..., embedder={t['embedder']}), convert: flax-sgm convert --text-encoder")
+    if is_text:
+        return
     if not summaries and not problems:
         click.echo("no SpatialTransformer stack found")
         return
@@ -215,12 +258,18 @@ def _inspect_output(path, as_json: bool) -> None:
                             "stacks": [{"model": output.STACK_RECORD} | r.to_dict() for r in records]}))
         return
     click.echo(f"{path}: a flax-sgm convert output ({weights}), {len(records)} record(s)")
+    from flax_sgm.text.config import CLIPTextConfig
+
     for r in records:
         if isinstance(r.config, UNetConfig):
             click.echo(f"  the whole UNet ({_unet(r.config)}), {r.param_dtype}; load: flax_sgm.load_unet({str(path)!r})")
+        elif isinstance(r.config, CLIPTextConfig):
+            n = int(r.prefix.rstrip(".").rsplit(".", 1)[-1])
+            click.echo(f"  text encoder {n}: {_text(r.config)}, {r.param_dtype}; "
+                       f"load: flax_sgm.load_text_encoder({str(path)!r}, embedder={n})")
         else:
             click.echo(f"  {r.prefix or '(root)'}  {_stack(r.config)}, {r.param_dtype}")
-    if not any(isinstance(r.config, UNetConfig) for r in records):
+    if not any(isinstance(r.config, (UNetConfig, CLIPTextConfig)) for r in records):
         click.echo(f"load: flax_sgm.load_pretrained({str(path)!r}"
                    + (")" if len(records) == 1 else f", prefix=...) or flax_sgm.load_pretrained_all({str(path)!r})"))
 

@@ -10,10 +10,11 @@ from flax_sgm.cli.common import PARITY_FAILED, clean_errors, exclusive_heads, st
 
 
 # --model values verified whole: (what it is, the diffusers model made in-process); their pairs are
-# verify.seeded.<model>_pair and verify.references.<model>_checkpoint_pair.
+# verify.seeded.<model>_pair and verify.references.<model>_checkpoint_pair ("-" read as "_").
 WHOLE_MODELS = {
     "unet": ("a whole UNet", "diffusers UNet2DConditionModel"),
     "vae": ("a whole autoencoder", "diffusers AutoencoderKL"),
+    "text-encoder": ("a whole CLIP text encoder", "transformers CLIPTextModelWithProjection"),
 }
 
 
@@ -27,6 +28,7 @@ Examples:
   flax-sgm verify --model unet
   flax-sgm verify --model unet --checkpoint stable-diffusion-xl-base-1.0 --variant fp16
   flax-sgm verify --model vae --checkpoint stable-diffusion-xl-base-1.0
+  flax-sgm verify --model text-encoder --checkpoint stable-diffusion-xl-base-1.0/text_encoder_2
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
   flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0
@@ -36,9 +38,9 @@ In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
   flax_sgm.verify.verify_modules(torch_module, flax_module, {"x": x, "context": c})"""
 )
 @click.option("--model", type=click.Choice(["stack", *WHOLE_MODELS]), default="stack", show_default=True,
-              help="What runs without --checkpoint: a SpatialTransformer stack, a whole SDXL-style UNet or a KL "
-                   "autoencoder (diffusers' UNet2DConditionModel / AutoencoderKL made in-process, random weights) "
-                   "reported per diffusers module.")
+              help="What runs without --checkpoint: a SpatialTransformer stack, a whole SDXL-style UNet, a KL "
+                   "autoencoder or a CLIP text encoder (diffusers' UNet2DConditionModel / AutoencoderKL, "
+                   "transformers' CLIPTextModelWithProjection made in-process, random weights) reported per module.")
 @click.option("--checkpoint", type=click.Path(),
               help="A checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin), a diffusers model directory, a "
                    "sharded *.safetensors.index.json or a `flax-sgm convert` output; default: seeded random weights.")
@@ -65,7 +67,11 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
     UNet of a diffusers unet/ or pipeline directory, diffusers' model built from it
     (float64 referee: about 8 bytes per parameter of memory). With --model vae: a KL
     autoencoder (32 and 64 channels, 16 x 16 images) against diffusers' AutoencoderKL;
-    with --checkpoint, the autoencoder of a diffusers vae/ or pipeline directory.
+    with --checkpoint, the autoencoder of a diffusers vae/ or pipeline directory. With
+    --model text-encoder: a CLIP text tower (OpenCLIP-like, 2 layers of 64, with the
+    projection) against transformers' CLIPTextModelWithProjection, every output and
+    hidden state; with --checkpoint, a text_encoder/ or text_encoder_2/ directory (or a
+    pipeline's text_encoder/), transformers' model built from its config.json.
 
     Reported per submodule (norm, proj_in, each block's norms, attn1, attn2, ff,
     proj_out) and for the whole model: flax_sgm's and torch's relative error against
@@ -86,12 +92,12 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
             raise click.UsageError(f"--model {model} verifies {what}: leave out --prefix, --heads, --head-dim and "
                                    "--disable-self-attn")
         if checkpoint is None:
-            config, torch_module, flax_module, inputs = getattr(seeded, f"{model}_pair")(dtype=dtype, seed=seed)
+            config, torch_module, flax_module, inputs = getattr(seeded, f"{model.replace('-', '_')}_pair")(dtype=dtype, seed=seed)
             source = {"weights": f"{made} made in-process, seeded random (seed {seed})"}
         else:
             from flax_sgm.verify import references
 
-            config, torch_module, flax_module, inputs, source = getattr(references, f"{model}_checkpoint_pair")(
+            config, torch_module, flax_module, inputs, source = getattr(references, f"{model.replace('-', '_')}_checkpoint_pair")(
                 checkpoint, variant=variant, dtype=dtype, seed=seed
             )
     elif checkpoint is None:
@@ -115,10 +121,11 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
 def _report_head(config, source: dict, report) -> list[str]:
     args = ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
     inputs = ", ".join(f"{k} {v}" for k, v in report.inputs.items())
+    layout = " (token ids)" if type(config).__name__ == "CLIPTextConfig" else " (x NCHW for torch, NHWC for flax)"
     source = ", ".join(f"{k} {v}" if k != "weights" else v for k, v in source.items())
     return [
         f"{type(config).__name__}({args})",
         f"weights: {source}",
-        f"input: {inputs} (x NCHW for torch, NHWC for flax)",
+        f"input: {inputs}{layout}",
         "",
     ]

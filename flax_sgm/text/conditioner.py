@@ -4,7 +4,9 @@ and vector `y`.
 sgm's GeneralConditioner runs each embedder of a checkpoint and concatenates their outputs: token embeddings
 along the features into `context` (SDXL: 768 + 1280 = 2048), vectors into `y` (SDXL: the pooled 1280 beside
 the size and crop ids, each embedded by 256 sinusoids: 2816; the refiner's 1280 + 5 * 256 = 2560). An
-EmbedderSpec says what one embedder hands on; EMBEDDERS holds sgm's for the released models.
+EmbedderSpec says what one embedder hands on; EMBEDDERS holds sgm's for the released models. `condition` also
+gives the zeroed unconditional embeddings (force_zeros) and training's classifier-free dropout (ucg_rate, keyed);
+legacy_ucg is sgm's other dropout, of the prompt text.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.unet.model import sdxl_vector
@@ -30,12 +33,16 @@ class EmbedderSpec:
     final_norm: the final layer norm on that layer (sgm's FrozenCLIPEmbedder "last" and its legacy OpenCLIP
       embedder, SD 2.x: yes; SDXL's "hidden" and FrozenOpenCLIPEmbedder2's "penultimate": no).
     pooled: also hand on the pooled vector for `y` (text_embeds where the tower has a projection).
+    ucg_rate: sgm's classifier-free dropout for training: each output (context part, pooled vector) of each
+      prompt is zeroed with this probability, each output drawn on its own (GeneralConditioner.forward draws
+      one Bernoulli per output of an embedder). Applied only when `condition` is given a PRNG key.
     """
 
     layer: str = "last"
     layer_idx: int | None = None
     final_norm: bool = True
     pooled: bool = False
+    ucg_rate: float = 0.0
 
     def __post_init__(self):
         if self.layer not in LAYERS:
@@ -43,6 +50,8 @@ class EmbedderSpec:
         if (self.layer == "hidden") != (self.layer_idx is not None):
             raise ValueError(f"EmbedderSpec: `layer_idx` goes with layer='hidden' only; got layer={self.layer!r}, "
                              f"layer_idx={self.layer_idx!r}")
+        if not isinstance(self.ucg_rate, (int, float)) or isinstance(self.ucg_rate, bool) or not 0 <= self.ucg_rate <= 1:
+            raise ValueError(f"EmbedderSpec: `ucg_rate` must be a probability in [0, 1]; got {self.ucg_rate!r}")
 
 
 # sgm's embedders of the released models, by sgm's embedder number (configs/inference/*.yaml).
@@ -76,20 +85,54 @@ def embed(model: CLIPTextModel, input_ids: jax.Array, spec: EmbedderSpec) -> tup
     return context, pooled
 
 
+def legacy_ucg(key: jax.Array, prompts: Sequence[str], rate: float, value: str = "") -> list[str]:
+    """sgm's `legacy_ucg_value` dropout (its SD 1.x / 2.x training configs): each prompt replaced by `value`
+    with probability `rate` before tokenizing, in place of zeroing its embedding (EmbedderSpec.ucg_rate)."""
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1:
+        raise ValueError(f"legacy_ucg: `rate` must be a probability in [0, 1]; got {rate!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    drop = np.asarray(jax.random.bernoulli(key, rate, (len(prompts),)))
+    return [value if d else p for p, d in zip(prompts, drop)]
+
+
+def dropout(key: jax.Array, emb: jax.Array, rate: float) -> jax.Array:
+    """sgm's ucg dropout of one output: each row zeroed with probability `rate` (a Bernoulli of 1 - rate per row)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (emb.shape[0],))
+    return emb * keep.reshape((-1,) + (1,) * (emb.ndim - 1)).astype(emb.dtype)
+
+
 def condition(models: Sequence[CLIPTextModel], input_ids: Sequence[jax.Array], specs: Sequence[EmbedderSpec],
-              time_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+              time_ids: jax.Array | None = None, *, time_dim: int = 256, key: jax.Array | None = None,
+              force_zeros: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """sgm's GeneralConditioner over text embedders: (`context` [b, n, sum of widths], `y` or None).
 
     time_ids: SDXL's size and crop conditions [b, k] (base: original h, w, crop top, left, target h, w; the
-    refiner: original h, w, crop top, left, aesthetic score), embedded beside the pooled vector (sdxl_vector).
+      refiner: original h, w, crop top, left, aesthetic score), each embedded by `time_dim` sinusoids beside
+      the pooled vector (sdxl_vector; sgm's ConcatTimestepEmbedderND, 256; diffusers' addition_time_embed_dim).
+    key: a PRNG key for training's classifier-free dropout (EmbedderSpec.ucg_rate); None (inference): none.
+      Output n of the embedders, in sgm's order (embedder by embedder, context before pooled), draws from
+      jax.random.fold_in(key, n).
+    force_zeros: the text embedders' outputs (context and pooled) zeroed, the size embeddings kept: sgm's
+      force_uc_zero_embeddings=["txt"] and diffusers' force_zeros_for_empty_prompt negative conditioning.
     """
     if not len(models) == len(input_ids) == len(specs):
         raise ValueError(f"condition: {len(models)} models, {len(input_ids)} id arrays, {len(specs)} specs; one each")
-    parts = [embed(m, ids, s) for m, ids, s in zip(models, input_ids, specs)]
-    context = jnp.concatenate([c for c, _ in parts], axis=-1)
-    pooled = [p for _, p in parts if p is not None]
+    contexts, pooled, n = [], [], 0
+    for model, ids, spec in zip(models, input_ids, specs):
+        context, vector = embed(model, ids, spec)
+        outputs = [context] if vector is None else [context, vector]
+        for j, emb in enumerate(outputs):
+            if key is not None and spec.ucg_rate > 0:
+                emb = dropout(jax.random.fold_in(key, n), emb, spec.ucg_rate)
+            if force_zeros:
+                emb = jnp.zeros_like(emb)
+            outputs[j] = emb
+            n += 1
+        contexts.append(outputs[0])
+        pooled += outputs[1:]
+    context = jnp.concatenate(contexts, axis=-1)
     if time_ids is None:
         return context, None
     if len(pooled) != 1:
         raise ValueError(f"condition: `y` takes one pooled vector; the specs give {len(pooled)}")
-    return context, sdxl_vector(pooled[0], jnp.asarray(time_ids, jnp.float32))
+    return context, sdxl_vector(pooled[0], jnp.asarray(time_ids, jnp.float32), time_dim)

@@ -152,6 +152,11 @@ NOT_TEXT = {
 def choose_tower(keys: list[str], embedder: int, source: str) -> Tower:
     """The tower sgm calls embedder `embedder`; one line saying what there is when it is not there."""
     towers = find_towers(keys)
+    if not towers and TOKEN_EMBEDDING["open_clip"] in keys and any(k.startswith("visual.") for k in keys):
+        raise CheckpointError(
+            f"{source}: a full open_clip CLIP model (text and image towers at the root), not a text encoder as sgm or "
+            "diffusers hold one (an sgm single file's conditioner.embedders.N.model., or a text_encoder/ directory)"
+        )
     if not towers:
         tops = top_level_prefixes(keys)
         kinds = sorted({kind for start, kind in NOT_TEXT.items() if any(k.startswith(start) for k in keys)})

@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
-from flax_sgm.checkpoints import convert
+from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.checkpoints.convert import KeyLayout
 from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import CONFIG_FILE
 from flax_sgm.attention.load import _ready, choose_param_dtype
 from flax_sgm.checkpoints.sources import Source, open_source
 from flax_sgm.text.config import CLIPTextConfig
-from flax_sgm.text.layout import choose_tower, config_from_weights, ignored_reason
+from flax_sgm.text.config import PRESETS
+from flax_sgm.text.layout import KIND_NAMES, choose_tower, config_from_weights, find_towers, ignored_reason
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm import models
 
@@ -108,6 +110,8 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
     """
     path = Path(path)
     embedder = _embedder_index(embedder)
+    if output.is_output(path):
+        return _restore_output(path, embedder, config, variant, dtype, param_dtype, options)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         chosen = _pipeline_folder(path, embedder)
         if chosen != path:
@@ -129,3 +133,84 @@ def _stored_dtype(infos, path) -> jnp.dtype:
         raise CheckpointError(f"{path}: the text encoder holds no floating-point tensors")
     return jnp.dtype(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
 
+
+
+def _restore_output(path: Path, embedder: int, config, variant, dtype, param_dtype, options) -> CLIPTextModel:
+    """A text encoder of a `flax-sgm convert --text-encoder` output, by sgm's embedder number."""
+    from flax_sgm.attention.load import _restore
+
+    if config is not None or variant is not None:
+        raise CheckpointError(f"{path}: a `flax-sgm convert` output records its config; leave out config= and variant=")
+    weights, records = output.read_output(path)
+    texts = {r.prefix: r for r in records if isinstance(r.config, CLIPTextConfig)}
+    if not texts:
+        raise CheckpointError(f"{path}: holds no text encoder (convert one with flax-sgm convert --text-encoder)")
+    record = texts.get(output.text_record_prefix(embedder))
+    if record is None:
+        raise CheckpointError(f"{path}: embedder={embedder} is not in this output; it holds {', '.join(texts)}")
+    return _restore(path, weights, record, dtype, param_dtype, 0, options)
+
+
+def text_encoder_embedders(path, variant: str | None = None) -> list[int]:
+    """sgm's embedder numbers of the text encoders a checkpoint holds (a pipeline's folders, a directory's one,
+    a single file's towers)."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        folders = [n for n in PIPELINE_TEXT_ENCODERS if (path / n / CONFIG_FILE).is_file()]
+        if folders:
+            return list(range(len(folders)))
+    with open_source(path, variant) as source:
+        if source.config is not None:
+            return [0]
+        towers = find_towers(source.infos)
+        if not towers:
+            choose_tower(list(source.infos), 0, str(path))  # the one-line error saying what it holds
+        return [t.embedder for t in towers]
+
+
+def convert_text_encoders(path, out, *, embedder: int | None = None, config: CLIPTextConfig | None = None,
+                          variant: str | None = None, weights: str = "orbax", param_dtype=None,
+                          overwrite: bool = False) -> list[tuple[int, CLIPTextConfig]]:
+    """The text encoders of any checkpoint load_text_encoder reads (or the one `embedder` names) into a
+    `flax-sgm convert` output, each config recorded, so that load_text_encoder(out, embedder=n) needs no other
+    argument. Returns (embedder, config) per encoder written."""
+    output.check_output(Path(out), overwrite)
+    embedders = text_encoder_embedders(path, variant) if embedder is None else [_embedder_index(embedder)]
+    written = []
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+        for n in embedders:
+            model = load_text_encoder(path, embedder=n, config=config, variant=variant, param_dtype=param_dtype)
+            writer.add_model(output.text_record_prefix(n), model.config, model)
+            written.append((n, model.config))
+    return written
+
+
+def text_encoder_summaries(source: Source) -> list[dict]:
+    """What `flax-sgm inspect` says of each text encoder in an open Source: sgm's embedder number, where it sits,
+    its layout, the released tower it is (preset) and its parameters; or why its config cannot be read."""
+    if source.config is not None:
+        if source.config.get("model_type") != "clip_text_model":
+            return []
+        found = [0]
+    else:
+        found = [t.embedder for t in find_towers(source.infos)]
+    summaries = []
+    for n in found:
+        entry = {"embedder": n}
+        try:
+            plan = plan_text_encoder(source, embedder=n)
+        except CheckpointError as err:
+            tower = choose_tower(list(source.infos), n, str(source.path))
+            keys = [k for k in source.infos
+                    if k.startswith(tower.prefix) and ignored_reason(k[len(tower.prefix):], tower.kind) is None]
+            entry |= {"prefix": tower.prefix, "layout": KIND_NAMES[tower.kind], "preset": None, "config": None,
+                      "problem": str(err).split(": ", 1)[-1]}
+        else:
+            keys = plan.keys
+            preset = next((name for name, p in PRESETS.items() if p == plan.config), None)
+            layout = plan.layout.name if plan.layout is not None else "transformers"
+            entry |= {"prefix": plan.prefix, "layout": layout, "preset": preset, "config": plan.config.to_dict(),
+                      "problem": None, "ignored": [k for k, _ in plan.ignored]}
+        entry["parameters"] = int(sum(int(np.prod(source.infos[k].shape)) for k in keys))
+        summaries.append(entry)
+    return summaries

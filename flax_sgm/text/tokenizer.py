@@ -15,6 +15,7 @@ import numpy as np
 from flax_sgm.errors import CheckpointError
 
 PIPELINE_TOKENIZERS = ("tokenizer", "tokenizer_2")  # sgm's embedder order, as load.PIPELINE_TEXT_ENCODERS
+TOKENIZER_JSON, BPE_FILES = "tokenizer.json", ("vocab.json", "merges.txt")  # a CLIP tokenizer's files: either
 
 
 def load_tokenizer(path, *, embedder: int = 0):
@@ -33,6 +34,9 @@ def load_tokenizer(path, *, embedder: int = 0):
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a tokenizer folder (a single-file checkpoint holds none: pass a pipeline's "
                               "tokenizer/ folder)")
+    # transformers 5 builds an empty tokenizer (every word unknown) from a folder without these, silently.
+    if not (path / TOKENIZER_JSON).is_file() and not all((path / f).is_file() for f in BPE_FILES):
+        raise CheckpointError(f"{path}: not a CLIP tokenizer folder (no {TOKENIZER_JSON}, nor {' and '.join(BPE_FILES)})")
     try:
         return CLIPTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:

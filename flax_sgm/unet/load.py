@@ -56,6 +56,8 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
         weights, records = output.read_output(path)
         unets = [r for r in records if isinstance(r.config, UNetConfig)]
         if not unets:
+            if any(type(r.config).__name__ == "CLIPTextConfig" for r in records):
+                raise CheckpointError(f"{path}: holds text encoders, not a whole UNet (load them with load_text_encoder)")
             raise CheckpointError(f"{path}: holds SpatialTransformer stacks, not a whole UNet (load them with load_pretrained)")
         return _restore(path, weights, unets[0], dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:

@@ -163,3 +163,34 @@ def vae_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = 
     source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
               "reference": f"diffusers AutoencoderKL, built by diffusers from {directory}"}
     return config, torch_vae, flax_vae, inputs, source
+
+
+def text_encoder_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
+    """(config, transformers' CLIPTextModel(WithProjection), flax_sgm's CLIPTextModel, seeded ids, what was used) of a
+    diffusers text_encoder/ or text_encoder_2/ directory, or a pipeline's text_encoder/: transformers builds the
+    reference from its config.json (its `architectures`), load_text_encoder reads the same files."""
+    import json
+
+    from flax_sgm.checkpoints.sources import CONFIG_FILE
+    from flax_sgm.errors import CheckpointError
+    from flax_sgm.text.load import PIPELINE_TEXT_ENCODERS, load_text_encoder
+
+    path = Path(checkpoint)
+    folders = [path / n for n in PIPELINE_TEXT_ENCODERS if (path / n / CONFIG_FILE).is_file()]
+    directory = folders[0] if folders else path
+    config = json.loads((directory / CONFIG_FILE).read_text()) if (directory / CONFIG_FILE).is_file() else {}
+    names = config.get("architectures") or []
+    if config.get("model_type") != "clip_text_model" or len(names) != 1:
+        raise CheckpointError(f"{path}: a text encoder is verified from a transformers text_encoder/ directory or a "
+                              "pipeline holding one (transformers builds the reference from its config.json); this "
+                              "is not one")
+    import transformers
+
+    if names[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: architectures {names} is not a CLIP text tower")
+    torch_text = getattr(transformers, names[0]).from_pretrained(directory, variant=variant, dtype=torch.float32).eval()
+    flax_text = load_text_encoder(directory, variant=variant, dtype=None if dtype == "float32" else dtype,
+                                  param_dtype=dtype)
+    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
+              "reference": f"transformers {names[0]}, built by transformers from {directory}"}
+    return flax_text.config, torch_text, flax_text, seeded.text_inputs(flax_text.config, seed=seed), source

@@ -161,3 +161,45 @@ def vae_inputs(config, *, seed: int, hw: tuple[int, int] = (16, 16)) -> dict:
     """Seeded images in [-1, 1], NCHW (torch's layout)."""
     rng = np.random.default_rng(seed)
     return {"x": rng.uniform(-1, 1, (2, config.in_channels, *hw)).astype(np.float32)}
+
+
+# `flax-sgm verify --model text-encoder`: an OpenCLIP-like text tower (exact GELU, the projection) in miniature.
+VERIFY_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=0, pad_token_id=1,
+                   eos_token_id=2)
+
+
+def text_encoder_pair(*, dtype: str = "float32", seed: int = 0):
+    """transformers' CLIPTextModelWithProjection of VERIFY_TEXT with seeded random weights, its flax_sgm twin and ids."""
+    from transformers import CLIPTextConfig as TransformersConfig
+    from transformers import CLIPTextModelWithProjection
+
+    torch_text = randomize_(CLIPTextModelWithProjection(TransformersConfig(**VERIFY_TEXT)).eval(), seed)
+    flax_text = text_encoder_twin(torch_text, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    return flax_text.config, torch_text, flax_text, text_inputs(flax_text.config, seed=seed)
+
+
+def text_encoder_twin(torch_text, *, dtype=None, param_dtype=jnp.float32):
+    """flax_sgm's CLIPTextModel of a transformers CLIPTextModel(WithProjection)'s config and weights."""
+    from flax_sgm.text.config import CLIPTextConfig
+    from flax_sgm.text.layout import TRANSFORMERS
+
+    config = CLIPTextConfig.from_transformers(torch_text.config.to_dict(), projection=hasattr(torch_text, "text_projection"))
+    model = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
+    layout = TRANSFORMERS if hasattr(torch_text, "text_model") else None  # transformers 5's CLIPTextModel is flat
+    return convert.load_torch_state_dict(model, torch_text.state_dict(), layout=layout, allow_downcast=True)
+
+
+def text_inputs(config, *, seed: int, batch: int = 2) -> dict:
+    """Seeded token ids [batch, positions] as a tokenizer makes them: the start token, words, the end token at a
+    different place in each row, then the end token as padding. The end token is where the config pools:
+    the vocabulary's last id for the legacy eos_token_id (CLIP's 49407), else eos_token_id."""
+    rng = np.random.default_rng(seed)
+    n, end = config.max_position_embeddings, (config.vocab_size - 1 if config.pools_at_argmax else config.eos_token_id)
+    ids = rng.integers(1, config.vocab_size - 1, (batch, n))
+    ids[ids == end] = end - 1 if end > 1 else end + 1
+    ids[:, 0] = config.bos_token_id if config.bos_token_id is not None and config.bos_token_id != end else 0
+    for i in range(batch):
+        stop = min(n - 1, 3 + 4 * i)
+        ids[i, stop:] = end
+    return {"x": ids.astype(np.int64)}
