@@ -128,7 +128,7 @@ def load(path: Path, names: list[str], rounds: int) -> list[dict]:
     import jax
     from safetensors.flax import load_file
 
-    from flax_sgm.text import load_text_encoder
+    from flax_sgm import load_text_encoder
 
     def flax_load():
         return jax.block_until_ready(load_file(str(path)))

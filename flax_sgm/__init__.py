@@ -25,8 +25,10 @@ from flax_sgm.unet.load import load_unet
 from flax_sgm.attention.transformer import SpatialTransformer
 from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
 from flax_sgm.unet.config import UNetConfig
-from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, load_vae
-from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_text_encoder
+from flax_sgm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from flax_sgm.autoencoder.load import load_vae
+from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput
+from flax_sgm.text.load import load_text_encoder
 from flax_sgm.sampling import SchedulerConfig, SgmSamplerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 

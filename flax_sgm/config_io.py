@@ -6,10 +6,19 @@ import dataclasses
 import json
 
 
+# Every config class by its name, filled as each is defined (all of them once flax_sgm is imported): how a file
+# that records a config's class name (a `flax-sgm convert` output) finds the class without importing its family.
+CONFIGS: dict[str, type] = {}
+
+
 class ConfigIO:
     """A mixin for frozen dataclass configs. `NAME` says what the config describes in messages."""
 
     NAME = "model"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CONFIGS[cls.__name__] = cls
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

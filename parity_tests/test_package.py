@@ -1,5 +1,5 @@
-"""The package's shape: no import cycle (lazy imports inside functions count too) and no config module that
-imports a model, so a config never builds its own model (flax_sgm.models holds the one config -> model table)."""
+"""The package's shape: no import cycle (lazy imports inside functions count too, and so does the __init__ of a
+package an import passes through) and no config module that imports a model, so a config never builds its own model (flax_sgm.models holds the one config -> model table)."""
 
 import ast
 from pathlib import Path
@@ -31,7 +31,16 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 target = f"{base}.{alias.name}"
                 out.add(target if target in modules else base)
-    return {m for m in out if m in modules and m != name}
+    out = {m for m in out if m in modules and m != name}
+    # Importing a.b.c runs a/b/__init__ first: an edge to each package above an import that is not above `name`
+    # (flax_sgm's own __init__ always runs first, so it is left out).
+    mine = {name, *_packages(name)}
+    return out | {p for m in out for p in _packages(m) if p not in mine and p in modules and p != "flax_sgm"}
+
+
+def _packages(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _graph() -> dict[str, set[str]]:

@@ -15,7 +15,7 @@ import torch
 import torch_ref.sgm.sampling  # noqa: F401  (registers the vendored modules)
 from conftest import assert_close
 from flax_sgm.sampling import SgmSamplerConfig, sample, step_noise, vanilla_cfg
-from flax_sgm.sampling.plans import make_plan
+from flax_sgm.sampling.sample import make_plan
 from flax_sgm.verify.criteria import SAMPLER
 from torch_ref.sgm.util import instantiate_from_config
 

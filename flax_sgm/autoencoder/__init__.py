@@ -4,11 +4,11 @@
   model.py      Encoder, Decoder, DiagonalGaussian, AutoencoderKL (NHWC, images in [-1, 1])
   diffusers.py  the one reader of diffusers' AutoencoderKL config.json
   layout.py     sgm single-file and diffusers key layouts; a config read off a file's shapes
-  load.py       load_vae
+  load.py       load_vae (exported as flax_sgm.load_vae: a family's package imports no loader, which
+                imports flax_sgm.models, which imports every family)
 """
 
 from flax_sgm.autoencoder.config import PRESETS, AutoencoderConfig
-from flax_sgm.autoencoder.load import load_vae
 from flax_sgm.autoencoder.model import AutoencoderKL, DiagonalGaussian
 
-__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "PRESETS", "load_vae"]
+__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "PRESETS"]

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.attention.config import SEED_NAMES, SpatialTransformerConfig
-from flax_sgm.unet.config import UNetConfig
+from flax_sgm import config_io
 from flax_sgm.attention.layout import normalize_prefix
 from flax_sgm.errors import CheckpointError, first_line
 from flax_sgm.checkpoints.sources import CONFIG_FILE
@@ -43,18 +43,14 @@ CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in 
 UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet
 STACK_RECORD = "SpatialTransformer"  # what a record without "model" holds
 TEXT_RECORD = "CLIPTextModel"  # a record's "model" when it holds a text encoder (prefix: text_record_prefix)
-CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig}  # TEXT_RECORD's: _config_class
+# A record's "model" -> the name of its config class (config_io.CONFIGS: no family is imported here).
+CONFIG_OF = {STACK_RECORD: "SpatialTransformerConfig", UNET_RECORD: "UNetConfig", TEXT_RECORD: "CLIPTextConfig"}
 # A whole model's config class name -> (its record's "model", its default name in the output).
 WHOLE_MODELS = {"UNetConfig": (UNET_RECORD, "unet"), "CLIPTextConfig": (TEXT_RECORD, "text_encoder")}
 
 
 def _config_class(model: str):
-    """The config class of a record's "model" (text's imported here: flax_sgm.text imports this module)."""
-    if model == TEXT_RECORD:
-        from flax_sgm.text.config import CLIPTextConfig
-
-        return CLIPTextConfig
-    return CONFIGS[model]
+    return config_io.CONFIGS[CONFIG_OF[model]]
 
 
 def text_record_prefix(embedder: int) -> str:

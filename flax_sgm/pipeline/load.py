@@ -15,8 +15,9 @@ from pathlib import Path
 from flax_sgm.autoencoder.load import load_vae
 from flax_sgm.errors import CheckpointError, first_line
 from flax_sgm.pipeline.pipeline import Pipeline
+from flax_sgm.pipeline.sgm_file import load_single_file_pipeline
 from flax_sgm.text.load import load_text_encoder
-from flax_sgm.text.tokenizer import PIPELINE_TOKENIZERS, load_tokenizer
+from flax_sgm.text.tokenizer import pipeline_tokenizers
 from flax_sgm.unet.load import load_unet
 
 MODEL_INDEX = "model_index.json"
@@ -78,8 +79,6 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
     """
     path = Path(path)
     if path.is_file():
-        from flax_sgm.pipeline.sgm_file import load_single_file_pipeline
-
         if variant is not None:
             raise CheckpointError(f"{path}: variant= picks a diffusers directory's files; a single file has none")
         return load_single_file_pipeline(path, tokenizer=tokenizer, dtype=dtype, scheduler=scheduler,
@@ -129,39 +128,12 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
     unet = load_unet(path / "unet", variant=variant, dtype=dtype)
     vae = load_vae(path / "vae", variant=variant, dtype=dtype)
     text_encoders = [load_text_encoder(path / name, variant=variant, dtype=dtype) for name in encoders]
-    tokenizers = _tokenizers(path, tokenizer, encoders, index)
+    tokenizers = pipeline_tokenizers(path, tokenizer, encoders, index)
     return Pipeline(
         family=family, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
         scheduler=_scheduler_config(scheduler_json, str(scheduler_path), scheduler),
         unet_json=unet_json, flags=flags, source=str(path),
     )
-
-
-def _tokenizers(path: Path, tokenizer, encoders: list[str], index: dict) -> list:
-    """One tokenizer per text encoder: the directory's tokenizer/ for text_encoder/, tokenizer_2/ for
-    text_encoder_2/ (as diffusers pairs them), or the user's."""
-    wanted = [PIPELINE_TOKENIZERS[("text_encoder", "text_encoder_2").index(e)] for e in encoders]
-    if tokenizer is None:
-        missing = [w for w in wanted if not (path / w).is_dir()]
-        if missing:
-            raise CheckpointError(f"{path}: no {missing[0]}/ folder; pass tokenizer= (a tokenizer folder or a pipeline "
-                                  "directory holding one)")
-        return [_read_tokenizer(path / w) for w in wanted]
-    given = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
-    if given is None:  # one path: a pipeline directory (its folders by name) or one folder for every encoder
-        root = Path(tokenizer)
-        if any((root / w).is_dir() for w in wanted):
-            return [_read_tokenizer(root / w) for w in wanted]
-        given = [root] * len(wanted)
-    if len(given) != len(wanted):
-        raise CheckpointError(f"tokenizer=: {len(given)} given for {len(wanted)} text encoders ({', '.join(encoders)})")
-    return [_read_tokenizer(Path(t)) if isinstance(t, (str, Path)) else t for t in given]
-
-
-def _read_tokenizer(folder: Path):
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a tokenizer folder")
-    return load_tokenizer(folder)
 
 
 def _scheduler_config(config: dict, source: str, kind):

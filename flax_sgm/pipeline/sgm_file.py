@@ -27,6 +27,7 @@ from flax_sgm.sampling.sgm import SGM_KINDS, SgmSamplerConfig
 from flax_sgm.text.conditioner import EmbedderSpec
 from flax_sgm.text.layout import find_towers
 from flax_sgm.text.load import load_text_encoder
+from flax_sgm.text.tokenizer import pipeline_tokenizers
 from flax_sgm.unet.load import load_unet
 
 M = "sgm.modules.diffusionmodules."
@@ -85,8 +86,6 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
                               text_configs: Sequence | None = None, scaling_factor: float | None = None) -> Pipeline:
     """See load_pipeline. unet_config, text_configs (one per tower) and scaling_factor: for a file whose shapes
     are no released model's (their loaders' config= and scaling_factor=)."""
-    from flax_sgm.pipeline.load import _tokenizers
-
     if tokenizer is None:
         raise CheckpointError(f"{path}: a single file holds no tokenizer; pass tokenizer= (a pipeline directory with "
                               "tokenizer/ (and tokenizer_2/), or a list of tokenizer folders, one per text encoder)")
@@ -101,7 +100,7 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
     text_encoders = [load_text_encoder(path, embedder=i, dtype=dtype,
                                        config=None if text_configs is None else text_configs[i])
                      for i in range(len(towers))]
-    tokenizers = _tokenizers(path, tokenizer, encoders, {})
+    tokenizers = pipeline_tokenizers(path, tokenizer, encoders, {})
     unet_json = {"sample_size": LATENT_SIZE[family]}
     if family != "sd":  # the size/crop ids' width: the vector's features beside the pooled text vector
         pooled = text_encoders[-1].config.projection_dim or text_encoders[-1].config.hidden_size

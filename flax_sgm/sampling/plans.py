@@ -352,15 +352,9 @@ def lcm(cfg: SchedulerConfig, n: int) -> Plan:
     return Plan(ts.astype(np.int64), rows, 1.0, lambda x: {"x": x}, step, _identity_input)
 
 
-def make_plan(cfg, n: int, start: int = 0) -> Plan:
-    """The plan of `n` inference steps; `start` is the first index into its timesteps that runs.
-    cfg: a SchedulerConfig (diffusers' schedulers) or an SgmSamplerConfig (sgm's samplers)."""
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
-    from flax_sgm.sampling.sgm import SgmSamplerConfig, sgm_plan
-
-    if isinstance(cfg, SgmSamplerConfig):
-        return sgm_plan(cfg, int(n), start)
+def scheduler_plan(cfg: SchedulerConfig, n: int, start: int = 0) -> Plan:
+    """The plan of a diffusers scheduler's `n` inference steps; `start` is the first index into its timesteps
+    that runs (sample.make_plan picks this or sgm.sgm_plan by the config)."""
     if cfg.kind == "lms":
         return lms(cfg, n, start)
     if cfg.kind == "dpmpp_2m":

@@ -10,8 +10,18 @@ import numpy as np
 
 from flax_sgm.sampling import schedules
 from flax_sgm.sampling.config import SchedulerConfig
-from flax_sgm.sampling.plans import make_plan
-from flax_sgm.sampling.sgm import SgmSamplerConfig
+from flax_sgm.sampling.plans import Plan, scheduler_plan
+from flax_sgm.sampling.sgm import SgmSamplerConfig, sgm_plan
+
+
+def make_plan(cfg: SchedulerConfig | SgmSamplerConfig, n: int, start: int = 0) -> Plan:
+    """The plan of `n` inference steps of a diffusers scheduler (SchedulerConfig) or one of sgm's samplers
+    (SgmSamplerConfig); `start` is the first index into its timesteps that runs."""
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
+    if isinstance(cfg, SgmSamplerConfig):
+        return sgm_plan(cfg, int(n), start)
+    return scheduler_plan(cfg, int(n), start)
 
 
 def timesteps_for(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 
 from flax_sgm.config_io import ConfigIO
 from flax_sgm.sampling import schedules
+from flax_sgm.sampling.plans import Plan, _lagrange_integral
 
 f32 = np.float32
 _MODULE = "sgm.modules.diffusionmodules."
@@ -289,8 +290,6 @@ def _ancestral(s_from, s_to, eta):
 
 def sgm_plan(cfg: SgmSamplerConfig, n: int, start: int = 0):
     """The plan of `n` steps of cfg's sampler: a row per network evaluation."""
-    from flax_sgm.sampling.plans import Plan
-
     if start:
         raise ValueError("sgm samplers start at the first step (img2img through sgm's discretization wrappers is "
                          "not supported)")
@@ -337,8 +336,6 @@ def sgm_plan(cfg: SgmSamplerConfig, n: int, start: int = 0):
                     c3, c4 = f32(1 + 1 / (2 * r)), f32(1 / (2 * r))
                 row(s[i], a=a, b=b, c3=c3, c4=c4, draws=False)
     else:  # lms
-        from flax_sgm.sampling.plans import _lagrange_integral
-
         s64 = s.astype(np.float64)
         for i in range(n):
             k = min(i + 1, cfg.lms_order)

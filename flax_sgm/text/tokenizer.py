@@ -53,3 +53,30 @@ def tokenize(tokenizer, prompts: str | list[str]) -> np.ndarray:
         cut = tokenizer.batch_decode(full[:, n - 1 : -1])
         warnings.warn(f"the prompt was cut at {n} tokens (CLIP's positions); dropped: {cut}", stacklevel=2)
     return ids.astype(np.int32)
+
+
+def pipeline_tokenizers(path: Path, tokenizer, encoders: list[str], index: dict) -> list:
+    """One tokenizer per text encoder: the directory's tokenizer/ for text_encoder/, tokenizer_2/ for
+    text_encoder_2/ (as diffusers pairs them), or the user's."""
+    wanted = [PIPELINE_TOKENIZERS[("text_encoder", "text_encoder_2").index(e)] for e in encoders]
+    if tokenizer is None:
+        missing = [w for w in wanted if not (path / w).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: no {missing[0]}/ folder; pass tokenizer= (a tokenizer folder or a pipeline "
+                                  "directory holding one)")
+        return [_read_tokenizer(path / w) for w in wanted]
+    given = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
+    if given is None:  # one path: a pipeline directory (its folders by name) or one folder for every encoder
+        root = Path(tokenizer)
+        if any((root / w).is_dir() for w in wanted):
+            return [_read_tokenizer(root / w) for w in wanted]
+        given = [root] * len(wanted)
+    if len(given) != len(wanted):
+        raise CheckpointError(f"tokenizer=: {len(given)} given for {len(wanted)} text encoders ({', '.join(encoders)})")
+    return [_read_tokenizer(Path(t)) if isinstance(t, (str, Path)) else t for t in given]
+
+
+def _read_tokenizer(folder: Path):
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a tokenizer folder")
+    return load_tokenizer(folder)

@@ -4,7 +4,8 @@
   harness      `compare`: one run of both on the same inputs, errors against a float64 referee
   adapters     call conventions (torch_ref, the seed, diffusers; CallAdapter for others)
   modules      `verify_modules`: the per-submodule report `flax-sgm verify` prints
-  seeded       seeded random weights and inputs
+  seeded       seeded random twins and inputs
+  tiny         the tiny diffusers models every test, benchmark and doc builds; randomize_
 """
 
 import importlib
@@ -24,7 +25,7 @@ _LAZY = {
     "submodule_names": "modules",
     "verify_modules": "modules",
     "flax_twin": "seeded",
-    "randomize_": "seeded",
+    "randomize_": "tiny",
     "sample_inputs": "seeded",
 }
 

@@ -13,25 +13,7 @@ from flax import nnx
 from flax_sgm.checkpoints import convert
 from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
 from flax_sgm import models
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (proj_out too, which the seed zeroes), in place.
-
-    Weights ~ N(0, 1 / fan_in) so activations stay O(1); biases ~ N(0, 1/16);
-    norm scales 1 + N(0, 0.01).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim > 1:  # Linear [out, in] or Conv2d [out, in, kh, kw]
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):  # LayerNorm / GroupNorm scale
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.25 * noise)
-    return module
+from flax_sgm.verify.tiny import randomize_  # noqa: F401  (seeded.randomize_, as before)
 
 
 def flax_twin(torch_module: torch.nn.Module, flax_cls, *args, allow_downcast: bool | None = None, **kwargs):

@@ -4,6 +4,7 @@ so a fixture changes in one place. Needs diffusers (and torch) only when a model
 
   UNETS   UNet2DConditionModel configs: sd1, sd2, sdxl, refiner, projection (class_embed_type), lcm, ssd1b
   VAES    AutoencoderKL configs
+  randomize_(module, seed)  every parameter of a torch module seeded random, in place
 """
 
 from __future__ import annotations
@@ -101,12 +102,31 @@ VAES = {
 }
 
 
+def randomize_(module, seed: int):
+    """Every parameter random (proj_out too, which the seed zeroes), in place.
+
+    Weights ~ N(0, 1 / fan_in) so activations stay O(1); biases ~ N(0, 1/16);
+    norm scales 1 + N(0, 0.01).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim > 1:  # Linear [out, in] or Conv2d [out, in, kh, kw]
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # LayerNorm / GroupNorm scale
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.25 * noise)
+    return module
+
+
 def unet(kind: str = "sd1", *, seed: int = 0, **fields):
     """diffusers' UNet2DConditionModel of UNETS[kind] (fields changed by `fields`), every weight seeded random,
     in eval mode."""
     from diffusers import UNet2DConditionModel
-
-    from flax_sgm.verify.seeded import randomize_
 
     return randomize_(UNet2DConditionModel(**UNETS[kind] | fields).eval(), seed)
 
@@ -114,8 +134,6 @@ def unet(kind: str = "sd1", *, seed: int = 0, **fields):
 def vae(kind: str = "tiny", *, seed: int = 0, **fields):
     """diffusers' AutoencoderKL of VAES[kind] (fields changed by `fields`), seeded random, in eval mode."""
     from diffusers import AutoencoderKL
-
-    from flax_sgm.verify.seeded import randomize_
 
     return randomize_(AutoencoderKL(**VAES[kind] | fields).eval(), seed)
 
