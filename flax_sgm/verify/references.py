@@ -112,57 +112,51 @@ def _from_pretrained(cls, directory: Path, variant: str | None) -> torch.nn.Modu
     return cls.from_pretrained(directory, variant=variant, torch_dtype=torch.float32, low_cpu_mem_usage=False).eval()
 
 
+def _diffusers_reference(checkpoint, folder: str, kind: str, what: str, variant: str | None):
+    """(the directory, diffusers' `kind` built by diffusers from its config.json, what was used) of a diffusers
+    `folder`/ directory or a pipeline directory holding one; CheckpointError naming `what` otherwise."""
+    import json
+
+    import diffusers
+
+    from flax_sgm.checkpoints.sources import CONFIG_FILE
+    from flax_sgm.errors import CheckpointError
+
+    path = Path(checkpoint)
+    directory = path / folder if (path / folder / CONFIG_FILE).is_file() else path
+    found = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
+    if found != kind:
+        raise CheckpointError(f"{path}: {what} is verified from a diffusers {folder}/ or pipeline directory (diffusers "
+                              "builds the reference from its config.json); this is not one")
+    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
+              "reference": f"diffusers {kind}, built by diffusers from {directory}"}
+    return directory, _from_pretrained(getattr(diffusers, kind), directory, variant), source
+
+
 def unet_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
     """(config, diffusers' UNet2DConditionModel, flax_sgm's UNetModel, seeded inputs, what was used) of a diffusers
     unet/ or pipeline directory: diffusers builds the reference from its config.json, load_unet reads the same files."""
-    import json
-
-    from flax_sgm.errors import CheckpointError
     from flax_sgm.unet.load import PIPELINE_UNET, load_unet
-    from flax_sgm.checkpoints.sources import CONFIG_FILE
 
-    path = Path(checkpoint)
-    directory = path / PIPELINE_UNET if (path / PIPELINE_UNET / CONFIG_FILE).is_file() else path
-    kind = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
-    if kind != "UNet2DConditionModel":
-        raise CheckpointError(f"{path}: a whole UNet is verified from a diffusers unet/ or pipeline directory (diffusers "
-                              "builds the reference from its config.json); this is not one")
-    from diffusers import UNet2DConditionModel
-
-    torch_unet = _from_pretrained(UNet2DConditionModel, directory, variant)
+    directory, torch_unet, source = _diffusers_reference(checkpoint, PIPELINE_UNET, "UNet2DConditionModel",
+                                                         "a whole UNet", variant)
     flax_unet = load_unet(directory, variant=variant, dtype=None if dtype == "float32" else dtype, param_dtype=dtype,
                           use_checkpoint=False)
     config = flax_unet.config
     inputs = seeded.unet_inputs(config, seed=seed, hw=(max(8, 2 ** (len(config.channel_mult) - 1)),) * 2)
-    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
-              "reference": f"diffusers UNet2DConditionModel, built by diffusers from {directory}"}
     return config, torch_unet, flax_unet, inputs, source
 
 
 def vae_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
     """(config, diffusers' AutoencoderKL, flax_sgm's AutoencoderKL, seeded images, what was used) of a diffusers
     vae/ or pipeline directory: diffusers builds the reference from its config.json, load_vae reads the same files."""
-    import json
-
     from flax_sgm.autoencoder.load import PIPELINE_VAE, load_vae
-    from flax_sgm.errors import CheckpointError
-    from flax_sgm.checkpoints.sources import CONFIG_FILE
 
-    path = Path(checkpoint)
-    directory = path / PIPELINE_VAE if (path / PIPELINE_VAE / CONFIG_FILE).is_file() else path
-    kind = json.loads((directory / CONFIG_FILE).read_text()).get("_class_name") if (directory / CONFIG_FILE).is_file() else None
-    if kind != "AutoencoderKL":
-        raise CheckpointError(f"{path}: an autoencoder is verified from a diffusers vae/ or pipeline directory (diffusers "
-                              "builds the reference from its config.json); this is not one")
-    from diffusers import AutoencoderKL
-
-    torch_vae = _from_pretrained(AutoencoderKL, directory, variant)
+    directory, torch_vae, source = _diffusers_reference(checkpoint, PIPELINE_VAE, "AutoencoderKL", "an autoencoder",
+                                                        variant)
     flax_vae = load_vae(directory, variant=variant, dtype=None if dtype == "float32" else dtype, param_dtype=dtype)
     config = flax_vae.config
-    inputs = seeded.vae_inputs(config, seed=seed, hw=(max(16, config.downsample_factor),) * 2)
-    source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
-              "reference": f"diffusers AutoencoderKL, built by diffusers from {directory}"}
-    return config, torch_vae, flax_vae, inputs, source
+    return config, torch_vae, flax_vae, seeded.vae_inputs(config, seed=seed, hw=(max(16, config.downsample_factor),) * 2), source
 
 
 def text_encoder_checkpoint_pair(checkpoint, *, variant: str | None = None, dtype: str = "float32", seed: int = 0):
