@@ -7,7 +7,8 @@ test_sampling does, on the same elementwise network and the same noise:
   EulerAncestralDiscrete / DPMSolverMultistep (dpmsolver++, order 2, final step first order), given sgm's
   timesteps (LegacyDDPM's `linspace(T - 1, 0, n, endpoint=False)`; each is a table index, so the DiscreteDenoiser's
   quantization is exact and its c_noise is diffusers' timestep);
-  EDMDiscretization with a Denoiser and EDMScaling: EDMEulerScheduler (its Karras sigmas, c_in, c_noise, c_out);
+  EDMDiscretization with a Denoiser and EDMScaling: EDMEulerScheduler (its Karras sigmas, c_in, c_noise, c_out), and
+  EDMDPMSolverMultistepScheduler for DPMPP2M; VScalingWithEDMcNoise: EulerDiscrete's continuous v timesteps;
   VanillaCFG: diffusers' `uncond + scale * (text - uncond)` on the network outputs;
   EulerEDM's churn: EulerDiscrete's / EDMEuler's `step(s_churn, s_tmin, s_tmax, s_noise)` on a network whose output
   does not depend on where it is evaluated (diffusers evaluates the network before the churn, sgm after it);
@@ -194,6 +195,45 @@ def test_edm_discretization_and_scaling_equal_edm_euler():
     assert_close(timesteps_for(cfg, STEPS), sched.timesteps.numpy(), SAMPLER, "c_noise")
     x = latents()
     assert_close(ours(cfg, x), run(sched, x, GUIDANCE), SAMPLER, "edm euler")
+
+
+def edm_sigmas(n):
+    """EDMEulerScheduler's Karras sigmas for sgm's demo EDMDiscretization, then 0."""
+    p = EDM_DEMO["params"]
+    sched = diffusers.EDMEulerScheduler(sigma_min=p["sigma_min"], sigma_max=p["sigma_max"], rho=p["rho"])
+    sched.set_timesteps(n)
+    return sched.sigmas.numpy()
+
+
+def test_edm_discretization_dpmpp_2m_equals_edm_dpm_solver():
+    """DPMPP2M over EDMDiscretization with EDMScaling: EDMDPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint,
+    first order into sigma 0)."""
+    p = EDM_DEMO["params"]
+    cfg = SgmSamplerConfig.from_sgm(sampler("DPMPP2MSampler", EDM_DEMO, CFG), continuous("EDMScaling"))
+    sched = diffusers.EDMDPMSolverMultistepScheduler(sigma_min=p["sigma_min"], sigma_max=p["sigma_max"], rho=p["rho"],
+                                                     solver_order=2, final_sigmas_type="zero")
+    sched.set_timesteps(STEPS)
+    assert_close(timesteps_for(cfg, STEPS), sched.timesteps.numpy(), SAMPLER, "c_noise")
+    x = latents()
+    assert_close(ours(cfg, x), run(sched, x, GUIDANCE), SAMPLER, "edm dpm++ 2m")
+
+
+def test_v_scaling_with_edm_c_noise_equals_euler_continuous_v():
+    """VScalingWithEDMcNoise (a Denoiser) over EDMDiscretization: EulerDiscrete with timestep_type "continuous" and
+    v_prediction (its timesteps are log(sigma) / 4), given the EDM sigmas."""
+    cfg = SgmSamplerConfig.from_sgm(sampler("EulerEDMSampler", EDM_DEMO), continuous("VScalingWithEDMcNoise"))
+    sched = diffusers.EulerDiscreteScheduler.from_config({**SD, "timestep_type": "continuous",
+                                                          "prediction_type": "v_prediction"})
+    sched.set_timesteps(sigmas=edm_sigmas(STEPS).tolist())
+    assert_close(timesteps_for(cfg, STEPS), sched.timesteps.numpy(), SAMPLER, "c_noise")
+    x = latents()
+    assert_close(ours(cfg, x), run(sched, x), SAMPLER, "v with edm c_noise")
+
+
+def test_lms_order_2_equals_diffusers():
+    cfg = SgmSamplerConfig.from_sgm(sampler("LinearMultistepSampler", order=2), discrete("EpsScaling"))
+    x = latents()
+    assert_close(ours(cfg, x), run(schedule("LMSDiscreteScheduler", {}, STEPS), x, order=2), SAMPLER, "lms order 2")
 
 
 K = np.random.default_rng(9).standard_normal(SHAPE).astype(np.float32)
