@@ -2,9 +2,10 @@
 
 The file's tensors are the diffusers models' under sgm's names, each part checked by diffusers' own single-file
 converters (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint,
-convert_open_clip_checkpoint) mapping it back exactly. The reference is sgm's sampler and denoiser themselves
-(torch_ref/sgm, vendored) run over the diffusers UNet with diffusers' prompt embeddings; and the single file's
-pipeline equals the directory's with the same sampler.
+convert_open_clip_checkpoint) mapping it back exactly. The reference is diffusers' own pipeline of those models
+with the diffusers twin of sgm's demo sampler (EulerEDM over LegacyDDPM, DiscreteDenoiser, VanillaCFG 5.0):
+EulerDiscreteScheduler stepped at sgm's timesteps (test_sgm_sampling checks the twin step by step); and the single
+file's pipeline equals the directory's with the same sampler.
 """
 
 from __future__ import annotations
@@ -12,24 +13,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.numpy import save_file
 
 from conftest import assert_close, cli_error
 from test_autoencoder import flax_vae
 from test_pipeline import SIZE, initial_latents, torch_pipeline
+from test_sgm_sampling import sgm_timesteps
 from test_text import sgm_clip, sgm_open_clip, tiny_config
 from test_unet import flax_unet
 from flax_sgm import CheckpointError, load_pipeline
 from flax_sgm.autoencoder.layout import SGM_PREFIX as VAE_PREFIX
 from flax_sgm.checkpoints import convert
-from flax_sgm.pipeline.sgm_file import DEMO_SAMPLER, RELEASED_DENOISER, sampler_config
+from flax_sgm.pipeline.sgm_file import DEMO_SAMPLER, sampler_config
 from flax_sgm.sampling import SgmSamplerConfig
 from flax_sgm.unet.layout import SGM_PREFIX as UNET_PREFIX
 from flax_sgm.verify.criteria import PIPELINE
-from torch_ref.sgm.util import instantiate_from_config
 
 STEPS = 3
+GUIDANCE = DEMO_SAMPLER["params"]["guider_config"]["params"]["scale"]  # 5.0
 SCALING = {"sd": 0.18215, "sdxl": 0.13025}
 
 
@@ -77,61 +80,58 @@ def load(files, family, **kwargs):
                          scaling_factor=SCALING[family], **kwargs)
 
 
-def sgm_reference(pipe, family: str, prompt: str, latents: np.ndarray, steps: int) -> np.ndarray:
-    """sgm's DiffusionEngine sampling with its demo sampler: the vendored EulerEDMSampler, DiscreteDenoiser and
-    VanillaCFG over the diffusers UNet, fed diffusers' prompt embeddings (SDXL: zeroed unconditional ones, as
-    sgm's demo's force_uc_zero_embeddings=["txt"]); final latents NHWC."""
-    sampler = instantiate_from_config({**DEMO_SAMPLER, "params": {**DEMO_SAMPLER["params"], "num_steps": steps,
-                                                                   "device": "cpu"}})
-    denoiser = instantiate_from_config(RELEASED_DENOISER)
+def euler_scheduler():
+    """sgm's demo sampler's diffusers twin (test_sgm_sampling): EulerDiscrete on sgm's LegacyDDPM betas, stepped at
+    sgm's timesteps (`timesteps=sgm_timesteps(n)`); "leading" spacing makes its initial noise sqrt(1 + sigma_0^2)."""
+    return EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  timestep_spacing="leading", prediction_type="epsilon")
+
+
+def diffusers_reference(pipe, latents: np.ndarray, steps: int, prompt=None, **kwargs) -> np.ndarray:
+    """diffusers' own pipeline (the one the single file was written from) with sgm's demo sampler's twin,
+    guidance 5.0, from the same initial latents; final latents NHWC. SDXL's unconditional embeddings are zeros
+    (force_zeros_for_empty_prompt), as sgm's demo's force_uc_zero_embeddings=["txt"]."""
+    ref = type(pipe)(**{**pipe.components, "scheduler": euler_scheduler()})
+    x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
-        if family == "sd":
-            c, uc = pipe.encode_prompt(prompt, "cpu", 1, True)
-            cond, uncond = {"crossattn": c}, {"crossattn": uc}
-        elif family == "sd2":  # sgm's legacy OpenCLIP embedder: the penultimate layer, then ln_final
-            def embed(text):
-                ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-                hidden = pipe.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
-                return pipe.text_encoder.text_model.final_layer_norm(hidden)
-            cond, uncond = {"crossattn": embed([prompt])}, {"crossattn": embed([""])}
-        elif family == "refiner":  # the penultimate layer and the projected pooled vector; "" encoded for uc
-            def embed(text, score):
-                ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-                out = pipe.text_encoder_2(ids.input_ids, output_hidden_states=True)
-                size = torch.tensor([[SIZE, SIZE, 0, 0, score]], dtype=torch.float32)
-                return {"crossattn": out.hidden_states[-2], "vector": torch.cat([out.text_embeds, size], 1)}
-            cond, uncond = embed([prompt], 6.0), embed([""], 2.5)
-            pooled = cond["vector"][:, :-5]
-        else:
-            c, uc, pooled, uc_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=True)
-            ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
-            cond = {"crossattn": c, "vector": torch.cat([pooled, ids], 1)}
-            uncond = {"crossattn": uc, "vector": torch.cat([uc_pooled, ids], 1)}
-        pooled_width = pooled.shape[1] if family in ("sdxl", "refiner") else 0
-
-        def network(x, t, cond):
-            extra = {}
-            if "vector" in cond:
-                v = cond["vector"]
-                extra = {"added_cond_kwargs": {"text_embeds": v[:, :pooled_width], "time_ids": v[:, pooled_width:]}}
-            return pipe.unet(x, t, encoder_hidden_states=cond["crossattn"], **extra).sample
-
-        x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
-        out = sampler(lambda inp, sigma, c: denoiser(network, inp, sigma, c), x, cond, uncond)
+        out = ref(prompt, timesteps=sgm_timesteps(steps).tolist(), guidance_scale=GUIDANCE, latents=x, height=SIZE,
+                  width=SIZE, output_type="latent", **kwargs).images
     return out.permute(0, 2, 3, 1).numpy()
 
 
+def refiner_reference(pipe, prompt: str, latents: np.ndarray, steps: int) -> np.ndarray:
+    """The refiner's text-to-image as sgm runs it (diffusers' refiner pipeline is img2img only): diffusers'
+    EulerDiscrete loop over diffusers' UNet, fed sgm's refiner conditioning (the penultimate layer, the projected
+    pooled vector, the size and aesthetic score; "" encoded for the unconditional) and diffusers' guidance formula."""
+    def embed(text, score):
+        ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        out = pipe.text_encoder_2(ids.input_ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds, torch.tensor([[SIZE, SIZE, 0, 0, score]], dtype=torch.float32)
+
+    parts = [torch.cat(both) for both in zip(embed([""], 2.5), embed([prompt], 6.0))]  # [uncond, cond]
+    sched = euler_scheduler()
+    sched.set_timesteps(timesteps=sgm_timesteps(steps).tolist())
+    x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            out = pipe.unet(inp, t, encoder_hidden_states=parts[0],
+                            added_cond_kwargs={"text_embeds": parts[1], "time_ids": parts[2]}).sample
+            uncond, text = out.chunk(2)
+            x = sched.step(uncond + GUIDANCE * (text - uncond), t, x).prev_sample
+    return x.permute(0, 2, 3, 1).numpy()
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_single_file_equals_sgm_sampling(files, family):
-    """The single file's pipeline, with sgm's demo sampler by default, equals sgm's own sampler over diffusers'
-    models; (SD) the directory's pipeline with the same sampler gives the same images."""
+def test_single_file_equals_diffusers_pipeline(files, family):
+    """The single file's pipeline, with sgm's demo sampler by default, equals diffusers' pipeline of the same
+    models with that sampler's twin; (SD) the directory's pipeline with the same sampler gives the same images."""
     pipe = load(files, family)
     assert isinstance(pipe.scheduler, SgmSamplerConfig) and pipe.scheduler.kind == "euler_edm"
     assert pipe.scheduler.guidance_scale == 5.0 and pipe.describe()["family"] == family
     latents = initial_latents(1)
     got = pipe("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
-    assert_close(got, sgm_reference(files[family][0], family, "a cat", latents, STEPS), PIPELINE, f"{family} latents")
+    assert_close(got, diffusers_reference(files[family][0], latents, STEPS, "a cat"), PIPELINE, f"{family} latents")
 
     if family != "sd":  # the decoder path once is enough in the default run
         return
@@ -193,9 +193,9 @@ def test_the_family_is_read_off_the_text_towers():
 
 
 @pytest.mark.slow
-def test_sd2_single_file_equals_sgm_sampling(tmp_path):
-    """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against sgm's sampler fed the
-    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm)."""
+def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
+    """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against diffusers' pipeline fed the
+    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm, "" for the unconditional)."""
     from diffusers import StableDiffusionPipeline
 
     sd, sdxl = torch_pipeline("sd"), torch_pipeline("sdxl")
@@ -208,13 +208,21 @@ def test_sd2_single_file_equals_sgm_sampling(tmp_path):
                          text_configs=configs, scaling_factor=SCALING["sd"])
     latents = initial_latents(1)
     got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
-    assert_close(got, sgm_reference(pipe, "sd2", "a cat", latents, STEPS), PIPELINE, "sd2 latents")
+
+    def embed(text):
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        hidden = pipe.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+        return pipe.text_encoder.text_model.final_layer_norm(hidden)
+
+    with torch.no_grad():
+        embeds = dict(prompt_embeds=embed(["a cat"]), negative_prompt_embeds=embed([""]))
+    assert_close(got, diffusers_reference(pipe, latents, STEPS, **embeds), PIPELINE, "sd2 latents")
 
 
 @pytest.mark.slow
-def test_refiner_single_file_equals_sgm_sampling(tmp_path):
+def test_refiner_single_file_equals_diffusers_euler(tmp_path):
     """An SDXL refiner single file (OpenCLIP alone under conditioner.embedders.0.model.; the aesthetic score in
-    the vector) against sgm's sampler fed sgm's refiner conditioning ("" encoded for the unconditional)."""
+    the vector) against diffusers' Euler over diffusers' UNet fed sgm's refiner conditioning."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
     from conftest import randomize_
@@ -233,4 +241,4 @@ def test_refiner_single_file_equals_sgm_sampling(tmp_path):
     assert ours.family == "sdxl-refiner"
     latents = initial_latents(1)
     got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
-    assert_close(got, sgm_reference(pipe, "refiner", "a cat", latents, STEPS), PIPELINE, "refiner latents")
+    assert_close(got, refiner_reference(pipe, "a cat", latents, STEPS), PIPELINE, "refiner latents")
