@@ -20,12 +20,13 @@ from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
 Dtype = Any
 
 # sgm's make_attn: attn_type -> what it builds. "vanilla-xformers" is the same maths as "vanilla" (one
-# attention function here). sgm's branch for "memory-efficient-cross-attn" compares the builtin `type`,
-# never the argument, so it falls through to LinAttnBlock: built here as sgm builds it.
+# attention function here). sgm's branch for "memory-efficient-cross-attn" compares the builtin `type`, never
+# the argument, so sgm falls through to LinAttnBlock; flax_sgm builds what the branch means, the seed's
+# MemoryEfficientCrossAttention as sgm's MemoryEfficientCrossAttentionWrapper (README, seed difference D).
 ATTN_TYPES = {
     "vanilla": "vanilla",
     "vanilla-xformers": "vanilla",
-    "memory-efficient-cross-attn": "linear",
+    "memory-efficient-cross-attn": "cross",
     "linear": "linear",
     "none": "none",
 }
@@ -49,6 +50,8 @@ class AutoencoderConfig(ConfigIO):
     use_quant_conv / use_post_quant_conv: diffusers' flags (sgm always has both).
     force_upcast: a float16 model computes in float32 (diffusers' SDXL pipelines upcast the VAE so);
     bfloat16 is left as it is.
+    attn_heads / attn_dim_head: the heads of attn_type "memory-efficient-cross-attn" (sgm's attn_kwargs;
+    the seed's MemoryEfficientCrossAttention defaults, 8 of 64).
     use_checkpoint: gradient checkpointing per ResnetBlock (training through the decoder).
     """
 
@@ -65,6 +68,8 @@ class AutoencoderConfig(ConfigIO):
     embed_dim: int = 4
     dropout: float = 0.0
     attn_type: str = "vanilla"
+    attn_heads: int = 8
+    attn_dim_head: int = 64
     num_groups: int = numerics.GROUP_NORM_GROUPS
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -80,7 +85,7 @@ class AutoencoderConfig(ConfigIO):
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim",
-                     "num_groups"):
+                     "num_groups", "attn_heads", "attn_dim_head"):
             _positive(name, getattr(self, name))
         if not self.ch_mult:
             raise ValueError("AutoencoderConfig: `ch_mult` must list at least one level")
@@ -117,7 +122,8 @@ class AutoencoderConfig(ConfigIO):
 
     @property
     def attention(self) -> str:
-        """What each attention layer is: "vanilla" (AttnBlock), "linear" (LinAttnBlock) or "none"."""
+        """What each attention layer is: "vanilla" (AttnBlock), "linear" (LinAttnBlock), "cross" (sgm's
+        MemoryEfficientCrossAttentionWrapper) or "none"."""
         return ATTN_TYPES[self.attn_type]
 
     def level_channels(self, level: int) -> int:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_sgm.nn import numerics
-from flax_sgm.attention.modules import LinearAttention
+from flax_sgm.attention.modules import LinearAttention, MemoryEfficientCrossAttention
 from flax_sgm.attention.backends import dot_product_attention
 from flax_sgm.attention.policy import resolve_backend
 from flax_sgm.autoencoder.config import AutoencoderConfig
@@ -141,12 +141,27 @@ class LinAttnBlock(LinearAttention):
         super().__init__(in_channels, heads=1, dim_head=in_channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
+class MemoryEfficientCrossAttentionWrapper(MemoryEfficientCrossAttention):
+    """sgm's wrapper: the seed's MemoryEfficientCrossAttention over an image's pixels (self-attention, no
+    norm), plus the image. sgm adds the input after flattening it to [b, h*w, c], which cannot broadcast
+    against the [b, c, h, w] output; the residual here is the image itself, as intended."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        out = super().__call__(x.reshape(b, h * w, c))
+        return x + out.reshape(b, h, w, c)
+
+
 def make_attn(config: AutoencoderConfig, in_channels: int, **layer) -> nnx.Module | None:
-    """sgm's make_attn: the attention layer config.attn_type builds (None for "none", sgm's nn.Identity)."""
+    """sgm's make_attn as meant: the attention layer config.attn_type builds (None for "none", sgm's
+    nn.Identity). "memory-efficient-cross-attn" builds the cross-attention wrapper, which sgm never reaches."""
     if config.attention == "vanilla":
         return AttnBlock(in_channels, num_groups=config.num_groups, backend=config.sdp_backend, **layer)
     if config.attention == "linear":
         return LinAttnBlock(in_channels, **layer)
+    if config.attention == "cross":
+        return MemoryEfficientCrossAttentionWrapper(in_channels, heads=config.attn_heads, dim_head=config.attn_dim_head,
+                                                    **layer)
     return None
 
 
