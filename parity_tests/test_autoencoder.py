@@ -194,6 +194,33 @@ def test_mid_attention_at_1024_never_materialises_its_logits():
     assert [c.backend for c in calls] == ["chunked"] and "cuDNN attention needs a head dim" in calls[0].reason
 
 
+@pytest.mark.parametrize("hw", [pytest.param((32, 32), marks=pytest.mark.slow), (24, 36)], ids=["square", "ragged"])
+def test_tiled_encode_and_decode_equal_diffusers_enable_tiling(tiny, rng, hw):
+    """tiled=True: tiles of config.tile_sample_size (diffusers' sample_size, 16 here) and its latent size,
+    overlapping by a quarter and blended as diffusers' blend_v/blend_h, equal to diffusers' enable_tiling;
+    edge tiles smaller. The untiled result differs, by the error docs/autoencoder.md gives."""
+    torch_vae, flax = tiny
+    tiling = copy.deepcopy(torch_vae)
+    tiling.enable_tiling()
+    assert (flax.config.tile_sample_size, flax.config.tile_latent_size) == (tiling.tile_sample_min_size, tiling.tile_latent_min_size)
+    x = images(rng, batch=1, hw=hw)
+    with torch.no_grad():
+        posterior = tiling.encode(torch.from_numpy(x)).latent_dist
+        decoded = tiling.decode(posterior.mean).sample
+        untiled = torch_vae.decode(posterior.mean).sample
+    got = jax.jit(lambda x: flax.encode(x, tiled=True))(jnp.asarray(nchw_to_nhwc(x)))
+    floor = criteria.CRITERIA["float32"].forward
+    for what in ("mean", "logvar"):
+        assert rel_err(nhwc_to_nchw(np.asarray(getattr(got, what))), getattr(posterior, what).numpy()) <= floor, what
+    z = jnp.asarray(nchw_to_nhwc(posterior.mean.numpy()))
+    out = nhwc_to_nchw(np.asarray(jax.jit(lambda z: flax.decode(z, tiled=True))(z)))
+    assert rel_err(out, decoded.numpy()) <= floor
+    assert rel_err(out, untiled.numpy()) > 100 * floor  # tiling happened: a seam the untiled decode lacks
+    # Below the tile size nothing is tiled.
+    small = jnp.asarray(nchw_to_nhwc(images(rng, batch=1)))
+    assert np.array_equal(np.asarray(flax.encode(small, tiled=True).mean), np.asarray(flax.encode(small).mean))
+
+
 def test_force_upcast_computes_float16_in_float32():
     """force_upcast (diffusers' default; SDXL's original VAE): a float16 model computes in float32 from its
     float16 weights; the fp16-fixed VAE and bfloat16 stay as built."""
@@ -296,7 +323,8 @@ def test_a_released_single_file_gives_its_scaling_factor():
         shapes = convert.torch_shapes(models.abstract(UNETS[unet]), prefix=UNET_PREFIX)
         infos = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in shapes.items()}
         fields = released_vae_fields(infos)
-        assert fields == {"scaling_factor": PRESETS[vae].scaling_factor, "force_upcast": PRESETS[vae].force_upcast}
+        assert fields == {"scaling_factor": PRESETS[vae].scaling_factor, "force_upcast": PRESETS[vae].force_upcast,
+                          "tile_sample_size": PRESETS[vae].tile_sample_size}
     assert released_vae_fields({}) == {"scaling_factor": None}
 
 

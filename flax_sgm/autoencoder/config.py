@@ -53,6 +53,9 @@ class AutoencoderConfig(ConfigIO):
     attn_heads / attn_dim_head: the heads of attn_type "memory-efficient-cross-attn" (sgm's attn_kwargs;
     the seed's MemoryEfficientCrossAttention defaults, 8 of 64).
     use_checkpoint: gradient checkpointing per ResnetBlock (training through the decoder).
+    tile_sample_size / tile_overlap_factor: tiled encode and decode (`tiled=True`), as diffusers'
+    enable_tiling derives them: image tiles of tile_sample_size (diffusers' sample_size), latent tiles of
+    that over downsample_factor, overlapping by the factor and blended linearly.
     """
 
     NAME = "autoencoder"
@@ -78,6 +81,8 @@ class AutoencoderConfig(ConfigIO):
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
     force_upcast: bool = False
+    tile_sample_size: int = 512
+    tile_overlap_factor: float = 0.25
     use_checkpoint: bool = False
     checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY
     sdp_backend: str | None = None
@@ -85,7 +90,7 @@ class AutoencoderConfig(ConfigIO):
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim",
-                     "num_groups", "attn_heads", "attn_dim_head"):
+                     "num_groups", "attn_heads", "attn_dim_head", "tile_sample_size"):
             _positive(name, getattr(self, name))
         if not self.ch_mult:
             raise ValueError("AutoencoderConfig: `ch_mult` must list at least one level")
@@ -96,6 +101,8 @@ class AutoencoderConfig(ConfigIO):
         for name in ("latents_mean", "latents_std"):
             if getattr(self, name) is not None:
                 set_(name, tuple(getattr(self, name)))
+        if not 0.0 <= self.tile_overlap_factor < 1.0:
+            raise ValueError(f"AutoencoderConfig: `tile_overlap_factor` must be in [0, 1); got {self.tile_overlap_factor!r}")
         if self.attn_type not in ATTN_TYPES:
             raise ValueError(f"AutoencoderConfig: `attn_type` must be one of {list(ATTN_TYPES)}; got {self.attn_type!r}")
         if not self.use_quant_conv and self.embed_dim != self.z_channels:
@@ -119,6 +126,11 @@ class AutoencoderConfig(ConfigIO):
     def downsample_factor(self) -> int:
         """How much smaller than the image a latent is per side (8 for the released VAEs)."""
         return 2 ** (self.levels - 1)
+
+    @property
+    def tile_latent_size(self) -> int:
+        """diffusers' tile_latent_min_size: int(sample_size / 2 ** (levels - 1))."""
+        return int(self.tile_sample_size / self.downsample_factor)
 
     @property
     def attention(self) -> str:
@@ -157,9 +169,9 @@ class AutoencoderConfig(ConfigIO):
 PRESETS = {
     # SD 1.x and 2.x (sgm's first_stage_config; diffusers' vae/config.json of the same checkpoints, which leave
     # force_upcast at diffusers' default, true).
-    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR, force_upcast=True),
+    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR, force_upcast=True, tile_sample_size=512),
     # SDXL base and refiner: the original VAE overflows in float16, so it decodes in float32.
-    "sdxl": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True),
+    "sdxl": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True, tile_sample_size=1024),
     # madebyollin's sdxl-vae-fp16-fix: the same shapes, fine-tuned to stay in float16's range.
-    "sdxl-fp16-fix": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=False),
+    "sdxl-fp16-fix": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=False, tile_sample_size=512),
 }

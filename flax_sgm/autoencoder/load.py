@@ -88,7 +88,8 @@ def released_vae_fields(shapes, source: str = "checkpoint") -> dict:
         return {"scaling_factor": None}
     name = next(n for n, p in UNETS.items() if p == unet.replace(in_channels=p.in_channels, out_channels=p.out_channels))
     preset = PRESETS[VAE_OF_UNET[name]]
-    return {"scaling_factor": preset.scaling_factor, "force_upcast": preset.force_upcast}
+    return {"scaling_factor": preset.scaling_factor, "force_upcast": preset.force_upcast,
+            "tile_sample_size": preset.tile_sample_size}
 
 
 def _stored_dtype(infos, path) -> jnp.dtype:
