@@ -178,6 +178,112 @@ def test_remat_per_resnet_block_changes_no_gradient(tiny, rng):
                  what="remat param grads")
 
 
+def test_jvp_in_the_latent_and_vmap_over_images(tiny, rng):
+    """jax.jvp with the tangent on the latent only (the model closed over, not passed in): its primal is decode,
+    its tangent the adjoint of jax.vjp's (<J t, c> = <t, J^T c>) and linear in t; jax.vmap of encode over
+    images equals the batched encode."""
+    _, flax = tiny
+    z, t = (jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32) for _ in range(2))
+    c = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+    decode = lambda z: flax.decode(z)  # noqa: E731
+
+    @jax.jit
+    def run(z, t, c):
+        primal, tangent = jax.jvp(decode, (z,), (t,))
+        _, twice = jax.jvp(decode, (z,), (2 * t,))
+        _, pull = jax.vjp(decode, z)
+        return primal, tangent, twice, pull(c)[0], decode(z)
+
+    primal, tangent, twice, back, want = run(z, t, c)
+    assert_close(primal, want, what="jvp primal")
+    assert_close(jnp.vdot(tangent, c), jnp.vdot(t, back), tol=criteria.REORDERED_GRAD, what="<J t, c> = <t, J^T c>")
+    assert_close(twice, 2 * tangent, tol=criteria.REORDERED_GRAD, what="jvp linear in t")
+    x = jnp.asarray(nchw_to_nhwc(images(rng, hw=(8, 8))))
+    per_image, batched = jax.jit(lambda x: (jax.vmap(lambda xi: flax.encode(xi[None]).mean[0])(x), flax.encode(x).mean))(x)
+    assert_close(per_image, batched, what="vmap encode")
+
+
+def test_checkpointed_resnet_blocks_give_the_same_decoder_gradients(tiny, rng):
+    """use_checkpoint: each ResnetBlock under jax.checkpoint (one remat per block in the traced program), the
+    decoder's gradients (latent and every parameter) unchanged."""
+    torch_vae, flax = tiny
+    remat = flax_vae(torch_vae, use_checkpoint=True)
+    z = jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+
+    def loss(model, z):
+        return jnp.sum(model.decode(z) * cot)
+
+    grad = nnx.grad(loss, argnums=(0, 1))
+
+    def remats(model) -> int:
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda state, z: grad(nnx.merge(graphdef, state), z))(state, z)).count("remat")
+
+    blocks = 2 + 2 * (1 + 1)  # mid block_1, block_2; two levels of num_res_blocks + 1
+    assert remats(remat) - remats(flax) == blocks
+    (g, dz), (g_remat, dz_remat) = (nnx.jit(grad)(m, z) for m in (flax, remat))
+    assert_close(dz_remat, dz, tol=criteria.REORDERED_GRAD, what="latent grad")
+    assert_close(nnx.state(g_remat, nnx.Param), nnx.state(g, nnx.Param), tol=criteria.REORDERED_GRAD, what="param grads")
+
+
+# Data parallel over a mesh of 4 virtual CPU devices, in a subprocess (the device count is set before jax starts).
+MESH_WORKER = """
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from flax_sgm import AutoencoderConfig, AutoencoderKL, sharding
+from flax_sgm.verify.criteria import rel_err
+jax.config.update("jax_default_matmul_precision", "highest")
+config = AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+cot = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+
+def build():
+    model = AutoencoderKL(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    noise = [jnp.asarray(rng_.standard_normal(v.shape) * 0.2, v.dtype) for rng_, v in
+             zip([np.random.default_rng(i) for i in range(len(leaves))], leaves)]
+    nnx.update(model, jax.tree.unflatten(tree, noise))
+    return model
+
+def step(model, x, cot):
+    def loss(model, x):
+        out = model(x)
+        return jnp.sum(out * cot), out
+    (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+    return out, grads
+
+ref_out, ref_grads = nnx.jit(step)(build(), x, cot)
+mesh = sharding.make_mesh(4, 1, 1)
+model = sharding.shard_model(build(), mesh)
+xs, cs = (sharding.place(a, sharding.IMAGE, mesh) for a in (x, cot))
+with sharding.use_mesh(mesh):
+    out, grads = nnx.jit(step)(model, xs, cs)
+# The attention's k.bias shifts every logit of a row, which softmax ignores: its gradient is rounding noise.
+pairs = [(a, b) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
+         if "'k']['bias']" not in jax.tree_util.keystr(path)]
+print(json.dumps({"devices": jax.device_count(), "out_spec": str(out.sharding.spec), "forward": rel_err(out, ref_out),
+                  "grad": max(rel_err(a, b) for a, b in pairs), "compared": len(pairs)}))
+"""
+
+
+def test_data_parallel_over_images_equals_one_device():
+    """Four images over a (data=4) mesh of virtual CPU devices: output split by image, forward and gradients
+    (image and parameters) equal to one device's."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", MESH_WORKER], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and "('data'" in report["out_spec"] and report["compared"] > 40, report
+    assert report["forward"] <= criteria.REORDERED and report["grad"] <= criteria.REORDERED_GRAD, report
+
+
 def test_mid_attention_at_1024_never_materialises_its_logits():
     """Decoding a 128 x 128 latent (a 1024 x 1024 image, SD/SDXL's VAE) traced abstractly: the mid-block
     attention over 16,384 pixels takes the chunked kernel (its float32 logits would be 1 GiB)."""
