@@ -22,7 +22,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import assert_close, assert_parity, compare, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from conftest import assert_close, assert_parity, compare, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err, run_cli
 from flax_sgm import AutoencoderConfig, AutoencoderKL, CheckpointError, load_vae, record_attention_calls, target_platform
 from flax_sgm.checkpoints import convert
 from flax_sgm.autoencoder import PRESETS
@@ -432,6 +432,33 @@ def test_a_released_single_file_gives_its_scaling_factor():
         assert fields == {"scaling_factor": PRESETS[vae].scaling_factor, "force_upcast": PRESETS[vae].force_upcast,
                           "tile_sample_size": PRESETS[vae].tile_sample_size}
     assert released_vae_fields({}) == {"scaling_factor": None}
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "orbax"])
+def test_cli_convert_vae_output_loads_back_bit_exact(tmp_path, weights):
+    """`flax-sgm convert --vae` of an sgm single file: load_vae reads the output back with its config and scaling
+    factor, every weight bit for bit; `inspect` says what the file and the output hold."""
+    torch_vae = diffusers_vae("tiny", seed=9)
+    path = tmp_path / "model.safetensors"
+    sgm_single_file(torch_vae, path)
+    out = run_cli("inspect", path).output
+    assert "a KL autoencoder under first_stage_model., " in out and "load_vae needs scaling_factor=" in out
+    refused = run_cli("convert", path, "--scaling-factor", "0.5", "-o", tmp_path / "x", ok=False)
+    assert refused.exit_code == 2 and "Error: --scaling-factor goes with --vae" in refused.output
+    run_cli("convert", path, "--vae", "--scaling-factor", "0.13025", "--format", weights, "-o", tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    assert_holds(vae, torch_vae)
+    assert vae.config == load_vae(path, scaling_factor=0.13025).config and vae.config.scaling_factor == 0.13025
+    assert "the autoencoder (32 ch x [1, 2]" in run_cli("inspect", tmp_path / "vae").output
+    with pytest.raises(CheckpointError, match=r"no variants"):
+        load_vae(tmp_path / "vae", variant="fp16")
+
+
+def test_cli_inspect_shows_a_diffusers_vae(tmp_path):
+    diffusers_vae("tiny", seed=1).save_pretrained(tmp_path / "vae")
+    out = run_cli("inspect", tmp_path / "vae").output
+    assert "a KL autoencoder, " in out and "none of the presets (32 ch x [1, 2], 1 blocks per level" in out
+    assert run_cli("inspect", tmp_path / "vae", "--json").output.count('"vae": {') == 1
 
 
 # Bad input ------------------------------------------------------------------------------------

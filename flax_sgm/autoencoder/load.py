@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from flax_sgm.checkpoints import convert
+from flax_sgm.checkpoints import converted as output
 from flax_sgm.autoencoder.config import PRESETS, AutoencoderConfig
 from flax_sgm.autoencoder.layout import SGM_PREFIX, TRAINING_LOSS, VAE_MARK, config_from_weights, diffusers_layout
 from flax_sgm.autoencoder.model import AutoencoderKL
@@ -42,6 +46,8 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
         path = path / PIPELINE_VAE
     if scaling_factor is not None:
         options["scaling_factor"] = scaling_factor
+    if output.is_output(path):
+        return _restore_output(path, variant, dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         if source.config is not None:
             where = str(source.config_path)
@@ -70,6 +76,67 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
     model = _concrete(model, seed)
     model.eval()
     return model
+
+
+def _restore_output(path: Path, variant, dtype, param_dtype, seed: int, options) -> AutoencoderKL:
+    """A `flax-sgm convert --vae` output: its recorded config and weights, bit for bit."""
+    if variant is not None:
+        raise CheckpointError(f"{path}: a `flax-sgm convert` output has no variants; leave out variant=")
+    weights, records = output.read_output(path)
+    vaes = [r for r in records if isinstance(r.config, AutoencoderConfig)]
+    if not vaes:
+        raise CheckpointError(f"{path}: a `flax-sgm convert` output without an autoencoder (convert it with --vae)")
+    record = vaes[0]
+    config = record.config.replace(**options)
+    model = output.restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype))
+    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
+        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
+        nnx.update(cast, jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param)))
+        model = cast
+    model = _concrete(model, seed)
+    model.eval()
+    return model
+
+
+def convert_vae(path, out, *, variant: str | None = None, weights: str = "orbax", param_dtype=None,
+                scaling_factor: float | None = None, overwrite: bool = False) -> AutoencoderConfig:
+    """An autoencoder from any checkpoint load_vae reads into a `flax-sgm convert` output directory, its
+    AutoencoderConfig (scaling factor included) recorded, so that load_vae(out) needs no arguments."""
+    output.check_output(Path(out), overwrite)
+    model = load_vae(path, variant=variant, param_dtype=param_dtype, scaling_factor=scaling_factor)
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+        writer.add_model("", model.config, model)
+    return model.config
+
+
+def vae_summary(source) -> dict | None:
+    """What `flax-sgm inspect` says of the KL autoencoder in an open Source (a diffusers AutoencoderKL directory,
+    or an sgm single file's first_stage_model.): its config, the preset it is, or why it cannot be read; None
+    when it holds none."""
+    if source.config is not None:
+        if source.config.get("_class_name") != "AutoencoderKL":
+            return None
+        prefix, where = "", str(source.config_path)
+        try:
+            config = AutoencoderConfig.from_diffusers(source.config, source=where)
+        except (CheckpointError, ValueError) as err:
+            return {"prefix": prefix, "config": None, "preset": None, "parameters": None, "problem": str(err)}
+    else:
+        prefix = "" if VAE_MARK in source.infos else SGM_PREFIX
+        if prefix + VAE_MARK not in source.infos:
+            return None
+        infos = {k: v for k, v in source.infos.items() if not k.startswith(prefix + TRAINING_LOSS)}
+        known = released_vae_fields(source.infos)
+        try:
+            config = config_from_weights(infos, prefix, **known)  # scaling_factor None: not a released model
+        except CheckpointError as err:
+            return {"prefix": prefix, "config": None, "preset": None, "parameters": None, "problem": str(err)}
+    keys = [k for k in source.infos if k.startswith(prefix) and not k.startswith(prefix + TRAINING_LOSS)]
+    if prefix == "":
+        keys = list(source.infos)
+    parameters = sum(int(np.prod(source.infos[k].shape)) for k in keys)
+    preset = next((name for name, p in PRESETS.items() if p == config), None)
+    return {"prefix": prefix, "config": config.to_dict(), "preset": preset, "parameters": parameters, "problem": None}
 
 
 def released_vae_fields(shapes, source: str = "checkpoint") -> dict:

@@ -32,6 +32,7 @@ from flax import nnx
 
 from flax_sgm.attention.config import SEED_NAMES, SpatialTransformerConfig
 from flax_sgm.unet.config import UNetConfig
+from flax_sgm.autoencoder.config import AutoencoderConfig
 from flax_sgm.attention.layout import normalize_prefix
 from flax_sgm.errors import CheckpointError, first_line
 from flax_sgm.checkpoints.sources import CONFIG_FILE
@@ -42,7 +43,9 @@ WEIGHT_FORMATS = ("orbax", "safetensors")
 CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in its metadata
 UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet
 STACK_RECORD = "SpatialTransformer"  # what a record without "model" holds
-CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig}
+VAE_RECORD = "AutoencoderKL"  # a record's "model" when it holds a KL autoencoder
+CONFIGS = {STACK_RECORD: SpatialTransformerConfig, UNET_RECORD: UNetConfig, VAE_RECORD: AutoencoderConfig}
+WHOLE_MODELS = {UNetConfig: (UNET_RECORD, "unet"), AutoencoderConfig: (VAE_RECORD, "vae")}  # config -> model, name
 
 
 class StackRecord(NamedTuple):
@@ -56,13 +59,14 @@ class StackRecord(NamedTuple):
 
     def to_dict(self) -> dict:
         record = {"prefix": self.prefix, "path": self.path, "param_dtype": self.param_dtype, "config": self.config.to_dict()}
-        record |= {"model": UNET_RECORD} if isinstance(self.config, UNetConfig) else {}
+        whole = WHOLE_MODELS.get(type(self.config))
+        record |= {"model": whole[0]} if whole else {}
         return record | ({"files": dict(self.files)} if self.files else {})
 
 
 def stack_name(prefix: str, config=None) -> str:
     """Directory or file name of a stack (or whole UNet) inside the output."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or ("unet" if isinstance(config, UNetConfig) else "spatial_transformer")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or WHOLE_MODELS.get(type(config), (None, "spatial_transformer"))[1]
 
 
 def check_output(out: Path, overwrite: bool) -> None:

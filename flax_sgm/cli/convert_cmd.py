@@ -27,11 +27,13 @@ Examples:
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
+  flax-sgm convert sd_xl_base_1.0.safetensors --vae -o sdxl-vae           # the autoencoder
 
 \b
 Then in Python:
   model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several
-  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output"""
+  unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output
+  vae = flax_sgm.load_vae("sdxl-vae")          # a --vae output"""
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
@@ -40,6 +42,11 @@ Then in Python:
 @click.option("--unet", "whole_unet", is_flag=True,
               help="The whole UNet (what flax_sgm.load_unet reads: an sgm/LDM file, a diffusers unet/ or pipeline "
                    "directory), its UNetConfig recorded.")
+@click.option("--vae", "whole_vae", is_flag=True,
+              help="The KL autoencoder (what flax_sgm.load_vae reads: an sgm/LDM file's first_stage_model., a diffusers "
+                   "vae/ or pipeline directory), its AutoencoderConfig and scaling factor recorded.")
+@click.option("--scaling-factor", type=float,
+              help="With --vae: the latent scaling factor, for a single file of none of the released models.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @stack_options
@@ -51,8 +58,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @clean_errors
-def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads, head_dim, disable_self_attn, variant,
-            out, weights, param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, whole_unet, whole_vae, scaling_factor, skip_unsupported, heads, head_dim,
+            disable_self_attn, variant, out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -69,6 +76,18 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
     if skip_unsupported and not all_stacks:
         raise click.UsageError("--skip-unsupported goes with --all")
     start = time.perf_counter()
+    if scaling_factor is not None and not whole_vae:
+        raise click.UsageError("--scaling-factor goes with --vae")
+    if whole_vae:
+        if whole_unet or prefix or all_stacks or disable_self_attn is not None or heads is not None or head_dim is not None:
+            raise click.UsageError("--vae converts the autoencoder: leave out --unet, --prefix, --all and the heads options")
+        from flax_sgm.autoencoder.load import convert_vae
+
+        config = convert_vae(checkpoint, out, variant=variant, weights=weights, param_dtype=param_dtype,
+                             scaling_factor=scaling_factor, overwrite=overwrite)
+        click.echo(f"wrote {out} ({weights}): the autoencoder ({_vae(config)}) in {time.perf_counter() - start:.1f} s")
+        click.echo(f"load: flax_sgm.load_vae({str(out)!r})")
+        return
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
@@ -122,6 +141,11 @@ def _unet(c) -> str:
     return f"{c.model_channels} ch x {list(c.channel_mult)}, context {c.context_dim}"
 
 
+def _vae(c) -> str:
+    return (f"{c.ch} ch x {list(c.ch_mult)}, {c.num_res_blocks} blocks per level, latents of {c.embed_dim}, "
+            f"attention {c.attn_type}, scaling factor {c.scaling_factor}")
+
+
 def _context(context_dim) -> str:
     return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
 
@@ -148,13 +172,16 @@ def inspect(checkpoint, variant, as_json):
             raise click.UsageError("a converted output has no variants: leave out --variant")
         _inspect_output(checkpoint, as_json)
         return
+    from flax_sgm.autoencoder.load import vae_summary
     from flax_sgm.unet.load import unet_summary
     from flax_sgm.checkpoints.sources import open_source
     from flax_sgm.attention.stacks import inspect_stacks
 
     with open_source(checkpoint, variant) as source:
-        summaries, problems = inspect_stacks(source)
+        vae_only = source.config is not None and source.config.get("_class_name") == "AutoencoderKL"
+        summaries, problems = ([], {}) if vae_only else inspect_stacks(source)  # a VAE holds no SpatialTransformer
         unet = unet_summary(source)
+        vae = vae_summary(source)
         info = {
             "file": str(checkpoint),
             "format": source.kind + (", diffusers config.json" if source.config is not None else ""),
@@ -164,6 +191,7 @@ def inspect(checkpoint, variant, as_json):
             "stacks": summaries,
             "unsupported": problems,
             "unet": unet,
+            "vae": vae,
         }
     if as_json:
         click.echo(to_json(info))
@@ -179,8 +207,11 @@ def inspect(checkpoint, variant, as_json):
                    + "; load: flax_sgm.load_unet, convert: flax-sgm convert --unet")
         if unet["in_channels"] is not None and unet["out_channels"] is not None:
             click.echo("  " + ", ".join(channel_notes(unet["in_channels"], unet["out_channels"], unet["time_cond_proj_dim"])))
+    if vae is not None:
+        click.echo(_vae_line(vae))
     if not summaries and not problems:
-        click.echo("no SpatialTransformer stack found")
+        if vae is None:
+            click.echo("no SpatialTransformer stack found")
         return
     click.echo(f"{len(summaries)} SpatialTransformer stack(s):")
     for s in summaries:
@@ -194,6 +225,19 @@ def inspect(checkpoint, variant, as_json):
         click.echo(f"  {p:45s} not convertible: {why}")
     if any(s["heads"] is None for s in summaries):
         click.echo(_heads_hint(unet))
+
+
+def _vae_line(vae: dict) -> str:
+    where = f" under {vae['prefix']}" if vae["prefix"] else ""
+    if vae["config"] is None:
+        return f"a KL autoencoder{where}, not readable: {vae['problem']}"
+    from flax_sgm.autoencoder.config import AutoencoderConfig
+
+    config = AutoencoderConfig.from_dict(vae["config"])
+    what = f"the {vae['preset']} preset" if vae["preset"] else "none of the presets"
+    scale = "" if config.scaling_factor is not None else "; no released UNet beside it: load_vae needs scaling_factor="
+    return (f"a KL autoencoder{where}, {vae['parameters'] / 1e6:.1f}M parameters: {what} ({_vae(config)}){scale}; "
+            "load: flax_sgm.load_vae, convert: flax-sgm convert --vae")
 
 
 def _heads_hint(unet: dict | None) -> str:
@@ -215,12 +259,16 @@ def _inspect_output(path, as_json: bool) -> None:
                             "stacks": [{"model": output.STACK_RECORD} | r.to_dict() for r in records]}))
         return
     click.echo(f"{path}: a flax-sgm convert output ({weights}), {len(records)} record(s)")
+    from flax_sgm.autoencoder.config import AutoencoderConfig
+
     for r in records:
         if isinstance(r.config, UNetConfig):
             click.echo(f"  the whole UNet ({_unet(r.config)}), {r.param_dtype}; load: flax_sgm.load_unet({str(path)!r})")
+        elif isinstance(r.config, AutoencoderConfig):
+            click.echo(f"  the autoencoder ({_vae(r.config)}), {r.param_dtype}; load: flax_sgm.load_vae({str(path)!r})")
         else:
             click.echo(f"  {r.prefix or '(root)'}  {_stack(r.config)}, {r.param_dtype}")
-    if not any(isinstance(r.config, UNetConfig) for r in records):
+    if not any(isinstance(r.config, (UNetConfig, AutoencoderConfig)) for r in records):
         click.echo(f"load: flax_sgm.load_pretrained({str(path)!r}"
                    + (")" if len(records) == 1 else f", prefix=...) or flax_sgm.load_pretrained_all({str(path)!r})"))
 
