@@ -9,6 +9,7 @@ the project's mapping.
 import copy
 import inspect
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -325,6 +326,23 @@ def test_tiled_encode_and_decode_equal_diffusers_enable_tiling(tiny, rng, hw):
     # Below the tile size nothing is tiled.
     small = jnp.asarray(nchw_to_nhwc(images(rng, batch=1)))
     assert np.array_equal(np.asarray(flax.encode(small, tiled=True).mean), np.asarray(flax.encode(small).mean))
+
+
+@pytest.mark.parametrize("backend,materialised", [("auto", False), ("xla", True)])
+def test_lowered_decode_at_a_128_latent_holds_no_logits_buffer(backend, materialised):
+    """SDXL's VAE decode of a 128 x 128 latent lowered for CPU: with the default backend no [16384, 16384] logits
+    tensor is in the program (the chunked kernel); forcing plain XLA attention puts it there (what is guarded).
+    `flax-sgm lower --config sdxl-vae` reports the chunked call."""
+    from flax_sgm import lowering
+
+    config = PRESETS["sdxl"].replace(sdp_backend=backend)
+    graphdef, state = nnx.split(models.abstract(config))
+    z = jax.ShapeDtypeStruct((1, 128, 128, 4), jnp.float32)
+    program = lowering.lower(lambda state, z: nnx.merge(graphdef, state).decode(z), state, z, platform="cpu")
+    assert ("16384x16384" in program.lowered.as_text()) == materialised
+    if not materialised:
+        out = run_cli("lower", "--config", "sdxl-vae", "--platform", "cpu", "--dtype", "float32").output
+        assert re.search(r"mid\.attn_1 +chunked +16384 x 16384", out), out
 
 
 def test_force_upcast_computes_float16_in_float32():
