@@ -487,6 +487,10 @@ NOT_VAES = {
                      r"no autoencoder under 'first_stage_model\.'.*\(a text encoder, not a VAE\)"),
     "vq": ({SGM_PREFIX + "encoder.conv_in.weight": (32, 3, 3, 3), SGM_PREFIX + "quantize.embedding.weight": (16, 4)},
            r"a VQ autoencoder under 'first_stage_model\.'"),
+    "video": ({SGM_PREFIX + "encoder.conv_in.weight": (32, 3, 3, 3), SGM_PREFIX + "decoder.time_mixer.mix_factor": (1,)},
+              r"a video autoencoder \(SVD's temporal decoder\) under 'first_stage_model\.'"),
+    "controlnet": ({"control_model.input_blocks.0.0.weight": (32, 4, 3, 3)},
+                   r"no autoencoder under 'first_stage_model\.'.*\(a ControlNet, not a VAE\)"),
 }
 
 
@@ -510,6 +514,13 @@ def test_load_vae_refuses_a_unet_directory(tmp_path):
     save_file({"x": np.ones(1, np.float32)}, str(tmp_path / "vq" / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"vq/config.json: a VQ autoencoder \(VQModel\), not a diffusers AutoencoderKL$"):
         load_vae(tmp_path / "vq")
+    for kind, said in (("ControlNetModel", r"a ControlNetModel config"),
+                       ("AutoencoderKLTemporalDecoder", r"a video autoencoder \(SVD's temporal decoder\) \(AutoencoderKLTemporalDecoder\)")):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text(json.dumps({"_class_name": kind}))
+        save_file({"x": np.ones(1, np.float32)}, str(tmp_path / kind / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(CheckpointError, match=rf"{kind}/config.json: {said}, not a diffusers AutoencoderKL$"):
+            load_vae(tmp_path / kind)
 
 
 @pytest.mark.parametrize(
