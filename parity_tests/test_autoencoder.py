@@ -470,6 +470,11 @@ def test_cli_convert_vae_output_loads_back_bit_exact(tmp_path, weights):
     assert "the autoencoder (32 ch x [1, 2]" in run_cli("inspect", tmp_path / "vae").output
     with pytest.raises(CheckpointError, match=r"no variants"):
         load_vae(tmp_path / "vae", variant="fp16")
+    from flax_sgm import load_pretrained, load_unet
+
+    for load in (load_unet, load_pretrained):
+        with pytest.raises(CheckpointError, match=r"vae: holds an autoencoder.*load_vae"):
+            load(tmp_path / "vae")
 
 
 def test_cli_inspect_shows_a_diffusers_vae(tmp_path):

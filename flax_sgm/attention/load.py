@@ -135,7 +135,8 @@ def load_pretrained(
         weights, records = output.read_output(path)
         record = output.select_record(path, records, prefix)
         if not isinstance(record.config, SpatialTransformerConfig):
-            raise CheckpointError(f"{path}: holds a whole UNet; load it with load_unet")
+            whole = "an autoencoder; load it with load_vae" if record.config.NAME == "autoencoder" else "a whole UNet; load it with load_unet"
+            raise CheckpointError(f"{path}: holds {whole}")
         return _restore(path, weights, record, dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         (stack,), _ = plan_stacks(

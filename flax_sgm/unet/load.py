@@ -55,6 +55,8 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
         weights, records = output.read_output(path)
         unets = [r for r in records if isinstance(r.config, UNetConfig)]
         if not unets:
+            if any(r.config.NAME == "autoencoder" for r in records):
+                raise CheckpointError(f"{path}: holds an autoencoder, not a whole UNet (load it with load_vae)")
             raise CheckpointError(f"{path}: holds SpatialTransformer stacks, not a whole UNet (load them with load_pretrained)")
         return _restore(path, weights, unets[0], dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
