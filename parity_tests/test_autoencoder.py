@@ -232,7 +232,7 @@ def test_checkpointed_resnet_blocks_give_the_same_decoder_gradients(tiny, rng):
 MESH_WORKER = """
 import json, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from flax_sgm import AutoencoderConfig, AutoencoderKL, sharding
+from flax_sgm import AutoencoderConfig, models, sharding
 from flax_sgm.verify.criteria import rel_err
 jax.config.update("jax_default_matmul_precision", "highest")
 config = AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
@@ -241,12 +241,11 @@ x = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
 cot = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
 
 def build():
-    model = AutoencoderKL(config, rngs=nnx.Rngs(0))
+    model = models.abstract(config)  # no initialisers run: seeded normal weights of the abstract shapes
     state = nnx.state(model, nnx.Param)
     leaves, tree = jax.tree.flatten(state)
-    noise = [jnp.asarray(rng_.standard_normal(v.shape) * 0.2, v.dtype) for rng_, v in
-             zip([np.random.default_rng(i) for i in range(len(leaves))], leaves)]
-    nnx.update(model, jax.tree.unflatten(tree, noise))
+    nnx.update(model, jax.tree.unflatten(tree, [jnp.asarray(np.random.default_rng(i).standard_normal(v.shape) * 0.2, v.dtype)
+                                                for i, v in enumerate(leaves)]))
     return model
 
 def step(model, x, cot):
@@ -256,9 +255,10 @@ def step(model, x, cot):
     (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x)
     return out, grads
 
-ref_out, ref_grads = nnx.jit(step)(build(), x, cot)
+model = build()
+ref_out, ref_grads = nnx.jit(step)(model, x, cot)
 mesh = sharding.make_mesh(4, 1, 1)
-model = sharding.shard_model(build(), mesh)
+model = sharding.shard_model(model, mesh)  # the same weights, placed on the mesh
 xs, cs = (sharding.place(a, sharding.IMAGE, mesh) for a in (x, cot))
 with sharding.use_mesh(mesh):
     out, grads = nnx.jit(step)(model, xs, cs)
