@@ -257,22 +257,26 @@ def step(model, x, cot):
 
 model = build()
 ref_out, ref_grads = nnx.jit(step)(model, x, cot)
-mesh = sharding.make_mesh(4, 1, 1)
-model = sharding.shard_model(model, mesh)  # the same weights, placed on the mesh
-xs, cs = (sharding.place(a, sharding.IMAGE, mesh) for a in (x, cot))
-with sharding.use_mesh(mesh):
-    out, grads = nnx.jit(step)(model, xs, cs)
-# The attention's k.bias shifts every logit of a row, which softmax ignores: its gradient is rounding noise.
-pairs = [(a, b) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
-         if "'k']['bias']" not in jax.tree_util.keystr(path)]
-print(json.dumps({"devices": jax.device_count(), "out_spec": str(out.sharding.spec), "forward": rel_err(out, ref_out),
-                  "grad": max(rel_err(a, b) for a, b in pairs), "compared": len(pairs)}))
+report = {"devices": jax.device_count()}
+for name, shape in (("data", (4, 1, 1)), ("data+rows", (2, 2, 1))):  # images; images and their rows (seq)
+    mesh = sharding.make_mesh(*shape)
+    placed = sharding.shard_model(nnx.clone(model), mesh)  # the same weights, placed on the mesh
+    xs, cs = (sharding.place(a, sharding.IMAGE, mesh) for a in (x, cot))
+    with sharding.use_mesh(mesh):
+        out, grads = nnx.jit(step)(placed, xs, cs)
+    # The attention's k.bias shifts every logit of a row, which softmax ignores: its gradient is rounding noise.
+    pairs = [(a, b) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
+             if "'k']['bias']" not in jax.tree_util.keystr(path)]
+    report[name] = {"out_spec": str(out.sharding.spec), "forward": rel_err(out, ref_out),
+                    "grad": max(rel_err(a, b) for a, b in pairs), "compared": len(pairs)}
+print(json.dumps(report))
 """
 
 
 def test_data_parallel_over_images_equals_one_device():
-    """Four images over a (data=4) mesh of virtual CPU devices: output split by image, forward and gradients
-    (image and parameters) equal to one device's."""
+    """Four images over a (data=4) mesh of virtual CPU devices, and over (data=2, seq=2) with each image's rows
+    split too (the spatial axis): output split so, forward and gradients (image and parameters) equal to one
+    device's."""
     import os
     import subprocess
     import sys
@@ -281,8 +285,10 @@ def test_data_parallel_over_images_equals_one_device():
     done = subprocess.run([sys.executable, "-c", MESH_WORKER], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["devices"] == 4 and "('data'" in report["out_spec"] and report["compared"] > 40, report
-    assert report["forward"] <= criteria.REORDERED and report["grad"] <= criteria.REORDERED_GRAD, report
+    assert report["devices"] == 4, report
+    assert "('data'" in report["data"]["out_spec"] and "'seq'" in report["data+rows"]["out_spec"], report
+    for r in (report["data"], report["data+rows"]):
+        assert r["compared"] > 40 and r["forward"] <= criteria.REORDERED and r["grad"] <= criteria.REORDERED_GRAD, report
 
 
 def test_mid_attention_at_1024_never_materialises_its_logits():
