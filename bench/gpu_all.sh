@@ -15,8 +15,11 @@
 #   unet-sdxl    bench/unet.py --config sdxl: the whole SDXL UNet, bf16, 128 x 128, batch 2, against diffusers
 #                eager and torch.compile (needs diffusers, which the image lacks: put it on PYTHONPATH, e.g. a
 #                carried `pip install --target gpu-deps diffusers`; without it the stage says so and stops)
+#   vae-sdxl     bench/vae.py --config sdxl: SDXL's VAE decode, bf16, 1024 x 1024, against diffusers eager, time and
+#                peak memory (needs diffusers, as unet-sdxl); VAE_ARGS="--config tiny --hw 64 --memory-hw 64" on CPU
 # Results under $OUT, at most 8 files, no folders (what the device tool brings back):
 #   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, unet_sdxl.json, run.log
+#   (vae-sdxl writes its table into run.log only: the results stay within 8 files)
 # Nothing is installed: the H200 image has jax 0.11.2 (CUDA 13), flax, torch 2.11, einops,
 # click, tqdm, safetensors, orbax-checkpoint and pytest (the device tool's KINDS.md); the repo
 # goes on PYTHONPATH.
@@ -34,7 +37,7 @@ OUT="${OUT:-/tmp/flax-sgm-gpu}"
 DEADLINE="${DEADLINE:-420}"  # seconds for the whole script; stages that do not fit are skipped
 mkdir -p "$OUT"
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(lower tests attention module-sdxl module-long unet-sdxl)
+[[ ${#stages[@]} -eq 0 ]] && stages=(lower tests attention module-sdxl module-long unet-sdxl vae-sdxl)
 log="$OUT/run.log"
 declare -A status
 
@@ -97,8 +100,13 @@ for stage in "${stages[@]}"; do
             run_stage unet-sdxl 200 bash -o pipefail -c "$PY -c 'import diffusers' && $PY bench/unet.py --config sdxl \
                 --dtype bfloat16 --hw 128 --batch 2 --iters 5 --json '$OUT/unet_sdxl.json' 2>&1 | tee -a '$log'"
             ;;
+        vae-sdxl)
+            run_stage vae-sdxl 150 bash -o pipefail -c "$PY -c 'import diffusers' && $PY bench/vae.py --config sdxl \
+                --dtype bfloat16 --hw 1024 --ops decode --memory-hw 1024 --no-compile --iters 3 ${VAE_ARGS:-} \
+                2>&1 | tee -a '$log'"
+            ;;
         *)
-            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl)" | tee -a "$log"
+            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl vae-sdxl)" | tee -a "$log"
             ;;
     esac
 done

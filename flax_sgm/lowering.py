@@ -39,6 +39,9 @@ from flax_sgm.attention.modules import CrossAttention, SpatialSelfAttention
 from flax_sgm.attention.config import Preset, SpatialTransformerConfig
 from flax_sgm.unet.config import PRESETS as UNET_CONFIGS
 from flax_sgm.unet.config import UNetConfig
+from flax_sgm.autoencoder.config import PRESETS as VAE_CONFIGS
+from flax_sgm.autoencoder.config import AutoencoderConfig
+from flax_sgm.autoencoder.model import AttnBlock, LinAttnBlock
 from flax_sgm import models
 
 # The lowering platform (jax's name) -> the platform backend selection sees (jax.default_backend()'s name).
@@ -47,7 +50,7 @@ PLATFORMS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
 CUDNN_VERSION_STAND_IN = 91900
 CUDNN_PREFIX = "__cudnn$fmha"
 # The attention modules: the ones that call attention_backends.dot_product_attention.
-ATTENTION_MODULES = (CrossAttention, SpatialSelfAttention)
+ATTENTION_MODULES = (CrossAttention, SpatialSelfAttention, AttnBlock)
 
 
 def _fused_attention_module():
@@ -175,7 +178,7 @@ def attention_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 
 
 def _module_shape(module) -> tuple[int, int]:
-    if isinstance(module, SpatialSelfAttention):
+    if isinstance(module, (SpatialSelfAttention, AttnBlock)):
         return 1, module.in_channels
     return module.heads, module.head_dim
 
@@ -376,3 +379,34 @@ def lower_unet(config: UNetConfig, inputs: Inputs, *, platform: str = "cuda", ba
     shapes = {"x": list(x.shape), "timesteps": list(t.shape), "context": list(context.shape)}
     shapes |= {"y": list(y.shape)} if y is not None else {}
     return _report(model, programs, platform, config.to_dict(), shapes | {"dtype": dtype.name})
+
+
+# `flax-sgm lower --config NAME-vae`: a released autoencoder's decode of one latent at the model's own size
+# (SDXL: 128 x 128, a 1024 x 1024 image; its mid-block attention runs over 16,384 pixels). No context.
+VAE_PRESETS = {
+    "sd-vae": Preset(VAE_CONFIGS["sd"], 1, (64, 64), 0),
+    "sdxl-vae": Preset(VAE_CONFIGS["sdxl"], 1, (128, 128), 0),
+}
+
+
+def lower_vae(config: AutoencoderConfig, inputs: Inputs, *, platform: str = "cuda", backward: bool = False) -> dict:
+    """Lower an AutoencoderKL's decode of latents [batch, *hw, embed_dim] with abstract weights; the report of
+    lower_spatial_transformer (its attention calls named inside the decoder). The backward program: gradients
+    of a scalar loss with respect to every parameter and the latent (training through the decoder)."""
+    if any(isinstance(m, LinAttnBlock) for _, m in nnx.iter_modules(models.abstract(config))):
+        raise ValueError("lower_vae: linear attention (attn_type 'linear') calls no attention kernel to report")
+    dtype = jnp.dtype(inputs.dtype)
+    model = models.abstract(config, dtype=dtype, param_dtype=dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    z = jax.ShapeDtypeStruct((inputs.batch, *inputs.hw, config.embed_dim), dtype)
+
+    def forward(params, rest, z):
+        return nnx.merge(graphdef, params, rest).decode(z)
+
+    def loss(params, rest, z):
+        return forward(params, rest, z).astype(jnp.float32).mean()
+
+    programs = {"forward": lower(forward, params, rest, z, platform=platform)}
+    if backward:
+        programs["backward"] = lower(jax.grad(loss, argnums=(0, 2)), params, rest, z, platform=platform)
+    return _report(model.decoder, programs, platform, config.to_dict(), {"z": list(z.shape), "dtype": dtype.name})

@@ -50,3 +50,11 @@ def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, r
     initializer (primitives.shapes_only). Dropout RNG state, if any, is real (from `rngs`, default nnx.Rngs(0))."""
     with shapes_only():
         return build(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+
+def ready(model: nnx.Module) -> nnx.Module:
+    """The model a loader returns: in inference mode (model.eval(): dropout off), as diffusers' and transformers'
+    from_pretrained return theirs; model.train() turns dropout on. Its dropout keys are real already: the loader
+    seeds them through abstract's `rngs`."""
+    model.eval()
+    return model

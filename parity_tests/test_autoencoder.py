@@ -9,6 +9,7 @@ the project's mapping.
 import copy
 import inspect
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from flax import nnx
 from safetensors.numpy import save_file
 
-from conftest import assert_close, assert_parity, compare, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err
+from conftest import assert_close, assert_parity, compare, nchw_to_nhwc, nhwc_to_nchw, randomize_, rel_err, run_cli
 from flax_sgm import AutoencoderConfig, AutoencoderKL, CheckpointError, load_vae, record_attention_calls, target_platform
 from flax_sgm.checkpoints import convert
 from flax_sgm.autoencoder import PRESETS
@@ -178,6 +179,118 @@ def test_remat_per_resnet_block_changes_no_gradient(tiny, rng):
                  what="remat param grads")
 
 
+def test_jvp_in_the_latent_and_vmap_over_images(tiny, rng):
+    """jax.jvp with the tangent on the latent only (the model closed over, not passed in): its primal is decode,
+    its tangent the adjoint of jax.vjp's (<J t, c> = <t, J^T c>) and linear in t; jax.vmap of encode over
+    images equals the batched encode."""
+    _, flax = tiny
+    z, t = (jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32) for _ in range(2))
+    c = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+    decode = lambda z: flax.decode(z)  # noqa: E731
+
+    @jax.jit
+    def run(z, t, c):
+        primal, tangent = jax.jvp(decode, (z,), (t,))
+        _, twice = jax.jvp(decode, (z,), (2 * t,))
+        _, pull = jax.vjp(decode, z)
+        return primal, tangent, twice, pull(c)[0], decode(z)
+
+    primal, tangent, twice, back, want = run(z, t, c)
+    assert_close(primal, want, what="jvp primal")
+    assert_close(jnp.vdot(tangent, c), jnp.vdot(t, back), tol=criteria.REORDERED_GRAD, what="<J t, c> = <t, J^T c>")
+    assert_close(twice, 2 * tangent, tol=criteria.REORDERED_GRAD, what="jvp linear in t")
+    x = jnp.asarray(nchw_to_nhwc(images(rng, hw=(8, 8))))
+    per_image, batched = jax.jit(lambda x: (jax.vmap(lambda xi: flax.encode(xi[None]).mean[0])(x), flax.encode(x).mean))(x)
+    assert_close(per_image, batched, what="vmap encode")
+
+
+def test_checkpointed_resnet_blocks_give_the_same_decoder_gradients(tiny, rng):
+    """use_checkpoint: each ResnetBlock under jax.checkpoint (one remat per block in the traced program), the
+    decoder's gradients (latent and every parameter) unchanged."""
+    torch_vae, flax = tiny
+    remat = flax_vae(torch_vae, use_checkpoint=True)
+    z = jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+
+    def loss(model, z):
+        return jnp.sum(model.decode(z) * cot)
+
+    grad = nnx.grad(loss, argnums=(0, 1))
+
+    def remats(model) -> int:
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda state, z: grad(nnx.merge(graphdef, state), z))(state, z)).count("remat")
+
+    blocks = 2 + 2 * (1 + 1)  # mid block_1, block_2; two levels of num_res_blocks + 1
+    assert remats(remat) - remats(flax) == blocks
+    (g, dz), (g_remat, dz_remat) = (nnx.jit(grad)(m, z) for m in (flax, remat))
+    assert_close(dz_remat, dz, tol=criteria.REORDERED_GRAD, what="latent grad")
+    assert_close(nnx.state(g_remat, nnx.Param), nnx.state(g, nnx.Param), tol=criteria.REORDERED_GRAD, what="param grads")
+
+
+# Data parallel over a mesh of 4 virtual CPU devices, in a subprocess (the device count is set before jax starts).
+MESH_WORKER = """
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from flax_sgm import AutoencoderConfig, models, sharding
+from flax_sgm.verify.criteria import rel_err
+jax.config.update("jax_default_matmul_precision", "highest")
+config = AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+cot = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+
+def build():
+    model = models.abstract(config)  # no initialisers run: seeded normal weights of the abstract shapes
+    state = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    nnx.update(model, jax.tree.unflatten(tree, [jnp.asarray(np.random.default_rng(i).standard_normal(v.shape) * 0.2, v.dtype)
+                                                for i, v in enumerate(leaves)]))
+    return model
+
+def step(model, x, cot):
+    def loss(model, x):
+        out = model(x)
+        return jnp.sum(out * cot), out
+    (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+    return out, grads
+
+model = build()
+ref_out, ref_grads = nnx.jit(step)(model, x, cot)
+report = {"devices": jax.device_count()}
+for name, shape in (("data", (4, 1, 1)), ("data+rows", (2, 2, 1))):  # images; images and their rows (seq)
+    mesh = sharding.make_mesh(*shape)
+    placed = sharding.shard_model(nnx.clone(model), mesh)  # the same weights, placed on the mesh
+    xs, cs = (sharding.place(a, sharding.IMAGE, mesh) for a in (x, cot))
+    with sharding.use_mesh(mesh):
+        out, grads = nnx.jit(step)(placed, xs, cs)
+    # The attention's k.bias shifts every logit of a row, which softmax ignores: its gradient is rounding noise.
+    pairs = [(a, b) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads))
+             if "'k']['bias']" not in jax.tree_util.keystr(path)]
+    report[name] = {"out_spec": str(out.sharding.spec), "forward": rel_err(out, ref_out),
+                    "grad": max(rel_err(a, b) for a, b in pairs), "compared": len(pairs)}
+print(json.dumps(report))
+"""
+
+
+def test_data_parallel_over_images_equals_one_device():
+    """Four images over a (data=4) mesh of virtual CPU devices, and over (data=2, seq=2) with each image's rows
+    split too (the spatial axis): output split so, forward and gradients (image and parameters) equal to one
+    device's."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", MESH_WORKER], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4, report
+    assert "('data'" in report["data"]["out_spec"] and "'seq'" in report["data+rows"]["out_spec"], report
+    for r in (report["data"], report["data+rows"]):
+        assert r["compared"] > 40 and r["forward"] <= criteria.REORDERED and r["grad"] <= criteria.REORDERED_GRAD, report
+
+
 def test_mid_attention_at_1024_never_materialises_its_logits():
     """Decoding a 128 x 128 latent (a 1024 x 1024 image, SD/SDXL's VAE) traced abstractly: the mid-block
     attention over 16,384 pixels takes the chunked kernel (its float32 logits would be 1 GiB)."""
@@ -192,6 +305,50 @@ def test_mid_attention_at_1024_never_materialises_its_logits():
     # 512 channels are one head of 512, wider than cuDNN takes (256): on GPU the chunked kernel too, once the
     # logits pass the policy's budget (at batch 1 they are exactly its 1 GiB, and XLA runs).
     assert [c.backend for c in calls] == ["chunked"] and "cuDNN attention needs a head dim" in calls[0].reason
+
+
+@pytest.mark.parametrize("hw", [pytest.param((32, 32), marks=pytest.mark.slow), (24, 36)], ids=["square", "ragged"])
+def test_tiled_encode_and_decode_equal_diffusers_enable_tiling(tiny, rng, hw):
+    """tiled=True: tiles of config.tile_sample_size (diffusers' sample_size, 16 here) and its latent size,
+    overlapping by a quarter and blended as diffusers' blend_v/blend_h, equal to diffusers' enable_tiling;
+    edge tiles smaller. The untiled result differs, by the error docs/autoencoder.md gives."""
+    torch_vae, flax = tiny
+    tiling = copy.deepcopy(torch_vae)
+    tiling.enable_tiling()
+    assert (flax.config.tile_sample_size, flax.config.tile_latent_size) == (tiling.tile_sample_min_size, tiling.tile_latent_min_size)
+    x = images(rng, batch=1, hw=hw)
+    with torch.no_grad():
+        posterior = tiling.encode(torch.from_numpy(x)).latent_dist
+        decoded = tiling.decode(posterior.mean).sample
+        untiled = torch_vae.decode(posterior.mean).sample
+    got = jax.jit(lambda x: flax.encode(x, tiled=True))(jnp.asarray(nchw_to_nhwc(x)))
+    floor = criteria.CRITERIA["float32"].forward
+    for what in ("mean", "logvar"):
+        assert rel_err(nhwc_to_nchw(np.asarray(getattr(got, what))), getattr(posterior, what).numpy()) <= floor, what
+    z = jnp.asarray(nchw_to_nhwc(posterior.mean.numpy()))
+    out = nhwc_to_nchw(np.asarray(jax.jit(lambda z: flax.decode(z, tiled=True))(z)))
+    assert rel_err(out, decoded.numpy()) <= floor
+    assert rel_err(out, untiled.numpy()) > 100 * floor  # tiling happened: a seam the untiled decode lacks
+    # Below the tile size nothing is tiled.
+    small = jnp.asarray(nchw_to_nhwc(images(rng, batch=1)))
+    assert np.array_equal(np.asarray(flax.encode(small, tiled=True).mean), np.asarray(flax.encode(small).mean))
+
+
+@pytest.mark.parametrize("backend,materialised", [("auto", False), ("xla", True)])
+def test_lowered_decode_at_a_128_latent_holds_no_logits_buffer(backend, materialised):
+    """SDXL's VAE decode of a 128 x 128 latent lowered for CPU: with the default backend no [16384, 16384] logits
+    tensor is in the program (the chunked kernel); forcing plain XLA attention puts it there (what is guarded).
+    `flax-sgm lower --config sdxl-vae` reports the chunked call."""
+    from flax_sgm import lowering
+
+    config = PRESETS["sdxl"].replace(sdp_backend=backend)
+    graphdef, state = nnx.split(models.abstract(config))
+    z = jax.ShapeDtypeStruct((1, 128, 128, 4), jnp.float32)
+    program = lowering.lower(lambda state, z: nnx.merge(graphdef, state).decode(z), state, z, platform="cpu")
+    assert ("16384x16384" in program.lowered.as_text()) == materialised
+    if not materialised:
+        out = run_cli("lower", "--config", "sdxl-vae", "--platform", "cpu", "--dtype", "float32").output
+        assert re.search(r"mid\.attn_1 +chunked +16384 x 16384", out), out
 
 
 def test_force_upcast_computes_float16_in_float32():
@@ -296,8 +453,41 @@ def test_a_released_single_file_gives_its_scaling_factor():
         shapes = convert.torch_shapes(models.abstract(UNETS[unet]), prefix=UNET_PREFIX)
         infos = {k: jax.ShapeDtypeStruct(v, jnp.float16) for k, v in shapes.items()}
         fields = released_vae_fields(infos)
-        assert fields == {"scaling_factor": PRESETS[vae].scaling_factor, "force_upcast": PRESETS[vae].force_upcast}
+        assert fields == {"scaling_factor": PRESETS[vae].scaling_factor, "force_upcast": PRESETS[vae].force_upcast,
+                          "tile_sample_size": PRESETS[vae].tile_sample_size}
     assert released_vae_fields({}) == {"scaling_factor": None}
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "orbax"])
+def test_cli_convert_vae_output_loads_back_bit_exact(tmp_path, weights):
+    """`flax-sgm convert --vae` of an sgm single file: load_vae reads the output back with its config and scaling
+    factor, every weight bit for bit; `inspect` says what the file and the output hold."""
+    torch_vae = diffusers_vae("tiny", seed=9)
+    path = tmp_path / "model.safetensors"
+    sgm_single_file(torch_vae, path)
+    out = run_cli("inspect", path).output
+    assert "a KL autoencoder under first_stage_model., " in out and "load_vae needs scaling_factor=" in out
+    refused = run_cli("convert", path, "--scaling-factor", "0.5", "-o", tmp_path / "x", ok=False)
+    assert refused.exit_code == 2 and "Error: --scaling-factor goes with --vae" in refused.output
+    run_cli("convert", path, "--vae", "--scaling-factor", "0.13025", "--format", weights, "-o", tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    assert_holds(vae, torch_vae)
+    assert vae.config == load_vae(path, scaling_factor=0.13025).config and vae.config.scaling_factor == 0.13025
+    assert "the autoencoder (32 ch x [1, 2]" in run_cli("inspect", tmp_path / "vae").output
+    with pytest.raises(CheckpointError, match=r"no variants"):
+        load_vae(tmp_path / "vae", variant="fp16")
+    from flax_sgm import load_pretrained, load_unet
+
+    for load in (load_unet, load_pretrained):
+        with pytest.raises(CheckpointError, match=r"vae: holds an autoencoder.*load_vae"):
+            load(tmp_path / "vae")
+
+
+def test_cli_inspect_shows_a_diffusers_vae(tmp_path):
+    diffusers_vae("tiny", seed=1).save_pretrained(tmp_path / "vae")
+    out = run_cli("inspect", tmp_path / "vae").output
+    assert "a KL autoencoder, " in out and "none of the presets (32 ch x [1, 2], 1 blocks per level" in out
+    assert run_cli("inspect", tmp_path / "vae", "--json").output.count('"vae": {') == 1
 
 
 # Bad input ------------------------------------------------------------------------------------
@@ -308,6 +498,10 @@ NOT_VAES = {
                      r"no autoencoder under 'first_stage_model\.'.*\(a text encoder, not a VAE\)"),
     "vq": ({SGM_PREFIX + "encoder.conv_in.weight": (32, 3, 3, 3), SGM_PREFIX + "quantize.embedding.weight": (16, 4)},
            r"a VQ autoencoder under 'first_stage_model\.'"),
+    "video": ({SGM_PREFIX + "encoder.conv_in.weight": (32, 3, 3, 3), SGM_PREFIX + "decoder.time_mixer.mix_factor": (1,)},
+              r"a video autoencoder \(SVD's temporal decoder\) under 'first_stage_model\.'"),
+    "controlnet": ({"control_model.input_blocks.0.0.weight": (32, 4, 3, 3)},
+                   r"no autoencoder under 'first_stage_model\.'.*\(a ControlNet, not a VAE\)"),
 }
 
 
@@ -331,6 +525,13 @@ def test_load_vae_refuses_a_unet_directory(tmp_path):
     save_file({"x": np.ones(1, np.float32)}, str(tmp_path / "vq" / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"vq/config.json: a VQ autoencoder \(VQModel\), not a diffusers AutoencoderKL$"):
         load_vae(tmp_path / "vq")
+    for kind, said in (("ControlNetModel", r"a ControlNetModel config"),
+                       ("AutoencoderKLTemporalDecoder", r"a video autoencoder \(SVD's temporal decoder\) \(AutoencoderKLTemporalDecoder\)")):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text(json.dumps({"_class_name": kind}))
+        save_file({"x": np.ones(1, np.float32)}, str(tmp_path / kind / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(CheckpointError, match=rf"{kind}/config.json: {said}, not a diffusers AutoencoderKL$"):
+            load_vae(tmp_path / kind)
 
 
 @pytest.mark.parametrize(

@@ -105,3 +105,69 @@ def test_memory_efficient_attention_takes_masks(rng):
     inputs = {"x": x.numpy(), "context": context.numpy()}
     result = compare(reference, f, inputs | {"mask": mask})
     assert_parity(result, "MemoryEfficientCrossAttention")
+
+
+# sgm's make_attn (sgm/modules/diffusionmodules/model.py, beside the seed): its "memory-efficient-cross-attn"
+# branch tests the builtin `type` instead of `attn_type`, so sgm builds LinAttnBlock for it.
+
+
+class IntendedCrossAttentionWrapper(torch_ref.MemoryEfficientCrossAttention):
+    """What sgm's MemoryEfficientCrossAttentionWrapper means: the seed's attention over the pixels plus the image."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        out = super().forward(x.flatten(2).transpose(1, 2))  # [b, h*w, c]
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class SgmCrossAttentionWrapper(torch_ref.MemoryEfficientCrossAttention):
+    """sgm's wrapper as written: the residual adds the flattened [b, h*w, c] input to the [b, c, h, w] output."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        out = super().forward(x)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_memory_efficient_cross_attn_builds_the_cross_attention_wrapper(rng):
+    """sgm bug D: attn_type "memory-efficient-cross-attn" builds LinAttnBlock in sgm (and its wrapper's residual
+    cannot broadcast); flax_sgm builds the seed's MemoryEfficientCrossAttention as the wrapper means, forward and
+    gradients equal to it."""
+    from flax_sgm import models
+    from flax_sgm.autoencoder.model import LinAttnBlock, MemoryEfficientCrossAttentionWrapper
+
+    config = flax_sgm.AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8,
+                                        attn_type="memory-efficient-cross-attn", attn_heads=2, attn_dim_head=8)
+    vae = models.abstract(config)
+    assert type(vae.encoder.mid.attn_1) is MemoryEfficientCrossAttentionWrapper
+    assert not isinstance(vae.decoder.mid.attn_1, LinAttnBlock)
+    t = randomize_(IntendedCrossAttentionWrapper(32, None, 2, 8), seed=10)
+    f = flax_twin(t, MemoryEfficientCrossAttentionWrapper, 32, heads=2, dim_head=8)
+    x = rng.standard_normal((2, 32, 3, 5)).astype(np.float32)
+    bad = SgmCrossAttentionWrapper(32, None, 2, 8)
+    bad.load_state_dict(t.state_dict())
+    with pytest.raises(RuntimeError):
+        bad(torch.from_numpy(x))
+    assert_parity(compare(t, f, {"x": x}), "MemoryEfficientCrossAttentionWrapper")
+
+
+def test_linear_attention_agrees_where_sgm_is_right(rng):
+    """attn_type "linear" (and a file sgm wrote for "memory-efficient-cross-attn": LinAttnBlock's to_qkv) is
+    the seed's LinearAttention with one head of all channels, forward and gradients."""
+    from flax_sgm import models
+    from flax_sgm.autoencoder.layout import config_from_weights
+    from flax_sgm.checkpoints import convert
+    from flax_sgm.autoencoder.model import LinAttnBlock
+
+    t = randomize_(torch_ref.LinearAttention(32, heads=1, dim_head=32), seed=11)
+    f = flax_twin(t, LinAttnBlock, 32)
+    x = rng.standard_normal((2, 32, 3, 5)).astype(np.float32)
+    assert_parity(compare(t, f, {"x": x}), "LinAttnBlock")
+    config = flax_sgm.AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8, attn_type="linear")
+    shapes = {k: np.empty(v, np.float32) for k, v in convert.torch_shapes(models.abstract(config)).items()}
+    assert "encoder.mid.attn_1.to_qkv.weight" in shapes
+    assert config_from_weights(shapes, "", scaling_factor=1.0, num_groups=8).attention == "linear"
+    cross = config.replace(attn_type="memory-efficient-cross-attn", attn_heads=2, attn_dim_head=16)
+    shapes = {k: np.empty(v, np.float32) for k, v in convert.torch_shapes(models.abstract(cross)).items()}
+    assert config_from_weights(shapes, "", scaling_factor=1.0, num_groups=8, attn_heads=2) == cross.replace(scaling_factor=1.0)

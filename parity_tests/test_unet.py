@@ -365,7 +365,7 @@ def test_convert_unet_and_load_it_back_bit_exact(tmp_path, weights):
     assert "a flax-sgm convert output" in text and f"the whole UNet (32 ch x [1, 2], context 24)" in text, text
     recorded = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(out)]).stdout)["stacks"]
     assert [(r["model"], r["config"]) for r in recorded] == [("UNetModel", unet.config.to_dict())]
-    with pytest.raises(CheckpointError, match="holds a whole UNet; load it with load_unet"):
+    with pytest.raises(CheckpointError, match="holds a whole UNet, not SpatialTransformer stacks; load it with load_unet"):
         load_pretrained(out)
     with pytest.raises(CheckpointError, match="records its config; leave out heads="):
         load_unet(out, heads=2)

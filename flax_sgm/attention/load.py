@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,7 +59,7 @@ def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, s
     model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     plan = stack_plan(source, stack, model, downcast)
     convert.load_planned(model, plan, source)
-    return _ready(model)
+    return models.ready(model)
 
 
 def load_stack(
@@ -89,7 +88,7 @@ def load_stack(
     model = models.abstract(stack.config, dtype=dtype, param_dtype=param_dtype)
     plan = convert.conversion_plan(model, values, prefix=stack.prefix, allow_downcast=downcast)
     convert.load_planned(model, plan, values)
-    return stack, _ready(model), {k[len(stack.prefix):]: v for k, v in values.items()}
+    return stack, models.ready(model), {k[len(stack.prefix):]: v for k, v in values.items()}
 
 
 # Config fields a caller may set on a loaded stack: how it runs, not what it computes (dropout: in training).
@@ -133,12 +132,8 @@ def load_pretrained(
     if output.is_output(path):
         _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
-        record = output.select_record(path, records, prefix)
-        if not isinstance(record.config, SpatialTransformerConfig):
-            what = ("a text encoder; load it with load_text_encoder" if type(record.config).__name__ == "CLIPTextConfig"
-                    else "a whole UNet; load it with load_unet")
-            raise CheckpointError(f"{path}: holds {what}")
-        return _restore(path, weights, record, dtype, param_dtype, seed, options)
+        record = output.select_record(path, output.records_of(path, records, output.STACK_RECORD), prefix)
+        return output.load_record(path, weights, record, dtype=dtype, param_dtype=param_dtype, seed=seed, options=options)
     with open_source(path, variant) as source:
         (stack,), _ = plan_stacks(
             source, [prefix] if prefix is not None else [], heads=heads, head_dim=head_dim,
@@ -163,7 +158,8 @@ def load_pretrained_all(
     if output.is_output(path):
         _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
-        return {_name(r.prefix): _restore(path, weights, r, dtype, param_dtype, seed, options) for r in records}
+        records = output.records_of(path, records, output.STACK_RECORD)
+        return {_name(r.prefix): output.load_record(path, weights, r, dtype=dtype, param_dtype=param_dtype, seed=seed, options=options) for r in records}
     with open_source(path, variant) as source:
         stacks, _ = plan_stacks(
             source, all_stacks=True, skip_unsupported=skip_unsupported, heads=heads, head_dim=head_dim,
@@ -185,26 +181,6 @@ def _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, varian
              ("disable_self_attn", disable_self_attn), ("variant", variant)) if value is not None]
     if given:
         raise CheckpointError(f"{path}: a converted output says its whole config; leave out {', '.join(given)}")
-
-
-def _restore(path, weights: str, record: output.StackRecord, dtype, param_dtype, seed: int, options) -> nnx.Module:
-    config = record.config.replace(**options)
-    abstract = models.abstract(config, dtype=dtype, param_dtype=record.param_dtype, rngs=nnx.Rngs(seed))
-    model = output.restore(path, weights, record, abstract)
-    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
-        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-        params = jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param))
-        nnx.update(cast, params)
-        model = cast
-    return _ready(model)
-
-
-def _ready(model: nnx.Module) -> nnx.Module:
-    """The model a loader returns: in inference mode (model.eval(): dropout off), as diffusers' and transformers'
-    from_pretrained return theirs; model.train() turns dropout on. Its dropout keys are real already:
-    models.abstract seeds them from the loader's `seed`."""
-    model.eval()
-    return model
 
 
 class ConvertedStack(NamedTuple):

@@ -20,12 +20,13 @@ from flax_sgm.attention.remat import DEFAULT_CHECKPOINT_POLICY
 Dtype = Any
 
 # sgm's make_attn: attn_type -> what it builds. "vanilla-xformers" is the same maths as "vanilla" (one
-# attention function here). sgm's branch for "memory-efficient-cross-attn" compares the builtin `type`,
-# never the argument, so it falls through to LinAttnBlock: built here as sgm builds it.
+# attention function here). sgm's branch for "memory-efficient-cross-attn" compares the builtin `type`, never
+# the argument, so sgm falls through to LinAttnBlock; flax_sgm builds what the branch means, the seed's
+# MemoryEfficientCrossAttention as sgm's MemoryEfficientCrossAttentionWrapper (README, seed difference D).
 ATTN_TYPES = {
     "vanilla": "vanilla",
     "vanilla-xformers": "vanilla",
-    "memory-efficient-cross-attn": "linear",
+    "memory-efficient-cross-attn": "cross",
     "linear": "linear",
     "none": "none",
 }
@@ -49,7 +50,12 @@ class AutoencoderConfig(ConfigIO):
     use_quant_conv / use_post_quant_conv: diffusers' flags (sgm always has both).
     force_upcast: a float16 model computes in float32 (diffusers' SDXL pipelines upcast the VAE so);
     bfloat16 is left as it is.
+    attn_heads / attn_dim_head: the heads of attn_type "memory-efficient-cross-attn" (sgm's attn_kwargs;
+    the seed's MemoryEfficientCrossAttention defaults, 8 of 64).
     use_checkpoint: gradient checkpointing per ResnetBlock (training through the decoder).
+    tile_sample_size / tile_overlap_factor: tiled encode and decode (`tiled=True`), as diffusers'
+    enable_tiling derives them: image tiles of tile_sample_size (diffusers' sample_size), latent tiles of
+    that over downsample_factor, overlapping by the factor and blended linearly.
     """
 
     NAME = "autoencoder"
@@ -65,6 +71,8 @@ class AutoencoderConfig(ConfigIO):
     embed_dim: int = 4
     dropout: float = 0.0
     attn_type: str = "vanilla"
+    attn_heads: int = 8
+    attn_dim_head: int = 64
     num_groups: int = numerics.GROUP_NORM_GROUPS
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -73,6 +81,8 @@ class AutoencoderConfig(ConfigIO):
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
     force_upcast: bool = False
+    tile_sample_size: int = 512
+    tile_overlap_factor: float = 0.25
     use_checkpoint: bool = False
     checkpoint_policy: str = DEFAULT_CHECKPOINT_POLICY
     sdp_backend: str | None = None
@@ -80,7 +90,7 @@ class AutoencoderConfig(ConfigIO):
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim",
-                     "num_groups"):
+                     "num_groups", "attn_heads", "attn_dim_head", "tile_sample_size"):
             _positive(name, getattr(self, name))
         if not self.ch_mult:
             raise ValueError("AutoencoderConfig: `ch_mult` must list at least one level")
@@ -91,6 +101,8 @@ class AutoencoderConfig(ConfigIO):
         for name in ("latents_mean", "latents_std"):
             if getattr(self, name) is not None:
                 set_(name, tuple(getattr(self, name)))
+        if not 0.0 <= self.tile_overlap_factor < 1.0:
+            raise ValueError(f"AutoencoderConfig: `tile_overlap_factor` must be in [0, 1); got {self.tile_overlap_factor!r}")
         if self.attn_type not in ATTN_TYPES:
             raise ValueError(f"AutoencoderConfig: `attn_type` must be one of {list(ATTN_TYPES)}; got {self.attn_type!r}")
         if not self.use_quant_conv and self.embed_dim != self.z_channels:
@@ -116,8 +128,14 @@ class AutoencoderConfig(ConfigIO):
         return 2 ** (self.levels - 1)
 
     @property
+    def tile_latent_size(self) -> int:
+        """diffusers' tile_latent_min_size: int(sample_size / 2 ** (levels - 1))."""
+        return int(self.tile_sample_size / self.downsample_factor)
+
+    @property
     def attention(self) -> str:
-        """What each attention layer is: "vanilla" (AttnBlock), "linear" (LinAttnBlock) or "none"."""
+        """What each attention layer is: "vanilla" (AttnBlock), "linear" (LinAttnBlock), "cross" (sgm's
+        MemoryEfficientCrossAttentionWrapper) or "none"."""
         return ATTN_TYPES[self.attn_type]
 
     def level_channels(self, level: int) -> int:
@@ -151,9 +169,9 @@ class AutoencoderConfig(ConfigIO):
 PRESETS = {
     # SD 1.x and 2.x (sgm's first_stage_config; diffusers' vae/config.json of the same checkpoints, which leave
     # force_upcast at diffusers' default, true).
-    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR, force_upcast=True),
+    "sd": AutoencoderConfig(scaling_factor=SD_SCALING_FACTOR, force_upcast=True, tile_sample_size=512),
     # SDXL base and refiner: the original VAE overflows in float16, so it decodes in float32.
-    "sdxl": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True),
+    "sdxl": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True, tile_sample_size=1024),
     # madebyollin's sdxl-vae-fp16-fix: the same shapes, fine-tuned to stay in float16's range.
-    "sdxl-fp16-fix": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=False),
+    "sdxl-fp16-fix": AutoencoderConfig(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=False, tile_sample_size=512),
 }

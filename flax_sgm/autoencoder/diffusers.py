@@ -32,6 +32,7 @@ HONOURED = (
     "use_quant_conv",
     "use_post_quant_conv",
     "mid_block_add_attention",
+    "sample_size",
 )
 
 # Refused unless they hold these values (what sgm's Encoder/Decoder compute).
@@ -39,9 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "act_fn": "silu",
 }
 
-IRRELEVANT = {
-    "sample_size": "the tile size of diffusers' enable_tiling; the model takes any size",
-}
+IRRELEVANT: dict[str, str] = {}
 
 DOWN_TYPE = "DownEncoderBlock2D"
 UP_TYPE = "UpDecoderBlock2D"
@@ -49,7 +48,8 @@ UP_TYPE = "UpDecoderBlock2D"
 # diffusers' AutoencoderKL defaults, where a config.json leaves a field out.
 _DEFAULT = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
                 norm_num_groups=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-                force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
+                force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+                sample_size=32)
 
 # The autoencoders diffusers saves beside AutoencoderKL, which this family does not build.
 OTHER_AUTOENCODERS = {
@@ -102,6 +102,9 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         value = get(name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise CheckpointError(f"{source}: {name} must be a number; got {value!r}")
+    size = get("sample_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise CheckpointError(f"{source}: sample_size (the tile size of tiled encode/decode) must be a positive int; got {size!r}")
     latent = get("latent_channels")
     for name in ("latents_mean", "latents_std"):
         value = get(name)
@@ -124,4 +127,5 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         latents_mean=get("latents_mean"),
         latents_std=get("latents_std"),
         force_upcast=get("force_upcast"),
+        tile_sample_size=size,
     )

@@ -29,8 +29,8 @@ LINEAR_IN_DIFFUSERS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
 
 def diffusers_layout(config: AutoencoderConfig) -> KeyLayout:
     """diffusers' AutoencoderKL names (and Linear attention weights) for an autoencoder of `config`."""
-    if config.attention == "linear" or any(config.has_attention(lvl) for lvl in range(config.levels)):
-        raise ValueError("diffusers_layout: diffusers' AutoencoderKL has no linear attention and no attention per level")
+    if config.attention in ("linear", "cross") or any(config.has_attention(lvl) for lvl in range(config.levels)):
+        raise ValueError("diffusers_layout: diffusers' AutoencoderKL has only vanilla mid-block attention, none per level")
     pairs, modules, transforms = [], [], []
 
     def whole(ours: str, theirs: str, children=()) -> None:
@@ -108,15 +108,24 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, source: str = "chec
         blocks = _levels(local, "encoder.down.0.block.")
         ch_mult = tuple(local[f"encoder.down.{lvl}.block.0.conv1.weight"][0] // ch for lvl in range(levels))
         z_channels = local["decoder.conv_in.weight"][1]
+        attn = {}
         if "encoder.mid.attn_1.q.weight" in local:
             attn_type = "vanilla"
         elif "encoder.mid.attn_1.to_qkv.weight" in local:
             attn_type = "linear"
+        elif "encoder.mid.attn_1.to_q.weight" in local:  # sgm's cross-attention wrapper: heads from `fields`
+            attn_type = "memory-efficient-cross-attn"
+            heads = fields.get("attn_heads", AutoencoderConfig.attn_heads)
+            inner = local["encoder.mid.attn_1.to_q.weight"][0]
+            if inner % heads:
+                raise CheckpointError(f"{source}: the mid-block attention's {inner} features do not split into {heads} heads (give attn_heads=)")
+            attn = {"attn_dim_head": inner // heads}
         else:
             attn_type = "none"
         resolution = AutoencoderConfig.resolution
-        attn_resolutions = tuple(resolution // 2**lvl for lvl in range(levels) if f"encoder.down.{lvl}.attn.0.norm.weight" in local
-                                 or f"encoder.down.{lvl}.attn.0.to_qkv.weight" in local)
+        marks = ("norm.weight", "to_qkv.weight", "to_q.weight")
+        attn_resolutions = tuple(resolution // 2**lvl for lvl in range(levels)
+                                 if any(f"encoder.down.{lvl}.attn.0.{m}" in local for m in marks))
         embed_dim = local["post_quant_conv.weight"][1] if "post_quant_conv.weight" in local else z_channels
         return AutoencoderConfig(
             in_channels=in_channels,
@@ -130,7 +139,7 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, source: str = "chec
             attn_type=attn_type,
             use_quant_conv="quant_conv.weight" in local,
             use_post_quant_conv="post_quant_conv.weight" in local,
-            **fields,
+            **(attn | fields),
         )
     except KeyError as err:
         raise CheckpointError(f"{source}: the autoencoder under {prefix!r} is not sgm's (no {prefix}{err.args[0]})") from None

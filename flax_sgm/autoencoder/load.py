@@ -13,14 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_sgm.checkpoints import convert
+from flax_sgm.checkpoints import converted as output
 from flax_sgm.autoencoder.config import PRESETS, AutoencoderConfig
 from flax_sgm.autoencoder.layout import SGM_PREFIX, TRAINING_LOSS, VAE_MARK, config_from_weights, diffusers_layout
 from flax_sgm.autoencoder.model import AutoencoderKL
 from flax_sgm.errors import CheckpointError
-from flax_sgm.attention.load import _ready
 from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm import models
 
@@ -43,6 +44,8 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
         path = path / PIPELINE_VAE
     if scaling_factor is not None:
         options["scaling_factor"] = scaling_factor
+    if output.is_output(path):
+        return _restore_output(path, variant, dtype, param_dtype, seed, options)
     with open_source(path, variant) as source:
         if source.config is not None:
             where = str(source.config_path)
@@ -69,7 +72,57 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
                                 rngs=nnx.Rngs(seed))
         plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
-    return _ready(model)
+    return models.ready(model)
+
+
+def _restore_output(path: Path, variant, dtype, param_dtype, seed: int, options) -> AutoencoderKL:
+    """A `flax-sgm convert --vae` output: its recorded config and weights, bit for bit."""
+    if variant is not None:
+        raise CheckpointError(f"{path}: a `flax-sgm convert` output has no variants; leave out variant=")
+    weights, records = output.read_output(path)
+    record = output.records_of(path, records, output.VAE_RECORD)[0]
+    return output.load_record(path, weights, record, dtype=dtype, param_dtype=param_dtype, seed=seed, options=options)
+
+
+def convert_vae(path, out, *, variant: str | None = None, weights: str = "orbax", param_dtype=None,
+                scaling_factor: float | None = None, overwrite: bool = False) -> AutoencoderConfig:
+    """An autoencoder from any checkpoint load_vae reads into a `flax-sgm convert` output directory, its
+    AutoencoderConfig (scaling factor included) recorded, so that load_vae(out) needs no arguments."""
+    output.check_output(Path(out), overwrite)
+    model = load_vae(path, variant=variant, param_dtype=param_dtype, scaling_factor=scaling_factor)
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+        writer.add_model("", model.config, model)
+    return model.config
+
+
+def vae_summary(source) -> dict | None:
+    """What `flax-sgm inspect` says of the KL autoencoder in an open Source (a diffusers AutoencoderKL directory,
+    or an sgm single file's first_stage_model.): its config, the preset it is, or why it cannot be read; None
+    when it holds none."""
+    if source.config is not None:
+        if source.config.get("_class_name") != "AutoencoderKL":
+            return None
+        prefix, where = "", str(source.config_path)
+        try:
+            config = AutoencoderConfig.from_diffusers(source.config, source=where)
+        except (CheckpointError, ValueError) as err:
+            return {"prefix": prefix, "config": None, "preset": None, "parameters": None, "problem": str(err)}
+    else:
+        prefix = "" if VAE_MARK in source.infos else SGM_PREFIX
+        if prefix + VAE_MARK not in source.infos:
+            return None
+        infos = {k: v for k, v in source.infos.items() if not k.startswith(prefix + TRAINING_LOSS)}
+        known = released_vae_fields(source.infos)
+        try:
+            config = config_from_weights(infos, prefix, **known)  # scaling_factor None: not a released model
+        except CheckpointError as err:
+            return {"prefix": prefix, "config": None, "preset": None, "parameters": None, "problem": str(err)}
+    keys = [k for k in source.infos if k.startswith(prefix) and not k.startswith(prefix + TRAINING_LOSS)]
+    if prefix == "":
+        keys = list(source.infos)
+    parameters = sum(int(np.prod(source.infos[k].shape)) for k in keys)
+    preset = next((name for name, p in PRESETS.items() if p == config), None)
+    return {"prefix": prefix, "config": config.to_dict(), "preset": preset, "parameters": parameters, "problem": None}
 
 
 def released_vae_fields(shapes, source: str = "checkpoint") -> dict:
@@ -88,7 +141,8 @@ def released_vae_fields(shapes, source: str = "checkpoint") -> dict:
         return {"scaling_factor": None}
     name = next(n for n, p in UNETS.items() if p == unet.replace(in_channels=p.in_channels, out_channels=p.out_channels))
     preset = PRESETS[VAE_OF_UNET[name]]
-    return {"scaling_factor": preset.scaling_factor, "force_upcast": preset.force_upcast}
+    return {"scaling_factor": preset.scaling_factor, "force_upcast": preset.force_upcast,
+            "tile_sample_size": preset.tile_sample_size}
 
 
 def _stored_dtype(infos, path) -> jnp.dtype:

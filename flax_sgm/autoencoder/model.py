@@ -16,10 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_sgm.nn import numerics
-from flax_sgm.attention.modules import LinearAttention
+from flax_sgm.attention.modules import LinearAttention, MemoryEfficientCrossAttention
 from flax_sgm.attention.backends import dot_product_attention
 from flax_sgm.attention.policy import resolve_backend
 from flax_sgm.autoencoder.config import AutoencoderConfig
@@ -141,12 +142,27 @@ class LinAttnBlock(LinearAttention):
         super().__init__(in_channels, heads=1, dim_head=in_channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
+class MemoryEfficientCrossAttentionWrapper(MemoryEfficientCrossAttention):
+    """sgm's wrapper: the seed's MemoryEfficientCrossAttention over an image's pixels (self-attention, no
+    norm), plus the image. sgm adds the input after flattening it to [b, h*w, c], which cannot broadcast
+    against the [b, c, h, w] output; the residual here is the image itself, as intended."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        out = super().__call__(x.reshape(b, h * w, c))
+        return x + out.reshape(b, h, w, c)
+
+
 def make_attn(config: AutoencoderConfig, in_channels: int, **layer) -> nnx.Module | None:
-    """sgm's make_attn: the attention layer config.attn_type builds (None for "none", sgm's nn.Identity)."""
+    """sgm's make_attn as meant: the attention layer config.attn_type builds (None for "none", sgm's
+    nn.Identity). "memory-efficient-cross-attn" builds the cross-attention wrapper, which sgm never reaches."""
     if config.attention == "vanilla":
         return AttnBlock(in_channels, num_groups=config.num_groups, backend=config.sdp_backend, **layer)
     if config.attention == "linear":
         return LinAttnBlock(in_channels, **layer)
+    if config.attention == "cross":
+        return MemoryEfficientCrossAttentionWrapper(in_channels, heads=config.attn_heads, dim_head=config.attn_dim_head,
+                                                    **layer)
     return None
 
 
@@ -250,6 +266,35 @@ class Decoder(nnx.Module):
         return self.conv_out(numerics.silu(self.norm_out(h)))
 
 
+def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
+    """diffusers' blend_v (axis 1) / blend_h (axis 2): b's first `extent` rows fade in from a's last ones,
+    weights y / extent computed in float64 and cast, as torch multiplies by a Python float."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent == 0:
+        return b
+    shape = [1, 1, 1, 1]
+    shape[axis] = extent
+    ramp = np.arange(extent) / extent
+    keep, take = ((1 - ramp).reshape(shape).astype(b.dtype), ramp.reshape(shape).astype(b.dtype))
+    head = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis) * keep
+    head = head + jax.lax.slice_in_dim(b, 0, extent, axis=axis) * take
+    return jnp.concatenate([head, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
+
+
+def _tiled(fn, x: jax.Array, tile: int, stride: int, extent: int, limit: int) -> jax.Array:
+    """diffusers' tiled encode/decode: `fn` of each tile of `x` (tile x tile, every `stride`), each blended
+    with its (already blended) upper and left neighbours over `extent`, cropped to `limit` and joined."""
+    h, w = x.shape[1:3]
+    rows = [[fn(x[:, i : i + tile, j : j + tile]) for j in range(0, w, stride)] for i in range(0, h, stride)]
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], extent, 1)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], extent, 2)
+    return jnp.concatenate([jnp.concatenate([t[:, :limit, :limit] for t in row], axis=2) for row in rows], axis=1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DiagonalGaussian:
@@ -310,17 +355,40 @@ class AutoencoderKL(nnx.Module):
         if config.use_post_quant_conv:
             self.post_quant_conv = Conv(config.embed_dim, config.z_channels, kernel_size=1, axes=(None, None), **layer)
 
-    def encode(self, x: jax.Array) -> DiagonalGaussian:
-        """The posterior of images [b, h, w, in_channels] (h and w multiples of config.downsample_factor)."""
+    def encode(self, x: jax.Array, *, tiled: bool = False) -> DiagonalGaussian:
+        """The posterior of images [b, h, w, in_channels] (h and w multiples of config.downsample_factor).
+
+        tiled: an image larger than config.tile_sample_size is encoded tile by tile, the tiles' moments
+        blended where they overlap (diffusers' enable_tiling; not equal to the untiled result, docs/autoencoder.md).
+        """
         self._check("encode", "x", x, self.config.in_channels, self.config.downsample_factor, "image")
-        moments = self.encoder(x)
-        if hasattr(self, "quant_conv"):
-            moments = self.quant_conv(moments)
+        c = self.config
+        if tiled and max(x.shape[1:3]) > c.tile_sample_size:
+            extent = int(c.tile_latent_size * c.tile_overlap_factor)
+            moments = _tiled(self._moments, x, c.tile_sample_size, int(c.tile_sample_size * (1 - c.tile_overlap_factor)),
+                             extent, c.tile_latent_size - extent)
+        else:
+            moments = self._moments(x)
         return DiagonalGaussian.from_moments(moments)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Images [b, h * f, w * f, out_channels] of latents [b, h, w, embed_dim]."""
+    def decode(self, z: jax.Array, *, tiled: bool = False) -> jax.Array:
+        """Images [b, h * f, w * f, out_channels] of latents [b, h, w, embed_dim].
+
+        tiled: a latent larger than config.tile_latent_size is decoded tile by tile, blended as diffusers'.
+        """
         self._check("decode", "z", z, self.config.embed_dim, 1, "latent")
+        c = self.config
+        if tiled and max(z.shape[1:3]) > c.tile_latent_size:
+            extent = int(c.tile_sample_size * c.tile_overlap_factor)
+            return _tiled(self._decoded, z, c.tile_latent_size, int(c.tile_latent_size * (1 - c.tile_overlap_factor)),
+                          extent, c.tile_sample_size - extent)
+        return self._decoded(z)
+
+    def _moments(self, x: jax.Array) -> jax.Array:
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if hasattr(self, "quant_conv") else moments
+
+    def _decoded(self, z: jax.Array) -> jax.Array:
         if hasattr(self, "post_quant_conv"):
             z = self.post_quant_conv(z)
         return self.decoder(z)

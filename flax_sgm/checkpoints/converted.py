@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.attention.config import SEED_NAMES, SpatialTransformerConfig
-from flax_sgm import config_io
+from flax_sgm import config_io, models
 from flax_sgm.attention.layout import normalize_prefix
 from flax_sgm.errors import CheckpointError, first_line
 from flax_sgm.checkpoints.sources import CONFIG_FILE
@@ -43,10 +43,30 @@ CONFIG_METADATA = "flax_sgm_config"  # a flat safetensors file's own record, in 
 UNET_RECORD = "UNetModel"  # a record's "model" when it holds a whole UNet
 STACK_RECORD = "SpatialTransformer"  # what a record without "model" holds
 TEXT_RECORD = "CLIPTextModel"  # a record's "model" when it holds a text encoder (prefix: text_record_prefix)
+VAE_RECORD = "AutoencoderKL"  # a record's "model" when it holds a KL autoencoder
 # A record's "model" -> the name of its config class (config_io.CONFIGS: no family is imported here).
-CONFIG_OF = {STACK_RECORD: "SpatialTransformerConfig", UNET_RECORD: "UNetConfig", TEXT_RECORD: "CLIPTextConfig"}
+CONFIG_OF = {STACK_RECORD: "SpatialTransformerConfig", UNET_RECORD: "UNetConfig", TEXT_RECORD: "CLIPTextConfig",
+             VAE_RECORD: "AutoencoderConfig"}
 # A whole model's config class name -> (its record's "model", its default name in the output).
-WHOLE_MODELS = {"UNetConfig": (UNET_RECORD, "unet"), "CLIPTextConfig": (TEXT_RECORD, "text_encoder")}
+WHOLE_MODELS = {"UNetConfig": (UNET_RECORD, "unet"), "CLIPTextConfig": (TEXT_RECORD, "text_encoder"),
+                "AutoencoderConfig": (VAE_RECORD, "vae")}
+
+
+# What each record holds, and the loader that reads it back.
+HOLDS = {STACK_RECORD: ("SpatialTransformer stacks", "load_pretrained"), UNET_RECORD: ("a whole UNet", "load_unet"),
+         TEXT_RECORD: ("text encoders", "load_text_encoder"), VAE_RECORD: ("an autoencoder", "load_vae")}
+
+
+def records_of(path, records: list, model: str) -> list:
+    """The records of `model` (a *_RECORD) in an output; CheckpointError, naming what the output holds instead and
+    the loader that reads it, when there are none."""
+    model_of = {name: m for m, name in CONFIG_OF.items()}
+    found = [r for r in records if model_of[type(r.config).__name__] == model]
+    if not found:
+        held = sorted({model_of[type(r.config).__name__] for r in records})
+        what, loader = HOLDS[held[0]] if held else ("nothing", "flax-sgm convert")
+        raise CheckpointError(f"{path}: holds {what}, not {HOLDS[model][0]}; load it with {loader}")
+    return found
 
 
 def _config_class(model: str):
@@ -252,6 +272,20 @@ def select_record(path, records: list[StackRecord], prefix: str | None) -> Stack
         if record.prefix == wanted:
             return record
     raise CheckpointError(f"{path}: no stack with prefix {wanted!r}; it holds {[r.prefix for r in records]}")
+
+
+def load_record(path, weights: str, record: StackRecord, *, dtype=None, param_dtype=None, seed: int = 0,
+                options=None) -> nnx.Module:
+    """A record of an output as the model a loader returns: restored in its stored dtype, cast to `param_dtype`
+    if another, dropout keys from `seed`, in inference mode. `options` set the config's run-time fields."""
+    config = record.config.replace(**(options or {}))
+    model = restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype,
+                                                           rngs=nnx.Rngs(seed)))
+    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
+        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        nnx.update(cast, jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param)))
+        model = cast
+    return models.ready(model)
 
 
 def restore(path, weights: str, record: StackRecord, model: nnx.Module) -> nnx.Module:

@@ -28,12 +28,14 @@ Examples:
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
   flax-sgm convert sd_xl_base_1.0.safetensors --text-encoder -o sdxl-text  # both text encoders
+  flax-sgm convert sd_xl_base_1.0.safetensors --vae -o sdxl-vae           # the autoencoder
 
 \b
 Then in Python:
   model = flax_sgm.load_pretrained("xl-in4")   # one stack; prefix=... picks among several
   unet = flax_sgm.load_unet("sdxl-unet")       # a --unet output
-  clip = flax_sgm.load_text_encoder("sdxl-text", embedder=1)   # a --text-encoder output"""
+  clip = flax_sgm.load_text_encoder("sdxl-text", embedder=1)   # a --text-encoder output
+  vae = flax_sgm.load_vae("sdxl-vae")          # a --vae output"""
 )
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prefix", multiple=True, help="Key prefix of a stack; repeat for several.")
@@ -46,6 +48,11 @@ Then in Python:
               help="The text encoders (what flax_sgm.load_text_encoder reads: a diffusers text_encoder/ or pipeline "
                    "directory, an sgm/LDM file), each CLIPTextConfig recorded; --embedder picks one.")
 @click.option("--embedder", type=int, help="With --text-encoder: sgm's embedder number of the one to convert.")
+@click.option("--vae", "whole_vae", is_flag=True,
+              help="The KL autoencoder (what flax_sgm.load_vae reads: an sgm/LDM file's first_stage_model., a diffusers "
+                   "vae/ or pipeline directory), its AutoencoderConfig and scaling factor recorded.")
+@click.option("--scaling-factor", type=float,
+              help="With --vae: the latent scaling factor, for a single file of none of the released models.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @stack_options
@@ -57,8 +64,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @clean_errors
-def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, skip_unsupported, heads, head_dim, disable_self_attn, variant,
-            out, weights, param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, whole_vae, scaling_factor,
+            skip_unsupported, heads, head_dim, disable_self_attn, variant, out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -77,6 +84,8 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, 
     start = time.perf_counter()
     if embedder is not None and not text_encoder:
         raise click.UsageError("--embedder goes with --text-encoder")
+    if text_encoder and whole_vae:
+        raise click.UsageError("--text-encoder and --vae convert different models: give one")
     if text_encoder:
         if whole_unet or prefix or all_stacks or any(v is not None for v in (disable_self_attn, heads, head_dim)):
             raise click.UsageError("--text-encoder converts text encoders: leave out --unet, --prefix, --all, --heads, "
@@ -88,6 +97,18 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, 
         click.echo(f"wrote {out} ({weights}): {len(written)} text encoder(s) in {time.perf_counter() - start:.1f} s")
         for n, config in written:
             click.echo(f"  embedder {n}: {_text(config)}; load: flax_sgm.load_text_encoder({str(out)!r}, embedder={n})")
+        return
+    if scaling_factor is not None and not whole_vae:
+        raise click.UsageError("--scaling-factor goes with --vae")
+    if whole_vae:
+        if whole_unet or prefix or all_stacks or disable_self_attn is not None or heads is not None or head_dim is not None:
+            raise click.UsageError("--vae converts the autoencoder: leave out --unet, --prefix, --all and the heads options")
+        from flax_sgm.autoencoder.load import convert_vae
+
+        config = convert_vae(checkpoint, out, variant=variant, weights=weights, param_dtype=param_dtype,
+                             scaling_factor=scaling_factor, overwrite=overwrite)
+        click.echo(f"wrote {out} ({weights}): the autoencoder ({_vae(config)}) in {time.perf_counter() - start:.1f} s")
+        click.echo(f"load: flax_sgm.load_vae({str(out)!r})")
         return
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
@@ -150,6 +171,11 @@ def _text(c) -> str:
     return f"CLIP text, {c.num_hidden_layers} layers of {c.hidden_size}, {c.hidden_act}{projection}{preset}"
 
 
+def _vae(c) -> str:
+    return (f"{c.ch} ch x {list(c.ch_mult)}, {c.num_res_blocks} blocks per level, latents of {c.embed_dim}, "
+            f"attention {c.attn_type}, scaling factor {c.scaling_factor}")
+
+
 def _context(context_dim) -> str:
     return str(list(context_dim)) if isinstance(context_dim, tuple) else str(context_dim)
 
@@ -178,6 +204,7 @@ def inspect(checkpoint, variant, as_json):
             raise click.UsageError("a converted output has no variants: leave out --variant")
         _inspect_output(checkpoint, as_json)
         return
+    from flax_sgm.autoencoder.load import vae_summary
     from flax_sgm.unet.load import unet_summary
     from flax_sgm.checkpoints.sources import open_source
     from flax_sgm.attention.stacks import inspect_stacks
@@ -186,8 +213,11 @@ def inspect(checkpoint, variant, as_json):
     with open_source(checkpoint, variant) as source:
         texts = text_encoder_summaries(source)
         is_text = source.config is not None and bool(texts)  # a transformers text_encoder/: no stacks to look for
-        summaries, problems = ([], {}) if is_text else inspect_stacks(source)
+        vae_only = source.config is not None and source.config.get("_class_name") == "AutoencoderKL"
+        # a text encoder or a VAE holds no SpatialTransformer
+        summaries, problems = ([], {}) if is_text or vae_only else inspect_stacks(source)
         unet = None if is_text else unet_summary(source)
+        vae = None if is_text else vae_summary(source)
         info = {
             "file": str(checkpoint),
             "format": source.kind + ((", transformers config.json" if is_text else ", diffusers config.json")
@@ -199,6 +229,7 @@ def inspect(checkpoint, variant, as_json):
             "unsupported": problems,
             "unet": unet,
             "text_encoders": texts,
+            "vae": vae,
         }
     if as_json:
         click.echo(to_json(info))
@@ -222,8 +253,11 @@ def inspect(checkpoint, variant, as_json):
                    f"(..., embedder={t['embedder']}), convert: flax-sgm convert --text-encoder")
     if is_text:
         return
+    if vae is not None:
+        click.echo(_vae_line(vae))
     if not summaries and not problems:
-        click.echo("no SpatialTransformer stack found")
+        if vae is None:
+            click.echo("no SpatialTransformer stack found")
         return
     click.echo(f"{len(summaries)} SpatialTransformer stack(s):")
     for s in summaries:
@@ -237,6 +271,19 @@ def inspect(checkpoint, variant, as_json):
         click.echo(f"  {p:45s} not convertible: {why}")
     if any(s["heads"] is None for s in summaries):
         click.echo(_heads_hint(unet))
+
+
+def _vae_line(vae: dict) -> str:
+    where = f" under {vae['prefix']}" if vae["prefix"] else ""
+    if vae["config"] is None:
+        return f"a KL autoencoder{where}, not readable: {vae['problem']}"
+    from flax_sgm.autoencoder.config import AutoencoderConfig
+
+    config = AutoencoderConfig.from_dict(vae["config"])
+    what = f"the {vae['preset']} preset" if vae["preset"] else "none of the presets"
+    scale = "" if config.scaling_factor is not None else "; no released UNet beside it: load_vae needs scaling_factor="
+    return (f"a KL autoencoder{where}, {vae['parameters'] / 1e6:.1f}M parameters: {what} ({_vae(config)}){scale}; "
+            "load: flax_sgm.load_vae, convert: flax-sgm convert --vae")
 
 
 def _heads_hint(unet: dict | None) -> str:
@@ -259,6 +306,7 @@ def _inspect_output(path, as_json: bool) -> None:
         return
     click.echo(f"{path}: a flax-sgm convert output ({weights}), {len(records)} record(s)")
     from flax_sgm.text.config import CLIPTextConfig
+    from flax_sgm.autoencoder.config import AutoencoderConfig
 
     for r in records:
         if isinstance(r.config, UNetConfig):
@@ -267,9 +315,11 @@ def _inspect_output(path, as_json: bool) -> None:
             n = int(r.prefix.rstrip(".").rsplit(".", 1)[-1])
             click.echo(f"  text encoder {n}: {_text(r.config)}, {r.param_dtype}; "
                        f"load: flax_sgm.load_text_encoder({str(path)!r}, embedder={n})")
+        elif isinstance(r.config, AutoencoderConfig):
+            click.echo(f"  the autoencoder ({_vae(r.config)}), {r.param_dtype}; load: flax_sgm.load_vae({str(path)!r})")
         else:
             click.echo(f"  {r.prefix or '(root)'}  {_stack(r.config)}, {r.param_dtype}")
-    if not any(isinstance(r.config, (UNetConfig, CLIPTextConfig)) for r in records):
+    if not any(isinstance(r.config, (UNetConfig, CLIPTextConfig, AutoencoderConfig)) for r in records):
         click.echo(f"load: flax_sgm.load_pretrained({str(path)!r}"
                    + (")" if len(records) == 1 else f", prefix=...) or flax_sgm.load_pretrained_all({str(path)!r})"))
 

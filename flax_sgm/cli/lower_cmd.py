@@ -27,12 +27,13 @@ def _lower_config(name_or_path: str, prefix: str | None = None):
     import pathlib
 
     from flax_sgm.attention.config import PRESETS, SpatialTransformerConfig
-    from flax_sgm.lowering import UNET_PRESETS
+    from flax_sgm.lowering import UNET_PRESETS, VAE_PRESETS
 
-    if name_or_path in UNET_PRESETS:
+    whole = UNET_PRESETS | VAE_PRESETS
+    if name_or_path in whole:
         if prefix is not None:
             raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
-        return UNET_PRESETS[name_or_path]
+        return whole[name_or_path]
     if name_or_path in PRESETS:
         if prefix is not None:
             raise UserError("--prefix picks a stack of a `flax-sgm convert` output, not of a preset")
@@ -44,7 +45,7 @@ def _lower_config(name_or_path: str, prefix: str | None = None):
         config = output.select_record(directory, records, prefix).config
     elif not path.is_file():
         raise UserError(
-            f"--config: {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *UNET_PRESETS])}), a JSON file nor a "
+            f"--config: {name_or_path!r} is neither a preset ({', '.join([*PRESETS, *whole])}), a JSON file nor a "
             "`flax-sgm convert` output"
         )
     elif prefix is not None:
@@ -71,13 +72,15 @@ Examples:
   flax-sgm lower --config long --backward
   flax-sgm lower --config sdxl --mesh 1,4,1 --backward
   flax-sgm lower --config sdxl-unet --backward         # SDXL base's whole UNet, 128 x 128 latent
+  flax-sgm lower --config sdxl-vae --platform cpu --dtype float32   # SDXL's VAE decode, 128 x 128 latent
   flax-sgm lower --config my_config.json --hw 32 32 --context-tokens 226 --dtype float32
   flax-sgm lower --config sdxl-attention/config.json --prefix down_blocks.1.attentions.0""",
 )
 @click.option("--config", "config_name", default="sdxl", show_default=True,
               help="A SpatialTransformer preset (sdxl, long, sd15, default: flax_sgm.attention.config.PRESETS), a whole-UNet "
                    "preset (sd15-unet, sd21-unet, sdxl-unet, sdxl-refiner-unet: flax_sgm.lowering.UNET_PRESETS, "
-                   "at the model's own latent size), a SpatialTransformerConfig JSON file, or a `flax-sgm convert` "
+                   "at the model's own latent size), an autoencoder decode preset (sd-vae, sdxl-vae: "
+                   "flax_sgm.lowering.VAE_PRESETS), a SpatialTransformerConfig JSON file, or a `flax-sgm convert` "
                    "output (its directory or config.json); run at the sdxl preset's sizes unless given.")
 @click.option("--prefix", help="With a `flax-sgm convert` output of several stacks: the stack to lower.")
 @click.option("--platform", type=click.Choice(["cuda", "tpu", "cpu"]), default="cuda", show_default=True,
@@ -115,6 +118,7 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
     import jax.numpy as jnp
 
     from flax_sgm import lowering
+    from flax_sgm.autoencoder.config import AutoencoderConfig
     from flax_sgm.unet.config import UNetConfig
 
     preset = _lower_config(config_name, prefix)
@@ -125,11 +129,12 @@ def lower(config_name, prefix, platform, dtype, batch, hw, context_tokens, backw
         context_tokens=context_tokens or preset.context_tokens,
         dtype=jnp.dtype(dtype),
     )
-    if isinstance(config, UNetConfig):
+    if isinstance(config, (UNetConfig, AutoencoderConfig)):
         if mesh_shape is not None:
-            raise UserError("--mesh lowers a SpatialTransformer preset; a whole-UNet preset lowers on one device")
+            raise UserError("--mesh lowers a SpatialTransformer preset; a whole-model preset lowers on one device")
+        whole = lowering.lower_unet if isinstance(config, UNetConfig) else lowering.lower_vae
         try:
-            report = lowering.lower_unet(config, inputs, platform=platform, backward=backward)
+            report = whole(config, inputs, platform=platform, backward=backward)
         except NotImplementedError as err:  # cuDNN's refusals at trace time
             click.echo(f"Error: does not lower for {platform}: {' '.join(str(err).split())}", err=True)
             sys.exit(LOWERING_FAILED)
@@ -157,7 +162,10 @@ def format_lowering(report: dict) -> str:
     c = report["config"]
     inputs = report["inputs"]
     cudnn = report["cudnn_version"]
-    if "model_channels" in c:
+    if "ch_mult" in c:
+        head = (f"AutoencoderKL.decode({c['ch']} ch x {c['ch_mult']}, checkpoint {c['use_checkpoint']}), "
+                f"z {inputs['z']}, {inputs['dtype']}")
+    elif "model_channels" in c:
         head = (
             f"UNetModel({c['model_channels']} ch x {c['channel_mult']}, depth {c['transformer_depth']}, "
             f"context {c['context_dim']}, checkpoint {c['use_checkpoint']}), x {inputs['x']}, "

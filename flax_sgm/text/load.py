@@ -19,7 +19,7 @@ from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.checkpoints.convert import KeyLayout
 from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import CONFIG_FILE
-from flax_sgm.attention.load import _ready, choose_param_dtype
+from flax_sgm.attention.load import choose_param_dtype
 from flax_sgm.checkpoints.sources import Source, open_source
 from flax_sgm.text.config import CLIPTextConfig
 from flax_sgm.text.config import PRESETS
@@ -124,7 +124,7 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
         model = models.abstract(plan.config, dtype=dtype, param_dtype=chosen_dtype)
         steps = convert.conversion_plan(model, infos, prefix=plan.prefix, layout=plan.layout, allow_downcast=downcast)
         convert.load_planned(model, steps, source, copy=not source.private)
-    return _ready(model)
+    return models.ready(model)
 
 
 def _stored_dtype(infos, path) -> jnp.dtype:
@@ -137,18 +137,14 @@ def _stored_dtype(infos, path) -> jnp.dtype:
 
 def _restore_output(path: Path, embedder: int, config, variant, dtype, param_dtype, options) -> CLIPTextModel:
     """A text encoder of a `flax-sgm convert --text-encoder` output, by sgm's embedder number."""
-    from flax_sgm.attention.load import _restore
-
     if config is not None or variant is not None:
         raise CheckpointError(f"{path}: a `flax-sgm convert` output records its config; leave out config= and variant=")
     weights, records = output.read_output(path)
-    texts = {r.prefix: r for r in records if isinstance(r.config, CLIPTextConfig)}
-    if not texts:
-        raise CheckpointError(f"{path}: holds no text encoder (convert one with flax-sgm convert --text-encoder)")
+    texts = {r.prefix: r for r in output.records_of(path, records, output.TEXT_RECORD)}
     record = texts.get(output.text_record_prefix(embedder))
     if record is None:
         raise CheckpointError(f"{path}: embedder={embedder} is not in this output; it holds {', '.join(texts)}")
-    return _restore(path, weights, record, dtype, param_dtype, 0, options)
+    return output.load_record(path, weights, record, dtype=dtype, param_dtype=param_dtype, options=options)
 
 
 def text_encoder_embedders(path, variant: str | None = None) -> list[int]:

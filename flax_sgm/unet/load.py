@@ -19,7 +19,6 @@ from flax import nnx
 
 from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.errors import CheckpointError
-from flax_sgm.attention.load import _ready, _restore
 from flax_sgm.checkpoints.sources import CONFIG_FILE, open_source
 from flax_sgm.unet.model import UNetModel
 from flax_sgm.unet.config import PRESETS, UNetConfig
@@ -54,12 +53,8 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
                 f"{path}: a `flax-sgm convert` output records its config; leave out heads=, head_dim=, config= and variant="
             )
         weights, records = output.read_output(path)
-        unets = [r for r in records if isinstance(r.config, UNetConfig)]
-        if not unets:
-            if any(type(r.config).__name__ == "CLIPTextConfig" for r in records):
-                raise CheckpointError(f"{path}: holds text encoders, not a whole UNet (load them with load_text_encoder)")
-            raise CheckpointError(f"{path}: holds SpatialTransformer stacks, not a whole UNet (load them with load_pretrained)")
-        return _restore(path, weights, unets[0], dtype, param_dtype, seed, options)
+        unets = output.records_of(path, records, output.UNET_RECORD)
+        return output.load_record(path, weights, unets[0], dtype=dtype, param_dtype=param_dtype, seed=seed, options=options)
     with open_source(path, variant) as source:
         if source.config is not None:
             if heads is not None or head_dim is not None or config is not None:
@@ -75,7 +70,7 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, rngs=nnx.Rngs(seed))
         plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
-    return _ready(model)
+    return models.ready(model)
 
 
 def _stored_dtype(source, path) -> jnp.dtype:
