@@ -1,0 +1,159 @@
+"""Where LoRA files keep their tensors, and which of a model's layers a LoRA's module name means.
+
+Formats, each a key per module `<prefix><module><suffix>`:
+  diffusers/peft  `unet.<module>.lora_A.weight` / `.lora_B.weight` (peft's names; `get_peft_model_state_dict`
+                  writes them without `unet.`), alpha from `<module>.alpha` keys or peft's LoraConfig in the
+                  safetensors metadata (`lora_adapter_metadata`), else alpha = rank as diffusers takes it;
+  diffusers, old  `<module>.lora.down.weight` / `.lora.up.weight` (convert_state_dict_to_diffusers);
+  kohya           `lora_unet_<module with '_' for '.'>.lora_down.weight` / `.lora_up.weight` and `.alpha`,
+                  the module under diffusers' names (SD 1.x) or sgm's (`input_blocks_4_1_...`, SDXL).
+Module names come from the model's conversion tables (sgm's names, and diffusers' through the family's KeyLayout):
+no second name map.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from flax import nnx
+
+from flax_sgm.checkpoints.convert import KeyLayout, conversion_table
+
+# suffix -> (role, format)
+SUFFIXES = {
+    ".lora_A.weight": ("down", "diffusers"),
+    ".lora_B.weight": ("up", "diffusers"),
+    ".lora.down.weight": ("down", "diffusers-old"),
+    ".lora.up.weight": ("up", "diffusers-old"),
+    ".lora_down.weight": ("down", "kohya"),
+    ".lora_up.weight": ("up", "kohya"),
+    ".alpha": ("alpha", None),
+}
+KOHYA_PREFIX = "lora_unet_"
+DIFFUSERS_PREFIX = "unet."
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: peft's LoraConfig as JSON, keys `unet.<field>`
+
+# Key fragments of what is not plain LoRA (LyCORIS and peft's variants) -> its name.
+OTHER_KINDS = {
+    "hada_w": "LyCORIS LoHa",
+    "lokr_w": "LyCORIS LoKr",
+    "oft_": "LyCORIS OFT",
+    "lora_mid": "LyCORIS LoCon (Tucker)",
+    ".diff": "LyCORIS full (diff)",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    "ia3_l": "(IA)3",
+    ".on_input": "LyCORIS (IA)3",
+    ".b_norm": "LyCORIS norm",
+    ".w_norm": "LyCORIS norm",
+}
+# Text encoders' parts of a file: another model's LoRA.
+TEXT_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+
+
+class Entry(NamedTuple):
+    """One adapted module of a file: its name as written (format prefix removed) and its keys."""
+
+    module: str
+    down: str | None
+    up: str | None
+    alpha: str | None
+
+
+def kind_of(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(the kind, an example key) when a file holds something other than plain LoRA; None for plain LoRA."""
+    for key in keys:
+        for fragment, kind in OTHER_KINDS.items():
+            if fragment in key:
+                return kind, key
+    return None
+
+
+def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
+    """(format, {module: Entry}, keys that are not LoRA tensors) of a file's keys."""
+    parts: dict[str, dict[str, str]] = {}
+    formats, stray = set(), []
+    for key in keys:
+        for suffix, (role, fmt) in SUFFIXES.items():
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[role] = key
+                if fmt:
+                    formats.add(fmt)
+                break
+        else:
+            stray.append(key)
+    if "kohya" in formats:
+        fmt = "kohya"
+    elif "diffusers" in formats or "diffusers-old" in formats:
+        fmt = "diffusers" + (" (lora.down/up names)" if "diffusers-old" in formats else "")
+    else:
+        fmt = "unknown"
+    found = {m: Entry(m, p.get("down"), p.get("up"), p.get("alpha")) for m, p in parts.items()}
+    return fmt, found, stray
+
+
+def strip_prefix(module: str) -> str:
+    """The module's name without the file's part prefix (`unet.`, `lora_unet_`)."""
+    for prefix in (KOHYA_PREFIX, DIFFUSERS_PREFIX):
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return module
+
+
+def is_text_encoder(module: str) -> bool:
+    return module.startswith(TEXT_PREFIXES)
+
+
+def peft_config(metadata: dict | None) -> dict:
+    """The UNet's peft LoraConfig fields from a safetensors file's metadata ({} when it has none)."""
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    packed = json.loads(raw)
+    return {k[len(DIFFUSERS_PREFIX):]: v for k, v in packed.items() if k.startswith(DIFFUSERS_PREFIX)}
+
+
+def model_layouts(model: nnx.Module) -> list[KeyLayout | None]:
+    """The key layouts a LoRA may name `model`'s modules in: its own (sgm's, None) and diffusers'."""
+    from flax_sgm.unet.layout import diffusers_layout
+    from flax_sgm.unet.model import UNetModel
+
+    if isinstance(model, UNetModel):
+        config = model.config
+        vectors = ("add_embedding", "class_embedding") if config.adm_in_channels else (None,)
+        return [None] + [diffusers_layout(config, v) for v in vectors]
+    raise TypeError(f"load_lora: LoRA on a {type(model).__name__} is not supported (a UNetModel is)")
+
+
+def module_index(model: nnx.Module) -> tuple[dict[str, tuple], dict[str, str]]:
+    """({module name: the layer's path in `model`}, {diffusers' name: sgm's name}) for every Linear and Conv,
+    under sgm's and diffusers' names and their kohya spellings ('.' as '_'), read off the conversion tables."""
+    index: dict[str, tuple] = {}
+    diffusers_names: dict[str, str] = {}
+    sgm: dict[tuple, str] = {}
+    for layout in model_layouts(model):
+        for row in conversion_table(model, layout=layout):
+            if row.flax_path[-1] != "kernel" or not row.torch_key.endswith(".weight"):
+                continue
+            name, path = row.torch_key[: -len(".weight")], row.flax_path[:-1]
+            if layout is None:
+                sgm[path] = name
+            elif layout.name == "diffusers":
+                diffusers_names.setdefault(name, sgm[path])
+            index.setdefault(name, path)
+            index.setdefault(name.replace(".", "_"), path)
+    return index, diffusers_names
+
+
+def diffusers_name_of(model: nnx.Module) -> dict[tuple, str]:
+    """{layer path: diffusers' module name} of `model`'s Linears and Convs (the first diffusers layout)."""
+    layout = model_layouts(model)[1]
+    return {row.flax_path[:-1]: row.torch_key[: -len(".weight")] for row in conversion_table(model, layout=layout)
+            if row.flax_path[-1] == "kernel"}
+
+
+def sgm_name_of(model: nnx.Module) -> dict[tuple, str]:
+    return {row.flax_path[:-1]: row.torch_key[: -len(".weight")] for row in conversion_table(model)
+            if row.flax_path[-1] == "kernel"}

@@ -1,0 +1,220 @@
+"""`load_lora`: a LoRA file users hold, applied to a Flax UNet strictly.
+
+Every LoRA module of the file is placed on a layer of the model, its shapes checked, before anything changes:
+else one CheckpointError names the modules that are not (and the model is untouched). Plain LoRA on Linear and
+Conv layers (1x1 and 3x3); LyCORIS kinds, DoRA and text-encoder parts are refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from flax import nnx
+
+from flax_sgm.attention.layout import listing
+from flax_sgm.checkpoints.sources import open_source
+from flax_sgm.errors import CheckpointError
+from flax_sgm.lora import adapters as lora_adapters
+from flax_sgm.lora.adapters import Adapter
+from flax_sgm.lora.layout import entries, is_text_encoder, kind_of, model_layouts, module_index, peft_config, strip_prefix
+from flax_sgm.nn.primitives import Conv
+
+# peft LoraConfig fields that change the maths and are not honoured: refused by name.
+REFUSED_PEFT = {"use_dora": False, "lora_bias": False}
+
+
+class Placed(NamedTuple):
+    """One checked LoRA module: the layer it adapts, its down [in, r] / [kh, kw, in, r] and up [r, out], alpha."""
+
+    path: tuple
+    down: np.ndarray
+    up: np.ndarray
+    alpha: float
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise CheckpointError(f"load_lora: scale must be a finite number; got {scale!r}")
+    return float(scale)
+
+
+def describe(model) -> str:
+    """'UNetModel (sd15's blocks)' or 'UNetModel'."""
+    from flax_sgm.unet.config import PRESETS
+    from flax_sgm.unet.layout import _blocks
+
+    config = getattr(model, "config", None)
+    name = next((n for n, p in PRESETS.items() if config is not None and _blocks(p) == _blocks(config)), None)
+    return type(model).__name__ + (f" ({name})" if name else "")
+
+
+def read_lora(model: nnx.Module, path) -> tuple[str, list[Placed], dict]:
+    """(format, the checked modules, peft config) of a LoRA file for `model`; CheckpointError in one line."""
+    path = Path(path)
+    metadata = {}
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # not a safetensors file: open_source says what it is
+            metadata = {}
+    with open_source(path) as source:
+        keys = list(source.infos)
+        other = kind_of(keys)
+        if other is not None:
+            raise CheckpointError(f"{path}: a {other[0]} file ({other[1]}); load_lora reads plain LoRA only")
+        fmt, found, stray = entries(keys)
+        if not found:
+            raise CheckpointError(f"{path}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up): "
+                                  f"{listing(keys, 4)}")
+        if stray:
+            raise CheckpointError(f"{path}: {len(stray)} keys are not LoRA tensors: {listing(sorted(stray), 4)}")
+        config = peft_config(metadata)
+        for field, default in REFUSED_PEFT.items():
+            if config.get(field, default) != default:
+                raise CheckpointError(f"{path}: its LoraConfig has {field}={config[field]!r}; load_lora reads plain LoRA only")
+        index, _ = module_index(model)
+        text = sorted(m for m in found if is_text_encoder(m))
+        if text:
+            raise CheckpointError(f"{path}: {len(text)} modules are a text encoder's ({listing(text, 2)}); "
+                                  f"load_lora applies a UNet's LoRA to a {describe(model)}")
+        unplaced = sorted(m for m in found if strip_prefix(m) not in index)
+        if unplaced:
+            raise CheckpointError(f"{path}: {len(unplaced)} of {len(found)} LoRA modules name no layer of this "
+                                  f"{describe(model)}: {listing(unplaced, 3)}")
+        problems, placed = [], []
+        for module, entry in sorted(found.items()):
+            if entry.down is None or entry.up is None:
+                problems.append(f"{module} has no {'lora_down/lora_A' if entry.down is None else 'lora_up/lora_B'}")
+                continue
+            layer_path = index[strip_prefix(module)]
+            layer = _at(model, layer_path)
+            alpha = _alpha(source, entry, strip_prefix(module), config, source.infos[entry.down].shape[0], problems)
+            one = _check(module, layer, source.read(entry.down), source.read(entry.up), problems)
+            if one is not None and alpha is not None:
+                placed.append(Placed(layer_path, *one, alpha))
+        if problems:
+            raise CheckpointError(f"{path}: {len(problems)} LoRA modules do not fit this {describe(model)}: "
+                                  f"{listing(problems, 3)}")
+    return fmt, placed, config
+
+
+def _at(model, path):
+    node = model
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _alpha(source, entry, module: str, config: dict, rank: int, problems: list) -> float | None:
+    """The module's alpha: its `.alpha` key, else peft's alpha_pattern / lora_alpha, else its rank (diffusers')."""
+    if entry.alpha is not None:
+        value = np.asarray(source.read(entry.alpha))
+        if value.size != 1 or not np.issubdtype(value.dtype, np.number):
+            problems.append(f"{entry.alpha} is not one number (shape {list(value.shape)})")
+            return None
+        return float(value.reshape(()))
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            return float(alpha)
+    if "lora_alpha" in config:
+        return float(config["lora_alpha"])
+    return float(rank)
+
+
+def _check(module: str, layer, down: np.ndarray, up: np.ndarray, problems: list):
+    """(down, up) in the layer's layouts, or None with the problem listed."""
+    for name, value in (("down", down), ("up", up)):
+        if not np.issubdtype(value.dtype, np.floating):
+            problems.append(f"{module} {name} is {value.dtype}, not a float")
+            return None
+    kernel = tuple(layer.kernel.shape)  # [in, out] or [kh, kw, in, out]
+    conv = isinstance(layer, Conv) and kernel[:2] != (1, 1)
+    if not conv:  # a Linear or a 1x1 conv: torch [r, in] / [out, r], or with trailing 1x1
+        down = down.reshape(down.shape[:2]) if down.ndim == 4 and down.shape[2:] == (1, 1) else down
+        up = up.reshape(up.shape[:2]) if up.ndim == 4 and up.shape[2:] == (1, 1) else up
+    else:
+        up = up.reshape(up.shape[:2]) if up.ndim == 4 and up.shape[2:] == (1, 1) else up
+    if down.ndim not in (2, 4) or up.ndim != 2:
+        problems.append(f"{module}: down {list(down.shape)} / up {list(up.shape)} are not a LoRA's shapes")
+        return None
+    if down.shape[0] != up.shape[1]:
+        problems.append(f"{module}: rank mismatch, down has rank {down.shape[0]} ({list(down.shape)}), "
+                        f"up has {up.shape[1]} ({list(up.shape)})")
+        return None
+    in_features, out_features = kernel[-2], kernel[-1]
+    want_down = [down.shape[0], in_features, *kernel[:2]] if conv else [down.shape[0], in_features]
+    if list(down.shape) != want_down or up.shape[0] != out_features:
+        problems.append(f"{module}: down {list(down.shape)} / up {list(up.shape)} do not fit its layer "
+                        f"(in {in_features}, out {out_features}{', kernel ' + 'x'.join(map(str, kernel[:2])) if conv else ''})")
+        return None
+    flax_down = down.transpose(2, 3, 1, 0) if conv else down.T  # torch [r, in(, kh, kw)] -> [in, r] / [kh, kw, in, r]
+    return np.ascontiguousarray(flax_down), np.ascontiguousarray(up.T)  # torch [out, r] -> [r, out]
+
+
+def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True, name: str | None = None):
+    """Apply the LoRA file at `path` to `model` (a UNetModel) and return the model.
+
+    `scale` is diffusers' adapter weight (it multiplies alpha / rank). `fuse=True` adds
+    scale * alpha / rank * B @ A into each base kernel (summed in float64, rounded once): permanent, as
+    diffusers' fuse_lora. `fuse=False` keeps A and B beside the layer as adapter `name` (default: the file's
+    stem); `unload_lora(model, name)` takes it off, leaving the base weights bit for bit as they were.
+    Several files apply one after another, each with its own scale. Every module of the file is placed and
+    checked before anything changes: else one CheckpointError, and the model is untouched.
+    """
+    scale = check_scale(scale)
+    name = Path(path).stem if name is None else name
+    if not fuse and name in lora_adapters.adapters_of(model):
+        raise CheckpointError(f"load_lora: an adapter named {name!r} is on the model already; pass another name=")
+    _, placed, config = read_lora(model, path)
+    rslora = bool(config.get("use_rslora", False))
+    for one in placed:
+        layer = _at(model, one.path)
+        dtype = layer.kernel[...].dtype
+        adapter = Adapter(one.down.astype(dtype), one.up.astype(dtype), alpha=one.alpha, scale=scale, rslora=rslora)
+        if fuse:
+            lora_adapters.fuse(layer, adapter)
+        else:
+            lora_adapters.attach(layer, name, adapter)
+    return model
+
+
+def unload_lora(model: nnx.Module, name: str | None = None) -> nnx.Module:
+    """Take the unfused adapter `name` (every one when None) off `model`: its base weights are as loaded."""
+    if lora_adapters.remove(model, name) == 0:
+        held = sorted(lora_adapters.adapters_of(model))
+        raise CheckpointError(f"unload_lora: no adapter {name!r} on the model (it holds {held or 'none'})")
+    return model
+
+
+def lora_summary(path) -> dict:
+    """What `flax-sgm inspect` says of a LoRA file: format, modules, rank(s), alpha(s), what it adapts."""
+    path = Path(path)
+    with open_source(path) as source:
+        keys = list(source.infos)
+        other = kind_of(keys)
+        if other is not None:
+            return {"format": other[0], "modules": None, "problem": f"not plain LoRA ({other[1]})"}
+        fmt, found, stray = entries(keys)
+        ranks = sorted({source.infos[e.down].shape[0] for e in found.values() if e.down is not None})
+        alphas = sorted({float(np.asarray(source.read(e.alpha)).reshape(())) for e in found.values() if e.alpha})
+    metadata = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+    config = peft_config(metadata)
+    if not alphas and "lora_alpha" in config:
+        alphas = [float(config["lora_alpha"])]
+    text = sum(is_text_encoder(m) for m in found)
+    names = [strip_prefix(m) for m in found if not is_text_encoder(m)]
+    layers = sorted({n.replace(".", "_").split("_")[-1] if fmt == "kohya" else n.rsplit(".", 1)[-1] for n in names})
+    return {"format": fmt, "modules": len(found), "unet_modules": len(found) - text, "text_encoder_modules": text,
+            "rank": ranks, "alpha": alphas or "rank (none stored)", "layers": layers, "stray_keys": len(stray)}
