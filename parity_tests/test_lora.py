@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import flax_sgm
-from conftest import CRITERIA, assert_close, randomize_
+from conftest import CRITERIA, assert_close, randomize_, run_cli
 from flax_sgm.checkpoints import convert
 from flax_sgm.errors import CheckpointError
 from flax_sgm.lora import LoRAParam, add_adapters, load_lora, lora_summary, save_lora, unload_lora
@@ -295,6 +295,12 @@ def test_inspect_names_format_modules_rank_alpha(truth):
     assert (peft["format"], peft["modules"], peft["rank"], peft["alpha"]) == ("diffusers", 77, [RANK], [ALPHA])
     kohya = lora_summary(files["kohya"])
     assert (kohya["format"], kohya["modules"], kohya["rank"], kohya["alpha"]) == ("kohya", 77, [RANK], [ALPHA])
+    lines = run_cli("inspect", files["kohya"]).output.splitlines()
+    assert lines[0] == f"{files['kohya']}: a LoRA (kohya format), 77 modules (77 UNet, 0 text encoder), rank 4, alpha 6"
+    assert lines[1] == ("  adapts: attn1_to_k, attn1_to_out_0, attn1_to_q, attn1_to_v, attn2_to_k, attn2_to_out_0, attn2_to_q, "
+                        "attn2_to_v, conv1, conv2, conv_shortcut, ff_net_0_proj, ff_net_2, proj_in, proj_out, time_emb_proj")
+    assert "adapts: attn1.to_k, attn1.to_out.0," in run_cli("inspect", files["old"]).output
+    assert json.loads(run_cli("inspect", files["peft"], "--json").output)["lora"]["modules"] == 77
 
 
 # --- bad input: one line, the model untouched ----------------------------------------------------------------

@@ -133,7 +133,8 @@ Examples:
   flax-sgm inspect sd_xl_base_1.0.safetensors
   flax-sgm inspect stable-diffusion-xl-base-1.0/unet
   flax-sgm inspect v1-5-pruned.ckpt --json
-  flax-sgm inspect xl-attention                 # a `flax-sgm convert` output"""
+  flax-sgm inspect xl-attention                 # a `flax-sgm convert` output
+  flax-sgm inspect my_lora.safetensors          # a LoRA: format, modules, rank, alpha"""
 )
 @click.argument("checkpoint", type=click.Path())
 @variant_option
@@ -142,7 +143,7 @@ Examples:
 def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
     index) and what their shapes say about them, and the whole UNet when it holds one. A `flax-sgm convert`
-    output: what its config.json records."""
+    output: what its config.json records. A LoRA file: its format, what it adapts, its rank and alpha."""
     if output.is_output(checkpoint):
         if variant is not None:
             raise click.UsageError("a converted output has no variants: leave out --variant")
@@ -152,6 +153,13 @@ def inspect(checkpoint, variant, as_json):
     from flax_sgm.checkpoints.sources import open_source
     from flax_sgm.attention.stacks import inspect_stacks
 
+    from flax_sgm.lora.layout import is_lora
+
+    with open_source(checkpoint, variant) as source:
+        lora = is_lora(source.infos)
+    if lora:
+        _inspect_lora(checkpoint, as_json)
+        return
     with open_source(checkpoint, variant) as source:
         summaries, problems = inspect_stacks(source)
         unet = unet_summary(source)
@@ -206,6 +214,23 @@ def _heads_hint(unet: dict | None) -> str:
     what = "" if unet is None else ", and this UNet is none of the released models"
     return (f"heads are not in the weights{what}: take --heads N or --head-dim D from where the model was trained "
             "(its training config); another model's value loads it wrong without an error")
+
+
+def _inspect_lora(path, as_json: bool) -> None:
+    from flax_sgm.lora import lora_summary
+
+    info = lora_summary(path)
+    if as_json:
+        click.echo(to_json({"file": str(path), "lora": info}))
+        return
+    if info.get("problem"):
+        click.echo(f"{path}: a {info['format']} file, {info['problem']}; flax_sgm.load_lora refuses it")
+        return
+    alpha = ", ".join(f"{a:g}" for a in info["alpha"]) if isinstance(info["alpha"], list) else info["alpha"]
+    click.echo(f"{path}: a LoRA ({info['format']} format), {info['modules']} modules ({info['unet_modules']} UNet, "
+               f"{info['text_encoder_modules']} text encoder), rank {', '.join(map(str, info['rank']))}, alpha {alpha}")
+    click.echo(f"  adapts: {', '.join(info['layers'])}")
+    click.echo(f"  apply: flax_sgm.load_lora(unet, {str(path)!r}, scale=1.0)")
 
 
 def _inspect_output(path, as_json: bool) -> None:

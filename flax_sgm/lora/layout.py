@@ -71,6 +71,12 @@ def kind_of(keys: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
+def is_lora(keys: Iterable[str]) -> bool:
+    """Whether a file's keys are a LoRA's (plain, or a kind load_lora refuses by name)."""
+    keys = list(keys)
+    return bool(keys) and (kind_of(keys) is not None or all(k.endswith(tuple(SUFFIXES)) for k in keys))
+
+
 def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
     """(format, {module: Entry}, keys that are not LoRA tensors) of a file's keys."""
     parts: dict[str, dict[str, str]] = {}

@@ -8,6 +8,7 @@ Conv layers (1x1 and 3x3); LyCORIS kinds, DoRA and text-encoder parts are refuse
 from __future__ import annotations
 
 import math
+import re
 import numbers
 from pathlib import Path
 from typing import NamedTuple
@@ -215,6 +216,9 @@ def lora_summary(path) -> dict:
         alphas = [float(config["lora_alpha"])]
     text = sum(is_text_encoder(m) for m in found)
     names = [strip_prefix(m) for m in found if not is_text_encoder(m)]
-    layers = sorted({n.replace(".", "_").split("_")[-1] if fmt == "kohya" else n.rsplit(".", 1)[-1] for n in names})
+    # What each module is inside its block: 'attn2.to_k', 'ff.net.2', 'conv1' (kohya: 'attn2_to_k').
+    sep = "_" if fmt == "kohya" else r"\."
+    block = re.compile(rf"^.*(?:blocks|block|attentions|resnets|samplers){sep}\d+{sep}(?:\d+{sep})?")
+    layers = sorted({block.sub("", n) for n in names})
     return {"format": fmt, "modules": len(found), "unet_modules": len(found) - text, "text_encoder_modules": text,
             "rank": ranks, "alpha": alphas or "rank (none stored)", "layers": layers, "stray_keys": len(stray)}
