@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import flax_sgm
-from conftest import CRITERIA, assert_close, randomize_, run_cli
+from conftest import CRITERIA, assert_close, cli_error, randomize_, run_cli
 from flax_sgm.checkpoints import convert
 from flax_sgm.errors import CheckpointError
 from flax_sgm.lora import LoRAParam, add_adapters, load_lora, lora_summary, save_lora, unload_lora
@@ -301,6 +301,23 @@ def test_inspect_names_format_modules_rank_alpha(truth):
                         "attn2_to_v, conv1, conv2, conv_shortcut, ff_net_0_proj, ff_net_2, proj_in, proj_out, time_emb_proj")
     assert "adapts: attn1.to_k, attn1.to_out.0," in run_cli("inspect", files["old"]).output
     assert json.loads(run_cli("inspect", files["peft"], "--json").output)["lora"]["modules"] == 77
+
+
+def test_convert_fuses_loras_into_a_converted_unet(truth, tmp_path):
+    """`flax-sgm convert BASE --unet --lora FILE --lora-scale S`: load_unet of the output answers as the peft model."""
+    d, out, files = truth
+    result = run_cli("convert", d / "base", "--unet", "--lora", files["kohya"], "--lora-scale", SCALE, "-o", tmp_path / "out")
+    assert ", 1 LoRA(s) fused in " in result.output
+    assert_close(flax_out(flax_sgm.load_unet(tmp_path / "out", use_checkpoint=False)), out[SCALE], TOL, what="converted")
+    for args, message in [(["--all"], "Error: --lora fuses a LoRA into the whole UNet: it goes with --unet"),
+                          (["--unet", "--lora-scale", 1, "--lora-scale", 2],
+                           "Error: --lora-scale: give one per --lora (1), or none; got 2")]:
+        refused = run_cli("convert", d / "base", "--lora", files["kohya"], *args, "-o", tmp_path / "x", ok=False)
+        assert refused.exit_code == 2 and message in refused.output  # click's usage errors
+    weights = d / "base" / "diffusion_pytorch_model.safetensors"  # not a LoRA
+    assert cli_error("convert", d / "base", "--unet", "--lora", weights, "-o", tmp_path / "y").startswith(
+        f"Error: {weights}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up): ")
+    assert not (tmp_path / "y").exists()
 
 
 # --- bad input: one line, the model untouched ----------------------------------------------------------------

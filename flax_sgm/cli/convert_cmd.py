@@ -27,6 +27,7 @@ Examples:
       --prefix down_blocks.1.attentions.0 --prefix mid_block.attentions.0 --heads 8 -o sd15
   flax-sgm convert v1-5-pruned.ckpt --all --heads 8 --format safetensors -o sd15-flat
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
+  flax-sgm convert sd_xl_base_1.0.safetensors --unet --lora style.safetensors --lora-scale 0.8 -o sdxl-style
 
 \b
 Then in Python:
@@ -40,6 +41,10 @@ Then in Python:
 @click.option("--unet", "whole_unet", is_flag=True,
               help="The whole UNet (what flax_sgm.load_unet reads: an sgm/LDM file, a diffusers unet/ or pipeline "
                    "directory), its UNetConfig recorded.")
+@click.option("--lora", "loras", multiple=True, type=click.Path(),
+              help="With --unet: a LoRA file to fuse into the UNet (flax_sgm.load_lora); repeat for several.")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float,
+              help="Each --lora's scale (diffusers' adapter weight), in order; default 1.0 each.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @stack_options
@@ -51,7 +56,7 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @clean_errors
-def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads, head_dim, disable_self_attn, variant,
+def convert(checkpoint, prefix, all_stacks, whole_unet, loras, lora_scales, skip_unsupported, heads, head_dim, disable_self_attn, variant,
             out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
@@ -68,15 +73,22 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, skip_unsupported, heads,
     exclusive_heads(heads, head_dim)
     if skip_unsupported and not all_stacks:
         raise click.UsageError("--skip-unsupported goes with --all")
+    if (loras or lora_scales) and not whole_unet:
+        raise click.UsageError("--lora fuses a LoRA into the whole UNet: it goes with --unet")
+    if lora_scales and len(lora_scales) != len(loras):
+        raise click.UsageError(f"--lora-scale: give one per --lora ({len(loras)}), or none; got {len(lora_scales)}")
     start = time.perf_counter()
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
         from flax_sgm.unet.load import convert_unet
 
+        fused = list(zip(loras, lora_scales or [1.0] * len(loras)))
         config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
-                              param_dtype=param_dtype, overwrite=overwrite)
-        click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}) in {time.perf_counter() - start:.1f} s")
+                              param_dtype=param_dtype, overwrite=overwrite, loras=fused)
+        with_lora = f", {len(fused)} LoRA(s) fused" if fused else ""
+        click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}){with_lora} in "
+                   f"{time.perf_counter() - start:.1f} s")
         click.echo(f"load: flax_sgm.load_unet({str(out)!r})")
         return
     bar = None
