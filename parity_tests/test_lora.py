@@ -320,6 +320,21 @@ def test_convert_fuses_loras_into_a_converted_unet(truth, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
+def test_verify_a_lora_against_diffusers(truth):
+    """`flax-sgm verify --model unet --checkpoint BASE --lora FILE`: diffusers' loader and fuse_lora against
+    load_lora, module by module, forward and gradients (exit 0: parity). About 40 s of CPU."""
+    d, _, files = truth
+    result = run_cli("verify", "--model", "unet", "--checkpoint", d / "base", "--lora", files["kohya"], "--lora-scale", SCALE)
+    assert f"{files['kohya']} at scale {SCALE:g}: 77 modules (flax_sgm.load_lora), 77 taken by diffusers" in result.output
+
+
+def test_verify_lora_needs_a_unet_checkpoint(truth):
+    files = truth[2]
+    refused = run_cli("verify", "--model", "vae", "--lora", files["kohya"], ok=False)
+    assert refused.exit_code == 2 and "--lora verifies a LoRA on a UNet checkpoint" in refused.output
+
+
 # --- bad input: one line, the model untouched ----------------------------------------------------------------
 
 
@@ -374,3 +389,19 @@ def test_lycoris_files_are_refused_by_kind(base_unet, tmp_path, key, kind):
 @pytest.mark.parametrize("scale", ["1.0", None, float("nan"), True])
 def test_a_scale_that_is_not_a_number_is_refused(truth, base_unet, scale):
     refused(nnx.clone(base_unet), truth[2]["peft"], r"load_lora: scale must be a finite number; got ", scale=scale)
+
+
+def test_a_text_encoder_part_is_refused_by_name(truth, base_unet, tmp_path):
+    """kohya's `lora_te1_` modules beside the UNet's: not placed on a UNet, so the file is refused, naming them."""
+    tensors = load_file(str(truth[2]["kohya"]))
+    stem = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors |= {stem + ".lora_down.weight": np.ones((4, 32), np.float32), stem + ".lora_up.weight": np.ones((32, 4), np.float32)}
+    save_file(tensors, str(tmp_path / "te.safetensors"))
+    refused(nnx.clone(base_unet), tmp_path / "te.safetensors",
+            rf"1 modules are a text encoder's \({stem}\); load_lora applies a UNet's LoRA to a UNetModel$")
+
+
+def test_keys_that_are_not_lora_tensors_are_named(truth, base_unet, tmp_path):
+    tensors = load_file(str(truth[2]["kohya"])) | {"lora_unet_conv_in.weight": np.ones((4,), np.float32)}
+    save_file(tensors, str(tmp_path / "stray.safetensors"))
+    refused(nnx.clone(base_unet), tmp_path / "stray.safetensors", r"1 keys are not LoRA tensors: lora_unet_conv_in.weight$")
