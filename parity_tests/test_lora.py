@@ -407,3 +407,13 @@ def test_keys_that_are_not_lora_tensors_are_named(truth, base_unet, tmp_path):
     tensors = load_file(str(truth[2]["kohya"])) | {"lora_unet_conv_in.weight": np.ones((4,), np.float32)}
     save_file(tensors, str(tmp_path / "stray.safetensors"))
     refused(nnx.clone(base_unet), tmp_path / "stray.safetensors", r"1 keys are not LoRA tensors: lora_unet_conv_in.weight$")
+
+
+def test_a_checkpoint_is_not_taken_for_a_lycoris_file():
+    """`model.diffusion_model.` holds 'diff' and a kohya module 'lora_unet_..._oft_x' is a name, not a LyCORIS part."""
+    from flax_sgm.lora.layout import is_lora, kind_of
+
+    assert kind_of(["model.diffusion_model.input_blocks.0.0.bias", "lora_unet_a_lokr_b.lora_down.weight"]) is None
+    assert not is_lora(["model.diffusion_model.input_blocks.0.0.bias"])
+    assert kind_of(["lora_unet_a.diff", "x"]) == ("LyCORIS full (diff)", "lora_unet_a.diff")
+    assert kind_of(["unet.a.lora_magnitude_vector"]) == ("DoRA", "unet.a.lora_magnitude_vector")

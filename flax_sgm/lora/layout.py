@@ -35,20 +35,20 @@ KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: peft's LoraConfig as JSON, keys `unet.<field>`
 
-# Key fragments of what is not plain LoRA (LyCORIS and peft's variants) -> its name.
+# What is not plain LoRA (LyCORIS and peft's variants), by the name of a key's part after its module: the
+# name's start, or (exact) the whole part -> the kind.
 OTHER_KINDS = {
     "hada_w": "LyCORIS LoHa",
-    "lokr_w": "LyCORIS LoKr",
+    "hada_t": "LyCORIS LoHa",
+    "lokr_": "LyCORIS LoKr",
     "oft_": "LyCORIS OFT",
     "lora_mid": "LyCORIS LoCon (Tucker)",
-    ".diff": "LyCORIS full (diff)",
     "dora_scale": "DoRA",
     "lora_magnitude_vector": "DoRA",
     "ia3_l": "(IA)3",
-    ".on_input": "LyCORIS (IA)3",
-    ".b_norm": "LyCORIS norm",
-    ".w_norm": "LyCORIS norm",
 }
+OTHER_EXACT = {"diff": "LyCORIS full (diff)", "diff_b": "LyCORIS full (diff)", "on_input": "LyCORIS (IA)3",
+               "b_norm": "LyCORIS norm", "w_norm": "LyCORIS norm"}
 # Text encoders' parts of a file: another model's LoRA.
 TEXT_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 
@@ -65,8 +65,9 @@ class Entry(NamedTuple):
 def kind_of(keys: Iterable[str]) -> tuple[str, str] | None:
     """(the kind, an example key) when a file holds something other than plain LoRA; None for plain LoRA."""
     for key in keys:
-        for fragment, kind in OTHER_KINDS.items():
-            if fragment in key:
+        for part in key.split(".")[1:]:
+            kind = OTHER_EXACT.get(part) or next((k for start, k in OTHER_KINDS.items() if part.startswith(start)), None)
+            if kind is not None:
                 return kind, key
     return None
 
