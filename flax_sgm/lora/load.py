@@ -21,7 +21,7 @@ from flax_sgm.checkpoints.sources import open_source
 from flax_sgm.errors import CheckpointError
 from flax_sgm.lora import adapters as lora_adapters
 from flax_sgm.lora.adapters import Adapter
-from flax_sgm.lora.layout import entries, is_text_encoder, kind_of, model_layouts, module_index, peft_config, strip_prefix
+from flax_sgm.lora.layout import entries, is_text_encoder, kind_of, module_index, peft_config, strip_prefix
 from flax_sgm.nn.primitives import Conv
 
 # peft LoraConfig fields that change the maths and are not honoured: refused by name.
