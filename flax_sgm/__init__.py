@@ -30,7 +30,7 @@ from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput, load_te
 from flax_sgm.sampling import SchedulerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 from flax_sgm import lora
-from flax_sgm.lora import add_adapters, load_lora, save_lora, unload_lora
+from flax_sgm.lora import add_adapters, fuse_lora, load_lora, save_lora, unload_lora
 
 __all__ = [
     "AttentionProblem",
@@ -65,6 +65,7 @@ __all__ = [
     "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
+    "fuse_lora",
     "guidance_scale_embedding",
     "load_pretrained",
     "load_pretrained_all",

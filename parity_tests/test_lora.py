@@ -233,6 +233,9 @@ def test_adapters_saved_load_into_diffusers_with_the_same_output(truth, base_une
     reloaded = nnx.clone(base_unet)
     load_lora(reloaded, path)  # and back: the file is one load_lora reads
     assert_close(flax_out(reloaded), flax_out(unet), TOL, what=f"saved as {fmt}, fused back")
+    fused = flax_sgm.lora.fuse_lora(nnx.clone(unet))  # the adapters fused in place: the same kernels
+    assert not flax_sgm.lora.adapters.adapters_of(fused)
+    assert all(np.array_equal(v, state(reloaded)[k]) for k, v in state(fused).items())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", pytest.param("conv1x1", marks=pytest.mark.slow)])
@@ -399,8 +402,11 @@ def test_a_text_encoder_part_is_refused_by_name(truth, base_unet, tmp_path):
     stem = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     tensors |= {stem + ".lora_down.weight": np.ones((4, 32), np.float32), stem + ".lora_up.weight": np.ones((32, 4), np.float32)}
     save_file(tensors, str(tmp_path / "te.safetensors"))
-    refused(nnx.clone(base_unet), tmp_path / "te.safetensors",
-            rf"1 modules are a text encoder's \({stem}\); load_lora applies a UNet's LoRA to a UNetModel$")
+    refused(nnx.clone(base_unet), tmp_path / "te.safetensors", rf"1 modules are a text encoder's \({stem}\); load_lora applies "
+            r"a UNet's LoRA to a UNetModel \(ignore_text_encoder=True applies the UNet's part alone\)$")
+    unet = load_lora(nnx.clone(base_unet), tmp_path / "te.safetensors", ignore_text_encoder=True)
+    want = state(load_lora(nnx.clone(base_unet), truth[2]["kohya"]))
+    assert all(np.array_equal(v, want[k]) for k, v in state(unet).items())  # the UNet's part, as the file without te
 
 
 def test_keys_that_are_not_lora_tensors_are_named(truth, base_unet, tmp_path):

@@ -53,8 +53,9 @@ def describe(model) -> str:
     return type(model).__name__ + (f" ({name})" if name else "")
 
 
-def read_lora(model: nnx.Module, path) -> tuple[str, list[Placed], dict]:
-    """(format, the checked modules, peft config) of a LoRA file for `model`; CheckpointError in one line."""
+def read_lora(model: nnx.Module, path, *, ignore_text_encoder: bool = False) -> tuple[str, list[Placed], dict]:
+    """(format, the checked modules, peft config) of a LoRA file for `model`; CheckpointError in one line.
+    `ignore_text_encoder`: leave the file's text-encoder modules out instead of refusing the file."""
     path = Path(path)
     metadata = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -82,9 +83,11 @@ def read_lora(model: nnx.Module, path) -> tuple[str, list[Placed], dict]:
                 raise CheckpointError(f"{path}: its LoraConfig has {field}={config[field]!r}; load_lora reads plain LoRA only")
         index, _ = module_index(model)
         text = sorted(m for m in found if is_text_encoder(m))
-        if text:
+        if text and not ignore_text_encoder:
             raise CheckpointError(f"{path}: {len(text)} modules are a text encoder's ({listing(text, 2)}); "
-                                  f"load_lora applies a UNet's LoRA to a {describe(model)}")
+                                  f"load_lora applies a UNet's LoRA to a {describe(model)} "
+                                  "(ignore_text_encoder=True applies the UNet's part alone)")
+        found = {m: e for m, e in found.items() if not is_text_encoder(m)}
         unplaced = sorted(m for m in found if strip_prefix(m) not in index)
         if unplaced:
             raise CheckpointError(f"{path}: {len(unplaced)} of {len(found)} LoRA modules name no layer of this "
@@ -159,7 +162,8 @@ def _check(module: str, layer, down: np.ndarray, up: np.ndarray, problems: list)
     return np.ascontiguousarray(flax_down), np.ascontiguousarray(up.T)  # torch [out, r] -> [r, out]
 
 
-def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True, name: str | None = None):
+def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True, name: str | None = None,
+              ignore_text_encoder: bool = False):
     """Apply the LoRA file at `path` to `model` (a UNetModel) and return the model.
 
     `scale` is diffusers' adapter weight (it multiplies alpha / rank). `fuse=True` adds
@@ -167,13 +171,14 @@ def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True,
     diffusers' fuse_lora. `fuse=False` keeps A and B beside the layer as adapter `name` (default: the file's
     stem); `unload_lora(model, name)` takes it off, leaving the base weights bit for bit as they were.
     Several files apply one after another, each with its own scale. Every module of the file is placed and
-    checked before anything changes: else one CheckpointError, and the model is untouched.
+    checked before anything changes: else one CheckpointError, and the model is untouched. A file with text-encoder
+    modules beside the UNet's is refused unless `ignore_text_encoder=True` (text-encoder LoRA is not applied yet).
     """
     scale = check_scale(scale)
     name = Path(path).stem if name is None else name
     if not fuse and name in lora_adapters.adapters_of(model):
         raise CheckpointError(f"load_lora: an adapter named {name!r} is on the model already; pass another name=")
-    _, placed, config = read_lora(model, path)
+    _, placed, config = read_lora(model, path, ignore_text_encoder=ignore_text_encoder)
     rslora = bool(config.get("use_rslora", False))
     for one in placed:
         layer = _at(model, one.path)
@@ -183,6 +188,20 @@ def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True,
             lora_adapters.fuse(layer, adapter)
         else:
             lora_adapters.attach(layer, name, adapter)
+    return model
+
+
+def fuse_lora(model: nnx.Module, name: str | None = None) -> nnx.Module:
+    """Fuse the unfused adapter `name` (every one when None) into the base kernels, as load_lora(fuse=True) does,
+    and take it off: e.g. trained adapters, for inference."""
+    held = lora_adapters.adapters_of(model)
+    names = sorted(held) if name is None else [name]
+    if not held or any(n not in held for n in names):
+        raise CheckpointError(f"fuse_lora: no adapter {name!r} on the model (it holds {sorted(held) or 'none'})")
+    for n in names:
+        for path, adapter in held[n]:
+            lora_adapters.fuse(_at(model, path), adapter)
+        lora_adapters.remove(model, n)
     return model
 
 
