@@ -448,3 +448,13 @@ def test_adapter_gradients_through_gradient_checkpointing():
         grads.append(np.concatenate([np.ravel(g) for g in jax.tree.leaves(loss(unet))]))
     assert np.abs(grads[0]).max() > 0
     assert_close(grads[1], grads[0], REORDERED_GRAD, what="checkpointed against not")
+
+
+def test_one_layer_under_two_names_is_refused(truth, base_unet, tmp_path):
+    """A kohya file naming a layer under diffusers' and sgm's names: it would be applied twice."""
+    tensors = load_file(str(truth[2]["kohya"]))
+    stem = "lora_unet_mid_block_attentions_0_proj_in"
+    tensors |= {k.replace(stem, "lora_unet_middle_block_1_proj_in"): v for k, v in tensors.items() if k.startswith(stem + ".")}
+    save_file(tensors, str(tmp_path / "twice.safetensors"))
+    refused(nnx.clone(base_unet), tmp_path / "twice.safetensors",
+            rf"1 LoRA modules do not fit this UNetModel: lora_unet_middle_block_1_proj_in adapts the layer {stem} adapts$")

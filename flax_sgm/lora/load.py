@@ -92,8 +92,12 @@ def read_lora(model: nnx.Module, path, *, ignore_text_encoder: bool = False) -> 
         if unplaced:
             raise CheckpointError(f"{path}: {len(unplaced)} of {len(found)} LoRA modules name no layer of this "
                                   f"{describe(model)}: {listing(unplaced, 3)}")
-        problems, placed = [], []
+        problems, placed, by_layer = [], [], {}
         for module, entry in sorted(found.items()):
+            other = by_layer.setdefault(index[strip_prefix(module)], module)
+            if other != module:  # one layer under two names (sgm's and diffusers'): applied twice otherwise
+                problems.append(f"{module} adapts the layer {other} adapts")
+                continue
             if entry.down is None or entry.up is None:
                 problems.append(f"{module} has no {'lora_down/lora_A' if entry.down is None else 'lora_up/lora_B'}")
                 continue
