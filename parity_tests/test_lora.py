@@ -396,15 +396,15 @@ def test_a_scale_that_is_not_a_number_is_refused(truth, base_unet, scale):
     refused(nnx.clone(base_unet), truth[2]["peft"], r"load_lora: scale must be a finite number; got ", scale=scale)
 
 
-def test_a_text_encoder_part_is_refused_by_name(truth, base_unet, tmp_path):
+def test_another_models_part_is_refused_by_name(truth, base_unet, tmp_path):
     """kohya's `lora_te1_` modules beside the UNet's: not placed on a UNet, so the file is refused, naming them."""
     tensors = load_file(str(truth[2]["kohya"]))
     stem = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     tensors |= {stem + ".lora_down.weight": np.ones((4, 32), np.float32), stem + ".lora_up.weight": np.ones((32, 4), np.float32)}
     save_file(tensors, str(tmp_path / "te.safetensors"))
-    refused(nnx.clone(base_unet), tmp_path / "te.safetensors", rf"1 modules are a text encoder's \({stem}\); load_lora applies "
-            r"a UNet's LoRA to a UNetModel \(ignore_text_encoder=True applies the UNet's part alone\)$")
-    unet = load_lora(nnx.clone(base_unet), tmp_path / "te.safetensors", ignore_text_encoder=True)
+    refused(nnx.clone(base_unet), tmp_path / "te.safetensors", rf"1 modules are another model's \(text_encoder: {stem}\); "
+            r"load_lora applies the unet part to a UNetModel \(ignore_other_parts=True applies it alone\)$")
+    unet = load_lora(nnx.clone(base_unet), tmp_path / "te.safetensors", ignore_other_parts=True)
     want = state(load_lora(nnx.clone(base_unet), truth[2]["kohya"]))
     assert all(np.array_equal(v, want[k]) for k, v in state(unet).items())  # the UNet's part, as the file without te
 
@@ -458,3 +458,49 @@ def test_one_layer_under_two_names_is_refused(truth, base_unet, tmp_path):
     save_file(tensors, str(tmp_path / "twice.safetensors"))
     refused(nnx.clone(base_unet), tmp_path / "twice.safetensors",
             rf"1 LoRA modules do not fit this UNetModel: lora_unet_middle_block_1_proj_in adapts the layer {stem} adapts$")
+
+
+# --- text encoders ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_text_encoder_lora_equals_the_peft_model(tmp_path, fmt):
+    """A tiny transformers CLIPTextModel adapted by peft (random A and B), written by diffusers' save_lora_weights
+    (`text_encoder.` keys, peft's config in the metadata) or kohya's names (`lora_te1_`): load_text_encoder of
+    the base with load_lora answers as the peft model; save_lora(part="text_encoder_2") writes `lora_te2_` keys."""
+    from transformers import CLIPTextConfig as TransformersConfig
+    from transformers import CLIPTextModel as TransformersCLIPTextModel
+
+    config = TransformersConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, pad_token_id=1,
+                                eos_token_id=2, hidden_act="quick_gelu")
+    randomize_(TransformersCLIPTextModel(config), seed=0).save_pretrained(tmp_path / "te")
+    tower = TransformersCLIPTextModel.from_pretrained(tmp_path / "te").eval()
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                      init_lora_weights=False)
+    torch.manual_seed(4)
+    import peft as peft_library  # transformers' add_adapter wants peft >= 0.22; peft's own injection is the same layer
+
+    peft_library.inject_adapter_in_model(lora, tower)
+    peft = {k.replace(".default.", "."): v for k, v in tower.state_dict().items() if ".lora_" in k}  # peft's state-dict names
+    if fmt == "diffusers":
+        StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", text_encoder_lora_layers=peft,
+                                                  text_encoder_lora_adapter_metadata=lora.to_dict())
+        path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    else:
+        kohya = convert_state_dict_to_kohya({"text_encoder." + k: v for k, v in peft.items()})
+        path = tmp_path / "te_kohya.safetensors"
+        save_file({k: np.asarray(ALPHA, np.float32) if k.endswith(".alpha") else v.contiguous().numpy()
+                   for k, v in kohya.items()}, str(path))
+    ids = np.random.default_rng(0).integers(3, 999, (2, 77))
+    ids[:, 20] = 2
+    with torch.no_grad():
+        want = tower(torch.from_numpy(ids)).last_hidden_state.numpy()
+    flax = flax_sgm.load_text_encoder(tmp_path / "te")
+    load_lora(flax, path, scale=1.0)
+    assert_close(np.asarray(flax(ids).last_hidden_state), want, TOL, what=f"text encoder, {fmt}")
+    tensors, _ = flax_sgm.lora.lora_state_dict(add_adapters(flax, rank=2, targets=["q_proj"]) and flax, format="kohya",
+                                               part="text_encoder_2")
+    assert sorted(tensors)[:3] == ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+                                   "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                                   "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]

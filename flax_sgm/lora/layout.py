@@ -31,8 +31,13 @@ SUFFIXES = {
     ".lora_up.weight": ("up", "kohya"),
     ".alpha": ("alpha", None),
 }
-KOHYA_PREFIX = "lora_unet_"
-DIFFUSERS_PREFIX = "unet."
+# A file's parts (the models of a pipeline) by their modules' prefixes: (diffusers', kohya's...); the first of
+# each kind is what save_lora writes.
+PARTS = {
+    "unet": ("unet.", "lora_unet_"),
+    "text_encoder": ("text_encoder.", "lora_te1_", "lora_te_"),
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_"),
+}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: peft's LoraConfig as JSON, keys `unet.<field>`
 
 # What is not plain LoRA (LyCORIS and peft's variants), by the name of a key's part after its module: the
@@ -49,10 +54,6 @@ OTHER_KINDS = {
 }
 OTHER_EXACT = {"diff": "LyCORIS full (diff)", "diff_b": "LyCORIS full (diff)", "on_input": "LyCORIS (IA)3",
                "b_norm": "LyCORIS norm", "w_norm": "LyCORIS norm"}
-# Text encoders' parts of a file: another model's LoRA.
-TEXT_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
-
-
 class Entry(NamedTuple):
     """One adapted module of a file: its name as written (format prefix removed) and its keys."""
 
@@ -101,29 +102,41 @@ def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
     return fmt, found, stray
 
 
+def part_of(module: str) -> str | None:
+    """The part of the file a module belongs to by its prefix (None: no part's prefix, e.g. peft's bare names)."""
+    best = max(((p, name) for name, prefixes in PARTS.items() for p in prefixes if module.startswith(p)),
+               key=lambda pair: len(pair[0]), default=None)
+    return best[1] if best else None
+
+
 def strip_prefix(module: str) -> str:
-    """The module's name without the file's part prefix (`unet.`, `lora_unet_`)."""
-    for prefix in (KOHYA_PREFIX, DIFFUSERS_PREFIX):
-        if module.startswith(prefix):
-            return module[len(prefix):]
-    return module
+    """The module's name without its part's prefix (`unet.`, `lora_unet_`, `lora_te1_`, ...)."""
+    part = part_of(module)
+    if part is None:
+        return module
+    return module[len(max((p for p in PARTS[part] if module.startswith(p)), key=len)):]
 
 
-def is_text_encoder(module: str) -> bool:
-    return module.startswith(TEXT_PREFIXES)
+def part_for(model: nnx.Module) -> str:
+    """The part of a LoRA file a model takes by default: a UNet's, or the (first) text encoder's."""
+    from flax_sgm.unet.model import UNetModel
+
+    return "unet" if isinstance(model, UNetModel) else "text_encoder"
 
 
-def peft_config(metadata: dict | None) -> dict:
-    """The UNet's peft LoraConfig fields from a safetensors file's metadata ({} when it has none)."""
+def peft_config(metadata: dict | None, part: str = "unet") -> dict:
+    """A part's peft LoraConfig fields from a safetensors file's metadata ({} when it has none)."""
     raw = (metadata or {}).get(METADATA_KEY)
     if not raw:
         return {}
-    packed = json.loads(raw)
-    return {k[len(DIFFUSERS_PREFIX):]: v for k, v in packed.items() if k.startswith(DIFFUSERS_PREFIX)}
+    packed, prefix = json.loads(raw), PARTS[part][0]
+    return {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
 
 
 def model_layouts(model: nnx.Module) -> list[KeyLayout | None]:
     """The key layouts a LoRA may name `model`'s modules in: its own (sgm's, None) and diffusers'."""
+    from flax_sgm.text.layout import TRANSFORMERS
+    from flax_sgm.text.model import CLIPTextModel
     from flax_sgm.unet.layout import diffusers_layout
     from flax_sgm.unet.model import UNetModel
 
@@ -131,7 +144,9 @@ def model_layouts(model: nnx.Module) -> list[KeyLayout | None]:
         config = model.config
         vectors = ("add_embedding", "class_embedding") if config.adm_in_channels else (None,)
         return [None] + [diffusers_layout(config, v) for v in vectors]
-    raise TypeError(f"load_lora: LoRA on a {type(model).__name__} is not supported (a UNetModel is)")
+    if isinstance(model, CLIPTextModel):  # transformers 5's names, and transformers 4's (`text_model.`, diffusers')
+        return [None, TRANSFORMERS]
+    raise TypeError(f"load_lora: LoRA on a {type(model).__name__} is not supported (a UNetModel or CLIPTextModel is)")
 
 
 def module_index(model: nnx.Module) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -147,7 +162,7 @@ def module_index(model: nnx.Module) -> tuple[dict[str, tuple], dict[str, str]]:
             name, path = row.torch_key[: -len(".weight")], row.flax_path[:-1]
             if layout is None:
                 sgm[path] = name
-            elif layout.name == "diffusers":
+            elif layout.name in ("diffusers", "transformers"):
                 diffusers_names.setdefault(name, sgm[path])
             index.setdefault(name, path)
             index.setdefault(name.replace(".", "_"), path)

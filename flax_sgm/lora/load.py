@@ -21,7 +21,7 @@ from flax_sgm.checkpoints.sources import open_source
 from flax_sgm.errors import CheckpointError
 from flax_sgm.lora import adapters as lora_adapters
 from flax_sgm.lora.adapters import Adapter
-from flax_sgm.lora.layout import entries, is_text_encoder, kind_of, module_index, peft_config, strip_prefix
+from flax_sgm.lora.layout import PARTS, entries, kind_of, module_index, part_for, part_of, peft_config, strip_prefix
 from flax_sgm.nn.primitives import Conv
 
 # peft LoraConfig fields that change the maths and are not honoured: refused by name.
@@ -44,18 +44,25 @@ def check_scale(scale) -> float:
 
 
 def describe(model) -> str:
-    """'UNetModel (sd15's blocks)' or 'UNetModel'."""
-    from flax_sgm.unet.config import PRESETS
+    """'UNetModel (sd15)' (a released model's blocks) or the model's class."""
+    from flax_sgm.unet.config import PRESETS, UNetConfig
     from flax_sgm.unet.layout import _blocks
 
     config = getattr(model, "config", None)
-    name = next((n for n, p in PRESETS.items() if config is not None and _blocks(p) == _blocks(config)), None)
+    name = None
+    if isinstance(config, UNetConfig):
+        name = next((n for n, p in PRESETS.items() if _blocks(p) == _blocks(config)), None)
     return type(model).__name__ + (f" ({name})" if name else "")
 
 
-def read_lora(model: nnx.Module, path, *, ignore_text_encoder: bool = False) -> tuple[str, list[Placed], dict]:
-    """(format, the checked modules, peft config) of a LoRA file for `model`; CheckpointError in one line.
-    `ignore_text_encoder`: leave the file's text-encoder modules out instead of refusing the file."""
+def read_lora(model: nnx.Module, path, *, part: str | None = None,
+              ignore_other_parts: bool = False) -> tuple[str, list[Placed], dict]:
+    """(format, the checked modules, peft config) of the `part` of a LoRA file (default: the model's, part_for) for
+    `model`; CheckpointError in one line. `ignore_other_parts`: leave the file's other parts out (another model's
+    modules) instead of refusing the file."""
+    part = part_for(model) if part is None else part
+    if part not in PARTS:
+        raise CheckpointError(f"load_lora: part must be one of {', '.join(PARTS)}; got {part!r}")
     path = Path(path)
     metadata = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -77,17 +84,20 @@ def read_lora(model: nnx.Module, path, *, ignore_text_encoder: bool = False) -> 
                                   f"{listing(keys, 4)}")
         if stray:
             raise CheckpointError(f"{path}: {len(stray)} keys are not LoRA tensors: {listing(sorted(stray), 4)}")
-        config = peft_config(metadata)
+        config = peft_config(metadata, part)
         for field, default in REFUSED_PEFT.items():
             if config.get(field, default) != default:
                 raise CheckpointError(f"{path}: its LoraConfig has {field}={config[field]!r}; load_lora reads plain LoRA only")
         index, _ = module_index(model)
-        text = sorted(m for m in found if is_text_encoder(m))
-        if text and not ignore_text_encoder:
-            raise CheckpointError(f"{path}: {len(text)} modules are a text encoder's ({listing(text, 2)}); "
-                                  f"load_lora applies a UNet's LoRA to a {describe(model)} "
-                                  "(ignore_text_encoder=True applies the UNet's part alone)")
-        found = {m: e for m, e in found.items() if not is_text_encoder(m)}
+        others = sorted(m for m in found if part_of(m) not in (part, None))
+        if others and not ignore_other_parts:
+            kinds = ", ".join(sorted({part_of(m) for m in others}))
+            raise CheckpointError(f"{path}: {len(others)} modules are another model's ({kinds}: {listing(others, 2)}); "
+                                  f"load_lora applies the {part} part to a {describe(model)} "
+                                  "(ignore_other_parts=True applies it alone)")
+        found = {m: e for m, e in found.items() if part_of(m) in (part, None)}
+        if not found:
+            raise CheckpointError(f"{path}: holds no {part} modules")
         unplaced = sorted(m for m in found if strip_prefix(m) not in index)
         if unplaced:
             raise CheckpointError(f"{path}: {len(unplaced)} of {len(found)} LoRA modules name no layer of this "
@@ -167,22 +177,24 @@ def _check(module: str, layer, down: np.ndarray, up: np.ndarray, problems: list)
 
 
 def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True, name: str | None = None,
-              ignore_text_encoder: bool = False):
-    """Apply the LoRA file at `path` to `model` (a UNetModel) and return the model.
+              part: str | None = None, ignore_other_parts: bool = False):
+    """Apply the LoRA file at `path` to `model` (a UNetModel, or a CLIPTextModel) and return the model.
 
     `scale` is diffusers' adapter weight (it multiplies alpha / rank). `fuse=True` adds
     scale * alpha / rank * B @ A into each base kernel (summed in float64, rounded once): permanent, as
     diffusers' fuse_lora. `fuse=False` keeps A and B beside the layer as adapter `name` (default: the file's
     stem); `unload_lora(model, name)` takes it off, leaving the base weights bit for bit as they were.
     Several files apply one after another, each with its own scale. Every module of the file is placed and
-    checked before anything changes: else one CheckpointError, and the model is untouched. A file with text-encoder
-    modules beside the UNet's is refused unless `ignore_text_encoder=True` (text-encoder LoRA is not applied yet).
+    checked before anything changes: else one CheckpointError, and the model is untouched. `part`: which model of
+    the file's ("unet", "text_encoder" for `text_encoder.` / `lora_te1_` / `lora_te_`, "text_encoder_2" for
+    `text_encoder_2.` / `lora_te2_`); default the model's kind's (a CLIPTextModel: "text_encoder"). A file holding
+    other parts too is refused unless `ignore_other_parts=True` (each model of a pipeline takes its own part).
     """
     scale = check_scale(scale)
     name = Path(path).stem if name is None else name
     if not fuse and name in lora_adapters.adapters_of(model):
         raise CheckpointError(f"load_lora: an adapter named {name!r} is on the model already; pass another name=")
-    _, placed, config = read_lora(model, path, ignore_text_encoder=ignore_text_encoder)
+    _, placed, config = read_lora(model, path, part=part, ignore_other_parts=ignore_other_parts)
     rslora = bool(config.get("use_rslora", False))
     for one in placed:
         layer = _at(model, one.path)
@@ -237,8 +249,8 @@ def lora_summary(path) -> dict:
     config = peft_config(metadata)
     if not alphas and "lora_alpha" in config:
         alphas = [float(config["lora_alpha"])]
-    text = sum(is_text_encoder(m) for m in found)
-    names = [strip_prefix(m) for m in found if not is_text_encoder(m)]
+    text = sum(part_of(m) in ("text_encoder", "text_encoder_2") for m in found)
+    names = [strip_prefix(m) for m in found]
     # What each module is inside its block: 'attn2.to_k', 'ff.net.2', 'conv1' (kohya: 'attn2_to_k').
     sep = "_" if fmt == "kohya" else r"\."
     block = re.compile(rf"^.*(?:blocks|block|attentions|resnets|samplers){sep}\d+{sep}(?:\d+{sep})?")

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.lora.adapters import adapters_of
-from flax_sgm.lora.layout import DIFFUSERS_PREFIX, KOHYA_PREFIX, METADATA_KEY, diffusers_name_of
+from flax_sgm.lora.layout import METADATA_KEY, PARTS, diffusers_name_of, part_for
 from flax_sgm.lora.load import _at
 from flax_sgm.nn.primitives import Conv
 
@@ -23,8 +23,10 @@ FORMATS = ("diffusers", "kohya")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a directory
 
 
-def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str | None = None) -> tuple[dict, dict]:
-    """(tensors in torch layouts, safetensors metadata) of the adapter `name` (the only one when None)."""
+def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str | None = None,
+                    part: str | None = None) -> tuple[dict, dict]:
+    """(tensors in torch layouts, safetensors metadata) of the adapter `name` (the only one when None), as the file's
+    `part` (default: the model's kind's; "text_encoder_2" for an SDXL pipeline's second text encoder)."""
     if format not in FORMATS:
         raise ValueError(f"save_lora: format must be one of {FORMATS}; got {format!r}")
     held = adapters_of(model)
@@ -34,6 +36,10 @@ def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str |
         name = next(iter(held))
     if name not in held:
         raise ValueError(f"save_lora: no adapter {name!r} on the model (it holds {sorted(held)})")
+    part = part_for(model) if part is None else part
+    if part not in PARTS:
+        raise ValueError(f"save_lora: part must be one of {', '.join(PARTS)}; got {part!r}")
+    diffusers_prefix, kohya_prefix = PARTS[part][:2]
     names = diffusers_name_of(model)
     tensors, ranks, alphas = {}, {}, {}
     for path, adapter in held[name]:
@@ -48,11 +54,11 @@ def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str |
         alpha = adapter.multiplier * adapter.rank
         ranks[module], alphas[module] = adapter.rank, alpha
         if format == "kohya":
-            stem = KOHYA_PREFIX + module.replace(".", "_")
+            stem = kohya_prefix + module.replace(".", "_")
             tensors[stem + ".lora_down.weight"], tensors[stem + ".lora_up.weight"] = a, b
             tensors[stem + ".alpha"] = np.asarray(alpha, np.float32)
         else:
-            tensors[f"{DIFFUSERS_PREFIX}{module}.lora_A.weight"], tensors[f"{DIFFUSERS_PREFIX}{module}.lora_B.weight"] = a, b
+            tensors[f"{diffusers_prefix}{module}.lora_A.weight"], tensors[f"{diffusers_prefix}{module}.lora_B.weight"] = a, b
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": "pt"}
     if format == "diffusers":
@@ -61,16 +67,16 @@ def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str |
         config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks), "use_rslora": False, "use_dora": False,
                   "lora_bias": False, "rank_pattern": {m: v for m, v in ranks.items() if v != r},
                   "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha}}
-        metadata[METADATA_KEY] = json.dumps({DIFFUSERS_PREFIX + k: v for k, v in config.items()}, indent=2, sort_keys=True)
+        metadata[METADATA_KEY] = json.dumps({diffusers_prefix + k: v for k, v in config.items()}, indent=2, sort_keys=True)
     return tensors, metadata
 
 
-def save_lora(model: nnx.Module, path, *, format: str = "diffusers", name: str | None = None) -> Path:
+def save_lora(model: nnx.Module, path, *, format: str = "diffusers", name: str | None = None, part: str | None = None) -> Path:
     """Write the adapter `name` (the only one when None) to `path` (a .safetensors file, or a directory: its
     pytorch_lora_weights.safetensors). Returns the file written."""
     from safetensors.numpy import save_file
 
-    tensors, metadata = lora_state_dict(model, format=format, name=name)
+    tensors, metadata = lora_state_dict(model, format=format, name=name, part=part)
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
