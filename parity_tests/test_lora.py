@@ -464,7 +464,7 @@ def test_one_layer_under_two_names_is_refused(truth, base_unet, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_a_text_encoder_lora_equals_the_peft_model(tmp_path, fmt):
+def test_a_text_encoder_lora_equals_the_peft_model(truth, base_unet, tmp_path, fmt):
     """A tiny transformers CLIPTextModel adapted by peft (random A and B), written by diffusers' save_lora_weights
     (`text_encoder.` keys, peft's config in the metadata) or kohya's names (`lora_te1_`): load_text_encoder of
     the base with load_lora answers as the peft model; save_lora(part="text_encoder_2") writes `lora_te2_` keys."""
@@ -499,6 +499,25 @@ def test_a_text_encoder_lora_equals_the_peft_model(tmp_path, fmt):
     flax = flax_sgm.load_text_encoder(tmp_path / "te")
     load_lora(flax, path, scale=1.0)
     assert_close(np.asarray(flax(ids).last_hidden_state), want, TOL, what=f"text encoder, {fmt}")
+    # A pipeline takes each part on its model: the UNet's and the text encoder's of one file, all checked first.
+    from flax_sgm.pipeline.pipeline import Pipeline
+
+    from safetensors import safe_open
+
+    both, unet_file = tmp_path / "both.safetensors", truth[2]["kohya" if fmt == "kohya" else "peft"]
+    configs = {}  # each file's peft configs (`text_encoder.r`, `unet.r`, ...), as save_lora_weights writes both parts'
+    for f in (path, unet_file):
+        with safe_open(str(f), "numpy") as opened:
+            configs |= json.loads((opened.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    save_file(load_file(str(path)) | load_file(str(unet_file)), str(both), metadata={"lora_adapter_metadata": json.dumps(configs)})
+    pipe = Pipeline.__new__(Pipeline)  # the models alone: what load_lora reads of a pipeline
+    pipe.family, pipe.unet, pipe.text_encoders = "sd", nnx.clone(base_unet), [flax_sgm.load_text_encoder(tmp_path / "te")]
+    load_lora(pipe, both)
+    assert_close(np.asarray(pipe.text_encoders[0](ids).last_hidden_state), want, TOL, what=f"pipeline's text encoder, {fmt}")
+    unet = load_lora(nnx.clone(base_unet), truth[2]["kohya" if fmt == "kohya" else "peft"])
+    assert all(np.array_equal(v, state(unet)[k]) for k, v in state(pipe.unet).items())
+    with pytest.raises(CheckpointError, match=r"modules are another model's \(unet: "):
+        load_lora(pipe.text_encoders[0], both)
     tensors, _ = flax_sgm.lora.lora_state_dict(add_adapters(flax, rank=2, targets=["q_proj"]) and flax, format="kohya",
                                                part="text_encoder_2")
     assert sorted(tensors)[:3] == ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",

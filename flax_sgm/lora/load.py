@@ -178,7 +178,8 @@ def _check(module: str, layer, down: np.ndarray, up: np.ndarray, problems: list)
 
 def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True, name: str | None = None,
               part: str | None = None, ignore_other_parts: bool = False):
-    """Apply the LoRA file at `path` to `model` (a UNetModel, or a CLIPTextModel) and return the model.
+    """Apply the LoRA file at `path` to `model` (a UNetModel, a CLIPTextModel, or a Pipeline: each part of the file
+    on its model, every part checked before any is applied) and return the model.
 
     `scale` is diffusers' adapter weight (it multiplies alpha / rank). `fuse=True` adds
     scale * alpha / rank * B @ A into each base kernel (summed in float64, rounded once): permanent, as
@@ -192,9 +193,42 @@ def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True,
     """
     scale = check_scale(scale)
     name = Path(path).stem if name is None else name
+    from flax_sgm.pipeline.pipeline import Pipeline
+
+    if isinstance(model, Pipeline):
+        return _load_into_pipeline(model, path, scale=scale, fuse=fuse, name=name, part=part)
     if not fuse and name in lora_adapters.adapters_of(model):
         raise CheckpointError(f"load_lora: an adapter named {name!r} is on the model already; pass another name=")
     _, placed, config = read_lora(model, path, part=part, ignore_other_parts=ignore_other_parts)
+    _apply(model, placed, config, scale=scale, fuse=fuse, name=name)
+    return model
+
+
+def _load_into_pipeline(pipe, path, *, scale, fuse, name, part):
+    """Every part of the file on its model of `pipe` (unet, text_encoder, text_encoder_2): all checked, then applied."""
+    if part is not None:
+        raise CheckpointError("load_lora: a pipeline takes each part of the file on its own model; leave out part=")
+    models = {"unet": pipe.unet} | {p: te for p, te in zip(("text_encoder", "text_encoder_2"), pipe.text_encoders)}
+    path = Path(path)
+    with open_source(path) as source:
+        _, found, _ = entries(source.infos)
+    held = {part_of(m) for m in found}
+    if None in held:
+        bare = sorted(m for m in found if part_of(m) is None)
+        raise CheckpointError(f"{path}: {len(bare)} modules name no model of the pipeline (no unet./text_encoder. prefix): "
+                              f"{listing(bare, 2)}; load it on one model (load_lora(pipe.unet, ...))")
+    missing = sorted(held - set(models))
+    if missing:
+        raise CheckpointError(f"{path}: holds {', '.join(missing)} modules; this {pipe.family} pipeline has no such model")
+    if not fuse and any(name in lora_adapters.adapters_of(models[p]) for p in held):
+        raise CheckpointError(f"load_lora: an adapter named {name!r} is on the pipeline already; pass another name=")
+    read = {p: read_lora(models[p], path, part=p, ignore_other_parts=True) for p in sorted(held)}  # all checked first
+    for p, (_, placed, config) in read.items():
+        _apply(models[p], placed, config, scale=scale, fuse=fuse, name=name)
+    return pipe
+
+
+def _apply(model, placed: list[Placed], config: dict, *, scale: float, fuse: bool, name: str) -> None:
     rslora = bool(config.get("use_rslora", False))
     for one in placed:
         layer = _at(model, one.path)
@@ -204,7 +238,6 @@ def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True,
             lora_adapters.fuse(layer, adapter)
         else:
             lora_adapters.attach(layer, name, adapter)
-    return model
 
 
 def fuse_lora(model: nnx.Module, name: str | None = None) -> nnx.Module:
