@@ -2,7 +2,7 @@
 attention module) in Flax NNX, with strict PyTorch/diffusers weight loading and parity to the originals.
 
 A folder per model family, each with the same rooms (config, model, the foreign config's reader, layout, load):
-attention/ (the seed's tier), unet/, autoencoder/, text/; samplers: sampling/; prompt to image: pipeline/. Shared layers: nn/
+attention/ (the seed's tier), unet/, autoencoder/, text/; LoRA: lora/; samplers: sampling/; prompt to image: pipeline/. Shared layers: nn/
 (numerics, primitives, checks).
 Which model a config builds: models.py. Reading checkpoints: checkpoints/ (sources, the conversion-table engine,
 the converted directory). Errors: errors.py. Tolerances and the torch comparison: verify/ (needs torch; not
@@ -31,6 +31,8 @@ from flax_sgm.text import CLIPTextConfig, CLIPTextModel, CLIPTextOutput
 from flax_sgm.text.load import load_text_encoder
 from flax_sgm.sampling import SchedulerConfig, SgmSamplerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
+from flax_sgm import lora
+from flax_sgm.lora import add_adapters, fuse_lora, load_lora, save_lora, unload_lora
 
 __all__ = [
     "AttentionProblem",
@@ -61,21 +63,26 @@ __all__ = [
     "SpatialTransformerConfig",
     "UNetConfig",
     "UNetModel",
+    "add_adapters",
     "choose_backend",
     "convert_file",
     "dot_product_attention",
     "forward_mode_scope",
+    "fuse_lora",
     "guidance_scale_embedding",
     "load_pretrained",
     "load_pretrained_all",
+    "load_lora",
     "load_text_encoder",
     "load_pipeline",
     "load_unet",
     "load_vae",
     "record_attention_calls",
     "sample",
+    "save_lora",
     "sdxl_vector",
     "select_backend",
     "target_platform",
+    "unload_lora",
     "zero_module",
 ]

@@ -15,7 +15,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
 def test_every_example_is_run():
-    assert [p.name for p in EXAMPLES] == ["jvp.py", "linen.py", "sample.py", "text_to_image.py", "train.py", "unet.py"]
+    assert [p.name for p in EXAMPLES] == ["jvp.py", "linen.py", "lora.py", "sample.py", "text_to_image.py", "train.py", "unet.py"]
 
 
 # Each at its default size; the UNet's v-prediction path too (tiny: the same program).

@@ -29,6 +29,7 @@ Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors --unet -o sdxl-unet         # the whole UNet
   flax-sgm convert sd_xl_base_1.0.safetensors --text-encoder -o sdxl-text  # both text encoders
   flax-sgm convert sd_xl_base_1.0.safetensors --vae -o sdxl-vae           # the autoencoder
+  flax-sgm convert sd_xl_base_1.0.safetensors --unet --lora style.safetensors --lora-scale 0.8 -o sdxl-style
 
 \b
 Then in Python:
@@ -53,6 +54,10 @@ Then in Python:
                    "vae/ or pipeline directory), its AutoencoderConfig and scaling factor recorded.")
 @click.option("--scaling-factor", type=float,
               help="With --vae: the latent scaling factor, for a single file of none of the released models.")
+@click.option("--lora", "loras", multiple=True, type=click.Path(),
+              help="With --unet: a LoRA file to fuse into the UNet (flax_sgm.load_lora); repeat for several.")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float,
+              help="Each --lora's scale (diffusers' adapter weight), in order; default 1.0 each.")
 @click.option("--skip-unsupported", is_flag=True,
               help="With --all: leave out the stacks SpatialTransformer cannot build instead of refusing.")
 @stack_options
@@ -64,8 +69,8 @@ Then in Python:
               help="Storage dtype of the parameters; default: the checkpoint's (a narrower one rounds).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @clean_errors
-def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, whole_vae, scaling_factor,
-            skip_unsupported, heads, head_dim, disable_self_attn, variant, out, weights, param_dtype, overwrite):
+def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, whole_vae, scaling_factor, loras,
+            lora_scales, skip_unsupported, heads, head_dim, disable_self_attn, variant, out, weights, param_dtype, overwrite):
     """Convert SpatialTransformer stacks of CHECKPOINT to Flax: an Orbax checkpoint (or safetensors) plus config.json.
 
     CHECKPOINT is a file (.safetensors, or a torch pickle read with
@@ -81,6 +86,10 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, 
     exclusive_heads(heads, head_dim)
     if skip_unsupported and not all_stacks:
         raise click.UsageError("--skip-unsupported goes with --all")
+    if (loras or lora_scales) and not whole_unet:
+        raise click.UsageError("--lora fuses a LoRA into the whole UNet: it goes with --unet")
+    if lora_scales and len(lora_scales) != len(loras):
+        raise click.UsageError(f"--lora-scale: give one per --lora ({len(loras)}), or none; got {len(lora_scales)}")
     start = time.perf_counter()
     if embedder is not None and not text_encoder:
         raise click.UsageError("--embedder goes with --text-encoder")
@@ -115,9 +124,12 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, 
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
         from flax_sgm.unet.load import convert_unet
 
+        fused = list(zip(loras, lora_scales or [1.0] * len(loras)))
         config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
-                              param_dtype=param_dtype, overwrite=overwrite)
-        click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}) in {time.perf_counter() - start:.1f} s")
+                              param_dtype=param_dtype, overwrite=overwrite, loras=fused)
+        with_lora = f", {len(fused)} LoRA(s) fused" if fused else ""
+        click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}){with_lora} in "
+                   f"{time.perf_counter() - start:.1f} s")
         click.echo(f"load: flax_sgm.load_unet({str(out)!r})")
         return
     bar = None
@@ -188,7 +200,8 @@ Examples:
   flax-sgm inspect stable-diffusion-xl-base-1.0/unet
   flax-sgm inspect stable-diffusion-xl-base-1.0/text_encoder_2
   flax-sgm inspect v1-5-pruned.ckpt --json
-  flax-sgm inspect xl-attention                 # a `flax-sgm convert` output"""
+  flax-sgm inspect xl-attention                 # a `flax-sgm convert` output
+  flax-sgm inspect my_lora.safetensors          # a LoRA: format, modules, rank, alpha"""
 )
 @click.argument("checkpoint", type=click.Path())
 @variant_option
@@ -198,7 +211,7 @@ def inspect(checkpoint, variant, as_json):
     """List the SpatialTransformer stacks in CHECKPOINT (a file, a diffusers model directory or a sharded
     index) and what their shapes say about them, the whole UNet when it holds one, and its text encoders
     (a transformers text_encoder/ directory, or a single file's embedders). A `flax-sgm convert` output: what
-    its config.json records."""
+    its config.json records. A LoRA file: its format, what it adapts, its rank and alpha."""
     if output.is_output(checkpoint):
         if variant is not None:
             raise click.UsageError("a converted output has no variants: leave out --variant")
@@ -210,6 +223,13 @@ def inspect(checkpoint, variant, as_json):
     from flax_sgm.attention.stacks import inspect_stacks
     from flax_sgm.text.load import text_encoder_summaries
 
+    from flax_sgm.lora.layout import is_lora
+
+    with open_source(checkpoint, variant) as source:
+        lora = is_lora(source.infos)
+    if lora:
+        _inspect_lora(checkpoint, as_json)
+        return
     with open_source(checkpoint, variant) as source:
         texts = text_encoder_summaries(source)
         is_text = source.config is not None and bool(texts)  # a transformers text_encoder/: no stacks to look for
@@ -296,6 +316,23 @@ def _heads_hint(unet: dict | None) -> str:
     what = "" if unet is None else ", and this UNet is none of the released models"
     return (f"heads are not in the weights{what}: take --heads N or --head-dim D from where the model was trained "
             "(its training config); another model's value loads it wrong without an error")
+
+
+def _inspect_lora(path, as_json: bool) -> None:
+    from flax_sgm.lora import lora_summary
+
+    info = lora_summary(path)
+    if as_json:
+        click.echo(to_json({"file": str(path), "lora": info}))
+        return
+    if info.get("problem"):
+        click.echo(f"{path}: a {info['format']} file, {info['problem']}; flax_sgm.load_lora refuses it")
+        return
+    alpha = ", ".join(f"{a:g}" for a in info["alpha"]) if isinstance(info["alpha"], list) else info["alpha"]
+    click.echo(f"{path}: a LoRA ({info['format']} format), {info['modules']} modules ({info['unet_modules']} UNet, "
+               f"{info['text_encoder_modules']} text encoder), rank {', '.join(map(str, info['rank']))}, alpha {alpha}")
+    click.echo(f"  adapts: {', '.join(info['layers'])}")
+    click.echo(f"  apply: flax_sgm.load_lora(unet, {str(path)!r}, scale=1.0)")
 
 
 def _inspect_output(path, as_json: bool) -> None:

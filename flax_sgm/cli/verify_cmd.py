@@ -29,6 +29,7 @@ Examples:
   flax-sgm verify --model unet --checkpoint stable-diffusion-xl-base-1.0 --variant fp16
   flax-sgm verify --model vae --checkpoint stable-diffusion-xl-base-1.0
   flax-sgm verify --model text-encoder --checkpoint stable-diffusion-xl-base-1.0/text_encoder_2
+  flax-sgm verify --model unet --checkpoint stable-diffusion-v1-5 --lora style.safetensors --lora-scale 0.8
   flax-sgm verify --checkpoint sd_xl_base_1.0.safetensors \\
       --prefix model.diffusion_model.input_blocks.4.1 --head-dim 64
   flax-sgm verify --checkpoint stable-diffusion-v1-5/unet --prefix down_blocks.1.attentions.0
@@ -49,10 +50,14 @@ In Python, any torch module (torch_ref, the seed, diffusers) and its twin:
 @variant_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype both sides run in; both are judged against float64 by flax_sgm.verify.criteria.")
+@click.option("--lora", type=click.Path(),
+              help="With --model unet --checkpoint: a LoRA file applied to both (diffusers' loader with peft on torch's "
+                   "side, flax_sgm.load_lora on Flax's).")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="The --lora's scale (adapter weight).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs (and of the default's weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clean_errors
-def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, variant, dtype, seed, as_json):
+def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, variant, lora, lora_scale, dtype, seed, as_json):
     """Run torch's SpatialTransformer and its Flax conversion on the same input; report parity.
 
     Without --checkpoint: an embedded default (SDXL's input_blocks.4.1 widths: 640
@@ -86,6 +91,8 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
 
     if checkpoint is None and any(v is not None for v in (prefix, heads, head_dim, disable_self_attn, variant)):
         raise click.UsageError("--prefix, --heads, --head-dim, --disable-self-attn and --variant need --checkpoint")
+    if lora is not None and (model != "unet" or checkpoint is None):
+        raise click.UsageError("--lora verifies a LoRA on a UNet checkpoint: it goes with --model unet --checkpoint")
     if model in WHOLE_MODELS:
         what, made = WHOLE_MODELS[model]
         if any(v is not None for v in (prefix, heads, head_dim, disable_self_attn)):
@@ -100,6 +107,8 @@ def verify(model, checkpoint, prefix, heads, head_dim, disable_self_attn, varian
             config, torch_module, flax_module, inputs, source = getattr(references, f"{model.replace('-', '_')}_checkpoint_pair")(
                 checkpoint, variant=variant, dtype=dtype, seed=seed
             )
+            if lora is not None:
+                source |= references.with_lora(torch_module, flax_module, lora, lora_scale)
     elif checkpoint is None:
         config, source = seeded.VERIFY_DEFAULT, {"weights": f"embedded default, seeded random (seed {seed})"}
         torch_module, flax_module, inputs = seeded.spatial_transformer_pair(config, dtype=dtype, seed=seed)

@@ -95,6 +95,14 @@ def _dense(layer: nnx.Linear | nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax
     return matmul(x, kernel) if bias is None else with_bias(matmul, x, kernel, bias)
 
 
+def adapted(layer: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y`, the layer's output for `x`, plus what each of the layer's adapters adds (flax_sgm.lora sets
+    `layer.adapters`, name -> a module called as adapter(layer, x)); a layer without adapters is untouched."""
+    for adapter in getattr(layer, "adapters", {}).values():
+        y = y + adapter(layer, x)
+    return y
+
+
 class Linear(nnx.Linear):
     """torch.nn.Linear; the kernel is stored [in, out] (torch: weight [out, in]).
 
@@ -125,7 +133,7 @@ class Linear(nnx.Linear):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _dense(self, x, self.kernel[...])
+        return adapted(self, x, _dense(self, x, self.kernel[...]))
 
 
 class Conv(nnx.Conv):
@@ -168,7 +176,7 @@ class Conv(nnx.Conv):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kernel_size == (1, 1) and self.strides == (1, 1) and self.padding == ((0, 0), (0, 0)):
             # A 1x1 convolution on channels-last input is a matmul over the channel axis.
-            return _dense(self, x, self.kernel[...][0, 0])
+            return adapted(self, x, _dense(self, x, self.kernel[...][0, 0]))
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
 
@@ -178,7 +186,7 @@ class Conv(nnx.Conv):
                 precision=self.precision, preferred_element_type=preferred_element_type,
             )
 
-        return conv(x, kernel) if bias is None else with_bias(conv, x, kernel, bias)
+        return adapted(self, x, conv(x, kernel) if bias is None else with_bias(conv, x, kernel, bias))
 
 
 class LayerNorm(nnx.LayerNorm):

@@ -188,3 +188,29 @@ def text_encoder_checkpoint_pair(checkpoint, *, variant: str | None = None, dtyp
     source = {"weights": str(directory) + (f" (variant {variant})" if variant else ""),
               "reference": f"transformers {names[0]}, built by transformers from {directory}"}
     return flax_text.config, torch_text, flax_text, seeded.text_inputs(flax_text.config, seed=seed), source
+
+
+def with_lora(torch_unet, flax_unet, lora, scale: float = 1.0) -> dict:
+    """Apply a LoRA file to both: diffusers' loader (lora_state_dict + load_lora_into_unet, what load_lora_weights
+    runs; needs peft) on the torch UNet, fused by diffusers' fuse_lora at `scale` and unloaded (plain modules again,
+    so the report's rows and gradients are the base weights'), flax_sgm.load_lora (fused) on the Flax one.
+    Returns what to say of it in the report's source."""
+    from flax_sgm.errors import CheckpointError
+    from flax_sgm.lora.load import check_scale, load_lora, read_lora
+
+    scale = check_scale(scale)
+    _, placed, _ = read_lora(flax_unet, lora)  # refused here, in one line, before torch sees it
+    try:
+        from diffusers import StableDiffusionPipeline
+        import peft  # noqa: F401
+    except ImportError as err:
+        raise CheckpointError(f"--lora: verifying a LoRA needs diffusers and peft installed ({err})") from None
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(lora), unet_config=torch_unet.config,
+                                                                      return_lora_metadata=True)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, torch_unet, adapter_name="verified", metadata=metadata)
+    taken = sum(name.endswith("lora_A.verified.weight") for name, _ in torch_unet.named_parameters())
+    torch_unet.fuse_lora(lora_scale=scale)
+    torch_unet.unload_lora()
+    torch_unet.requires_grad_(True)  # peft froze the base weights
+    load_lora(flax_unet, lora, scale=scale)
+    return {"lora": f"{lora} at scale {scale:g}: {len(placed)} modules (flax_sgm.load_lora), {taken} taken by diffusers"}
