@@ -122,11 +122,17 @@ def convert(checkpoint, prefix, all_stacks, whole_unet, text_encoder, embedder, 
     if whole_unet:
         if prefix or all_stacks or disable_self_attn is not None:
             raise click.UsageError("--unet converts the whole UNet: leave out --prefix, --all and --disable-self-attn")
+        from flax_sgm.lora.load import load_lora
         from flax_sgm.unet.load import convert_unet
 
         fused = list(zip(loras, lora_scales or [1.0] * len(loras)))
+
+        def fuse(model):
+            for lora, scale in fused:
+                load_lora(model, lora, scale=scale)
+
         config = convert_unet(checkpoint, out, heads=heads, head_dim=head_dim, variant=variant, weights=weights,
-                              param_dtype=param_dtype, overwrite=overwrite, loras=fused)
+                              param_dtype=param_dtype, overwrite=overwrite, prepare=fuse)
         with_lora = f", {len(fused)} LoRA(s) fused" if fused else ""
         click.echo(f"wrote {out} ({weights}): the whole UNet ({_unet(config)}){with_lora} in "
                    f"{time.perf_counter() - start:.1f} s")

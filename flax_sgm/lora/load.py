@@ -23,6 +23,7 @@ from flax_sgm.lora import adapters as lora_adapters
 from flax_sgm.lora.adapters import Adapter
 from flax_sgm.lora.layout import PARTS, entries, kind_of, module_index, part_for, part_of, peft_config, strip_prefix
 from flax_sgm.nn.primitives import Conv
+from flax_sgm.pipeline.pipeline import Pipeline
 
 # peft LoraConfig fields that change the maths and are not honoured: refused by name.
 REFUSED_PEFT = {"use_dora": False, "lora_bias": False}
@@ -193,8 +194,6 @@ def load_lora(model: nnx.Module, path, *, scale: float = 1.0, fuse: bool = True,
     """
     scale = check_scale(scale)
     name = Path(path).stem if name is None else name
-    from flax_sgm.pipeline.pipeline import Pipeline
-
     if isinstance(model, Pipeline):
         return _load_into_pipeline(model, path, scale=scale, fuse=fuse, name=name, part=part)
     if not fuse and name in lora_adapters.adapters_of(model):

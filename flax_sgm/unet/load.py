@@ -81,16 +81,14 @@ def _stored_dtype(source, path) -> jnp.dtype:
 
 
 def convert_unet(path, out, *, heads: int | None = None, head_dim: int | None = None, variant: str | None = None,
-                 weights: str = "orbax", param_dtype=None, overwrite: bool = False, loras=()) -> UNetConfig:
+                 weights: str = "orbax", param_dtype=None, overwrite: bool = False, prepare=None) -> UNetConfig:
     """A whole UNet from any checkpoint load_unet reads into a `flax-sgm convert` output directory (output.py),
-    its UNetConfig recorded, so that load_unet(out) needs no arguments. `loras`: (LoRA file, scale) pairs fused
-    into it first (flax_sgm.load_lora). Returns the config written."""
-    from flax_sgm.lora.load import load_lora
-
+    its UNetConfig recorded, so that load_unet(out) needs no arguments. `prepare(model)`, if given, runs on the
+    loaded model before it is written (`flax-sgm convert --lora` fuses LoRA files there). Returns the config written."""
     output.check_output(Path(out), overwrite)
     model = load_unet(path, heads=heads, head_dim=head_dim, variant=variant, param_dtype=param_dtype)
-    for lora, scale in loras:
-        load_lora(model, lora, scale=scale)
+    if prepare is not None:
+        prepare(model)
     with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
         writer.add_model("", model.config, model)
     return model.config
