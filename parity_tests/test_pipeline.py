@@ -53,6 +53,7 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(BETAS, use_karras_sigmas=True, steps_offset=1)),
     "heun": ("HeunDiscreteScheduler", dict(BETAS, timestep_spacing="leading", steps_offset=1)),
     "lms": ("LMSDiscreteScheduler", dict(BETAS, timestep_spacing="trailing")),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
 }
 STEPS = 2
 
@@ -162,35 +163,117 @@ def test_pipeline_equals_diffusers(saved, case, tmp_path):
     assert_close(got.images, want_images, PIPELINE, what=f"{case}: images")
 
 
-def test_img2img_equals_diffusers(saved, tmp_path):
-    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
-    strength reaches (add_noise), sampled from there. The VAE's posterior variance is made ~0 (logvar -30), so
-    diffusers' posterior sample is its mean whatever its generator draws; its noise is fed in as `latents`."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    torch_pipe, _ = saved["sd"]
-    components = dict(torch_pipe.components)
-    vae = type(components["vae"]).from_config(components["vae"].config)
-    vae.load_state_dict(components["vae"].state_dict())
+def near_deterministic_vae(vae):
+    """A copy of `vae` whose posterior variance is ~0 (logvar -30): its posterior sample is its mean whatever the
+    generator draws, so diffusers' img2img and ours encode the same latents."""
+    copy = type(vae).from_config(vae.config)
+    copy.load_state_dict(vae.state_dict())
     with torch.no_grad():
-        vae.quant_conv.weight[4:] = 0.0
-        vae.quant_conv.bias[4:] = -30.0
-    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=vae.eval(), scheduler=scheduler("ddim")))
-    reference.save_pretrained(tmp_path / "img2img")
+        copy.quant_conv.weight[4:] = 0.0
+        copy.quant_conv.bias[4:] = -30.0
+    return copy.eval()
+
+
+def img2img_run(reference, directory: Path, steps: int, strength: float, **kwargs):
+    """diffusers' Img2Img pipeline `reference` and ours loaded from `directory` (where `reference` was saved) on
+    one random image: (ours, diffusers') images and the step indices our loop reported. diffusers' generator
+    draws the posterior sample, then the noise added; that noise is fed to ours as `latents`."""
     image = np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
-    steps, strength = 4, 0.5
     generator = torch.Generator().manual_seed(0)
     torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # what the posterior sample draws first
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # then the noise added
     with torch.no_grad():
-        want = reference("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
-                         generator=torch.Generator().manual_seed(0), output_type="np").images
-    pipe = load_pipeline(tmp_path / "img2img")
+        want = reference(image=image, strength=strength, num_inference_steps=steps,
+                         generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
     heard = []
-    got = pipe("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
-               latents=noise.numpy().transpose(0, 2, 3, 1), progress=heard.append)  # NCHW -> NHWC
+    got = load_pipeline(directory)(image=image, strength=strength, num_inference_steps=steps, progress=heard.append,
+                                   latents=noise.numpy().transpose(0, 2, 3, 1), **kwargs)  # NCHW -> NHWC
+    return got.images, want, heard
+
+
+def test_img2img_equals_diffusers(saved, tmp_path):
+    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
+    strength reaches (add_noise), sampled from there."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    torch_pipe, _ = saved["sd"]
+    components = dict(torch_pipe.components)
+    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=near_deterministic_vae(components["vae"]),
+                                                                   scheduler=scheduler("ddim")))
+    reference.save_pretrained(tmp_path / "img2img")
+    got, want, heard = img2img_run(reference, tmp_path / "img2img", 4, 0.5, prompt="a cat", guidance_scale=5.0)
     assert sorted(heard) == [2, 3]  # int(4 * 0.5) steps run: the last two
-    assert_close(got.images, want, PIPELINE, what="img2img images")
+    assert_close(got, want, PIPELINE, what="img2img images")
+
+
+def test_sdxl_img2img_equals_diffusers(saved, tmp_path):
+    """StableDiffusionXLImg2ImgPipeline on the base's components: both towers, the size ids from the image, the
+    scaling factor of SDXL's VAE, Euler (SDXL's released sampler) started at the strength's step."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    torch_pipe, _ = saved["sdxl"]
+    components = dict(torch_pipe.components)
+    reference = StableDiffusionXLImg2ImgPipeline(**components | dict(
+        vae=near_deterministic_vae(components["vae"]), scheduler=scheduler("euler")), add_watermarker=False)
+    reference.save_pretrained(tmp_path / "xl-img2img")
+    got, want, heard = img2img_run(reference, tmp_path / "xl-img2img", 4, 0.75, prompt="a cat",
+                                   negative_prompt="blurry", guidance_scale=5.0)
+    assert sorted(heard) == [1, 2, 3]
+    assert_close(got, want, PIPELINE, what="SDXL img2img images")
+
+
+REFINER_UNET = dict(UNETS["sdxl"], cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8)
+
+
+@pytest.mark.parametrize("scores", [{}, dict(aesthetic_score=7.0, negative_aesthetic_score=1.5)], ids=["default", "scores"])
+def test_sdxl_refiner_equals_diffusers(saved, scores, tmp_path):
+    """The refiner's pipeline as released: text_encoder_2 alone (its penultimate layer and pooled vector),
+    requires_aesthetics_score (5 ids: size, crop, aesthetic score; the negative score for the unconditional
+    half), force_zeros_for_empty_prompt off (the empty negative prompt encoded)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch_pipe, _ = saved["sdxl"]
+    components = dict(torch_pipe.components)
+    torch.manual_seed(0)
+    unet = randomize_(UNet2DConditionModel(**REFINER_UNET).eval(), 6)
+    reference = StableDiffusionXLImg2ImgPipeline(
+        vae=near_deterministic_vae(components["vae"]), text_encoder=None, tokenizer=None,
+        text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"], unet=unet,
+        scheduler=scheduler("euler"), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        add_watermarker=False)
+    reference.save_pretrained(tmp_path / "refiner")
+    pipe = load_pipeline(tmp_path / "refiner")
+    assert pipe.family == "sdxl-refiner" and len(pipe.text_encoders) == 1
+    got, want, _ = img2img_run(reference, tmp_path / "refiner", 3, 1.0, prompt="a cat", guidance_scale=5.0, **scores)
+    assert_close(got, want, PIPELINE, what=f"refiner images {scores}")
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_euler_ancestral_equals_diffusers_fed_the_same_noise(saved, family, tmp_path, monkeypatch):
+    """Euler ancestral in the pipeline: diffusers' scheduler is fed, at step i, the noise ours adds there
+    (step_noise(sampler_key(seed), i, shape), NHWC -> NCHW), so the final latents must match; and the noise is
+    the seed's: another seed, other latents from the same initial latents."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+
+    from flax_sgm.pipeline.pipeline import sampler_key
+    from flax_sgm.sampling import step_noise
+
+    torch_pipe, directory = saved[family]
+    pipe = load_pipeline(with_scheduler(directory, "euler_ancestral", tmp_path / "pipe"))
+    calls = iter(range(STEPS))
+
+    def fed_noise(shape, **kwargs):  # diffusers asks for NCHW
+        b, c, h, w = shape
+        return torch.from_numpy(np.array(step_noise(sampler_key(3), next(calls), (b, h, w, c))).transpose(0, 3, 1, 2))
+
+    monkeypatch.setattr(module, "randn_tensor", fed_noise)
+    latents = initial_latents(2)
+    kwargs = dict(prompt=["a cat", "the dog"], negative_prompt=["blurry", "cat"], guidance_scale=5.0)
+    want, _ = diffusers_run(torch_pipe, "euler_ancestral", latents=latents, **kwargs)
+    got = pipe(latents=latents, num_inference_steps=STEPS, seed=3, output="latent", **kwargs).images
+    assert_close(got, want, PIPELINE, what=f"{family} euler ancestral final latents")
+    other = pipe(latents=latents, num_inference_steps=STEPS, seed=4, output="latent", **kwargs).images
+    assert not np.allclose(got, other, rtol=1e-3, atol=1e-3)
 
 
 def test_num_images_per_prompt_and_seed(saved):

@@ -194,12 +194,12 @@ class Pipeline:
             timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
         jax.block_until_ready(context)
         t1 = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(seed), 1)  # stochastic samplers' noise, apart from the initial noise
+        key = sampler_key(seed)
         graph, state = nnx.split(self.unet)
         if image is not None:
             noise = self._noised(image, noise, steps, start_step, jax.random.fold_in(jax.random.key(seed), 2))
         args = (state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
-        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, args)
+        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, image is not None, args)
         t2 = time.perf_counter()
         with _Progress.lock:
             _Progress.listener = progress
@@ -329,27 +329,34 @@ class Pipeline:
                 "default_size": self.sample_size * self.vae_scale_factor, "vae_scale_factor": self.vae_scale_factor}
 
 
+def sampler_key(seed: int) -> jax.Array:
+    """The key of a stochastic sampler's noise for `seed` (apart from the initial noise's): step i adds
+    flax_sgm.sampling.step_noise(sampler_key(seed), i, latents.shape). A public contract, so a reference can be
+    fed the same noise."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
 _COMPILED: dict = {}  # (UNet graph, sampler, steps, guided, argument shapes) -> the compiled loop
 _COMPILED_KEEP = 8
 
 
-def _denoiser(graph, scheduler, steps: int, guided: bool, start_step: int, args):
+def _denoiser(graph, scheduler, steps: int, guided: bool, start_step: int, noised: bool, args):
     """The compiled denoising loop for this UNet structure, sampler, steps and shapes (kept for the next call of
     any pipeline alike), and the seconds its compile took (0.0 when kept)."""
     leaves, tree = jax.tree.flatten(args)
-    key = (graph, scheduler, steps, guided, start_step, tree, tuple((a.shape, a.dtype) for a in leaves))
+    key = (graph, scheduler, steps, guided, start_step, noised, tree, tuple((a.shape, a.dtype) for a in leaves))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3, 4)).lower(graph, scheduler, steps, guided, start_step,
-                                                                       *args).compile()
+    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3, 4, 5)).lower(graph, scheduler, steps, guided, start_step,
+                                                                          noised, *args).compile()
     while len(_COMPILED) >= _COMPILED_KEEP:
         _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = compiled
     return compiled, time.perf_counter() - t0
 
 
-def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, state, noise, context, y, timestep_cond, guidance_scale, key):
+def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, noised: bool, state, noise, context, y, timestep_cond, guidance_scale, key):
     from flax_sgm.sampling import sample
 
     unet = nnx.merge(graph, state)
@@ -361,7 +368,8 @@ def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, state,
             return uncond + guidance_scale * (cond - uncond)
         return unet(x, t, context, y, timestep_cond).astype(jnp.float32)
 
-    return sample(model, noise, scheduler, steps, key=key, start_step=start_step, progress=_Progress.report)
+    return sample(model, noise, scheduler, steps, key=key, start_step=start_step, progress=_Progress.report,
+                  noised=noised)
 
 
 @nnx.jit(static_argnums=(2,))

@@ -49,11 +49,12 @@ def step_noise(key, index: int, shape):
 
 
 def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: int, *, key=None,
-           start_step: int = 0, progress: Callable | None = None):
+           start_step: int = 0, progress: Callable | None = None, noised: bool = False):
     """Run the sampler. `model(x [b, h, w, c], t [b] float32) -> output` as `cfg.prediction_type` says.
 
     `noise` is diffusers' `latents` argument (unscaled); at `start_step` > 0 (img2img) it is the
-    output of `add_noise` and is used as is. Stochastic samplers (`cfg.stochastic`) take `key`;
+    output of `add_noise` and is used as is, as it is at start_step 0 with `noised` (img2img at
+    strength 1: diffusers scales add_noise's output by no init_noise_sigma). Stochastic samplers (`cfg.stochastic`) take `key`;
     the noise of step i of the timesteps is `step_noise(key, i, shape)`. `progress(i)` is called
     from the compiled loop after each step. Arithmetic is float32; the result has noise's dtype.
     """
@@ -68,7 +69,7 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
         raise ValueError(f"sample: noise must be [b, h, w, c]; got shape {noise.shape}")
     dtype = noise.dtype
     x = noise.astype(jnp.float32)
-    if start == 0:
+    if start == 0 and not noised:
         x = x * jnp.float32(plan.init_noise_sigma)
     rows = {k: jnp.asarray(v[start:]) for k, v in plan.rows.items()}
     rows["t"] = jnp.asarray(plan.timesteps[start:], jnp.float32)
