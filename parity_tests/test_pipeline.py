@@ -391,3 +391,52 @@ def test_cli_sample_writes_pngs(saved, tmp_path):
         error = cli_error("sample", *args, "--prompt", "a cat", "-o", tmp_path / "bad.png")  # in-process: one line
         assert message in error
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["out-0.png", "out-1.png"]
+
+
+MESH_WORKER = """
+import json, sys
+import jax, numpy as np
+from flax_sgm import load_pipeline, sharding
+from flax_sgm.pipeline import pipeline as module
+from flax_sgm.verify.criteria import rel_err
+
+pipe = load_pipeline(sys.argv[1])
+latents = np.random.default_rng(0).standard_normal((4, 4, 4, 4)).astype(np.float32)
+call = dict(prompt=["a cat", "the dog"], negative_prompt=["blurry", "cat"], num_images_per_prompt=2,
+            num_inference_steps=2, guidance_scale=5.0, latents=latents)
+one = pipe(output="np", **call).images
+mesh = sharding.make_mesh(data=4)
+heard = []
+many = pipe(output="np", mesh=mesh, progress=heard.append, **call).images
+shardings = [c.input_shardings[0] for k, c in module._COMPILED.items() if mesh in k]
+noise = shardings[0][1]  # (state, noise, context, y, timestep_cond, guidance, key)
+errors = []
+for kwargs in (dict(mesh=sharding.make_mesh(data=3)), dict(mesh=sharding.make_mesh(data=2, model=2))):
+    try:
+        pipe(output="latent", **call | kwargs)
+    except ValueError as err:
+        errors.append(str(err))
+print(json.dumps(dict(devices=jax.device_count(), rel=float(rel_err(many, one)), shape=list(many.shape),
+                      noise_devices=len(noise.device_set), noise_spec=str(noise.spec), errors=errors,
+                      heard=sorted(heard))))
+"""
+
+
+def test_mesh_data_parallel_equals_one_device(saved, tmp_path):
+    """mesh=: a batch of 2 prompts x 2 images split over a data axis of 4 virtual CPU devices (a subprocess: the
+    device count is fixed when jax starts) gives one device's images; the compiled loop takes the noise split
+    over all 4; a batch the data axis does not divide, or a mesh with a model axis, is one line."""
+    _, directory = saved["sd"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", MESH_WORKER, str(directory)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["shape"] == [4, SIZE, SIZE, 3]
+    assert report["rel"] <= PIPELINE, report
+    assert report["noise_devices"] == 4 and "data" in report["noise_spec"], report
+    assert report["heard"] == [0, 1], report  # the progress callback: each step once, not once per device
+    assert len(report["errors"]) == 2 and all("\n" not in e for e in report["errors"]), report
+    assert "does not split over 3 devices" in report["errors"][0]
+    assert "data parallel only" in report["errors"][1]

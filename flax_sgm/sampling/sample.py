@@ -49,14 +49,16 @@ def step_noise(key, index: int, shape):
 
 
 def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: int, *, key=None,
-           start_step: int = 0, progress: Callable | None = None, noised: bool = False):
+           start_step: int = 0, progress: Callable | None = None, noised: bool = False,
+           ordered: bool = True):
     """Run the sampler. `model(x [b, h, w, c], t [b] float32) -> output` as `cfg.prediction_type` says.
 
     `noise` is diffusers' `latents` argument (unscaled); at `start_step` > 0 (img2img) it is the
     output of `add_noise` and is used as is, as it is at start_step 0 with `noised` (img2img at
     strength 1: diffusers scales add_noise's output by no init_noise_sigma). Stochastic samplers (`cfg.stochastic`) take `key`;
     the noise of step i of the timesteps is `step_noise(key, i, shape)`. `progress(i)` is called
-    from the compiled loop after each step. Arithmetic is float32; the result has noise's dtype.
+    from the compiled loop after each step (`ordered`: in step order; jax refuses ordered callbacks on
+    several devices, so a sharded loop passes False and its steps may be heard out of order). Arithmetic is float32; the result has noise's dtype.
     """
     if not isinstance(cfg, SchedulerConfig):
         raise ValueError(f"sample: cfg must be a SchedulerConfig; got {type(cfg).__name__}")
@@ -82,7 +84,7 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
         eps = step_noise(key, row["index"], noise.shape) if cfg.stochastic else None
         carry = plan.step(carry, row, out, eps)
         if progress is not None:
-            jax.debug.callback(progress, row["index"], ordered=True)
+            jax.debug.callback(progress, row["index"], ordered=ordered)
         return carry, None
 
     carry, _ = jax.lax.scan(body, plan.init_carry(x), rows)
