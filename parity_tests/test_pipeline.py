@@ -24,7 +24,7 @@ import torch
 from transformers import CLIPTextConfig as TransformersConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from conftest import assert_close, cli_error, randomize_
+from conftest import assert_close, cli_error, randomize_, run_cli
 from test_text import tiny_tokenizer
 from flax_sgm import CheckpointError, load_pipeline
 from flax_sgm.verify.criteria import PIPELINE
@@ -328,6 +328,9 @@ def test_bad_directories_are_one_line(saved, tmp_path):
     with pytest.raises(CheckpointError, match="no model_index.json") as err:
         load_pipeline(directory / "unet")
     one_line(err)
+    with pytest.raises(CheckpointError, match="a single file; load_pipeline reads a diffusers pipeline directory") as err:
+        load_pipeline(directory / "unet" / "config.json")
+    one_line(err)
 
 
 def test_bad_calls_are_one_line(saved):
@@ -440,3 +443,40 @@ def test_mesh_data_parallel_equals_one_device(saved, tmp_path):
     assert len(report["errors"]) == 2 and all("\n" not in e for e in report["errors"]), report
     assert "does not split over 3 devices" in report["errors"][0]
     assert "data parallel only" in report["errors"][1]
+
+
+def test_cli_sample_progress_time_per_step_and_no_partial_png(saved, tmp_path, monkeypatch):
+    """`flax-sgm sample` in-process: its tqdm bar is advanced once per step by the compiled loop's callback and
+    the time per step is printed at the end; a PNG whose writing fails (a full disk) leaves neither the PNG nor
+    its temporary file, and an existing PNG of that name is kept whole; the failure is one line."""
+    import PIL.Image
+    import tqdm
+
+    _, directory = saved["sd"]
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs | dict(disable=True))
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    done = run_cli("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "cat.png")
+    assert [(b.total, b.updates) for b in bars] == [(3, [1, 1, 1])]
+    assert "3 steps" in done.stdout and " s/step" in done.stdout, done.stdout
+    old = (tmp_path / "cat.png").read_bytes()
+
+    def full_disk(self, fp, format=None, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
+    error = cli_error("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "cat.png")
+    assert "No space left on device" in error
+    error = cli_error("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "new.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no new.png, no temporary file
+    assert (tmp_path / "cat.png").read_bytes() == old
