@@ -15,8 +15,14 @@
 #   unet-sdxl    bench/unet.py --config sdxl: the whole SDXL UNet, bf16, 128 x 128, batch 2, against diffusers
 #                eager and torch.compile (needs diffusers, which the image lacks: put it on PYTHONPATH, e.g. a
 #                carried `pip install --target gpu-deps diffusers`; without it the stage says so and stops)
+#   pipeline-sdxl  bench/pipeline.py --config sdxl: prompt to image, 1024 x 1024, 30 steps, bf16, flax_sgm's Pipeline
+#                against diffusers' StableDiffusionXLPipeline eager and with torch.compile(unet): images/s, peak
+#                memory, compile apart (needs diffusers AND transformers on PYTHONPATH, as unet-sdxl). Not in the
+#                default list (the 8-file limit): run it alone, `bash bench/gpu_all.sh pipeline-sdxl`.
+#                CPU smoke: PIPELINE_ARGS="--tiny --steps 2 --iters 1 --dtype float32" bash bench/gpu_all.sh pipeline-sdxl
 # Results under $OUT, at most 8 files, no folders (what the device tool brings back):
 #   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, unet_sdxl.json, run.log
+#   (pipeline-sdxl alone: device.txt, pipeline_sdxl.json, run.log)
 # Nothing is installed: the H200 image has jax 0.11.2 (CUDA 13), flax, torch 2.11, einops,
 # click, tqdm, safetensors, orbax-checkpoint and pytest (the device tool's KINDS.md); the repo
 # goes on PYTHONPATH.
@@ -97,8 +103,13 @@ for stage in "${stages[@]}"; do
             run_stage unet-sdxl 200 bash -o pipefail -c "$PY -c 'import diffusers' && $PY bench/unet.py --config sdxl \
                 --dtype bfloat16 --hw 128 --batch 2 --iters 5 --json '$OUT/unet_sdxl.json' 2>&1 | tee -a '$log'"
             ;;
+        pipeline-sdxl)
+            run_stage pipeline-sdxl 400 bash -o pipefail -c "$PY -c 'import diffusers, transformers' && $PY bench/pipeline.py \
+                --config sdxl --size 1024 --steps 30 --guidance 5.0 --dtype bfloat16 --torch-compile --iters 2 \
+                ${PIPELINE_ARGS:-} --json '$OUT/pipeline_sdxl.json' 2>&1 | tee -a '$log'"
+            ;;
         *)
-            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl)" | tee -a "$log"
+            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl pipeline-sdxl)" | tee -a "$log"
             ;;
     esac
 done
