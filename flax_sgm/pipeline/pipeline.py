@@ -85,7 +85,7 @@ class Pipeline:
         self.family, self.unet, self.vae, self.scheduler, self.source = family, unet, vae, scheduler, source
         self.text_encoders, self.tokenizers, self.specs = list(text_encoders), list(tokenizers), specs
         self.flags = dict(flags or {})
-        self._replicas: dict = {}  # mesh -> the UNet's state placed on it
+        self._replicas: dict = {}  # (mesh, the UNet's arrays) -> its state placed on the mesh
         unet_json = dict(unet_json or {})
         self.vae_scale_factor = 2 ** (len(vae.config.ch_mult) - 1)
         self.sample_size = unet_json.get("sample_size") or 64  # latents; the default image is this * the VAE factor
@@ -289,10 +289,12 @@ class Pipeline:
         """The UNet's state replicated over `mesh` (placed once per mesh) and the batched inputs split by batch."""
         from jax.sharding import NamedSharding, PartitionSpec
 
-        placed = self._replicas.get(mesh)
+        leaves = jax.tree.leaves(state)
+        weights = (mesh, tuple(map(id, leaves)))  # new weights in the UNet: placed anew
+        placed = self._replicas.get(weights, (None, None))[1]
         if placed is None:
             placed = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-            self._replicas = {mesh: placed}  # one mesh kept
+            self._replicas = {weights: (leaves, placed)}  # one kept; the leaves held, so no id is reused meanwhile
         split = NamedSharding(mesh, PartitionSpec("data"))
         return (placed, *(None if x is None else jax.device_put(x, split) for x in batched))
 
