@@ -248,7 +248,7 @@ def test_sdxl_refiner_equals_diffusers(saved, scores, tmp_path):
     assert_close(got, want, PIPELINE, what=f"refiner images {scores}")
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_euler_ancestral_equals_diffusers_fed_the_same_noise(saved, family, tmp_path, monkeypatch):
     """Euler ancestral in the pipeline: diffusers' scheduler is fed, at step i, the noise ours adds there
     (step_noise(sampler_key(seed), i, shape), NHWC -> NCHW), so the final latents must match; and the noise is
