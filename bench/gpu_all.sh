@@ -35,6 +35,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # rerun on the same (still warm) machine reuse them.
 export JAX_COMPILATION_CACHE_DIR=/tmp/flax-sgm-jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/flax-sgm-inductor-cache
+# A stage killed at its cap can leave an empty compiled kernel there, which the next torch.compile fails to load.
+find "$TORCHINDUCTOR_CACHE_DIR" -name '*.so' -size 0 -delete 2>/dev/null
 PY="${PYTHON:-python3}"  # the image's python3 holds jax and torch
 OUT="${OUT:-/tmp/flax-sgm-gpu}"
 DEADLINE="${DEADLINE:-420}"  # seconds for the whole script; stages that do not fit are skipped

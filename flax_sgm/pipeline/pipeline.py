@@ -203,10 +203,10 @@ class Pipeline:
         t1 = time.perf_counter()
         key = sampler_key(seed)
         graph, state = nnx.split(self.unet)
-        if mesh is not None:
-            state, noise, context, y, timestep_cond = self._place(mesh, state, noise, context, y, timestep_cond)
         if image is not None:
             noise = self._noised(image, noise, steps, start_step, jax.random.fold_in(jax.random.key(seed), 2))
+        if mesh is not None:
+            state, noise, context, y, timestep_cond = self._place(mesh, state, noise, context, y, timestep_cond)
         args = (state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
         compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, image is not None, mesh, args)
         t2 = time.perf_counter()
