@@ -221,6 +221,9 @@ class Pipeline:
         timings = {"encode_s": t1 - t0, "compile_s": compile_s, "denoise_s": t3 - t2, "decode_s": 0.0}
         if output == "latent":
             return PipelineOutput(np.asarray(final), timings, steps)
+        if mesh is not None:  # decoded on the VAE's device: an nnx.jit over mesh-placed input would write the
+            # VAE's parameters back replicated over the mesh, and a later one-device call would meet them there
+            final = jax.device_put(final, next(iter(jax.tree.leaves(nnx.state(self.vae))[0].devices())))
         images = np.asarray(jax.block_until_ready(_decode(self.vae, self._unscale(final))))
         timings["decode_s"] = time.perf_counter() - t3
         if output == "pil":
