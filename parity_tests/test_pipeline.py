@@ -4,7 +4,9 @@ Tiny random pipelines (a 2-level UNet of 32 and 64 channels, a 4-level VAE of 32
 4 x 4 latents, 2-layer text towers of 32, a 1000-token BPE tokenizer written here) are made in the test, saved
 with save_pipeline's save_pretrained and read back by load_pipeline. Given the same initial latents (NCHW for
 diffusers, NHWC here), the final latents and the decoded images equal diffusers' for each deterministic
-sampler, with and without a negative prompt (SDXL without one: its zeroed unconditional embeddings).
+sampler, with and without a negative prompt (SDXL without one: its zeroed unconditional embeddings); img2img
+against the Img2Img pipelines (SD, SDXL, the SDXL refiner); Euler ancestral with diffusers' scheduler fed our
+per-step noise; a batch over a mesh of virtual CPU devices (a subprocess); the CLI's PNGs, progress and failures.
 """
 
 from __future__ import annotations
