@@ -17,9 +17,14 @@
 #                carried `pip install --target gpu-deps diffusers`; without it the stage says so and stops)
 #   vae-sdxl     bench/vae.py --config sdxl: SDXL's VAE decode, bf16, 1024 x 1024, against diffusers eager, time and
 #                peak memory (needs diffusers, as unet-sdxl); VAE_ARGS="--config tiny --hw 64 --memory-hw 64" on CPU
+#   pipeline-sdxl  bench/pipeline.py --config sdxl: prompt to image, 1024 x 1024, 30 steps, bf16, flax_sgm's Pipeline
+#                against diffusers' StableDiffusionXLPipeline eager and with torch.compile(unet): images/s, peak
+#                memory, compile apart (needs diffusers AND transformers on PYTHONPATH, as unet-sdxl). Not in the
+#                default list (the 8-file limit): run it alone, `bash bench/gpu_all.sh pipeline-sdxl`.
+#                CPU smoke: PIPELINE_ARGS="--tiny --steps 2 --iters 1 --dtype float32" bash bench/gpu_all.sh pipeline-sdxl
 # Results under $OUT, at most 8 files, no folders (what the device tool brings back):
 #   device.txt, lower.json, tests.log, attention.json, module_sdxl.json, module_long.json, unet_sdxl.json, run.log
-#   (vae-sdxl writes its table into run.log only: the results stay within 8 files)
+#   (pipeline-sdxl alone: device.txt, pipeline_sdxl.json, run.log)
 # Nothing is installed: the H200 image has jax 0.11.2 (CUDA 13), flax, torch 2.11, einops,
 # click, tqdm, safetensors, orbax-checkpoint and pytest (the device tool's KINDS.md); the repo
 # goes on PYTHONPATH.
@@ -32,6 +37,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # rerun on the same (still warm) machine reuse them.
 export JAX_COMPILATION_CACHE_DIR=/tmp/flax-sgm-jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/flax-sgm-inductor-cache
+# A stage killed at its cap can leave an empty compiled kernel there, which the next torch.compile fails to load.
+find "$TORCHINDUCTOR_CACHE_DIR" -name '*.so' -size 0 -delete 2>/dev/null
 PY="${PYTHON:-python3}"  # the image's python3 holds jax and torch
 OUT="${OUT:-/tmp/flax-sgm-gpu}"
 DEADLINE="${DEADLINE:-420}"  # seconds for the whole script; stages that do not fit are skipped
@@ -105,8 +112,13 @@ for stage in "${stages[@]}"; do
                 --dtype bfloat16 --hw 1024 --ops decode --memory-hw 1024 --no-compile --iters 3 ${VAE_ARGS:-} \
                 2>&1 | tee -a '$log'"
             ;;
+        pipeline-sdxl)
+            run_stage pipeline-sdxl 400 bash -o pipefail -c "$PY -c 'import diffusers, transformers' && $PY bench/pipeline.py \
+                --config sdxl --size 1024 --steps 30 --guidance 5.0 --dtype bfloat16 --torch-compile --iters 2 \
+                ${PIPELINE_ARGS:-} --json '$OUT/pipeline_sdxl.json' 2>&1 | tee -a '$log'"
+            ;;
         *)
-            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl vae-sdxl)" | tee -a "$log"
+            echo "unknown stage $stage (lower tests attention module-CONFIG unet-sdxl vae-sdxl pipeline-sdxl)" | tee -a "$log"
             ;;
     esac
 done

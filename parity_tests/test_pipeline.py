@@ -4,7 +4,9 @@ Tiny random pipelines (a 2-level UNet of 32 and 64 channels, a 4-level VAE of 32
 4 x 4 latents, 2-layer text towers of 32, a 1000-token BPE tokenizer written here) are made in the test, saved
 with save_pipeline's save_pretrained and read back by load_pipeline. Given the same initial latents (NCHW for
 diffusers, NHWC here), the final latents and the decoded images equal diffusers' for each deterministic
-sampler, with and without a negative prompt (SDXL without one: its zeroed unconditional embeddings).
+sampler, with and without a negative prompt (SDXL without one: its zeroed unconditional embeddings); img2img
+against the Img2Img pipelines (SD, SDXL, the SDXL refiner); Euler ancestral with diffusers' scheduler fed our
+per-step noise; a batch over a mesh of virtual CPU devices (a subprocess); the CLI's PNGs, progress and failures.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from transformers import CLIPTextConfig as TransformersConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from conftest import assert_close, cli_error, randomize_
+from conftest import assert_close, cli_error, randomize_, run_cli
 from test_text import tiny_tokenizer
 from flax_sgm import CheckpointError, load_pipeline
 from flax_sgm.verify.criteria import PIPELINE
@@ -53,6 +55,7 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(BETAS, use_karras_sigmas=True, steps_offset=1)),
     "heun": ("HeunDiscreteScheduler", dict(BETAS, timestep_spacing="leading", steps_offset=1)),
     "lms": ("LMSDiscreteScheduler", dict(BETAS, timestep_spacing="trailing")),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
 }
 STEPS = 2
 
@@ -162,35 +165,117 @@ def test_pipeline_equals_diffusers(saved, case, tmp_path):
     assert_close(got.images, want_images, PIPELINE, what=f"{case}: images")
 
 
-def test_img2img_equals_diffusers(saved, tmp_path):
-    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
-    strength reaches (add_noise), sampled from there. The VAE's posterior variance is made ~0 (logvar -30), so
-    diffusers' posterior sample is its mean whatever its generator draws; its noise is fed in as `latents`."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    torch_pipe, _ = saved["sd"]
-    components = dict(torch_pipe.components)
-    vae = type(components["vae"]).from_config(components["vae"].config)
-    vae.load_state_dict(components["vae"].state_dict())
+def near_deterministic_vae(vae):
+    """A copy of `vae` whose posterior variance is ~0 (logvar -30): its posterior sample is its mean whatever the
+    generator draws, so diffusers' img2img and ours encode the same latents."""
+    copy = type(vae).from_config(vae.config)
+    copy.load_state_dict(vae.state_dict())
     with torch.no_grad():
-        vae.quant_conv.weight[4:] = 0.0
-        vae.quant_conv.bias[4:] = -30.0
-    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=vae.eval(), scheduler=scheduler("ddim")))
-    reference.save_pretrained(tmp_path / "img2img")
+        copy.quant_conv.weight[4:] = 0.0
+        copy.quant_conv.bias[4:] = -30.0
+    return copy.eval()
+
+
+def img2img_run(reference, directory: Path, steps: int, strength: float, **kwargs):
+    """diffusers' Img2Img pipeline `reference` and ours loaded from `directory` (where `reference` was saved) on
+    one random image: (ours, diffusers') images and the step indices our loop reported. diffusers' generator
+    draws the posterior sample, then the noise added; that noise is fed to ours as `latents`."""
     image = np.random.default_rng(5).uniform(0, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
-    steps, strength = 4, 0.5
     generator = torch.Generator().manual_seed(0)
     torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # what the posterior sample draws first
     noise = torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=generator)  # then the noise added
     with torch.no_grad():
-        want = reference("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
-                         generator=torch.Generator().manual_seed(0), output_type="np").images
-    pipe = load_pipeline(tmp_path / "img2img")
+        want = reference(image=image, strength=strength, num_inference_steps=steps,
+                         generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
     heard = []
-    got = pipe("a cat", image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
-               latents=noise.numpy().transpose(0, 2, 3, 1), progress=heard.append)  # NCHW -> NHWC
+    got = load_pipeline(directory)(image=image, strength=strength, num_inference_steps=steps, progress=heard.append,
+                                   latents=noise.numpy().transpose(0, 2, 3, 1), **kwargs)  # NCHW -> NHWC
+    return got.images, want, heard
+
+
+def test_img2img_equals_diffusers(saved, tmp_path):
+    """image= and strength= as StableDiffusionImg2ImgPipeline: the image encoded and scaled, noised to the step
+    strength reaches (add_noise), sampled from there."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    torch_pipe, _ = saved["sd"]
+    components = dict(torch_pipe.components)
+    reference = StableDiffusionImg2ImgPipeline(**components | dict(vae=near_deterministic_vae(components["vae"]),
+                                                                   scheduler=scheduler("ddim")))
+    reference.save_pretrained(tmp_path / "img2img")
+    got, want, heard = img2img_run(reference, tmp_path / "img2img", 4, 0.5, prompt="a cat", guidance_scale=5.0)
     assert sorted(heard) == [2, 3]  # int(4 * 0.5) steps run: the last two
-    assert_close(got.images, want, PIPELINE, what="img2img images")
+    assert_close(got, want, PIPELINE, what="img2img images")
+
+
+def test_sdxl_img2img_equals_diffusers(saved, tmp_path):
+    """StableDiffusionXLImg2ImgPipeline on the base's components: both towers, the size ids from the image, the
+    scaling factor of SDXL's VAE, Euler (SDXL's released sampler) started at the strength's step."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    torch_pipe, _ = saved["sdxl"]
+    components = dict(torch_pipe.components)
+    reference = StableDiffusionXLImg2ImgPipeline(**components | dict(
+        vae=near_deterministic_vae(components["vae"]), scheduler=scheduler("euler")), add_watermarker=False)
+    reference.save_pretrained(tmp_path / "xl-img2img")
+    got, want, heard = img2img_run(reference, tmp_path / "xl-img2img", 4, 0.75, prompt="a cat",
+                                   negative_prompt="blurry", guidance_scale=5.0)
+    assert sorted(heard) == [1, 2, 3]
+    assert_close(got, want, PIPELINE, what="SDXL img2img images")
+
+
+REFINER_UNET = dict(UNETS["sdxl"], cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8)
+
+
+@pytest.mark.parametrize("scores", [{}, dict(aesthetic_score=7.0, negative_aesthetic_score=1.5)], ids=["default", "scores"])
+def test_sdxl_refiner_equals_diffusers(saved, scores, tmp_path):
+    """The refiner's pipeline as released: text_encoder_2 alone (its penultimate layer and pooled vector),
+    requires_aesthetics_score (5 ids: size, crop, aesthetic score; the negative score for the unconditional
+    half), force_zeros_for_empty_prompt off (the empty negative prompt encoded)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch_pipe, _ = saved["sdxl"]
+    components = dict(torch_pipe.components)
+    torch.manual_seed(0)
+    unet = randomize_(UNet2DConditionModel(**REFINER_UNET).eval(), 6)
+    reference = StableDiffusionXLImg2ImgPipeline(
+        vae=near_deterministic_vae(components["vae"]), text_encoder=None, tokenizer=None,
+        text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"], unet=unet,
+        scheduler=scheduler("euler"), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        add_watermarker=False)
+    reference.save_pretrained(tmp_path / "refiner")
+    pipe = load_pipeline(tmp_path / "refiner")
+    assert pipe.family == "sdxl-refiner" and len(pipe.text_encoders) == 1
+    got, want, _ = img2img_run(reference, tmp_path / "refiner", 3, 1.0, prompt="a cat", guidance_scale=5.0, **scores)
+    assert_close(got, want, PIPELINE, what=f"refiner images {scores}")
+
+
+@pytest.mark.parametrize("family", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
+def test_euler_ancestral_equals_diffusers_fed_the_same_noise(saved, family, tmp_path, monkeypatch):
+    """Euler ancestral in the pipeline: diffusers' scheduler is fed, at step i, the noise ours adds there
+    (step_noise(sampler_key(seed), i, shape), NHWC -> NCHW), so the final latents must match; and the noise is
+    the seed's: another seed, other latents from the same initial latents."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+
+    from flax_sgm.pipeline.pipeline import sampler_key
+    from flax_sgm.sampling import step_noise
+
+    torch_pipe, directory = saved[family]
+    pipe = load_pipeline(with_scheduler(directory, "euler_ancestral", tmp_path / "pipe"))
+    calls = iter(range(STEPS))
+
+    def fed_noise(shape, **kwargs):  # diffusers asks for NCHW
+        b, c, h, w = shape
+        return torch.from_numpy(np.array(step_noise(sampler_key(3), next(calls), (b, h, w, c))).transpose(0, 3, 1, 2))
+
+    monkeypatch.setattr(module, "randn_tensor", fed_noise)
+    latents = initial_latents(2)
+    kwargs = dict(prompt=["a cat", "the dog"], negative_prompt=["blurry", "cat"], guidance_scale=5.0)
+    want, _ = diffusers_run(torch_pipe, "euler_ancestral", latents=latents, **kwargs)
+    got = pipe(latents=latents, num_inference_steps=STEPS, seed=3, output="latent", **kwargs).images
+    assert_close(got, want, PIPELINE, what=f"{family} euler ancestral final latents")
+    other = pipe(latents=latents, num_inference_steps=STEPS, seed=4, output="latent", **kwargs).images
+    assert not np.allclose(got, other, rtol=1e-3, atol=1e-3)
 
 
 def test_num_images_per_prompt_and_seed(saved):
@@ -244,6 +329,9 @@ def test_bad_directories_are_one_line(saved, tmp_path):
     one_line(err)
     with pytest.raises(CheckpointError, match="no model_index.json") as err:
         load_pipeline(directory / "unet")
+    one_line(err)
+    with pytest.raises(CheckpointError, match="a single file holds no tokenizer; pass tokenizer=") as err:
+        load_pipeline(directory / "unet" / "diffusion_pytorch_model.safetensors")
     one_line(err)
 
 
@@ -308,3 +396,93 @@ def test_cli_sample_writes_pngs(saved, tmp_path):
         error = cli_error("sample", *args, "--prompt", "a cat", "-o", tmp_path / "bad.png")  # in-process: one line
         assert message in error
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["out-0.png", "out-1.png"]
+
+
+MESH_WORKER = """
+import json, sys
+import jax, numpy as np
+from flax_sgm import load_pipeline, sharding
+from flax_sgm.pipeline import pipeline as module
+from flax_sgm.verify.criteria import rel_err
+
+pipe = load_pipeline(sys.argv[1])
+latents = np.random.default_rng(0).standard_normal((4, 4, 4, 4)).astype(np.float32)
+call = dict(prompt=["a cat", "the dog"], negative_prompt=["blurry", "cat"], num_images_per_prompt=2,
+            num_inference_steps=2, guidance_scale=5.0, latents=latents)
+one = pipe(output="np", **call).images
+mesh = sharding.make_mesh(data=4)
+heard = []
+many = pipe(output="np", mesh=mesh, progress=heard.append, **call).images
+image = np.random.default_rng(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+img2img = dict(call, image=image, strength=0.5)
+img2img_rel = float(rel_err(pipe(output="latent", mesh=mesh, **img2img).images, pipe(output="latent", **img2img).images))
+shardings = [c.input_shardings[0] for k, c in module._COMPILED.items() if mesh in k]
+noise = shardings[0][1]  # (state, noise, context, y, timestep_cond, guidance, key)
+errors = []
+for kwargs in (dict(mesh=sharding.make_mesh(data=3)), dict(mesh=sharding.make_mesh(data=2, model=2))):
+    try:
+        pipe(output="latent", **call | kwargs)
+    except ValueError as err:
+        errors.append(str(err))
+print(json.dumps(dict(devices=jax.device_count(), rel=float(rel_err(many, one)), img2img_rel=img2img_rel, shape=list(many.shape),
+                      noise_devices=len(noise.device_set), noise_spec=str(noise.spec), errors=errors,
+                      heard=sorted(heard))))
+"""
+
+
+def test_mesh_data_parallel_equals_one_device(saved, tmp_path):
+    """mesh=: a batch of 2 prompts x 2 images split over a data axis of 4 virtual CPU devices (a subprocess: the
+    device count is fixed when jax starts) gives one device's images; the compiled loop takes the noise split
+    over all 4; img2img (an image per prompt) too, and a one-device call after a mesh call (the VAE once came
+    back replicated over the mesh from the decode); a batch the data axis does not divide, or a mesh with a model axis, is one line."""
+    _, directory = saved["sd"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", MESH_WORKER, str(directory)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["shape"] == [4, SIZE, SIZE, 3]
+    assert report["rel"] <= PIPELINE and report["img2img_rel"] <= PIPELINE, report
+    assert report["noise_devices"] == 4 and "data" in report["noise_spec"], report
+    assert report["heard"] == [0, 1], report  # the progress callback: each step once, not once per device
+    assert len(report["errors"]) == 2 and all("\n" not in e for e in report["errors"]), report
+    assert "does not split over 3 devices" in report["errors"][0]
+    assert "data parallel only" in report["errors"][1]
+
+
+def test_cli_sample_progress_time_per_step_and_no_partial_png(saved, tmp_path, monkeypatch):
+    """`flax-sgm sample` in-process: its tqdm bar is advanced once per step by the compiled loop's callback and
+    the time per step is printed at the end; a PNG whose writing fails (a full disk) leaves neither the PNG nor
+    its temporary file, and an existing PNG of that name is kept whole; the failure is one line."""
+    import PIL.Image
+    import tqdm
+
+    _, directory = saved["sd"]
+    bars = []
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs | dict(disable=True))
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    done = run_cli("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "cat.png")
+    assert [(b.total, b.updates) for b in bars] == [(3, [1, 1, 1])]
+    assert "3 steps" in done.stdout and " s/step" in done.stdout, done.stdout
+    old = (tmp_path / "cat.png").read_bytes()
+
+    def full_disk(self, fp, format=None, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", full_disk)
+    error = cli_error("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "cat.png")
+    assert "No space left on device" in error
+    error = cli_error("sample", directory, "--prompt", "a cat", "--steps", 3, "-o", tmp_path / "new.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]  # no new.png, no temporary file
+    assert (tmp_path / "cat.png").read_bytes() == old

@@ -13,6 +13,7 @@ compiled once per shapes, steps and sampler and kept; a progress callback is fed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.autoencoder.model import AutoencoderKL
+from flax_sgm.sharding import use_mesh
 from flax_sgm.text.conditioner import EmbedderSpec, embed
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.text.tokenizer import tokenize
@@ -83,6 +85,7 @@ class Pipeline:
         self.family, self.unet, self.vae, self.scheduler, self.source = family, unet, vae, scheduler, source
         self.text_encoders, self.tokenizers, self.specs = list(text_encoders), list(tokenizers), specs
         self.flags = dict(flags or {})
+        self._replicas: dict = {}  # (mesh, the UNet's arrays) -> its state placed on the mesh
         unet_json = dict(unet_json or {})
         self.vae_scale_factor = 2 ** (len(vae.config.ch_mult) - 1)
         self.sample_size = unet_json.get("sample_size") or 64  # latents; the default image is this * the VAE factor
@@ -129,7 +132,7 @@ class Pipeline:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = SDXL_AESTHETIC_SCORE,
                  negative_aesthetic_score: float = SDXL_NEGATIVE_AESTHETIC_SCORE,
-                 progress: Callable[[int], None] | None = None) -> PipelineOutput:
+                 progress: Callable[[int], None] | None = None, mesh: jax.sharding.Mesh | None = None) -> PipelineOutput:
         """Sample images for `prompt` (a string or a list: a batch).
 
         latents: the initial noise as diffusers' `latents` argument, but NHWC: [batch * num_images_per_prompt,
@@ -145,6 +148,9 @@ class Pipeline:
           reaches (int(num_inference_steps * strength) steps are run; strength in (0, 1], default 0.8) and
           sampled from there; `latents` is then the noise added. height/width come from the image.
         progress: called with each step's index, from inside the compiled loop.
+        mesh: run the denoising loop data parallel over this mesh's `data` axis (flax_sgm.sharding.make_mesh(data=n);
+          its seq and model axes 1): the batch (prompts * num_images_per_prompt) split over the devices, the UNet
+          replicated on each (placed once per mesh and kept). The images equal one device's.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -168,6 +174,7 @@ class Pipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts")
         batch = len(prompts) * per_prompt
+        self._data_parallel(mesh, batch)
         start_step = 0
         if image is not None:
             image, strength, start_step = self._image(image, strength, steps, len(prompts), per_prompt, height, width)
@@ -195,12 +202,14 @@ class Pipeline:
             timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
         jax.block_until_ready(context)
         t1 = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(seed), 1)  # stochastic samplers' noise, apart from the initial noise
+        key = sampler_key(seed)
         graph, state = nnx.split(self.unet)
         if image is not None:
             noise = self._noised(image, noise, steps, start_step, jax.random.fold_in(jax.random.key(seed), 2))
+        if mesh is not None:
+            state, noise, context, y, timestep_cond = self._place(mesh, state, noise, context, y, timestep_cond)
         args = (state, noise, context, y, timestep_cond, jnp.float32(guidance_scale), key)
-        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, args)
+        compiled, compile_s = _denoiser(graph, self.scheduler, steps, guided, start_step, image is not None, mesh, args)
         t2 = time.perf_counter()
         with _Progress.lock:
             _Progress.listener = progress
@@ -213,6 +222,9 @@ class Pipeline:
         timings = {"encode_s": t1 - t0, "compile_s": compile_s, "denoise_s": t3 - t2, "decode_s": 0.0}
         if output == "latent":
             return PipelineOutput(np.asarray(final), timings, steps)
+        if mesh is not None:  # decoded on the VAE's device: an nnx.jit over mesh-placed input would write the
+            # VAE's parameters back replicated over the mesh, and a later one-device call would meet them there
+            final = jax.device_put(final, next(iter(jax.tree.leaves(nnx.state(self.vae))[0].devices())))
         images = np.asarray(jax.block_until_ready(_decode(self.vae, self._unscale(final))))
         timings["decode_s"] = time.perf_counter() - t3
         if output == "pil":
@@ -261,6 +273,34 @@ class Pipeline:
         else:
             latents = latents * c.scaling_factor
         return add_noise(self.scheduler, steps, latents, noise, start_step)
+
+    def _data_parallel(self, mesh, batch: int) -> int:
+        """The data axis' size of `mesh` (1 without one), checked against the batch."""
+        if mesh is None:
+            return 1
+        if not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.shape:
+            raise ValueError(f"mesh: a jax Mesh with a 'data' axis (flax_sgm.sharding.make_mesh(data=n)); got {mesh!r}")
+        others = {k: v for k, v in mesh.shape.items() if k != "data" and v != 1}
+        if others:
+            raise ValueError(f"mesh: the pipeline runs data parallel only; its other axes must have size 1, got {others}")
+        data = mesh.shape["data"]
+        if batch % data:
+            raise ValueError(f"mesh: a batch of {batch} images (prompts x num_images_per_prompt) does not split over "
+                             f"{data} devices of the data axis")
+        return data
+
+    def _place(self, mesh, state, *batched):
+        """The UNet's state replicated over `mesh` (placed once per mesh) and the batched inputs split by batch."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        leaves = jax.tree.leaves(state)
+        weights = (mesh, tuple(map(id, leaves)))  # new weights in the UNet: placed anew
+        placed = self._replicas.get(weights, (None, None))[1]
+        if placed is None:
+            placed = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+            self._replicas = {weights: (leaves, placed)}  # one kept; the leaves held, so no id is reused meanwhile
+        split = NamedSharding(mesh, PartitionSpec("data"))
+        return (placed, *(None if x is None else jax.device_put(x, split) for x in batched))
 
     def _size(self, name: str, value) -> int:
         if value is None:
@@ -330,27 +370,35 @@ class Pipeline:
                 "default_size": self.sample_size * self.vae_scale_factor, "vae_scale_factor": self.vae_scale_factor}
 
 
+def sampler_key(seed: int) -> jax.Array:
+    """The key of a stochastic sampler's noise for `seed` (apart from the initial noise's): step i adds
+    flax_sgm.sampling.step_noise(sampler_key(seed), i, latents.shape). A public contract, so a reference can be
+    fed the same noise."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
 _COMPILED: dict = {}  # (UNet graph, sampler, steps, guided, argument shapes) -> the compiled loop
 _COMPILED_KEEP = 8
 
 
-def _denoiser(graph, scheduler, steps: int, guided: bool, start_step: int, args):
+def _denoiser(graph, scheduler, steps: int, guided: bool, start_step: int, noised: bool, mesh, args):
     """The compiled denoising loop for this UNet structure, sampler, steps and shapes (kept for the next call of
     any pipeline alike), and the seconds its compile took (0.0 when kept)."""
     leaves, tree = jax.tree.flatten(args)
-    key = (graph, scheduler, steps, guided, start_step, tree, tuple((a.shape, a.dtype) for a in leaves))
+    key = (graph, scheduler, steps, guided, start_step, noised, mesh, tree, tuple((a.shape, a.dtype) for a in leaves))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3, 4)).lower(graph, scheduler, steps, guided, start_step,
-                                                                       *args).compile()
+    with contextlib.nullcontext() if mesh is None else use_mesh(mesh):  # the UNet's activation constraints apply
+        compiled = jax.jit(_denoise, static_argnums=(0, 1, 2, 3, 4, 5)).lower(graph, scheduler, steps, guided,
+                                                                              start_step, noised, *args).compile()
     while len(_COMPILED) >= _COMPILED_KEEP:
         _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = compiled
     return compiled, time.perf_counter() - t0
 
 
-def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, state, noise, context, y, timestep_cond, guidance_scale, key):
+def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, noised: bool, state, noise, context, y, timestep_cond, guidance_scale, key):
     from flax_sgm.sampling import sample
 
     unet = nnx.merge(graph, state)
@@ -362,7 +410,8 @@ def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, state,
             return uncond + guidance_scale * (cond - uncond)
         return unet(x, t, context, y, timestep_cond).astype(jnp.float32)
 
-    return sample(model, noise, scheduler, steps, key=key, start_step=start_step, progress=_Progress.report)
+    return sample(model, noise, scheduler, steps, key=key, start_step=start_step, progress=_Progress.report,
+                  noised=noised, ordered=jax.sharding.get_abstract_mesh().empty)
 
 
 @nnx.jit(static_argnums=(2,))

@@ -63,14 +63,18 @@ def step_noise(key, index: int, shape):
 
 
 def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: int, *, key=None,
-           start_step: int = 0, progress: Callable | None = None):
+           start_step: int = 0, progress: Callable | None = None, noised: bool = False,
+           ordered: bool = True):
     """Run the sampler. `model(x [b, h, w, c], t [b] float32) -> output` as `cfg.prediction_type` says
     (SchedulerConfig), or sgm's network output, which the plan's denoiser scaling reads (SgmSamplerConfig).
 
     `noise` is diffusers' `latents` argument (unscaled); at `start_step` > 0 (img2img) it is the
-    output of `add_noise` and is used as is. Stochastic samplers (`cfg.stochastic`) take `key`;
-    the noise of step i of the timesteps (sgm: of network evaluation i) is `step_noise(key, i, shape)`. `progress(i)` is called
-    from the compiled loop after each step. Arithmetic is float32; the result has noise's dtype.
+    output of `add_noise` and is used as is, as it is at start_step 0 with `noised` (img2img at
+    strength 1: diffusers scales add_noise's output by no init_noise_sigma). Stochastic samplers
+    (`cfg.stochastic`) take `key`; the noise of step i of the timesteps (sgm: of network evaluation i) is
+    `step_noise(key, i, shape)`. `progress(i)` is called from the compiled loop after each step (`ordered`: in
+    step order; jax refuses ordered callbacks on several devices, so a sharded loop passes False and its steps
+    may be heard out of order). Arithmetic is float32; the result has noise's dtype.
     """
     if not isinstance(cfg, (SchedulerConfig, SgmSamplerConfig)):
         raise ValueError(f"sample: cfg must be a SchedulerConfig or an SgmSamplerConfig; got {type(cfg).__name__}")
@@ -83,7 +87,7 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
         raise ValueError(f"sample: noise must be [b, h, w, c]; got shape {noise.shape}")
     dtype = noise.dtype
     x = noise.astype(jnp.float32)
-    if start == 0:
+    if start == 0 and not noised:
         x = x * jnp.float32(plan.init_noise_sigma)
     rows = {k: jnp.asarray(v[start:]) for k, v in plan.rows.items()}
     rows["t"] = jnp.asarray(plan.timesteps[start:], jnp.float32)
@@ -98,7 +102,7 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
         out = jnp.asarray(model(x_in, jnp.full((batch,), row["t"], jnp.float32))).astype(jnp.float32)
         carry = plan.step(carry, row, out, eps)
         if progress is not None:
-            jax.debug.callback(progress, row["index"], ordered=True)
+            jax.debug.callback(progress, row["index"], ordered=ordered)
         return carry, None
 
     carry, _ = jax.lax.scan(body, plan.init_carry(x), rows)
