@@ -13,7 +13,7 @@ after imports):
   flax        safetensors.flax.load_file (the library's load into JAX arrays, no layout work)
   load_unet   flax_sgm.load_unet on the directory, to ready arrays in the model's layout
   phases      load_unet's steps timed one by one (open + config, the abstract model, the
-              checked plan, load_planned, the dropout keys), then the naive path's three
+              checked plan, load_planned, models.ready), then the naive path's three
               phases over the same tensors: read (safe_open copies), layout (numpy
               transposes), device_put
   convert:ARGS
@@ -140,7 +140,6 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
 
     from flax_sgm import models
     from flax_sgm.checkpoints import convert
-    from flax_sgm.attention.load import _concrete
     from flax_sgm.checkpoints.sources import open_source
     from flax_sgm.unet.config import UNetConfig
     from flax_sgm.unet.diffusers import vector_embedding
@@ -165,8 +164,8 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
         convert.load_planned(model, plan, source)
         jax.block_until_ready(nnx_state(model))
         lap("load_planned")
-        _concrete(model, 0)
-        lap("dropout keys")
+        models.ready(model)
+        lap("ready (eval mode)")
         values = [source.read(step.key) for step in plan]  # safe_open: a copy per tensor
         lap("naive read")
         values = [np.ascontiguousarray(step.row.transform.to_flax(v)) for step, v in zip(plan, values)]
