@@ -105,7 +105,7 @@ def test_sdxl_whole_unet_all_140_attentions_on_cudnn_each_forward_once():
     calls = report["custom_calls"]
     assert cudnn_calls(calls["forward"]) == {FWD: 140}
     assert cudnn_calls(calls["backward"]) == {FWD: 140, BWD: 140}
-    assert "a whole-UNet preset lowers on one device" in cli_error("lower", "--config", "sdxl-unet", "--mesh", "1,2,1")
+    assert "a whole-model preset lowers on one device" in cli_error("lower", "--config", "sdxl-unet", "--mesh", "1,2,1")
 
 
 def test_text_report_names_modules_backends_and_custom_calls():
