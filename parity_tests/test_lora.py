@@ -520,8 +520,27 @@ def test_a_text_encoder_lora_equals_the_peft_model(truth, base_unet, tmp_path, f
     assert all(np.array_equal(v, unet[k]) for k, v in state(pipe.unet).items())
     with pytest.raises(CheckpointError, match=r"modules are another model's \(unet: "):
         load_lora(pipe.text_encoders[0], both)
+    refiner = Pipeline.__new__(Pipeline)  # SDXL's refiner: its one text encoder is diffusers' text_encoder_2
+    refiner.family, refiner.unet = "sdxl-refiner", nnx.clone(base_unet)
+    refiner.text_encoders = [flax_sgm.load_text_encoder(tmp_path / "te")]
+    with pytest.raises(CheckpointError, match="holds text_encoder modules; this sdxl-refiner pipeline has no such model"):
+        load_lora(refiner, both)  # was put on the refiner's OpenCLIP tower
     tensors, _ = flax_sgm.lora.lora_state_dict(add_adapters(flax, rank=2, targets=["q_proj"]) and flax, format="kohya",
                                                part="text_encoder_2")
     assert sorted(tensors)[:3] == ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",
                                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
                                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
+
+
+def test_peft_alpha_pattern_keys_are_regexes_as_peft_reads_them():
+    """peft matches alpha_pattern keys as `(.*\\.)?(key)$` regexes; a regex key was read as a plain suffix, and its
+    module silently took lora_alpha instead."""
+    from types import SimpleNamespace
+
+    from flax_sgm.lora.load import _alpha
+
+    config = {"lora_alpha": 8, "alpha_pattern": {r"down_blocks\.\d\.attentions\.0\.proj_in": 2, "to_k": 4}}
+    no_key = SimpleNamespace(alpha=None)
+    assert _alpha(None, no_key, "down_blocks.1.attentions.0.proj_in", config, 4, []) == 2.0
+    assert _alpha(None, no_key, "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", config, 4, []) == 4.0
+    assert _alpha(None, no_key, "mid_block.attentions.0.proj_in", config, 4, []) == 8.0

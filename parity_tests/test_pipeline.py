@@ -351,10 +351,31 @@ def test_bad_calls_are_one_line(saved):
         (dict(image=np.zeros((SIZE, SIZE, 3)), strength=0.1, num_inference_steps=5), "runs no step"),
         (dict(image=np.zeros((SIZE, 36, 3))), "image width = 36 is not divisible by 8"),
         (dict(strength=0.5), "strength: goes with image="),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number; got nan"),  # once: no guidance
     ]:
         with pytest.raises(ValueError, match=message) as err:
             pipe("a cat", **kwargs)
         one_line(err)
+
+
+def test_an_sgm_sampler_config_says_the_steps_and_the_guidance(saved):
+    """An sgm sampler over a directory's models: its num_steps is the default steps, and with no guider_config
+    (sgm's IdentityGuider) there is no guidance; both were once ignored (50 steps, guidance 7.5)."""
+    from flax_sgm.sampling import SgmSamplerConfig
+
+    M = "sgm.modules.diffusionmodules."
+    cfg = SgmSamplerConfig.from_sgm(
+        {"target": M + "sampling.EulerEDMSampler",
+         "params": {"num_steps": 3, "discretization_config": {"target": M + "discretizer.LegacyDDPMDiscretization"}}},
+        {"target": M + "denoiser.DiscreteDenoiser",
+         "params": {"num_idx": 1000, "scaling_config": {"target": M + "denoiser_scaling.EpsScaling"},
+                    "discretization_config": {"target": M + "discretizer.LegacyDDPMDiscretization"}}})
+    pipe = load_pipeline(saved["sd"][1], scheduler=cfg)
+    latents = initial_latents(1)
+    got = pipe("a cat", latents=latents, output="latent")
+    want = pipe("a cat", latents=latents, output="latent", num_inference_steps=3, guidance_scale=1.0)
+    assert got.steps == 3
+    np.testing.assert_array_equal(np.asarray(got.images), np.asarray(want.images))
 
 
 def png_size(path: Path) -> tuple[int, int]:

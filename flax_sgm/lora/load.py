@@ -140,7 +140,7 @@ def _alpha(source, entry, module: str, config: dict, rank: int, problems: list) 
             return None
         return float(value.reshape(()))
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern):
+        if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule: a regex over the module's name
             return float(alpha)
     if "lora_alpha" in config:
         return float(config["lora_alpha"])
@@ -207,7 +207,9 @@ def _load_into_pipeline(pipe, path, *, scale, fuse, name, part):
     """Every part of the file on its model of `pipe` (unet, text_encoder, text_encoder_2): all checked, then applied."""
     if part is not None:
         raise CheckpointError("load_lora: a pipeline takes each part of the file on its own model; leave out part=")
-    models = {"unet": pipe.unet} | {p: te for p, te in zip(("text_encoder", "text_encoder_2"), pipe.text_encoders)}
+    # diffusers' names of the pipeline's text encoders: the refiner has text_encoder_2 only
+    names = ("text_encoder_2",) if pipe.family == "sdxl-refiner" else ("text_encoder", "text_encoder_2")
+    models = {"unet": pipe.unet} | dict(zip(names, pipe.text_encoders))
     path = Path(path)
     with open_source(path) as source:
         _, found, _ = entries(source.infos)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +28,12 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.autoencoder.model import AutoencoderKL
+from flax_sgm.sampling.sgm import SgmSamplerConfig
 from flax_sgm.sharding import use_mesh
-from flax_sgm.text.conditioner import EmbedderSpec, embed
+from flax_sgm.text.conditioner import EmbedderSpec, condition
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.text.tokenizer import tokenize
-from flax_sgm.unet.model import UNetModel, guidance_scale_embedding, sdxl_vector
+from flax_sgm.unet.model import UNetModel, guidance_scale_embedding
 
 # What each family's text encoders hand the UNet, as diffusers' pipelines take it (clip_skip None): SD the last
 # layer with the final layer norm (SD 2.x's text_encoder/ is stored one layer short: its last is sgm's
@@ -126,7 +129,7 @@ class Pipeline:
     # -- the call -----------------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, latents=None, seed: int = 0,
                  num_images_per_prompt: int = 1, output: str = "np", image=None, strength: float | None = None,
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -138,7 +141,9 @@ class Pipeline:
         latents: the initial noise as diffusers' `latents` argument, but NHWC: [batch * num_images_per_prompt,
           height / 8, width / 8, 4] (diffusers': NCHW), unscaled (the sampler scales it by its first sigma);
           default: standard normal from `seed`.
-        guidance_scale: classifier-free guidance when > 1 (default 7.5; SDXL 5.0), as diffusers.
+        num_inference_steps: default an sgm sampler's num_steps, else 50, as diffusers.
+        guidance_scale: classifier-free guidance when > 1 (default 7.5; SDXL 5.0), as diffusers; with an sgm sampler
+          its guider's scale (IdentityGuider: 1, none).
         height/width: default the UNet's sample_size times the VAE's factor, as diffusers.
         original_size/crops_coords_top_left/target_size (SDXL) and aesthetic scores (the refiner): diffusers'
           size and crop conditions and their defaults ((height, width), (0, 0), (height, width); 6.0 and 2.5).
@@ -157,11 +162,18 @@ class Pipeline:
             raise ValueError("prompt: a string or a non-empty list of strings")
         if output not in OUTPUTS:
             raise ValueError(f"output: one of {', '.join(OUTPUTS)}; got {output!r}")
+        sgm = isinstance(self.scheduler, SgmSamplerConfig)
+        if num_inference_steps is None:  # an sgm sampler's num_steps, else diffusers' pipeline's default
+            num_inference_steps = (self.scheduler.num_steps if sgm else None) or DEFAULT_STEPS
         steps = _positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
-        if guidance_scale is None:  # an sgm sampler's guider scale, else diffusers' pipeline's default
-            guidance_scale = getattr(self.scheduler, "guidance_scale", None) or (
-                5.0 if self.family != "sd" else DEFAULT_GUIDANCE)
+        if guidance_scale is None:  # an sgm sampler's guider (IdentityGuider: none), else diffusers' default
+            if sgm:
+                guidance_scale = 1.0 if self.scheduler.guidance_scale is None else self.scheduler.guidance_scale
+            else:
+                guidance_scale = 5.0 if self.family != "sd" else DEFAULT_GUIDANCE
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale!r}")
         guidance_scale = float(guidance_scale)
         lcm = self.unet.config.time_cond_proj_dim is not None
         guided = guidance_scale > 1.0 and not lcm  # diffusers' do_classifier_free_guidance
@@ -317,40 +329,33 @@ class Pipeline:
 
     # -- prompts to conditioning --------------------------------------------------------------------------------
 
-    def _embed(self, prompts: list[str]) -> tuple[jax.Array, jax.Array | None]:
-        ids = [jnp.asarray(tokenize(t, prompts)) for t in self.tokenizers]
-        return _encode(self.text_encoders, ids, self.specs)
-
     def _condition(self, prompts, negatives, guided, per_prompt, height, width, original_size, crop, target_size,
                    aesthetic_score, negative_aesthetic_score):
-        context, pooled = self._embed(prompts)
-        if guided:
-            zeros = negatives is None and self.family != "sd" and self.flags.get("force_zeros_for_empty_prompt", True)
-            if zeros:  # diffusers' force_zeros_for_empty_prompt
-                uncond, uncond_pooled = jnp.zeros_like(context), None if pooled is None else jnp.zeros_like(pooled)
-            else:
-                uncond, uncond_pooled = self._embed(negatives or [""] * len(prompts))
-        context = jnp.repeat(context, per_prompt, axis=0)
-        y = None
+        """(context, y) of the prompts through sgm's conditioner (text.condition), [uncond, cond] when guided (as
+        diffusers batches them), each repeated per image; y, SDXL's, from the size and crop ids (the refiner's:
+        the aesthetic scores)."""
+        ids = neg_ids = None
         if self.family != "sd":
             original = tuple(original_size or (height, width))
             if self.family == "sdxl-refiner":
                 ids, neg_ids = (*original, *crop, aesthetic_score), (*original, *crop, negative_aesthetic_score)
             else:
                 ids = neg_ids = (*original, *crop, *(target_size or (height, width)))
-            b = context.shape[0]
-            y = sdxl_vector(jnp.repeat(pooled, per_prompt, axis=0), jnp.tile(jnp.asarray([ids], jnp.float32), (b, 1)),
-                            self.time_embed_dim)
+
+        def conditioned(texts, time_ids, zeros=False):
+            tokens = [jnp.asarray(tokenize(t, texts)) for t in self.tokenizers]
+            rows = None if time_ids is None else jnp.tile(jnp.asarray([time_ids], jnp.float32), (len(texts), 1))
+            context, y = _conditioned(self.text_encoders, tokens, tuple(self.specs), rows, time_dim=self.time_embed_dim,
+                                      force_zeros=zeros)
+            return jnp.repeat(context, per_prompt, axis=0), None if y is None else jnp.repeat(y, per_prompt, axis=0)
+
+        context, y = conditioned(prompts, ids)
         if not guided:
             return context, y
-        uncond = jnp.repeat(uncond, per_prompt, axis=0)
-        context = jnp.concatenate([uncond, context])  # [uncond, cond], as diffusers batches them
-        if y is not None:
-            b = uncond.shape[0]
-            y_uncond = sdxl_vector(jnp.repeat(uncond_pooled, per_prompt, axis=0),
-                                   jnp.tile(jnp.asarray([neg_ids], jnp.float32), (b, 1)), self.time_embed_dim)
-            y = jnp.concatenate([y_uncond, y])
-        return context, y
+        # diffusers' force_zeros_for_empty_prompt: no negative prompt, SDXL: the text outputs zeroed, sizes kept
+        zeros = negatives is None and self.family != "sd" and self.flags.get("force_zeros_for_empty_prompt", True)
+        uncond, y_uncond = conditioned(negatives or [""] * len(prompts), neg_ids, zeros)
+        return jnp.concatenate([uncond, context]), None if y is None else jnp.concatenate([y_uncond, y])
 
     # -- the compiled loop --------------------------------------------------------------------------------------
 
@@ -414,12 +419,11 @@ def _denoise(graph, scheduler, steps: int, guided: bool, start_step: int, noised
                   noised=noised, ordered=jax.sharding.get_abstract_mesh().empty)
 
 
-@nnx.jit(static_argnums=(2,))
-def _encode(encoders, ids, specs):
-    parts = [embed(m, i, s) for m, i, s in zip(encoders, ids, specs)]
-    context = jnp.concatenate([c for c, _ in parts], axis=-1)
-    pooled = [p for _, p in parts if p is not None]
-    return context.astype(jnp.float32), (pooled[-1].astype(jnp.float32) if pooled else None)
+@functools.partial(nnx.jit, static_argnames=("specs", "time_dim", "force_zeros"))
+def _conditioned(encoders, tokens, specs, time_ids, *, time_dim, force_zeros):
+    """text.condition, compiled once per (specs, sizes); the outputs in float32, as the UNet's loop takes them."""
+    context, y = condition(encoders, tokens, specs, time_ids, time_dim=time_dim, force_zeros=force_zeros)
+    return context.astype(jnp.float32), None if y is None else y.astype(jnp.float32)
 
 
 @nnx.jit
