@@ -544,3 +544,27 @@ def test_peft_alpha_pattern_keys_are_regexes_as_peft_reads_them():
     assert _alpha(None, no_key, "down_blocks.1.attentions.0.proj_in", config, 4, []) == 2.0
     assert _alpha(None, no_key, "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", config, 4, []) == 4.0
     assert _alpha(None, no_key, "mid_block.attentions.0.proj_in", config, 4, []) == 8.0
+
+
+def test_fusing_keeps_a_sharded_kernel_where_it_was():
+    """A fused kernel stays sharded as it was (a review feared the host-side sum brought it back to one device;
+    the in-place write keeps the sharding). In a process with 4 CPU devices."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from flax_sgm.lora import adapters
+from flax_sgm.nn.primitives import Linear
+layer = Linear(8, 12, axes=(None, None), rngs=nnx.Rngs(0))
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), PartitionSpec(None, "x"))
+layer.kernel[...] = jax.device_put(layer.kernel[...], sharding)
+adapters.fuse(layer, adapters.Adapter(np.ones((8, 2)), np.ones((2, 12)), alpha=2.0))
+assert layer.kernel[...].sharding == sharding, layer.kernel[...].sharding
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
