@@ -36,7 +36,8 @@ Exit status: 0 ok, 1 parity failed (verify), 2 bad input.""",
 @click.version_option(package_name="flax-sgm")
 @click.option("--debug", is_flag=True, help="Show the full traceback on an error.")
 def cli(debug):
-    """Stable Diffusion's sgm SpatialTransformer and UNet in Flax NNX: check parity with torch, convert checkpoints."""
+    """Stable Diffusion's sgm in Flax NNX (UNet, autoencoder, text encoders, samplers, LoRA): sample images, check
+    parity with torch, convert and inspect checkpoints."""
 
 
 for command in (verify, convert, inspect, lower, sample):

@@ -15,7 +15,7 @@ from flax_sgm.cli.common import as_flags, clean_errors, exclusive_heads, stack_o
 
 
 @click.command(
-    short_help="Convert stacks, a whole UNet or text encoders to Flax.",
+    short_help="Convert stacks, a UNet, a VAE or text encoders to Flax.",
     epilog="""\b
 Examples:
   flax-sgm convert sd_xl_base_1.0.safetensors \\
