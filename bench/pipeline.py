@@ -36,20 +36,6 @@ OPENCLIP_G = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_l
                   hidden_act="gelu", projection_dim=1280, pad_token_id=0)
 VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
-# --tiny: the parity tests' shapes (32 x 32 images), to check the script runs.
-TINY_TOWER = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999)
-TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=4)
-TINY = {
-    "sd15": dict(TINY_UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2),
-    "sdxl": dict(TINY_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=32 + 6 * 8),
-}
-
-
 def tokenizer(vocab_size: int, pad: str):
     """A CLIP BPE tokenizer of `vocab_size` ids (letters, filler words, the start and end tokens last, as CLIP's):
     the timing does not depend on which ids a prompt becomes, only on the 77 positions."""
@@ -73,22 +59,25 @@ def torch_pipeline(config: str, tiny: bool, dtype):
 
     from common import DIFFUSERS_CONFIGS
 
+    if tiny:  # the parity tests' tiny pipelines (flax_sgm.verify.tiny), to check the script runs
+        from flax_sgm.verify import tiny as tiny_models
+
+        pipe = tiny_models.pipeline({"sd15": "sd", "sdxl": "sdxl"}[config], "euler")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY[config] if tiny else DIFFUSERS_CONFIGS[config]))
-    vae_fields = dict(VAE, block_out_channels=(32,) * 4, layers_per_block=1, sample_size=32) if tiny else VAE
-    tower = TINY_TOWER if tiny else CLIP_L
-    clip = CLIPTextModel(CLIPTextConfig(**tower))
+    unet = UNet2DConditionModel(**DIFFUSERS_CONFIGS[config])
+    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L))
     scheduler = EulerDiscreteScheduler(**SCHEDULER)
     if config == "sd15":
-        pipe = StableDiffusionPipeline(vae=AutoencoderKL(**vae_fields), text_encoder=clip, unet=unet,
-                                       tokenizer=tokenizer(tower["vocab_size"], "<|endoftext|>"), scheduler=scheduler,
+        pipe = StableDiffusionPipeline(vae=AutoencoderKL(**VAE), text_encoder=clip, unet=unet,
+                                       tokenizer=tokenizer(CLIP_L["vocab_size"], "<|endoftext|>"), scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
-        big = dict(TINY_TOWER, hidden_act="gelu", projection_dim=32, pad_token_id=0) if tiny else OPENCLIP_G
         pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**vae_fields, scaling_factor=0.13025, force_upcast=False), text_encoder=clip,
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**big)), unet=unet, scheduler=scheduler,
-            tokenizer=tokenizer(tower["vocab_size"], "<|endoftext|>"), tokenizer_2=tokenizer(big["vocab_size"], "!"),
+            vae=AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=False), text_encoder=clip,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_G)), unet=unet, scheduler=scheduler,
+            tokenizer=tokenizer(CLIP_L["vocab_size"], "<|endoftext|>"), tokenizer_2=tokenizer(OPENCLIP_G["vocab_size"], "!"),
             add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu")

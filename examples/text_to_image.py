@@ -11,7 +11,6 @@ noise. The same lines run a released StableDiffusionPipeline or StableDiffusionX
 from __future__ import annotations
 
 import argparse
-import string
 import tempfile
 from pathlib import Path
 
@@ -19,33 +18,11 @@ import flax_sgm
 
 
 def tiny_pipeline(directory: Path) -> Path:
-    """A StableDiffusionPipeline of random tiny models (32 x 32 images), saved as diffusers saves one."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A StableDiffusionPipeline of random tiny models (32 x 32 images, Euler), saved as diffusers saves one: the
+    one the parity tests build (flax_sgm.verify.tiny)."""
+    from flax_sgm.verify import tiny
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=4, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                                bos_token_id=998, eos_token_id=999, pad_token_id=999))
-    vocab = {}  # a BPE vocabulary of letters (CLIP's is 49408 tokens; its start and end tokens are last too)
-    for ch in ["!", *string.ascii_lowercase]:
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
-    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
-    while len(vocab) < 998:
-        vocab[f"q{len(vocab)}q</w>"] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 998, 999
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token="<|endoftext|>", model_max_length=77)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(directory)
+    tiny.pipeline("sd", "euler").save_pretrained(directory)
     return directory
 
 

@@ -23,67 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPTextConfig as TransformersConfig
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from conftest import assert_close, cli_error, randomize_, run_cli
-from test_text import tiny_tokenizer
 from flax_sgm import CheckpointError, load_pipeline
+from flax_sgm.verify import tiny
 from flax_sgm.verify.criteria import PIPELINE
 
-SIZE = 32  # images; latents 4 x 4 through the VAE's factor 8
-TOWER = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
-UNET = dict(sample_size=SIZE // 8, block_out_channels=(32, 64), layers_per_block=1)
-UNETS = {
-    "sd": dict(UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2),
-    "sdxl": dict(UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
-                 transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
-                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8),
-}
-VAE = dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, sample_size=SIZE)
-BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-# The released pipelines' scheduler configs, in miniature (SD 1.5's DDIM-style fields, SDXL's Euler's).
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", dict(BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                   timestep_spacing="leading")),
-    "euler": ("EulerDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
-    "pndm": ("PNDMScheduler", dict(BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(BETAS, use_karras_sigmas=True, steps_offset=1)),
-    "heun": ("HeunDiscreteScheduler", dict(BETAS, timestep_spacing="leading", steps_offset=1)),
-    "lms": ("LMSDiscreteScheduler", dict(BETAS, timestep_spacing="trailing")),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(BETAS, steps_offset=1, timestep_spacing="leading")),
-}
+# The tiny pipelines live in flax_sgm.verify.tiny (the example and bench/pipeline.py --tiny build them too).
+SIZE, TOWER, UNETS, VAE, SCHEDULERS = tiny.PIPELINE_SIZE, tiny.TOWER, tiny.PIPELINE_UNETS, tiny.PIPELINE_VAE, tiny.SCHEDULERS
+scheduler, torch_pipeline = tiny.scheduler, tiny.pipeline
 STEPS = 2
-
-
-def scheduler(name: str):
-    import diffusers
-
-    cls, kwargs = SCHEDULERS[name]
-    return getattr(diffusers, cls)(**kwargs)
-
-
-def torch_pipeline(family: str, sampler: str = "ddim"):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = randomize_(UNet2DConditionModel(**UNETS[family]).eval(), 1)
-    clip = randomize_(CLIPTextModel(TransformersConfig(**TOWER, hidden_act="quick_gelu")).eval(), 3)
-    if family == "sd":
-        vae = randomize_(AutoencoderKL(**VAE).eval(), 2)
-        return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tiny_tokenizer("<|endoftext|>"), unet=unet,
-                                       scheduler=scheduler(sampler), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    vae = randomize_(AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=True).eval(), 2)
-    openclip = randomize_(CLIPTextModelWithProjection(TransformersConfig(
-        **TOWER | dict(num_attention_heads=4), hidden_act="gelu", projection_dim=24, layer_norm_eps=1e-3)).eval(), 4)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=clip, text_encoder_2=openclip,
-                                     tokenizer=tiny_tokenizer("<|endoftext|>"), tokenizer_2=tiny_tokenizer("!"),
-                                     unet=unet, scheduler=scheduler(sampler), add_watermarker=False)
 
 
 @pytest.fixture(scope="module")

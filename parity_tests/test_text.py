@@ -29,6 +29,7 @@ from conftest import assert_close, assert_parity, compare, randomize_
 import flax_sgm
 from flax_sgm import CheckpointError, CLIPTextConfig, CLIPTextModel, load_text_encoder
 from flax_sgm.checkpoints import convert
+from flax_sgm.verify import tiny
 from flax_sgm.text.config import PRESETS
 from flax_sgm.text.layout import KIND_NAMES, TRANSFORMERS, open_clip_layout
 
@@ -438,21 +439,7 @@ def test_bad_inputs_are_one_line(saved):
 
 # The conditioner and tokenization ---------------------------------------------------------------------------
 
-def tiny_tokenizer(pad: str):
-    """A CLIP BPE tokenizer over a 1000-token vocabulary (letters, a merged word, the start and end tokens last,
-    as CLIP's): what a pipeline's tokenizer/ folder holds, in miniature."""
-    import string
-
-    from transformers import CLIPTokenizer
-
-    vocab = {}
-    for ch in ["!", *string.ascii_lowercase]:
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
-    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
-    while len(vocab) < VOCAB - 2:
-        vocab[f"q{len(vocab)}q</w>"] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = VOCAB - 2, END
-    return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token=pad, model_max_length=77)
+tiny_tokenizer = tiny.tokenizer  # flax_sgm.verify.tiny: the tokenizer the tiny pipelines hold
 
 
 def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):

@@ -4,6 +4,9 @@ so a fixture changes in one place. Needs diffusers (and torch) only when a model
 
   UNETS   UNet2DConditionModel configs: sd1, sd2, sdxl, refiner, projection (class_embed_type), lcm, ssd1b
   VAES    AutoencoderKL configs
+  tokenizer(pad)              a CLIP BPE tokenizer over a 1000-token vocabulary (transformers' CLIPTokenizer)
+  pipeline(family, sampler)   a whole StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl") of
+                              tiny random models, 32 x 32 images, and SCHEDULERS' miniature of a released scheduler
   randomize_(module, seed)  every parameter of a torch module seeded random, in place
 """
 
@@ -142,3 +145,85 @@ def save(model, path, **kwargs) -> Path:
     """`model.save_pretrained(path)`: a directory as users hold it; returns the path."""
     model.save_pretrained(path, **kwargs)
     return Path(path)
+
+
+# A CLIP BPE vocabulary in miniature: letters, one merged word ("cat"), the start and end tokens last, as CLIP's.
+VOCAB = 1000
+
+
+def tokenizer(pad: str = "<|endoftext|>"):
+    """transformers' CLIPTokenizer over VOCAB tokens, padding with `pad` (SD's pads with the end token, SDXL's
+    second with "!", id 0, as open_clip): what a pipeline's tokenizer/ folder holds, in miniature."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {}
+    for ch in ["!", *string.ascii_lowercase]:
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
+    while len(vocab) < VOCAB - 2:
+        vocab[f"q{len(vocab)}q</w>"] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = VOCAB - 2, VOCAB - 1
+    return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token=pad, model_max_length=77)
+
+
+# Whole pipelines: 32 x 32 images (4 x 4 latents through the VAE's factor 8).
+PIPELINE_SIZE = 32
+TOWER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+_PIPELINE_UNET = dict(sample_size=PIPELINE_SIZE // 8, block_out_channels=(32, 64), layers_per_block=1)
+PIPELINE_UNETS = {
+    "sd": dict(_PIPELINE_UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2),
+    "sdxl": dict(_PIPELINE_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8),
+}
+PIPELINE_VAE = dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                    sample_size=PIPELINE_SIZE)
+_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# The released pipelines' scheduler configs, in miniature (SD 1.5's DDIM-style fields, SDXL's Euler's).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", dict(_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                   timestep_spacing="leading")),
+    "euler": ("EulerDiscreteScheduler", dict(_BETAS, steps_offset=1, timestep_spacing="leading")),
+    "pndm": ("PNDMScheduler", dict(_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(_BETAS, use_karras_sigmas=True, steps_offset=1)),
+    "heun": ("HeunDiscreteScheduler", dict(_BETAS, timestep_spacing="leading", steps_offset=1)),
+    "lms": ("LMSDiscreteScheduler", dict(_BETAS, timestep_spacing="trailing")),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(_BETAS, steps_offset=1, timestep_spacing="leading")),
+}
+
+
+def scheduler(name: str):
+    """diffusers' scheduler of SCHEDULERS[name]."""
+    import diffusers
+
+    cls, kwargs = SCHEDULERS[name]
+    return getattr(diffusers, cls)(**kwargs)
+
+
+def pipeline(family: str = "sd", sampler: str = "ddim"):
+    """diffusers' StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl") of tiny seeded random
+    models and tokenizers, with SCHEDULERS[sampler]; `save_pretrained` makes it a directory as users hold one."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = randomize_(UNet2DConditionModel(**PIPELINE_UNETS[family]).eval(), 1)
+    clip = randomize_(CLIPTextModel(CLIPTextConfig(**TOWER, hidden_act="quick_gelu")).eval(), 3)
+    if family == "sd":
+        vae = randomize_(AutoencoderKL(**PIPELINE_VAE).eval(), 2)
+        return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer("<|endoftext|>"), unet=unet,
+                                       scheduler=scheduler(sampler), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    vae = randomize_(AutoencoderKL(**PIPELINE_VAE, scaling_factor=0.13025, force_upcast=True).eval(), 2)
+    openclip = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
+        **TOWER | dict(num_attention_heads=4), hidden_act="gelu", projection_dim=24, layer_norm_eps=1e-3)).eval(), 4)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=clip, text_encoder_2=openclip,
+                                     tokenizer=tokenizer("<|endoftext|>"), tokenizer_2=tokenizer("!"),
+                                     unet=unet, scheduler=scheduler(sampler), add_watermarker=False)
