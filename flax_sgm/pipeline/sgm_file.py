@@ -87,8 +87,9 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
     """See load_pipeline. unet_config, text_configs (one per tower) and scaling_factor: for a file whose shapes
     are no released model's (their loaders' config= and scaling_factor=)."""
     if tokenizer is None:
-        raise CheckpointError(f"{path}: a single file holds no tokenizer; pass tokenizer= (a pipeline directory with "
-                              "tokenizer/ (and tokenizer_2/), or a list of tokenizer folders, one per text encoder)")
+        raise CheckpointError(f"{path}: a single file holds no tokenizer; pass tokenizer= (flax-sgm sample: "
+                              "--tokenizer): a pipeline directory with tokenizer/ (and tokenizer_2/), or a list of "
+                              "tokenizer folders, one per text encoder")
     with open_source(path) as source:
         towers = find_towers(list(source.infos))
     family, encoders, specs = family_of(towers, str(path))
