@@ -33,21 +33,10 @@ from flax_sgm.autoencoder.load import released_vae_fields
 from flax_sgm.unet.config import PRESETS as UNETS
 from flax_sgm.unet.layout import SGM_PREFIX as UNET_PREFIX
 from flax_sgm.verify import criteria, verify_modules
+from flax_sgm.verify.tiny import VAES, vae as diffusers_vae
 from flax_sgm import models
 
-LEVELS2 = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-CONFIGS = {
-    # Two levels, 32 groups (sgm's Normalize), the mid-block attention.
-    "tiny": dict(LEVELS2, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16),
-    # 8 groups, two ResnetBlocks per level, a 3-level x8 downsampling, latents of 3 channels, no mid attention.
-    "groups8": dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                    block_out_channels=(16, 16, 32), layers_per_block=2, latent_channels=3, norm_num_groups=8,
-                    sample_size=16, mid_block_add_attention=False),
-}
-
-
-def diffusers_vae(name: str = "tiny", seed: int = 0) -> TorchAutoencoderKL:
-    return randomize_(TorchAutoencoderKL(**CONFIGS[name]).eval(), seed)
+CONFIGS = ("tiny", "groups8")  # VAES: 32 groups with the mid attention; 8 groups, 3 levels, none
 
 
 def flax_vae(torch_vae: TorchAutoencoderKL, **options) -> AutoencoderKL:
@@ -578,7 +567,7 @@ def test_every_diffusers_field_is_honoured_refused_or_irrelevant():
     ids=["act_fn", "attn-blocks", "channels", "groups", "latents-mean", "unknown"],
 )
 def test_refused_fields_name_field_and_value(change, message):
-    config = dict(TorchAutoencoderKL(**CONFIGS["tiny"]).config) | change
+    config = dict(TorchAutoencoderKL(**VAES["tiny"]).config) | change
     with pytest.raises(CheckpointError, match=r"^config.json: " + message) as err:
         AutoencoderConfig.from_diffusers(config)
     assert "\n" not in str(err.value)

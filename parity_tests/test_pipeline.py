@@ -30,7 +30,7 @@ from flax_sgm.verify import tiny
 from flax_sgm.verify.criteria import PIPELINE
 
 # The tiny pipelines live in flax_sgm.verify.tiny (the example and bench/pipeline.py --tiny build them too).
-SIZE, TOWER, UNETS, VAE, SCHEDULERS = tiny.PIPELINE_SIZE, tiny.TOWER, tiny.PIPELINE_UNETS, tiny.PIPELINE_VAE, tiny.SCHEDULERS
+SIZE, UNETS, SCHEDULERS = tiny.PIPELINE_SIZE, tiny.PIPELINE_UNETS, tiny.SCHEDULERS
 scheduler, torch_pipeline = tiny.scheduler, tiny.pipeline
 STEPS = 2
 

@@ -39,24 +39,9 @@ from flax_sgm.text.transformers import DEFAULTS, HONOURED, IRRELEVANT
 from flax_sgm.checkpoints.sources import open_source
 from flax_sgm import models
 
-VOCAB = 1000
+VOCAB = tiny.VOCAB
 END = VOCAB - 1  # CLIP's end token is the largest id of its vocabulary (49407): the legacy rule pools at the argmax
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, bos_token_id=0, pad_token_id=1)
-CONFIGS = {
-    # OpenAI CLIP ViT-L's kind (SD 1.x, SDXL's first): quick_gelu, no projection, the legacy eos_token_id 2.
-    "clip": (TransformersCLIPTextModel, dict(TINY, hidden_act="quick_gelu", eos_token_id=2)),
-    # OpenCLIP's kind (SD 2.x, SDXL's second): exact GELU, a projection, 4 heads, another layer-norm eps.
-    "openclip": (CLIPTextModelWithProjection, dict(TINY, hidden_act="gelu", eos_token_id=2, num_attention_heads=4,
-                                                   projection_dim=24, layer_norm_eps=1e-3)),
-    # A config written after transformers PR #24773: the pooled vector at the first eos_token_id, not the argmax.
-    "eos": (CLIPTextModelWithProjection, dict(TINY, hidden_act="quick_gelu", eos_token_id=7, projection_dim=16)),
-}
-
-
-def torch_tower(name: str, seed: int = 0):
-    cls, kwargs = CONFIGS[name]
-    return randomize_(cls(TransformersConfig(**kwargs)).eval(), seed)
+CONFIGS = tiny.TOWERS  # clip, openclip, and eos (a config that pools at its eos_token_id)
 
 
 def token_ids(eos: int, rng, batch: int = 3, n: int = 77, pad: int | None = None) -> np.ndarray:
@@ -82,7 +67,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("towers")
     towers = {}
     for name in CONFIGS:
-        tower = torch_tower(name)
+        tower = tiny.tower(name)
         tower.save_pretrained(root / name)
         towers[name] = (tower, load_text_encoder(root / name), root / name)
     return towers
@@ -208,7 +193,7 @@ def test_load_text_encoder_directories(saved, tmp_path):
     for name in CONFIGS:
         assert_holds(saved[name][1], saved[name][0])
         assert saved[name][1].config.eos_token_id == CONFIGS[name][1]["eos_token_id"]
-    clip, openclip = torch_tower("clip", seed=3), torch_tower("openclip", seed=4)
+    clip, openclip = tiny.tower("clip", seed=3), tiny.tower("openclip", seed=4)
     pipe = tmp_path / "pipe"
     clip.save_pretrained(pipe / "text_encoder")
     openclip.save_pretrained(pipe / "text_encoder_2")
@@ -234,7 +219,7 @@ def test_load_text_encoder_variants(tmp_path):
     file and sharded): the float32 safetensors by default, variant= picks the others."""
     import copy
 
-    tower = torch_tower("openclip", seed=11)
+    tower = tiny.tower("openclip", seed=11)
     half = copy.deepcopy(tower).half()
     tower.save_pretrained(tmp_path / "te")
     torch.save(tower.state_dict(), tmp_path / "te" / "pytorch_model.bin")
@@ -295,7 +280,7 @@ def tiny_config(tower) -> CLIPTextConfig:
 
 def test_load_text_encoder_sgm_single_files(tmp_path):
     """SD 1.x, SD 2.x, SDXL (both embedders) and the refiner, each tower read back bit for bit."""
-    clip, openclip = torch_tower("clip", seed=5), torch_tower("openclip", seed=6)
+    clip, openclip = tiny.tower("clip", seed=5), tiny.tower("openclip", seed=6)
     files = {
         "sd1": sgm_clip(clip, "cond_stage_model.transformer."),
         "sd2": sgm_open_clip(openclip, "cond_stage_model.model."),
@@ -394,7 +379,7 @@ def test_every_transformers_field_is_honoured_refused_or_irrelevant():
     ({"architectures": ["CLIPModel"]}, "architectures ['CLIPModel'] is not one of"),
 ])
 def test_refused_config_fields_are_one_line(saved, tmp_path, change, message):
-    tower = torch_tower("clip")
+    tower = tiny.tower("clip")
     tower.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text()) | change
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -451,7 +436,7 @@ def test_sdxl_conditioning_is_diffusers_encode_prompt(tmp_path):
     from flax_sgm.text.conditioner import EMBEDDERS, condition
     from flax_sgm.text.tokenizer import load_tokenizer, tokenize
 
-    clip, openclip = torch_tower("clip", seed=12), torch_tower("openclip", seed=13)
+    clip, openclip = tiny.tower("clip", seed=12), tiny.tower("openclip", seed=13)
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip, text_encoder_2=openclip, tokenizer=tiny_tokenizer("<|endoftext|>"),
                                      tokenizer_2=tiny_tokenizer("!"), unet=None, scheduler=None)
     pipe.save_pretrained(tmp_path)
@@ -750,7 +735,7 @@ def test_cli_convert_and_inspect_text_encoders(tmp_path, weights):
     single file's embedders."""
     from conftest import cli_error, run_cli
 
-    clip, openclip = torch_tower("clip", seed=31), torch_tower("openclip", seed=32)
+    clip, openclip = tiny.tower("clip", seed=31), tiny.tower("openclip", seed=32)
     pipe = tmp_path / "pipe"
     clip.save_pretrained(pipe / "text_encoder")
     openclip.save_pretrained(pipe / "text_encoder_2")
@@ -801,7 +786,7 @@ def test_bf16_error_no_worse_than_torch(name, rng):
     from flax_sgm.verify import criteria
     from flax_sgm.verify.seeded import text_encoder_twin
 
-    tower = torch_tower(name, seed=41)
+    tower = tiny.tower(name, seed=41)
     flax = text_encoder_twin(tower, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert flax.encoder.layers[0].mlp.fc1.kernel[...].dtype == jnp.bfloat16
     result = compare(tower, flax, {"x": token_ids(END, rng, batch=2)}, dtype="bfloat16", seed=1)

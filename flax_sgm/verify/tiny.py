@@ -3,7 +3,9 @@ classes in configs small enough for seconds on a 2-core CPU, one per kind of rel
 so a fixture changes in one place. Needs diffusers (and torch) only when a model is built.
 
   UNETS   UNet2DConditionModel configs: sd1, sd2, sdxl, refiner, projection (class_embed_type), lcm, ssd1b
-  VAES    AutoencoderKL configs
+  VAES    AutoencoderKL configs: tiny, groups8, pipeline (four levels, factor 8)
+  TOWERS  transformers' text towers: clip (CLIPTextModel), openclip and eos (CLIPTextModelWithProjection)
+  unet(kind), vae(kind), tower(kind)   the model, seeded random, in eval mode
   tokenizer(pad)              a CLIP BPE tokenizer over a 1000-token vocabulary (transformers' CLIPTokenizer)
   pipeline(family, sampler)   a whole StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl") of
                               tiny random models, 32 x 32 images, and SCHEDULERS' miniature of a released scheduler
@@ -92,16 +94,18 @@ UNETS = {
 
 
 
-# AutoencoderKL: two levels with the mid block's attention (what `flax-sgm verify --model vae` runs).
+# AutoencoderKL at three sizes.
+_LEVELS2 = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 VAES = {
-    "tiny": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        sample_size=16,
-    ),
+    # Two levels with the mid block's attention, 32 groups (sgm's Normalize): what `flax-sgm verify --model vae` runs.
+    "tiny": dict(_LEVELS2, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, sample_size=16),
+    # 8 groups, two ResnetBlocks per level, a 3-level x8 downsampling, latents of 3 channels, no mid attention.
+    "groups8": dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                    block_out_channels=(16, 16, 32), layers_per_block=2, latent_channels=3, norm_num_groups=8,
+                    sample_size=16, mid_block_add_attention=False),
+    # The released VAEs' four levels (factor 8) at 32 channels: the tiny pipelines' (PIPELINE_SIZE images).
+    "pipeline": dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, sample_size=32),
 }
 
 
@@ -168,10 +172,30 @@ def tokenizer(pad: str = "<|endoftext|>"):
     return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")], pad_token=pad, model_max_length=77)
 
 
+# transformers' text towers: (class, CLIPTextConfig fields).
+_TOWER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              max_position_embeddings=77, bos_token_id=0, pad_token_id=1)
+TOWERS = {
+    # OpenAI CLIP ViT-L's kind (SD 1.x, SDXL's first): quick_gelu, no projection, the legacy eos_token_id 2.
+    "clip": ("CLIPTextModel", dict(_TOWER, hidden_act="quick_gelu", eos_token_id=2)),
+    # OpenCLIP's kind (SD 2.x, SDXL's second): exact GELU, a projection, 4 heads, another layer-norm eps.
+    "openclip": ("CLIPTextModelWithProjection", dict(_TOWER, hidden_act="gelu", eos_token_id=2, num_attention_heads=4,
+                                                     projection_dim=24, layer_norm_eps=1e-3)),
+    # A config written after transformers PR #24773: the pooled vector at the first eos_token_id, not the argmax.
+    "eos": ("CLIPTextModelWithProjection", dict(_TOWER, hidden_act="quick_gelu", eos_token_id=7, projection_dim=16)),
+}
+
+
+def tower(kind: str = "clip", *, seed: int = 0, **fields):
+    """transformers' text tower of TOWERS[kind] (fields changed by `fields`), seeded random, in eval mode."""
+    import transformers
+
+    cls, kwargs = TOWERS[kind]
+    return randomize_(getattr(transformers, cls)(transformers.CLIPTextConfig(**kwargs | fields)).eval(), seed)
+
+
 # Whole pipelines: 32 x 32 images (4 x 4 latents through the VAE's factor 8).
 PIPELINE_SIZE = 32
-TOWER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2)
 _PIPELINE_UNET = dict(sample_size=PIPELINE_SIZE // 8, block_out_channels=(32, 64), layers_per_block=1)
 PIPELINE_UNETS = {
     "sd": dict(_PIPELINE_UNET, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -181,9 +205,6 @@ PIPELINE_UNETS = {
                  transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8),
 }
-PIPELINE_VAE = dict(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                    sample_size=PIPELINE_SIZE)
 _BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 # The released pipelines' scheduler configs, in miniature (SD 1.5's DDIM-style fields, SDXL's Euler's).
 SCHEDULERS = {
@@ -210,20 +231,16 @@ def pipeline(family: str = "sd", sampler: str = "ddim"):
     """diffusers' StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl") of tiny seeded random
     models and tokenizers, with SCHEDULERS[sampler]; `save_pretrained` makes it a directory as users hold one."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = randomize_(UNet2DConditionModel(**PIPELINE_UNETS[family]).eval(), 1)
-    clip = randomize_(CLIPTextModel(CLIPTextConfig(**TOWER, hidden_act="quick_gelu")).eval(), 3)
+    net = randomize_(UNet2DConditionModel(**PIPELINE_UNETS[family]).eval(), 1)
+    clip = tower("clip", seed=3)
     if family == "sd":
-        vae = randomize_(AutoencoderKL(**PIPELINE_VAE).eval(), 2)
-        return StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer("<|endoftext|>"), unet=unet,
-                                       scheduler=scheduler(sampler), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    vae = randomize_(AutoencoderKL(**PIPELINE_VAE, scaling_factor=0.13025, force_upcast=True).eval(), 2)
-    openclip = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
-        **TOWER | dict(num_attention_heads=4), hidden_act="gelu", projection_dim=24, layer_norm_eps=1e-3)).eval(), 4)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=clip, text_encoder_2=openclip,
+        return StableDiffusionPipeline(vae=vae("pipeline", seed=2), text_encoder=clip,
+                                       tokenizer=tokenizer("<|endoftext|>"), unet=net, scheduler=scheduler(sampler),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae("pipeline", seed=2, scaling_factor=0.13025, force_upcast=True),
+                                     text_encoder=clip, text_encoder_2=tower("openclip", seed=4),
                                      tokenizer=tokenizer("<|endoftext|>"), tokenizer_2=tokenizer("!"),
-                                     unet=unet, scheduler=scheduler(sampler), add_watermarker=False)
+                                     unet=net, scheduler=scheduler(sampler), add_watermarker=False)
