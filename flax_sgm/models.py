@@ -16,7 +16,7 @@ from flax_sgm.attention.config import SpatialTransformerConfig
 from flax_sgm.autoencoder.config import AutoencoderConfig
 from flax_sgm.autoencoder.model import AutoencoderKL
 from flax_sgm.attention.transformer import SpatialTransformer
-from flax_sgm.nn.primitives import shapes_only
+from flax_sgm.nn.primitives import LazyRngs, shapes_only
 from flax_sgm.text.config import CLIPTextConfig
 from flax_sgm.text.model import CLIPTextModel
 from flax_sgm.unet.config import UNetConfig
@@ -45,11 +45,11 @@ def build(config, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dt
     return model_class(config)(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
 
 
-def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, seed: int = 0) -> nnx.Module:
     """The same model with ShapeDtypeStruct parameters, for a loader to fill: built without running or tracing an
-    initializer (primitives.shapes_only). Dropout RNG state, if any, is real (from `rngs`, default nnx.Rngs(0))."""
+    initializer (primitives.shapes_only). Dropout RNG state, if any, is real: nnx.Rngs(seed)'s."""
     with shapes_only():
-        return build(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        return build(config, rngs=LazyRngs(seed), dtype=dtype, param_dtype=param_dtype)
 
 
 def ready(model: nnx.Module) -> nnx.Module:

@@ -56,7 +56,7 @@ def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: 
 def build_stack(source: Source, stack: Stack, *, dtype=None, param_dtype=None, seed: int = 0, **options):
     """The stack's weights in a ready SpatialTransformer, tensor by tensor (convert.load_planned)."""
     param_dtype, downcast = _chosen_param_dtype(stack, param_dtype)
-    model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    model = models.abstract(stack.config.replace(**options), dtype=dtype, param_dtype=param_dtype, seed=seed)
     plan = stack_plan(source, stack, model, downcast)
     convert.load_planned(model, plan, source)
     return models.ready(model)

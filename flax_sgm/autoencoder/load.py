@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from flax_sgm.checkpoints import convert
 from flax_sgm.checkpoints import converted as output
@@ -69,7 +68,7 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
                 )
             layout = None
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path),
-                                rngs=nnx.Rngs(seed))
+                                seed=seed)
         plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
     return models.ready(model)

@@ -280,9 +280,9 @@ def load_record(path, weights: str, record: StackRecord, *, dtype=None, param_dt
     if another, dropout keys from `seed`, in inference mode. `options` set the config's run-time fields."""
     config = record.config.replace(**(options or {}))
     model = restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype,
-                                                           rngs=nnx.Rngs(seed)))
+                                                           seed=seed))
     if param_dtype is not None and jnp.dtype(param_dtype) != jnp.dtype(record.param_dtype):
-        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        cast = models.abstract(config, dtype=dtype, param_dtype=param_dtype, seed=seed)
         nnx.update(cast, jax.tree.map(lambda v: v.astype(param_dtype), nnx.state(model, nnx.Param)))
         model = cast
     return models.ready(model)

@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import jax.numpy as jnp
-from flax import nnx
 
 from flax_sgm.checkpoints import convert, converted as output
 from flax_sgm.errors import CheckpointError
@@ -67,7 +66,7 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
                                          **options)
             layout = None
         stored = _stored_dtype(source, path)
-        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, rngs=nnx.Rngs(seed))
+        model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, seed=seed)
         plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
         convert.load_planned(model, plan, source, copy=not source.private)
     return models.ready(model)
