@@ -488,3 +488,22 @@ def test_a_write_that_fails_is_one_line_and_leaves_nothing(sgm, tmp_path, weight
     assert len(lines) == 1 and f"{out}: could not write" in lines[0], done.stderr[-3000:]
     assert "/.out." not in lines[0]  # the staging directory beside it is never named
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+
+
+def test_prefetch_asks_the_kernel_for_the_loaded_tensors_only(tmp_path, monkeypatch):
+    """Source.prefetch: one WILLNEED request per run of adjacent tensors it is given, none for the others (a
+    single file's UNet is prefetched without its VAE and text encoders)."""
+    from safetensors.numpy import save_file as save_numpy
+
+    from flax_sgm.checkpoints import sources
+
+    path = tmp_path / "w.safetensors"
+    save_numpy({"a.x": np.ones(100, np.float32), "a.y": np.ones(50, np.float32), "b.z": np.ones(10, np.float32)}, path)
+    asked = []
+    monkeypatch.setattr(sources.os, "posix_fadvise", lambda fd, offset, size, advice: asked.append((offset, size, advice)),
+                        raising=False)
+    monkeypatch.setattr(sources.threading, "Thread", lambda target, args, daemon: type("T", (), {"start": lambda s: target(*args)})())
+    with sources.open_source(path) as source:
+        source.prefetch(k for k in source.infos if k.startswith("a."))
+        start = min(source._places[k].offset for k in ("a.x", "a.y"))
+    assert asked == [(start, 600, sources.os.POSIX_FADV_WILLNEED)]

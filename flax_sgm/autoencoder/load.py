@@ -67,6 +67,7 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
                     f"({PRESETS['sd'].scaling_factor} for SD 1.x/2.x, {PRESETS['sdxl'].scaling_factor} for SDXL)"
                 )
             layout = None
+        source.prefetch(k for k in infos if k.startswith(prefix))
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path),
                                 seed=seed)
         plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)

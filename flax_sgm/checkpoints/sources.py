@@ -29,11 +29,13 @@ an array of its own.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import threading
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -161,6 +163,18 @@ class Source:
             self.release()
         return value
 
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Start the kernel reading these tensors' bytes into the page cache (posix_fadvise WILLNEED, on a thread),
+        so a cold file's reads overlap building the model that will hold them. The page cache is not the process's
+        memory, and a file already cached costs nothing. Only safetensors files; a no-op where the OS has no fadvise."""
+        spans: dict[Path, list[tuple[int, int]]] = {}
+        for key in keys:
+            place = self._places.get(key)
+            if isinstance(place, Bytes):
+                spans.setdefault(place.path, []).append((place.offset, self.infos[key].nbytes))
+        if spans and hasattr(os, "posix_fadvise"):
+            threading.Thread(target=_will_need, args=(spans,), daemon=True).start()
+
     def __getitem__(self, key: str) -> np.ndarray:
         """The tensor without a copy, for convert.load_planned: a read-only view of the file's bytes (its own
         memory map, unmapped when the view goes), or torch's tensor as numpy."""
@@ -190,6 +204,25 @@ class Source:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _will_need(spans: dict[Path, list[tuple[int, int]]]) -> None:
+    for path, parts in spans.items():
+        merged: list[list[int]] = []  # adjacent tensors as one request
+        for offset, size in sorted(parts):
+            if merged and offset <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], offset + size)
+            else:
+                merged.append([offset, offset + size])
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # the read itself will say what is wrong
+        try:
+            for begin, end in merged:
+                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def open_source(path, variant: str | None = None) -> Source:

@@ -119,6 +119,7 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
     with open_source(path, variant) as source:
         plan = plan_text_encoder(source, embedder=embedder, config=config, **options)
         infos = {k: source.infos[k] for k in plan.keys}
+        source.prefetch(infos)
         stored = _stored_dtype(infos, path)
         chosen_dtype, downcast = choose_param_dtype(stored, param_dtype)
         model = models.abstract(plan.config, dtype=dtype, param_dtype=chosen_dtype)

@@ -65,6 +65,7 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
             config = config_from_weights(source.infos, prefix, heads=heads, head_dim=head_dim, config=config, source=str(path),
                                          **options)
             layout = None
+        source.prefetch(k for k in source.infos if k.startswith(prefix))
         stored = _stored_dtype(source, path)
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, seed=seed)
         plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
