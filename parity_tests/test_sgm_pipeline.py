@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file as load_numpy, save_file
 
 from conftest import assert_close, cli_error
 from test_autoencoder import flax_vae
@@ -80,18 +80,18 @@ def load(files, family, **kwargs):
                          scaling_factor=SCALING[family], **kwargs)
 
 
-def euler_scheduler():
+def euler_scheduler(prediction_type: str = "epsilon"):
     """sgm's demo sampler's diffusers twin (test_sgm_sampling): EulerDiscrete on sgm's LegacyDDPM betas, stepped at
     sgm's timesteps (`timesteps=sgm_timesteps(n)`); "leading" spacing makes its initial noise sqrt(1 + sigma_0^2)."""
     return EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  timestep_spacing="leading", prediction_type="epsilon")
+                                  timestep_spacing="leading", prediction_type=prediction_type)
 
 
-def diffusers_reference(pipe, latents: np.ndarray, steps: int, prompt=None, **kwargs) -> np.ndarray:
+def diffusers_reference(pipe, latents: np.ndarray, steps: int, prompt=None, prediction_type="epsilon", **kwargs) -> np.ndarray:
     """diffusers' own pipeline (the one the single file was written from) with sgm's demo sampler's twin,
     guidance 5.0, from the same initial latents; final latents NHWC. SDXL's unconditional embeddings are zeros
     (force_zeros_for_empty_prompt), as sgm's demo's force_uc_zero_embeddings=["txt"]."""
-    ref = type(pipe)(**{**pipe.components, "scheduler": euler_scheduler()})
+    ref = type(pipe)(**{**pipe.components, "scheduler": euler_scheduler(prediction_type)})
     x = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         out = ref(prompt, timesteps=sgm_timesteps(steps).tolist(), guidance_scale=GUIDANCE, latents=x, height=SIZE,
@@ -160,6 +160,11 @@ def test_single_file_samplers_and_bad_input(files, tmp_path):
     one_line(lambda: load(files, "sd", scheduler="pndm"), r"scheduler='pndm': a single file runs sgm's samplers")
     one_line(lambda: load(files, "sd", scheduler={"target": "x.Foo"}), r"scheduler=: sampler 'Foo' is not supported")
     one_line(lambda: load_pipeline(directory, scaling_factor=0.2), r"scaling_factor= is for a single file")
+    one_line(lambda: load_pipeline(directory, prediction="epsilon"), r"prediction= is for a single file")
+    one_line(lambda: load(files, "sd", prediction="v"), r"prediction='v': one of epsilon, v_prediction")
+    one_line(lambda: load(files, "sd", prediction="epsilon", scheduler=sampler_config(None)),
+             r"prediction=: the SgmSamplerConfig given as scheduler= says it")
+    assert load(files, "sd").scheduler.scaling == "eps"  # SD 1.x: epsilon, as diffusers reads it
     save_file({"first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
     one_line(lambda: load_pipeline(tmp_path / "vae.safetensors", tokenizer=directory),
              r"vae.safetensors: its text encoders \(none\) are none of SD 1.x's")
@@ -170,6 +175,8 @@ def test_cli_sample_single_file_needs_its_tokenizers(files, tmp_path):
     line = cli_error("sample", str(path), "--prompt", "a cat", "-o", str(tmp_path / "cat.png"))
     assert "a single file holds no tokenizer; pass tokenizer=" in line
     assert not (tmp_path / "cat.png").exists()
+    line = cli_error("sample", str(files["sd"][1]), "--prediction", "epsilon", "--prompt", "a cat", "-o", str(tmp_path / "cat.png"))
+    assert "prediction= is for a single file" in line
 
 
 def test_the_family_is_read_off_the_text_towers():
@@ -192,10 +199,12 @@ def test_the_family_is_read_off_the_text_towers():
     assert not any(s.final_norm for s in family_of(find_towers(files[next(k for k in files if k[0] == "sdxl")]), "f")[2])
 
 
-@pytest.mark.slow
 def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
     """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against diffusers' pipeline fed the
-    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm, "" for the unconditional)."""
+    embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm, "" for the unconditional).
+    What it predicts is diffusers' reading of such a file: v-prediction at 768 x 768 (SD 2.1's released file) unless
+    its global_step is SD 2.x base's; prediction= says otherwise. (It ran epsilon at 512 once: SD 2.1-768 silently
+    wrong.)"""
     from diffusers import StableDiffusionPipeline
 
     sd, sdxl = torch_pipeline("sd"), torch_pipeline("sdxl")
@@ -204,10 +213,10 @@ def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
                                    requires_safety_checker=False)
     pipe.save_pretrained(tmp_path / "sd2")
     configs = write_single_file(pipe, "sd2", tmp_path / "sd2.safetensors")
-    ours = load_pipeline(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "sd2", unet_config=flax_unet(pipe.unet).config,
-                         text_configs=configs, scaling_factor=SCALING["sd"])
-    latents = initial_latents(1)
-    got = ours("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent").images
+
+    def ours(path=tmp_path / "sd2.safetensors", **kwargs):
+        return load_pipeline(path, tokenizer=tmp_path / "sd2", unet_config=flax_unet(pipe.unet).config,
+                             text_configs=configs, scaling_factor=SCALING["sd"], **kwargs)
 
     def embed(text):
         ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -216,7 +225,20 @@ def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
 
     with torch.no_grad():
         embeds = dict(prompt_embeds=embed(["a cat"]), negative_prompt_embeds=embed([""]))
-    assert_close(got, diffusers_reference(pipe, latents, STEPS, **embeds), PIPELINE, "sd2 latents")
+    latents = initial_latents(1)
+    for prediction, scaling in (("v_prediction", "v"), ("epsilon", "eps")):
+        pipeline = ours() if prediction == "v_prediction" else ours(prediction=prediction)
+        assert pipeline.scheduler.scaling == scaling
+        got = pipeline("a cat", num_inference_steps=STEPS, latents=latents, height=SIZE, width=SIZE, output="latent")
+        want = diffusers_reference(pipe, latents, STEPS, prediction_type=prediction, **embeds)
+        assert_close(got.images, want, PIPELINE, f"sd2 latents, {prediction}")
+    assert ours().sample_size * 8 == 768 and ours(prediction="epsilon").sample_size * 8 == 512
+    # SD 2.x base's .ckpt says its global_step: epsilon at 512, as diffusers reads it.
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_numpy(str(tmp_path / "sd2.safetensors")).items()}
+    torch.save({"state_dict": state, "global_step": 875000}, tmp_path / "sd2-base.ckpt")
+    base = ours(tmp_path / "sd2-base.ckpt")
+    assert (base.scheduler.scaling, base.sample_size) == ("eps", 64)
+    assert ours(tmp_path / "sd2-base.ckpt", prediction="v_prediction").scheduler.scaling == "v"
 
 
 @pytest.mark.slow

@@ -131,8 +131,11 @@ class Source:
     """
 
     def __init__(self, path: Path, kind: str, infos: dict[str, TensorInfo], places: dict[str, Any],
-                 config: dict | None = None, config_path: Path | None = None):
+                 config: dict | None = None, config_path: Path | None = None, metadata: Mapping | None = None):
         self.path, self.kind, self.infos = path, kind, infos
+        # What the file says beside its tensors: a safetensors header's __metadata__, a torch checkpoint's
+        # top-level numbers and strings (an sgm/LDM file's global_step).
+        self.metadata = dict(metadata or {})
         self._places = places  # key -> its Bytes in a safetensors file, or the {key: torch tensor} dict holding it
         self._handles: dict[Path, Any] = {}  # open safe_open handles, by file
         self._mapped = 0  # bytes read through them
@@ -249,8 +252,8 @@ def open_source(path, variant: str | None = None) -> Source:
         if path.suffix == ".json":  # never handed to safetensors: an index names the files that hold the tensors
             source = _open_index(path, path)
         else:
-            infos, places, kind = _open_file(path)
-            source = Source(path, kind, infos, places)
+            infos, places, kind, metadata = _open_file(path)
+            source = Source(path, kind, infos, places, metadata=metadata)
         if is_diffusers and (path.parent / CONFIG_FILE).is_file():
             source.config, source.config_path = _read_model_config(path.parent / CONFIG_FILE), path.parent / CONFIG_FILE
     return source
@@ -290,8 +293,8 @@ def _open_directory(path: Path, variant: str | None) -> Source:
     if indexes:
         source = _open_index(indexes[0], path)
     else:
-        infos, places, kind = _open_file(weights[0])
-        source = Source(path, kind, infos, places)
+        infos, places, kind, metadata = _open_file(weights[0])
+        source = Source(path, kind, infos, places, metadata=metadata)
     source.config, source.config_path = config, config_path if config is not None else None
     return source
 
@@ -333,7 +336,7 @@ def _open_index(index: Path, shown: Path) -> Source:
         file = index.parent / shard
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {shard}, which does not exist ({file})")
-        shard_infos, shard_places, _ = _open_file(file, torch_too=False)
+        shard_infos, shard_places, _, _ = _open_file(file, torch_too=False)
         absent = [k for k in keys if k not in shard_infos]
         if absent:
             raise CheckpointError(f"{file}: has no {absent[0]}, which {index.name} places there")
@@ -343,7 +346,7 @@ def _open_index(index: Path, shown: Path) -> Source:
 
 
 def _open_file(path: Path, *, torch_too: bool = True):
-    """(infos, places, kind) through whichever library accepts the file."""
+    """(infos, places, kind, metadata) through whichever library accepts the file."""
     try:
         return _open_safetensors(path)
     except CheckpointError as err:
@@ -357,13 +360,13 @@ def _open_file(path: Path, *, torch_too: bool = True):
             raise CheckpointError(f"{path}: reading a torch checkpoint needs torch (pip install 'flax-sgm[torch]')") from None
         raise refused from None
     try:
-        tensors = _torch_load(path)
+        tensors, metadata = _torch_load(path)
     except CheckpointError:
         if path.suffix in TORCH_SUFFIXES:
             raise
         raise refused from None
     infos = {k: TensorInfo(tuple(t.shape), _torch_dtype(t.dtype)) for k, t in tensors.items()}
-    return infos, {k: tensors for k in tensors}, "torch"
+    return infos, {k: tensors for k in tensors}, "torch", metadata
 
 
 def _open_safetensors(path: Path):
@@ -376,13 +379,14 @@ def _open_safetensors(path: Path):
                 part = handle.get_slice(key)
                 dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), np.dtype(np.void))
                 infos[key] = TensorInfo(tuple(part.get_shape()), dtype)
+            metadata = handle.metadata() or {}
     except Exception as err:  # safetensors' own error type, or an OSError
         reason = first_line(err).removeprefix("Error while deserializing header: ")
         if "not fully covered" in reason or "invalid header length" in reason:
             reason += "; truncated?"
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
     starts = _data_starts(path)
-    return infos, {k: Bytes(path, starts[k]) for k in infos}, "safetensors"
+    return infos, {k: Bytes(path, starts[k]) for k in infos}, "safetensors", metadata
 
 
 def _data_starts(path: Path) -> dict[str, int]:
@@ -403,7 +407,8 @@ def _torch_dtype(dtype) -> np.dtype:
         return np.dtype(np.void)
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path) -> tuple[dict, dict]:
+    """(the tensors, the top-level numbers and strings beside them) of a torch checkpoint."""
     import torch
 
     is_zip = zipfile.is_zipfile(path)  # torch.save's zip layout can be memory-mapped
@@ -415,14 +420,16 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(err)}; nothing in it was run") from None
     except Exception as err:  # torch raises many types (and hands safetensors files to safetensors)
         raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {first_line(err)}") from None
+    metadata = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        metadata = {str(k): v for k, v in obj.items() if isinstance(v, (int, float, str))}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
-    return tensors
+    return tensors, metadata
 
 
 def _unpickling_reason(err: Exception) -> str:

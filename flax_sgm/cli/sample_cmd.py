@@ -36,6 +36,9 @@ Examples:
 @click.option("--tokenizer", "tokenizers", multiple=True, type=click.Path(),
               help="A single file's tokenizers: a pipeline directory with tokenizer/ (and tokenizer_2/), or one "
               "tokenizer folder per text encoder (repeat the option).")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]),
+              help="What a single file's UNet predicts; nothing in the file says (default: diffusers' reading: SD 2.x "
+              "v_prediction at 768 x 768 unless its global_step is SD 2.x base's, the rest epsilon).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images for the prompt (OUT-0.png, OUT-1.png, ... when above 1).")
 @variant_option
@@ -44,8 +47,8 @@ Examples:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="The PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written and the timings as JSON.")
 @clean_errors
-def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, sampler, tokenizers, batch, variant, dtype,
-           out, as_json):
+def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, sampler, tokenizers, prediction, batch,
+           variant, dtype, out, as_json):
     """Sample --batch images for --prompt with the diffusers pipeline directory PATH (StableDiffusionPipeline or
     StableDiffusionXLPipeline: model_index.json, scheduler/, unet/, vae/, text encoders and tokenizers), or the
     sgm single file PATH with --tokenizer (sgm's demo sampler: EulerEDM, guidance 5.0), and write each as a PNG. A progress bar follows the steps of the compiled loop; the time per step (the compile
@@ -65,7 +68,7 @@ def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, 
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     tokenizer = None if not tokenizers else tokenizers[0] if len(tokenizers) == 1 else list(tokenizers)
     pipe = load_pipeline(path, variant=variant, dtype=None if dtype == "float32" else jnp.dtype(dtype), scheduler=sampler,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, prediction=prediction)
     total = len(timesteps_for(pipe.scheduler, steps))
     with tqdm(total=total, desc="sampling", unit="step", disable=None, leave=False) as bar:
         result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,

@@ -58,7 +58,8 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=None, scheduler=None,
-                  unet_config=None, text_configs=None, scaling_factor: float | None = None) -> Pipeline:
+                  unet_config=None, text_configs=None, scaling_factor: float | None = None,
+                  prediction: str | None = None) -> Pipeline:
     """A ready Pipeline (models in inference mode) from a diffusers pipeline directory or an sgm single file.
 
     path: a directory holding model_index.json (StableDiffusionPipeline: SD 1.x/2.x; StableDiffusionXLPipeline:
@@ -75,7 +76,9 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
     text encoders from the file, `tokenizer=` required; `scheduler` an sgm sampler (None: sgm's demo default,
     EulerEDM over LegacyDDPM with VanillaCFG 5.0; an SgmSamplerConfig; a flax_sgm.sampling.SGM_KINDS name; or
     sgm's sampler_config mapping). unet_config, text_configs (one per text encoder) and scaling_factor: only for
-    a single file whose shapes are no released model's.
+    a single file whose shapes are no released model's. prediction: what a single file's UNet predicts,
+    "epsilon" or "v_prediction" (nothing in the file says; the default is diffusers' reading: SD 2.x v-prediction
+    at 768 x 768 unless its global_step is SD 2.x base's, every other family epsilon).
     """
     path = Path(path)
     if path.is_file():
@@ -83,11 +86,12 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
             raise CheckpointError(f"{path}: variant= picks a diffusers directory's files; a single file has none")
         return load_single_file_pipeline(path, tokenizer=tokenizer, dtype=dtype, scheduler=scheduler,
                                          unet_config=unet_config, text_configs=text_configs,
-                                         scaling_factor=scaling_factor)
+                                         scaling_factor=scaling_factor, prediction=prediction)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory; load_pipeline reads a diffusers pipeline directory "
                               "or an sgm single file")
-    for name, value in (("unet_config", unet_config), ("text_configs", text_configs), ("scaling_factor", scaling_factor)):
+    for name, value in (("unet_config", unet_config), ("text_configs", text_configs), ("scaling_factor", scaling_factor),
+                        ("prediction", prediction)):
         if value is not None:
             raise CheckpointError(f"{path}: {name}= is for a single file; a pipeline directory's configs say it")
     if not (path / MODEL_INDEX).is_file():

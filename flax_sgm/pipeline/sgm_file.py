@@ -9,7 +9,8 @@ Each tower hands on what sgm's embedder does (flax_sgm.text.conditioner.EMBEDDER
 
 The sampler is sgm's scripts/demo default (init_sampling): EulerEDMSampler over LegacyDDPMDiscretization,
 VanillaCFG of scale 5.0, 50 steps, and the denoiser of configs/inference/*.yaml: a DiscreteDenoiser of 1000
-LegacyDDPM sigmas with EpsScaling (SD 2.1-768, a v model, takes scheduler=SgmSamplerConfig(..., scaling="v")).
+LegacyDDPM sigmas with EpsScaling, or VScaling for a v-prediction model (sd_2_1_768.yaml). Nothing in a file says
+which: the default is diffusers' reading (PREDICTIONS below), `prediction=` says otherwise.
 The unconditional embeddings are sgm's demo's: SDXL base zeroes the text part when no negative prompt is given
 (force_uc_zero_embeddings=["txt"]); SD and the refiner encode the negative prompt, "" by default.
 """
@@ -50,6 +51,11 @@ FAMILIES = {
         "sdxl-refiner", ["text_encoder_2"], (EmbedderSpec("penultimate", final_norm=False, pooled=True),)),
 }
 LATENT_SIZE = {"sd": 64, "sdxl": 128, "sdxl-refiner": 128}  # sgm's demo: 512 (SD), 1024 (SDXL) images
+# What the UNet predicts: nothing in a file says. diffusers' single-file reading (_legacy_load_scheduler): an SD 2.x
+# file is v-prediction (SD 2.x-768, 768 x 768 images) unless its global_step is SD 2.x base's; the rest epsilon.
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> sgm's denoiser scaling
+SD2_BASE_STEP = 875000
+SD2_V_LATENT = 96
 
 
 def family_of(towers, source: str) -> tuple[str, list[str], tuple[EmbedderSpec, ...]]:
@@ -83,26 +89,37 @@ def sampler_config(scheduler) -> SgmSamplerConfig:
 
 
 def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=None, unet_config=None,
-                              text_configs: Sequence | None = None, scaling_factor: float | None = None) -> Pipeline:
+                              text_configs: Sequence | None = None, scaling_factor: float | None = None,
+                              prediction: str | None = None) -> Pipeline:
     """See load_pipeline. unet_config, text_configs (one per tower) and scaling_factor: for a file whose shapes
-    are no released model's (their loaders' config= and scaling_factor=)."""
+    are no released model's (their loaders' config= and scaling_factor=); prediction: PREDICTIONS' keys."""
     if tokenizer is None:
         raise CheckpointError(f"{path}: a single file holds no tokenizer; pass tokenizer= (flax-sgm sample: "
                               "--tokenizer): a pipeline directory with tokenizer/ (and tokenizer_2/), or a list of "
                               "tokenizer folders, one per text encoder")
     with open_source(path) as source:
         towers = find_towers(list(source.infos))
+        global_step = source.metadata.get("global_step")
     family, encoders, specs = family_of(towers, str(path))
     if text_configs is not None and len(text_configs) != len(towers):
         raise CheckpointError(f"text_configs=: {len(text_configs)} given for {len(towers)} text encoders")
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise CheckpointError(f"prediction={prediction!r}: one of {', '.join(PREDICTIONS)}")
+    if prediction is not None and isinstance(scheduler, SgmSamplerConfig):
+        raise CheckpointError("prediction=: the SgmSamplerConfig given as scheduler= says it (its scaling); give one")
+    sd2 = family == "sd" and towers[0].kind == "open_clip"
+    if prediction is None:
+        prediction = "v_prediction" if sd2 and global_step != SD2_BASE_STEP else "epsilon"
     cfg = sampler_config(scheduler)
+    if not isinstance(scheduler, SgmSamplerConfig):
+        cfg = cfg.replace(scaling=PREDICTIONS[prediction])
     unet = load_unet(path, config=unet_config, dtype=dtype)
     vae = load_vae(path, dtype=dtype, scaling_factor=scaling_factor)
     text_encoders = [load_text_encoder(path, embedder=i, dtype=dtype,
                                        config=None if text_configs is None else text_configs[i])
                      for i in range(len(towers))]
     tokenizers = pipeline_tokenizers(path, tokenizer, encoders, {})
-    unet_json = {"sample_size": LATENT_SIZE[family]}
+    unet_json = {"sample_size": SD2_V_LATENT if sd2 and prediction == "v_prediction" else LATENT_SIZE[family]}
     if family != "sd":  # the size/crop ids' width: the vector's features beside the pooled text vector
         pooled = text_encoders[-1].config.projection_dim or text_encoders[-1].config.hidden_size
         ids = 5 if family == "sdxl-refiner" else 6
