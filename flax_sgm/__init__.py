@@ -32,7 +32,7 @@ from flax_sgm.text.load import load_text_encoder
 from flax_sgm.sampling import SchedulerConfig, SgmSamplerConfig, sample
 from flax_sgm.pipeline import Pipeline, PipelineOutput, load_pipeline
 from flax_sgm import lora
-from flax_sgm.lora import add_adapters, fuse_lora, load_lora, save_lora, unload_lora
+from flax_sgm.lora import add_adapters, fuse_lora, load_lora, save_lora, set_lora_scale, unload_lora
 
 __all__ = [
     "AttentionProblem",
@@ -80,6 +80,7 @@ __all__ = [
     "record_attention_calls",
     "sample",
     "save_lora",
+    "set_lora_scale",
     "sdxl_vector",
     "select_backend",
     "target_platform",

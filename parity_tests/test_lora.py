@@ -145,6 +145,16 @@ def test_unfused_adapters_equal_the_peft_model_and_unload_restores_the_base_bit_
     load_lora(unet, files["peft"], scale=SCALE, fuse=False)
     assert state(unet).keys() == before.keys()  # the base weights are as they were; A and B are beside them
     assert_close(flax_out(unet), out[SCALE], TOL, what="unfused")
+    # Another weight (diffusers' set_adapters) is state: the same compiled program answers at scale 1.
+    traces = []
+    forward = jax.jit(lambda m, x, t, c: traces.append(1) or m(x, t, c))
+    x, t, c = inputs()
+    assert_close(np.asarray(forward(unet, x.transpose(0, 2, 3, 1), t, c)), out[SCALE], TOL, what="jitted, SCALE")
+    flax_sgm.set_lora_scale(unet, 1.0)
+    assert_close(np.asarray(forward(unet, x.transpose(0, 2, 3, 1), t, c)), out[1.0], TOL, what="set_lora_scale(1.0)")
+    assert len(traces) == 1, "a new scale compiled the model again"
+    with pytest.raises(CheckpointError, match=r"set_lora_scale: no unfused adapter 'other' on the model \(it holds \['pytorch_lora_weights'\]"):
+        flax_sgm.set_lora_scale(unet, 0.5, name="other")
     unload_lora(unet)
     assert_same_state(unet, before)
     assert np.array_equal(flax_out(unet), base)
@@ -516,6 +526,12 @@ def test_a_text_encoder_lora_equals_the_peft_model(truth, base_unet, tmp_path, f
     pipe.family, pipe.unet, pipe.text_encoders = "sd", nnx.clone(base_unet), [flax_sgm.load_text_encoder(tmp_path / "te")]
     load_lora(pipe, both)
     assert_close(np.asarray(encode(pipe.text_encoders[0], ids)), want, TOL, what=f"pipeline's text encoder, {fmt}")
+    unfused = Pipeline.__new__(Pipeline)  # loaded at weight 0, then set on the pipeline's models
+    unfused.family, unfused.unet = "sd", nnx.clone(base_unet)
+    unfused.text_encoders = [flax_sgm.load_text_encoder(tmp_path / "te")]
+    load_lora(unfused, both, scale=0.0, fuse=False)
+    flax_sgm.set_lora_scale(unfused, 1.0)
+    assert_close(np.asarray(encode(unfused.text_encoders[0], ids)), want, TOL, what=f"set_lora_scale on a pipeline, {fmt}")
     unet = state(load_lora(nnx.clone(base_unet), unet_file))
     assert all(np.array_equal(v, unet[k]) for k, v in state(pipe.unet).items())
     with pytest.raises(CheckpointError, match=r"modules are another model's \(unet: "):

@@ -28,21 +28,32 @@ class LoRAParam(nnx.Variable):
     """A LoRA adapter's weight: trainable with `wrt=LoRAParam`, invisible to the base model's Param filters."""
 
 
+class LoRAScale(nnx.Variable):
+    """An adapter's weight (diffusers' adapter weight): state, not structure, so setting another (set_lora_scale)
+    reuses every compiled program; neither a Param nor a LoRAParam, so nothing trains or converts it."""
+
+
 class Adapter(nnx.Module):
     """One LoRA on one layer: `down` [in, r] or [kh, kw, in, r], `up` [r, out]; output scale*alpha/rank*up(down(x))."""
 
     def __init__(self, down, up, *, alpha: float, scale: float = 1.0, rslora: bool = False):
         self.down, self.up = LoRAParam(jnp.asarray(down)), LoRAParam(jnp.asarray(up))
-        self.alpha, self.scale, self.rslora = float(alpha), float(scale), bool(rslora)
+        self.scale = LoRAScale(jnp.asarray(scale, jnp.float32))
+        self.alpha, self.rslora = float(alpha), bool(rslora)
 
     @property
     def rank(self) -> int:
         return int(self.up.shape[0])
 
     @property
+    def scaling(self) -> float:
+        """peft's `scaling`: alpha / rank (rsLoRA: alpha / sqrt(rank))."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
     def multiplier(self) -> float:
-        """What up(down(x)) is multiplied by: peft's `scaling` times the adapter weight."""
-        return self.scale * self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """What up(down(x)) is multiplied by: peft's `scaling` times the adapter weight (a concrete number)."""
+        return float(self.scale[...]) * self.scaling
 
     def __call__(self, layer: nnx.Module, x: jax.Array) -> jax.Array:
         down, up = self.down[...], self.up[...]
@@ -52,7 +63,7 @@ class Adapter(nnx.Module):
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=layer.precision)
         else:
             h = x @ down
-        return (h @ up) * jnp.asarray(self.multiplier, h.dtype)
+        return (h @ up) * (self.scale[...] * self.scaling).astype(h.dtype)
 
     def delta(self) -> np.ndarray:
         """multiplier * up(down) as a change of the layer's kernel ([in, out] or [kh, kw, in, out]), float64."""

@@ -13,6 +13,7 @@ import numbers
 from pathlib import Path
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -263,6 +264,24 @@ def unload_lora(model: nnx.Module, name: str | None = None) -> nnx.Module:
     return model
 
 
+def set_lora_scale(model, scale: float, *, name: str | None = None) -> nnx.Module:
+    """Set the weight of the unfused adapter `name` (every one when None) on `model` or on a Pipeline's UNet and
+    text encoders, as diffusers' set_adapters(adapter_weights=...): the output becomes base + scale * alpha / rank
+    * up(down(x)). The weight is state, so jitted programs (a Pipeline's loop among them) are not compiled again.
+    A fused LoRA is part of the kernels: unload nothing, load it again."""
+    scale = check_scale(scale)
+    models = [model.unet, *model.text_encoders] if isinstance(model, Pipeline) else [model]
+    held = [adapter for m in models for n, found in lora_adapters.adapters_of(m).items() if name in (None, n)
+            for _, adapter in found]
+    if not held:
+        names = sorted({n for m in models for n in lora_adapters.adapters_of(m)})
+        raise CheckpointError(f"set_lora_scale: no unfused adapter {name!r} on the model (it holds {names or 'none'}; "
+                              "a LoRA loaded with fuse=True is in the kernels)")
+    for adapter in held:
+        adapter.scale[...] = jnp.asarray(scale, jnp.float32)
+    return model
+
+
 def lora_summary(path) -> dict:
     """What `flax-sgm inspect` says of a LoRA file: format, modules, rank(s), alpha(s), what it adapts."""
     path = Path(path)
@@ -274,12 +293,7 @@ def lora_summary(path) -> dict:
         fmt, found, stray = entries(keys)
         ranks = sorted({source.infos[e.down].shape[0] for e in found.values() if e.down is not None})
         alphas = sorted({float(np.asarray(source.read(e.alpha)).reshape(())) for e in found.values() if e.alpha})
-    metadata = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
+        metadata = source.metadata if source.kind == "safetensors" else {}
     config = peft_config(metadata)
     if not alphas and "lora_alpha" in config:
         alphas = [float(config["lora_alpha"])]
