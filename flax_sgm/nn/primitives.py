@@ -233,7 +233,24 @@ class Conv(_Projection):
         return adapted(self, x, conv(x, kernel) if bias is None else with_bias(conv, x, kernel, bias))
 
 
-class LayerNorm(nnx.LayerNorm):
+def _norm_options(axis: str, epsilon: float, rngs, param_dtype) -> dict:
+    """flax's norm arguments for torch's numbers: exact variance, statistics in the dtype in_float32 gives the
+    input (float32, or float64 for float64), the parameters' logical axis."""
+    return dict(epsilon=epsilon, use_fast_variance=numerics.USE_FAST_VARIANCE, dtype=None, param_dtype=param_dtype,
+                scale_metadata=param_metadata(axis), bias_metadata=param_metadata(axis),
+                **initializers(rngs, "scale_init", "bias_init"))
+
+
+class _InFloat32:
+    """A flax norm computed in float32 and rounded once to `out_dtype` (None: the input's dtype promoted with the
+    parameters'), as torch normalizes bf16."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
+        return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
+
+
+class LayerNorm(_InFloat32, nnx.LayerNorm):
     """torch.nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6), exact variance; `axis`: the features' logical name.
 
     `epsilon`: a model whose config says another (transformers' `layer_norm_eps`). Computed in float32 (float64 for
@@ -251,24 +268,11 @@ class LayerNorm(nnx.LayerNorm):
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
     ):
-        super().__init__(
-            dim,
-            epsilon=epsilon,
-            use_fast_variance=numerics.USE_FAST_VARIANCE,
-            dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64
-            param_dtype=param_dtype,
-            scale_metadata=param_metadata(axis),
-            bias_metadata=param_metadata(axis),
-            **initializers(rngs, "scale_init", "bias_init"),
-        )
+        super().__init__(dim, **_norm_options(axis, epsilon, rngs, param_dtype))
         self.out_dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
-        return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
 
-
-class GroupNorm(nnx.GroupNorm):
+class GroupNorm(_InFloat32, nnx.GroupNorm):
     """The seed's Normalize: GroupNorm, 32 groups, eps 1e-6, exact variance, affine; channels-last.
 
     `axis`: the channels' logical name; `epsilon`: sgm's UNet uses torch's 1e-5
@@ -291,22 +295,8 @@ class GroupNorm(nnx.GroupNorm):
             raise ValueError(
                 f"Normalize (GroupNorm): `in_channels` must be divisible by {num_groups} groups; got {in_channels}"
             )
-        super().__init__(
-            in_channels,
-            num_groups=num_groups,
-            epsilon=epsilon,
-            use_fast_variance=numerics.USE_FAST_VARIANCE,
-            dtype=None,  # the input as in_float32 casts it: float32, or float64 for float64
-            param_dtype=param_dtype,
-            scale_metadata=param_metadata(axis),
-            bias_metadata=param_metadata(axis),
-            **initializers(rngs, "scale_init", "bias_init"),
-        )
+        super().__init__(in_channels, num_groups=num_groups, **_norm_options(axis, epsilon, rngs, param_dtype))
         self.out_dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
-        return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
 
 
 Normalize = GroupNorm  # the seed's name for it
