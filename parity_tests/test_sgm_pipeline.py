@@ -239,6 +239,17 @@ def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
     base = ours(tmp_path / "sd2-base.ckpt")
     assert (base.scheduler.scaling, base.sample_size) == ("eps", 64)
     assert ours(tmp_path / "sd2-base.ckpt", prediction="v_prediction").scheduler.scaling == "v"
+    # A file whose SAI ModelSpec metadata says it: as it says.
+    for metadata, scaling in (({"modelspec.prediction_type": "epsilon"}, "eps"),
+                              ({"modelspec.architecture": "stable-diffusion-v2-512"}, "eps"),
+                              ({"modelspec.prediction_type": "v", "modelspec.architecture": "stable-diffusion-v2-512"}, "v")):
+        save_file({k: v.numpy() for k, v in state.items()}, str(tmp_path / "said.safetensors"), metadata=metadata)
+        assert ours(tmp_path / "said.safetensors").scheduler.scaling == scaling, metadata
+    save_file({k: v.numpy() for k, v in state.items()}, str(tmp_path / "x0.safetensors"),
+              metadata={"modelspec.prediction_type": "x0"})
+    with pytest.raises(CheckpointError, match=r"x0.safetensors: its metadata says modelspec.prediction_type 'x0'"):
+        ours(tmp_path / "x0.safetensors")
+    assert ours(tmp_path / "x0.safetensors", prediction="epsilon").scheduler.scaling == "eps"
 
 
 @pytest.mark.slow

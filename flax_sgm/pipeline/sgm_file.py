@@ -51,11 +51,27 @@ FAMILIES = {
         "sdxl-refiner", ["text_encoder_2"], (EmbedderSpec("penultimate", final_norm=False, pooled=True),)),
 }
 LATENT_SIZE = {"sd": 64, "sdxl": 128, "sdxl-refiner": 128}  # sgm's demo: 512 (SD), 1024 (SDXL) images
-# What the UNet predicts: nothing in a file says. diffusers' single-file reading (_legacy_load_scheduler): an SD 2.x
-# file is v-prediction (SD 2.x-768, 768 x 768 images) unless its global_step is SD 2.x base's; the rest epsilon.
+# What the UNet predicts: no tensor says. A file's SAI ModelSpec metadata may (modelspec.prediction_type, or its
+# architecture); else diffusers' single-file reading (_legacy_load_scheduler): an SD 2.x file is v-prediction
+# (SD 2.x-768, 768 x 768 images) unless its global_step is SD 2.x base's; the rest epsilon.
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> sgm's denoiser scaling
+MODELSPEC = {"modelspec.prediction_type": {"epsilon": "epsilon", "v": "v_prediction"},
+             "modelspec.architecture": {"stable-diffusion-v2-512": "epsilon", "stable-diffusion-v2-768-v": "v_prediction"}}
 SD2_BASE_STEP = 875000
 SD2_V_LATENT = 96
+
+
+def prediction_of(metadata, sd2: bool, source: str) -> str:
+    """What a single file's UNet predicts when prediction= is not given: its ModelSpec metadata, else diffusers'
+    reading of it."""
+    said = metadata.get("modelspec.prediction_type")
+    if said is not None and said not in MODELSPEC["modelspec.prediction_type"]:
+        raise CheckpointError(f"{source}: its metadata says modelspec.prediction_type {said!r}; sgm's denoisers take "
+                              f"{' or '.join(MODELSPEC['modelspec.prediction_type'])} (pass prediction= to override)")
+    for key, values in MODELSPEC.items():
+        if metadata.get(key) in values:
+            return values[metadata[key]]
+    return "v_prediction" if sd2 and metadata.get("global_step") != SD2_BASE_STEP else "epsilon"
 
 
 def family_of(towers, source: str) -> tuple[str, list[str], tuple[EmbedderSpec, ...]]:
@@ -99,7 +115,7 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
                               "tokenizer folders, one per text encoder")
     with open_source(path) as source:
         towers = find_towers(list(source.infos))
-        global_step = source.metadata.get("global_step")
+        metadata = source.metadata
     family, encoders, specs = family_of(towers, str(path))
     if text_configs is not None and len(text_configs) != len(towers):
         raise CheckpointError(f"text_configs=: {len(text_configs)} given for {len(towers)} text encoders")
@@ -109,7 +125,7 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
         raise CheckpointError("prediction=: the SgmSamplerConfig given as scheduler= says it (its scaling); give one")
     sd2 = family == "sd" and towers[0].kind == "open_clip"
     if prediction is None:
-        prediction = "v_prediction" if sd2 and global_step != SD2_BASE_STEP else "epsilon"
+        prediction = prediction_of(metadata, sd2, str(path))
     cfg = sampler_config(scheduler)
     if not isinstance(scheduler, SgmSamplerConfig):
         cfg = cfg.replace(scaling=PREDICTIONS[prediction])
