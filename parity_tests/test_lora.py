@@ -153,6 +153,9 @@ def test_unfused_adapters_equal_the_peft_model_and_unload_restores_the_base_bit_
     flax_sgm.set_lora_scale(unet, 1.0)
     assert_close(np.asarray(forward(unet, x.transpose(0, 2, 3, 1), t, c)), out[1.0], TOL, what="set_lora_scale(1.0)")
     assert len(traces) == 1, "a new scale compiled the model again"
+    flax_sgm.set_lora_scale(unet, jnp.float32(1.0))  # a concrete 0-d array is a number too
+    with pytest.raises(CheckpointError, match=r"^set_lora_scale: scale must be a finite number"):
+        flax_sgm.set_lora_scale(unet, "x")
     with pytest.raises(CheckpointError, match=r"set_lora_scale: no unfused adapter 'other' on the model \(it holds \['pytorch_lora_weights'\]"):
         flax_sgm.set_lora_scale(unet, 0.5, name="other")
     unload_lora(unet)

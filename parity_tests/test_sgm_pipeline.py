@@ -202,9 +202,9 @@ def test_the_family_is_read_off_the_text_towers():
 def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
     """An SD 2.x single file (one OpenCLIP tower under cond_stage_model.model.) against diffusers' pipeline fed the
     embeddings sgm's SD 2.x embedder makes (the penultimate layer with the final norm, "" for the unconditional).
-    What it predicts is diffusers' reading of such a file: v-prediction at 768 x 768 (SD 2.1's released file) unless
-    its global_step is SD 2.x base's; prediction= says otherwise. (It ran epsilon at 512 once: SD 2.1-768 silently
-    wrong.)"""
+    What it predicts, by diffusers' single-file rule: v-prediction at 768 x 768 (SD 2.1's released file) unless its
+    global_step is SD 2.x base's; its ModelSpec metadata or prediction= say otherwise. (It ran epsilon at 512 once:
+    SD 2.1-768 silently wrong.)"""
     from diffusers import StableDiffusionPipeline
 
     sd, sdxl = torch_pipeline("sd"), torch_pipeline("sdxl")
@@ -239,8 +239,11 @@ def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
     base = ours(tmp_path / "sd2-base.ckpt")
     assert (base.scheduler.scaling, base.sample_size) == ("eps", 64)
     assert ours(tmp_path / "sd2-base.ckpt", prediction="v_prediction").scheduler.scaling == "v"
-    # A file whose SAI ModelSpec metadata says it: as it says.
-    for metadata, scaling in (({"modelspec.prediction_type": "epsilon"}, "eps"),
+    # An SgmSamplerConfig says the prediction by its scaling, and the default size follows it.
+    eps_config, v_config = sampler_config(None).replace(scaling="eps"), sampler_config(None).replace(scaling="v")
+    assert ours(scheduler=eps_config).sample_size == 64 and ours(tmp_path / "sd2-base.ckpt", scheduler=v_config).sample_size == 96
+    # A file whose metadata says it: as it says (a safetensors header holds strings).
+    for metadata, scaling in (({"global_step": "875000"}, "eps"), ({"modelspec.prediction_type": "epsilon"}, "eps"),
                               ({"modelspec.architecture": "stable-diffusion-v2-512"}, "eps"),
                               ({"modelspec.prediction_type": "v", "modelspec.architecture": "stable-diffusion-v2-512"}, "v")):
         save_file({k: v.numpy() for k, v in state.items()}, str(tmp_path / "said.safetensors"), metadata=metadata)

@@ -37,7 +37,7 @@ Examples:
               help="A single file's tokenizers: a pipeline directory with tokenizer/ (and tokenizer_2/), or one "
               "tokenizer folder per text encoder (repeat the option).")
 @click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]),
-              help="What a single file's UNet predicts (default: its ModelSpec metadata, else diffusers' reading: "
+              help="What a single file's UNet predicts (default: its ModelSpec metadata, else diffusers' rule: "
               "SD 2.x v_prediction at 768 x 768 unless its global_step is SD 2.x base's, the rest epsilon).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images for the prompt (OUT-0.png, OUT-1.png, ... when above 1).")

@@ -13,6 +13,7 @@ import numbers
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -39,9 +40,13 @@ class Placed(NamedTuple):
     alpha: float
 
 
-def check_scale(scale) -> float:
+def check_scale(scale, who: str = "load_lora") -> float:
+    """A LoRA weight as a float: a real number, or a concrete 0-d array; one line naming `who` otherwise."""
+    if isinstance(scale, (np.ndarray, np.generic, jax.Array)) and np.shape(scale) == () and not isinstance(
+            scale, jax.core.Tracer):
+        scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise CheckpointError(f"load_lora: scale must be a finite number; got {scale!r}")
+        raise CheckpointError(f"{who}: scale must be a finite number; got {scale!r}")
     return float(scale)
 
 
@@ -269,14 +274,15 @@ def set_lora_scale(model, scale: float, *, name: str | None = None) -> nnx.Modul
     text encoders, as diffusers' set_adapters(adapter_weights=...): the output becomes base + scale * alpha / rank
     * up(down(x)). The weight is state, so jitted programs (a Pipeline's loop among them) are not compiled again.
     A fused LoRA is part of the kernels: unload nothing, load it again."""
-    scale = check_scale(scale)
+    scale = check_scale(scale, "set_lora_scale")
     models = [model.unet, *model.text_encoders] if isinstance(model, Pipeline) else [model]
     held = [adapter for m in models for n, found in lora_adapters.adapters_of(m).items() if name in (None, n)
             for _, adapter in found]
     if not held:
         names = sorted({n for m in models for n in lora_adapters.adapters_of(m)})
-        raise CheckpointError(f"set_lora_scale: no unfused adapter {name!r} on the model (it holds {names or 'none'}; "
-                              "a LoRA loaded with fuse=True is in the kernels)")
+        which = "no unfused adapter" if name is None else f"no unfused adapter {name!r}"
+        raise CheckpointError(f"set_lora_scale: {which} on the model (it holds {names or 'none'}; a LoRA loaded with "
+                              "fuse=True is in the kernels)")
     for adapter in held:
         adapter.scale[...] = jnp.asarray(scale, jnp.float32)
     return model

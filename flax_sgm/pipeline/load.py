@@ -77,7 +77,7 @@ def load_pipeline(path, *, tokenizer=None, variant: str | None = None, dtype=Non
     EulerEDM over LegacyDDPM with VanillaCFG 5.0; an SgmSamplerConfig; a flax_sgm.sampling.SGM_KINDS name; or
     sgm's sampler_config mapping). unet_config, text_configs (one per text encoder) and scaling_factor: only for
     a single file whose shapes are no released model's. prediction: what a single file's UNet predicts,
-    "epsilon" or "v_prediction" (default: the file's ModelSpec metadata, else diffusers' reading: SD 2.x
+    "epsilon" or "v_prediction" (default: the file's ModelSpec metadata, else diffusers' rule: SD 2.x
     v-prediction at 768 x 768 unless its global_step is SD 2.x base's, every other family epsilon).
     """
     path = Path(path)

@@ -52,8 +52,9 @@ FAMILIES = {
 }
 LATENT_SIZE = {"sd": 64, "sdxl": 128, "sdxl-refiner": 128}  # sgm's demo: 512 (SD), 1024 (SDXL) images
 # What the UNet predicts: no tensor says. A file's SAI ModelSpec metadata may (modelspec.prediction_type, or its
-# architecture); else diffusers' single-file reading (_legacy_load_scheduler): an SD 2.x file is v-prediction
-# (SD 2.x-768, 768 x 768 images) unless its global_step is SD 2.x base's; the rest epsilon.
+# architecture); else the rule of diffusers' _legacy_load_scheduler: an SD 2.x file is v-prediction (SD 2.x-768,
+# 768 x 768 images) unless its global_step is SD 2.x base's; the rest epsilon. (diffusers itself unwraps a .ckpt's
+# state_dict before it looks, so it reads SD 2.x base's .ckpt as v too; here its global_step counts.)
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> sgm's denoiser scaling
 MODELSPEC = {"modelspec.prediction_type": {"epsilon": "epsilon", "v": "v_prediction"},
              "modelspec.architecture": {"stable-diffusion-v2-512": "epsilon", "stable-diffusion-v2-768-v": "v_prediction"}}
@@ -71,7 +72,8 @@ def prediction_of(metadata, sd2: bool, source: str) -> str:
     for key, values in MODELSPEC.items():
         if metadata.get(key) in values:
             return values[metadata[key]]
-    return "v_prediction" if sd2 and metadata.get("global_step") != SD2_BASE_STEP else "epsilon"
+    base = str(metadata.get("global_step")) == str(SD2_BASE_STEP)  # a safetensors header holds strings
+    return "v_prediction" if sd2 and not base else "epsilon"
 
 
 def family_of(towers, source: str) -> tuple[str, list[str], tuple[EmbedderSpec, ...]]:
@@ -122,7 +124,8 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
     if prediction is not None and prediction not in PREDICTIONS:
         raise CheckpointError(f"prediction={prediction!r}: one of {', '.join(PREDICTIONS)}")
     if prediction is not None and isinstance(scheduler, SgmSamplerConfig):
-        raise CheckpointError("prediction=: the SgmSamplerConfig given as scheduler= says it (its scaling); give one")
+        raise CheckpointError("prediction=: the SgmSamplerConfig given as scheduler= says it (its scaling); pass only one "
+                              "of them")
     sd2 = family == "sd" and towers[0].kind == "open_clip"
     if prediction is None:
         prediction = prediction_of(metadata, sd2, str(path))
@@ -135,7 +138,8 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
                                        config=None if text_configs is None else text_configs[i])
                      for i in range(len(towers))]
     tokenizers = pipeline_tokenizers(path, tokenizer, encoders, {})
-    unet_json = {"sample_size": SD2_V_LATENT if sd2 and prediction == "v_prediction" else LATENT_SIZE[family]}
+    # SD 2.x's v model is the 768 one: the default size follows the sampler's scaling (an SgmSamplerConfig's too).
+    unet_json = {"sample_size": SD2_V_LATENT if sd2 and cfg.scaling == "v" else LATENT_SIZE[family]}
     if family != "sd":  # the size/crop ids' width: the vector's features beside the pooled text vector
         pooled = text_encoders[-1].config.projection_dim or text_encoders[-1].config.hidden_size
         ids = 5 if family == "sdxl-refiner" else 6
