@@ -222,6 +222,8 @@ class Conv(_Projection, nnx.Conv):
         param_dtype: Dtype = jnp.float32,
     ):
         pad = kernel_size // 2 if padding is None else padding
+        if isinstance(pad, str):
+            raise ValueError(f"Conv: padding={pad!r}: torch's padding, an int or ((top, bottom), (left, right))")
         self._init_weights((kernel_size, kernel_size, in_features, out_features), axes=(None, None, *axes),
                            use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.strides = (strides, strides)
