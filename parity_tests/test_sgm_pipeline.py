@@ -253,6 +253,7 @@ def test_sd2_single_file_equals_diffusers_pipeline(tmp_path):
     with pytest.raises(CheckpointError, match=r"x0.safetensors: its metadata says modelspec.prediction_type 'x0'"):
         ours(tmp_path / "x0.safetensors")
     assert ours(tmp_path / "x0.safetensors", prediction="epsilon").scheduler.scaling == "eps"
+    assert ours(tmp_path / "x0.safetensors", scheduler=v_config).scheduler.scaling == "v"  # the config decides
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ Each tower hands on what sgm's embedder does (flax_sgm.text.conditioner.EMBEDDER
 
 The sampler is sgm's scripts/demo default (init_sampling): EulerEDMSampler over LegacyDDPMDiscretization,
 VanillaCFG of scale 5.0, 50 steps, and the denoiser of configs/inference/*.yaml: a DiscreteDenoiser of 1000
-LegacyDDPM sigmas with EpsScaling, or VScaling for a v-prediction model (sd_2_1_768.yaml). Nothing in a file says
-which: the default is diffusers' reading (PREDICTIONS below), `prediction=` says otherwise.
+LegacyDDPM sigmas with EpsScaling, or VScaling for a v-prediction model (sd_2_1_768.yaml). No tensor says which:
+`prediction=`, else the file's metadata, else diffusers' rule (prediction_of below).
 The unconditional embeddings are sgm's demo's: SDXL base zeroes the text part when no negative prompt is given
 (force_uc_zero_embeddings=["txt"]); SD and the refiner encode the negative prompt, "" by default.
 """
@@ -127,11 +127,9 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
         raise CheckpointError("prediction=: the SgmSamplerConfig given as scheduler= says it (its scaling); pass only one "
                               "of them")
     sd2 = family == "sd" and towers[0].kind == "open_clip"
-    if prediction is None:
-        prediction = prediction_of(metadata, sd2, str(path))
     cfg = sampler_config(scheduler)
-    if not isinstance(scheduler, SgmSamplerConfig):
-        cfg = cfg.replace(scaling=PREDICTIONS[prediction])
+    if not isinstance(scheduler, SgmSamplerConfig):  # an SgmSamplerConfig says it by its scaling
+        cfg = cfg.replace(scaling=PREDICTIONS[prediction or prediction_of(metadata, sd2, str(path))])
     unet = load_unet(path, config=unet_config, dtype=dtype)
     vae = load_vae(path, dtype=dtype, scaling_factor=scaling_factor)
     text_encoders = [load_text_encoder(path, embedder=i, dtype=dtype,
