@@ -2,8 +2,8 @@
 
 Each layer takes keyword-only `rngs`, `dtype` (compute) and `param_dtype` (storage),
 and the logical axis names of its parameters (`axes`: in and out features; `axis`:
-normalized features), which sharding.RULES maps onto a mesh. The norms and Embed subclass
-flax's; Linear and Conv hold flax's parameters without its other attributes. Numerical choices
+normalized features), which sharding.RULES maps onto a mesh. The layers subclass flax's (Linear
+and Conv set only their parameters; flax's other attributes are class constants). Numerical choices
 that differ between torch and flax come from `numerics`.
 """
 
