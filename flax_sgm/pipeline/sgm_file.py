@@ -64,7 +64,7 @@ SD2_V_LATENT = 96
 
 def prediction_of(metadata, sd2: bool, source: str) -> str:
     """What a single file's UNet predicts when prediction= is not given: its ModelSpec metadata, else diffusers'
-    reading of it."""
+    rule (above)."""
     said = metadata.get("modelspec.prediction_type")
     if said is not None and said not in MODELSPEC["modelspec.prediction_type"]:
         raise CheckpointError(f"{source}: its metadata says modelspec.prediction_type {said!r}; sgm's denoisers take "
