@@ -1,25 +1,30 @@
-"""Loading a whole UNet against safetensors' own loaders and a plain file copy, in one run.
+"""Loading a whole model against safetensors' own loaders and a plain file copy, in one run.
 
-The input is a diffusers `unet/` directory with random weights, written once into --dir:
-  sd15  diffusers' UNet2DConditionModel in SD1.5's config, save_pretrained in float16
-        (860M parameters, 1.7 GB)
-  sdxl  SDXL base's config (2.6B, 5.1 GB): the model is built on torch's meta device and
-        its state dict written with safetensors (a real init would need 10 GB of float32)
-Each case runs in a fresh child process, which imports jax and flax_sgm before its clock
+The input (--model), random weights written once into --dir:
+  sd15       a diffusers `unet/` directory: UNet2DConditionModel in SD1.5's config, save_pretrained in
+             float16 (860M parameters, 1.7 GB)
+  sdxl       the same of SDXL base's config (2.6B, 5.1 GB): the model is built on torch's meta device and
+             its state dict written with safetensors (a real init would need 10 GB of float32)
+  sdxl-text  SDXL's two text encoders as its sgm single file holds them (CLIP ViT-L under
+             conditioner.embedders.0.transformer., OpenCLIP ViT-bigG under conditioner.embedders.1.model.
+             in open_clip's layout; 818M parameters, float16, 1.6 GB)
+Each case runs in a fresh child process, which imports jax and flax_sgm and starts jax's backend before its clock
 starts and reports its wall and CPU seconds and its peak RSS growth (VmHWM minus the RSS
 after imports):
   copy        read every byte of the weights file and write it beside it, 8 MB at a time
   np          safetensors.numpy.load_file
   flax        safetensors.flax.load_file (the library's load into JAX arrays, no layout work)
   load_unet   flax_sgm.load_unet on the directory, to ready arrays in the model's layout
-  phases      load_unet's steps timed one by one (open + config, the abstract model, the
-              checked plan, load_planned, models.ready), then the naive path's three
-              phases over the same tensors: read (safe_open copies), layout (numpy
-              transposes), device_put
+  load_text_encoder
+              flax_sgm.load_text_encoder(file, embedder=0) and (embedder=1), to ready arrays
+  phases      the load's steps timed one by one (open + config, the abstract model, the
+              checked plan, load_planned, models.ready; per encoder for sdxl-text), then for a
+              UNet the naive path's three phases over the same tensors: read (safe_open
+              copies), layout (numpy transposes), device_put
   convert:ARGS
               `flax-sgm convert DIR -o OUT ARGS` (default `--all --format safetensors`, the stack
               converter; pass --convert-args again for a whole-UNet convert), output beside the file
-  before      load_unet from a git archive of --against (the code before), when given
+  before      the model's load from a git archive of --against (the code before), when given
   before-convert
               the convert case, run by the code of --against
 Rounds interleave the cases (the machine may be shared); each line gives the load average
@@ -28,6 +33,7 @@ DONTNEED after fsync; `--drop-caches` writes 3 to /proc/sys/vm/drop_caches inste
 
   python bench/load_speed.py --dir /tmp/loadspeed --rounds 3
   python bench/load_speed.py --dir /tmp/loadspeed --model sdxl --cases load_unet,copy --rounds 1
+  python bench/load_speed.py --dir /tmp/loadspeed --model sdxl-text --rounds 5 --caches warm
 Results go to BENCHMARKS.md by hand.
 """
 
@@ -45,17 +51,48 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import DIFFUSERS_CONFIGS as CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-DEFAULT_CASES = "copy,np,flax,load_unet,phases,convert"
+TEXT_WEIGHTS = "sd_xl_text_encoders.safetensors"
 
 
-def write_unet(directory: Path, model: str) -> None:
-    """A diffusers unet/ directory of random float16 weights (skipped when already there)."""
-    if (directory / WEIGHTS).is_file():
+class Model(NamedTuple):
+    folder: str  # under --dir
+    file: str  # the weights file in it
+    load: str  # the case that loads it with flax_sgm
+    cases: str  # the default cases
+
+
+MODELS = {
+    "sd15": Model("sd15-unet", WEIGHTS, "load_unet", "copy,np,flax,load_unet,phases,convert"),
+    "sdxl": Model("sdxl-unet", WEIGHTS, "load_unet", "copy,np,flax,load_unet,phases,convert"),
+    "sdxl-text": Model("sdxl-text", TEXT_WEIGHTS, "load_text_encoder", "copy,np,flax,load_text_encoder,phases"),
+}
+# sgm's two SDXL text embedders in its single file: (flax_sgm preset, the key prefix, open_clip's layout or not)
+SDXL_TEXT = (("clip-vit-l-14", "conditioner.embedders.0.transformer.", False),
+             ("openclip-vit-bigg-14", "conditioner.embedders.1.model.", True))
+
+
+def write_weights(directory: Path, model: str) -> None:
+    """--model's random float16 weights into `directory` (skipped when already there)."""
+    if (directory / MODELS[model].file).is_file():
+        return
+    if model == "sdxl-text":
+        from flax_sgm import models
+        from flax_sgm.checkpoints import convert
+        from flax_sgm.text.config import PRESETS
+        from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
+
+        shapes = {}
+        for preset, prefix, open_clip in SDXL_TEXT:
+            tower = models.abstract(PRESETS[preset])
+            layout = open_clip_layout(tower.config) if open_clip else TRANSFORMERS
+            shapes |= convert.torch_shapes(tower, prefix=prefix, layout=layout)
+        _save_random(directory / TEXT_WEIGHTS, shapes)
         return
     import torch
     from diffusers import UNet2DConditionModel
@@ -64,21 +101,26 @@ def write_unet(directory: Path, model: str) -> None:
     if model == "sd15":
         UNet2DConditionModel(**CONFIGS[model]).to(torch.float16).save_pretrained(directory)
         return
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**CONFIGS[model])
+    _save_random(directory / WEIGHTS, {key: tuple(value.shape) for key, value in unet.state_dict().items()})
+    unet.save_config(directory)
+
+
+def _save_random(file: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Random float16 tensors of these shapes, written with safetensors (views of one pool: no 10 GB of init)."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**CONFIGS[model])
-    pool = np.random.default_rng(0).standard_normal(64 << 20).astype(np.float16)  # tensors are views into it
+    pool = np.random.default_rng(0).standard_normal(64 << 20).astype(np.float16)
     tensors, offset = {}, 0
-    for key, value in unet.state_dict().items():
-        n = value.numel()
+    for key, shape in shapes.items():
+        n = int(np.prod(shape))
         offset = 0 if offset + n > pool.size else offset
-        tensors[key] = pool[offset:offset + n].reshape(tuple(value.shape))
+        tensors[key] = pool[offset:offset + n].reshape(shape)
         offset += n
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
-    unet.save_config(directory)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 def extract(ref: str, into: Path) -> Path:
@@ -91,14 +133,14 @@ def extract(ref: str, into: Path) -> Path:
 # The child ----------------------------------------------------------------------------------------------
 
 
-def child(case: str, directory: Path, out: Path, convert_args: str) -> dict:
+def child(case: str, model: str, directory: Path, out: Path, convert_args: str) -> dict:
     """One measurement in this fresh process: seconds, CPU seconds, RSS after imports."""
-    file = directory / WEIGHTS
+    file = directory / MODELS[model].file
     if case == "copy":
         buf = memoryview(bytearray(8 << 20))
         out.mkdir()
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with open(file, "rb", buffering=0) as src, open(out / WEIGHTS, "wb", buffering=0) as dst:
+        with open(file, "rb", buffering=0) as src, open(out / file.name, "wb", buffering=0) as dst:
             while n := src.readinto(buf):
                 dst.write(buf[:n])
         return {"seconds": time.perf_counter() - start, "cpu": _cpu_seconds() - cpu}
@@ -109,16 +151,19 @@ def child(case: str, directory: Path, out: Path, convert_args: str) -> dict:
     from flax_sgm.attention import load as pretrained  # noqa: F401
     from safetensors import flax as st_flax, numpy as st_numpy
 
+    jax.devices()  # the backend's start-up is no load's
     base, cpu, start = _rss(), _cpu_seconds(), time.perf_counter()
     result = {}
     if case == "np":
         st_numpy.load_file(file)
     elif case == "flax":
         jax.block_until_ready(st_flax.load_file(file))
-    elif case in ("load_unet", "before"):
+    elif (MODELS[model].load if case == "before" else case) == "load_unet":
         jax.block_until_ready(nnx.state(flax_sgm.load_unet(directory)))
+    elif (MODELS[model].load if case == "before" else case) == "load_text_encoder":
+        jax.block_until_ready([nnx.state(flax_sgm.load_text_encoder(file, embedder=n)) for n in range(len(SDXL_TEXT))])
     elif case == "phases":
-        result["phases"] = phases(directory)
+        result["phases"] = text_phases(file) if model == "sdxl-text" else phases(directory)
     elif case.startswith("convert") or case == "before-convert":
         from click.testing import CliRunner
 
@@ -175,6 +220,40 @@ def phases(directory: Path) -> dict[str, tuple[float, float]]:
     return times
 
 
+def text_phases(file: Path) -> dict[str, tuple[float, float]]:
+    """load_text_encoder's steps one at a time for each of the file's two encoders: {step: (wall, CPU seconds)}."""
+    import jax
+
+    from flax_sgm import models
+    from flax_sgm.checkpoints import convert
+    from flax_sgm.checkpoints.sources import open_source
+    from flax_sgm.text.load import plan_text_encoder
+
+    clock, times = (time.perf_counter(), _cpu_seconds()), {}
+
+    def lap(name):
+        nonlocal clock
+        now = (time.perf_counter(), _cpu_seconds())
+        times[name], clock = (now[0] - clock[0], now[1] - clock[1]), now
+
+    for n in range(len(SDXL_TEXT)):
+        with open_source(file) as source:
+            text = plan_text_encoder(source, embedder=n)
+            infos = {k: source.infos[k] for k in text.keys}
+            source.prefetch(infos)
+            lap(f"{n}: open + config")
+            model = models.abstract(text.config, param_dtype=max({i.dtype for i in infos.values()}, key=lambda d: d.itemsize))
+            lap(f"{n}: abstract model")
+            plan = convert.conversion_plan(model, infos, prefix=text.prefix, layout=text.layout)
+            lap(f"{n}: plan")
+            convert.load_planned(model, plan, source)
+            jax.block_until_ready(nnx_state(model))
+            lap(f"{n}: load_planned")
+            models.ready(model)
+            lap(f"{n}: ready")
+    return times
+
+
 def nnx_state(model):
     from flax import nnx
 
@@ -217,7 +296,7 @@ def run_case(case: str, directory: Path, out: Path, args, before: Path | None) -
     env = dict(os.environ)
     tree = before if case.startswith("before") else REPO
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(tree), str(REPO), env.get("PYTHONPATH", "")] if p)
-    cmd = [sys.executable, __file__, "--child", case, "--dir", str(directory.parent), "--model", args.model,
+    cmd = [sys.executable, __file__, "--child", case, "--dir", args.dir, "--model", args.model,
            "--out", str(out), "--convert-args", args.convert_args]
     load = os.getloadavg()[0]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -231,8 +310,9 @@ def run_case(case: str, directory: Path, out: Path, args, before: Path | None) -
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the model directory is kept (default: /tmp)")
-    parser.add_argument("--model", choices=list(CONFIGS), default="sd15")
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated (default {DEFAULT_CASES}; also before, before-convert)")
+    parser.add_argument("--model", choices=list(MODELS), default="sd15")
+    parser.add_argument("--cases", help="comma-separated (default: the model's, e.g. "
+                        f"{MODELS['sd15'].cases}; also before, before-convert)")
     parser.add_argument("--convert-args", default="--all --format safetensors",
                         help="the arguments of the convert case after CHECKPOINT -o OUT")
     parser.add_argument("--against", help="git revision of the code before: adds the `before` case")
@@ -242,21 +322,21 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    directory = Path(args.dir) / f"{args.model}-unet"
+    directory = Path(args.dir) / MODELS[args.model].folder
     if args.child:
-        result = child(args.child, directory, Path(args.out), args.convert_args)
+        result = child(args.child, args.model, directory, Path(args.out), args.convert_args)
         result["peak_rss"] = _status("VmHWM")
         print(json.dumps(result))
         return
 
     start = time.perf_counter()
-    write_unet(directory, args.model)
-    file = directory / WEIGHTS
+    write_weights(directory, args.model)
+    file = directory / MODELS[args.model].file
     size = file.stat().st_size
     print(f"{directory}: {size / 1e9:.2f} GB ({time.perf_counter() - start:.0f} s to make)")
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
-    cases = list(dict.fromkeys(args.cases.split(",") + (["before"] if args.against else [])))
+    cases = list(dict.fromkeys((args.cases or MODELS[args.model].cases).split(",") + (["before"] if args.against else [])))
     if "convert" in cases:
         from flax_sgm.checkpoints.sources import open_source
         from flax_sgm.attention.stacks import inspect_stacks

@@ -1,27 +1,21 @@
-"""SDXL's two text encoders at full size on the CPU: flax_sgm under jit against transformers eager, and loading
-both from one sgm single file against safetensors.flax.load_file on the same tensors. One run.
+"""SDXL's two text encoders at full size on the CPU: flax_sgm under jit against transformers eager. One run.
 
-  encode  8 prompts' token ids [8, 77] (random words, the end token at a different place in each row) through
-          CLIP ViT-L (123M, SDXL's first: the 11th hidden state) and OpenCLIP ViT-bigG (695M, with the projection:
-          the penultimate hidden state and the pooled vector), random weights, float32. flax_sgm: flax_sgm.text.embed
-          with sgm's specs under jax.jit (the compile timed apart); transformers: CLIPTextModel(WithProjection)
-          eager under torch.no_grad with output_hidden_states=True, which is what diffusers' encode_prompt calls.
-          Each is run once to warm up, then timed over --iters calls (the median).
-  load    the same weights as SDXL's single file holds them (conditioner.embedders.0.transformer.*,
-          conditioner.embedders.1.model.* in open_clip's layout, float16), written once to --dir; then
-          alternately safetensors.flax.load_file(file) and flax_sgm.load_text_encoder(file, embedder=0) plus
-          (embedder=1), each until its arrays are ready, warm page cache, --load-rounds each; the best of each.
+Encodes 8 prompts' token ids [8, 77] (random words, the end token at a different place in each row) through CLIP
+ViT-L (123M, SDXL's first: the 11th hidden state) and OpenCLIP ViT-bigG (695M, with the projection: the
+penultimate hidden state and the pooled vector), random weights, float32. flax_sgm: flax_sgm.text.embed with sgm's
+specs under jax.jit (the compile timed apart); transformers: CLIPTextModel(WithProjection) eager under
+torch.no_grad with output_hidden_states=True, which is what diffusers' encode_prompt calls. Each is run once to
+warm up, then timed over --iters calls (the median). Loading both from SDXL's single file is
+`bench/load_speed.py --model sdxl-text` (a fresh process per load, as for the UNet).
 
-  python bench/text.py --dir /tmp/textbench --towers vit-l,bigg
-  python bench/text.py --dir /tmp/textbench --towers vit-l          # where memory or time is short
-  python bench/text.py --dir /tmp/textbench --parts load --load-rounds 5   # the loads again, on the file written
+  python bench/text.py --towers vit-l,bigg
+  python bench/text.py --towers vit-l          # where memory or time is short
 Prints the load average at the start and the end; results go to BENCHMARKS.md by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -59,7 +53,7 @@ def torch_tower(preset: str):
     return cls(config).eval()
 
 
-def encode(name: str, ids, iters: int) -> tuple[dict, object]:
+def encode(name: str, ids, iters: int) -> dict:
     import jax
     import torch
     from flax import nnx
@@ -102,68 +96,16 @@ def encode(name: str, ids, iters: int) -> tuple[dict, object]:
     row = {"tower": f"{preset} ({params / 1e6:.0f}M)", "transformers eager s": times["transformers eager"],
            "flax_sgm jit s": times["flax_sgm jit"], "compile s": compile_s, "max rel diff": err,
            "load average": load_average()}
-    del tower
-    gc.collect()
-    return row, model
-
-
-def write_file(path: Path, models: dict) -> None:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from flax_sgm.checkpoints import convert
-    from flax_sgm.text.layout import TRANSFORMERS, open_clip_layout
-
-    tensors = {}
-    for name, model in models.items():
-        if name == "vit-l":
-            part = convert.to_torch_state_dict(model, prefix="conditioner.embedders.0.transformer.", layout=TRANSFORMERS)
-        else:
-            part = convert.to_torch_state_dict(model, prefix="conditioner.embedders.1.model.",
-                                               layout=open_clip_layout(model.config))
-        tensors |= {k: np.asarray(v, np.float16) for k, v in part.items()}
-    save_file(tensors, str(path))
-
-
-def load(path: Path, names: list[str], rounds: int) -> list[dict]:
-    import jax
-    from safetensors.flax import load_file
-
-    from flax_sgm import load_text_encoder
-
-    def flax_load():
-        return jax.block_until_ready(load_file(str(path)))
-
-    def ours():
-        from flax import nnx
-
-        return jax.block_until_ready([nnx.state(load_text_encoder(path, embedder=TOWERS[n][1])) for n in names])
-
-    best = {"safetensors.flax.load_file": [], "flax_sgm.load_text_encoder": []}
-    for _ in range(rounds):
-        for label, fn in (("safetensors.flax.load_file", flax_load), ("flax_sgm.load_text_encoder", ours)):
-            start = time.perf_counter()
-            out = fn()
-            best[label].append(time.perf_counter() - start)
-            del out
-            gc.collect()
-    size = path.stat().st_size
-    return [{"load": label, "best s": min(s), "all s": " ".join(f"{x:.2f}" for x in s), "GB": size / 1e9,
-             "load average": load_average()} for label, s in best.items()]
+    return row
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--towers", default="vit-l,bigg")
     parser.add_argument("--iters", type=int, default=1)
-    parser.add_argument("--load-rounds", type=int, default=2)
-    parser.add_argument("--parts", default="encode,load", help="encode, load or both; load alone reuses --dir's file")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    parts = args.parts.split(",")
     names = args.towers.split(",")
-    args.dir.mkdir(parents=True, exist_ok=True)
 
     from common import environment
 
@@ -173,21 +115,10 @@ def main(argv=None) -> None:
     env = environment() | {"load average at start": load_average(), "towers": names}
     print(json.dumps(env), flush=True)
     ids = text_inputs(PRESETS["clip-vit-l-14"], seed=0, batch=8)["x"].astype("int32")
-    rows, models = [], {}
-    path = args.dir / ("sdxl-text-" + "-".join(names) + ".safetensors")
-    if "load" in parts and "encode" not in parts and not path.is_file():
-        sys.exit(f"{path}: no weights file yet; run with --parts encode,load once")
-    for name in names if "encode" in parts else []:
-        row, models[name] = encode(name, ids, args.iters)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    if models:
-        write_file(path, models)
-    del models
-    gc.collect()
-    for row in load(path, names, args.load_rounds) if "load" in parts else []:
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows = []
+    for name in names:
+        rows.append(encode(name, ids, args.iters))
+        print(json.dumps(rows[-1]), flush=True)
     env["load average at end"] = load_average()
     print(json.dumps(env), flush=True)
     if args.json:
