@@ -507,3 +507,19 @@ def test_prefetch_asks_the_kernel_for_the_loaded_tensors_only(tmp_path, monkeypa
         source.prefetch(k for k in source.infos if k.startswith("a."))
         start = min(source._places[k].offset for k in ("a.x", "a.y"))
     assert asked == [(start, 600, sources.os.POSIX_FADV_WILLNEED)]
+
+
+def test_load_planned_reads_a_source_in_file_order(tmp_path, monkeypatch):
+    """A cold file's pages come as one stream, in the order prefetch asked for them, only if the copies read the
+    tensors front to back; the model's own order (sgm's names) is not diffusers' file order."""
+    from flax_sgm import load_unet
+    from flax_sgm.checkpoints import convert, sources
+    from flax_sgm.verify.tiny import unet
+
+    unet("sd1").save_pretrained(tmp_path)  # a unet/ directory
+    read = []
+    getitem = sources.Source.__getitem__
+    monkeypatch.setattr(sources.Source, "__getitem__", lambda self, key: read.append(self.file_position(key)) or getitem(self, key))
+    monkeypatch.setattr(convert.os, "cpu_count", lambda: 1)  # one copying thread: reads in submission order
+    load_unet(tmp_path)
+    assert len(read) > 10 and read == sorted(read)

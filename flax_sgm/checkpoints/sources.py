@@ -178,6 +178,12 @@ class Source:
         if spans and hasattr(os, "posix_fadvise"):
             threading.Thread(target=_will_need, args=(spans,), daemon=True).start()
 
+    def file_position(self, key: str) -> tuple[str, int]:
+        """Where the tensor's bytes lie (file, offset): keys read in this order read each file front to back, the
+        order prefetch asks the kernel for them. A torch checkpoint's tensors, in memory already, all sit at ("", 0)."""
+        place = self._places[key]
+        return (str(place.path), place.offset) if isinstance(place, Bytes) else ("", 0)
+
     def __getitem__(self, key: str) -> np.ndarray:
         """The tensor without a copy, for convert.load_planned: a read-only view of the file's bytes (its own
         memory map, unmapped when the view goes), or torch's tensor as numpy."""
