@@ -181,6 +181,39 @@ def test_lora_down_names_load_all_48_modules(truth, base_unet):
     assert len(changed) == 48 and all(k.endswith(".weight") for k in changed)
 
 
+PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+
+
+def test_attention_processor_names_load_as_diffusers_reads_them(truth, base_unet):
+    """diffusers <= 0.20's LoRA files (save_attn_procs: `<attention>.processor.to_q_lora.down.weight`, `to_out_lora`
+    for to_out.0), with `unet.` and bare: each answers as diffusers' own loader of the prefixed file (it no longer
+    reads the bare one). They were refused before ("holds no LoRA keys")."""
+    d, _, files = truth
+    peft = load_file(str(files["peft"]))
+    tensors = {}
+    for key, value in peft.items():
+        module, _, tail = key.rpartition(".lora_")
+        attention, _, projection = module.rpartition(".")
+        if module.endswith(".to_out.0"):
+            attention, projection = module[: -len(".to_out.0")], "to_out.0"
+        if projection in PROCESSOR_NAMES and ".attn" in attention:
+            role = {"A.weight": "down", "B.weight": "up"}[tail]
+            tensors[f"{attention}.processor.{PROCESSOR_NAMES[projection]}_lora.{role}.weight"] = value
+    assert len(tensors) == 8 * 4 * 2  # 4 transformer blocks' attn1 and attn2, 4 projections, down and up
+    prefixed, bare = d / "processors.safetensors", d / "processors_bare.safetensors"
+    save_file(tensors, str(prefixed))
+    save_file({k[len("unet."):]: v for k, v in tensors.items()}, str(bare))
+    reference = UNet2DConditionModel.from_pretrained(d / "base").eval()
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(prefixed))
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, reference)
+    want = torch_out(reference)
+    assert not np.allclose(want, torch_out(UNet2DConditionModel.from_pretrained(d / "base").eval()))  # it took
+    for path in (prefixed, bare):
+        unet = load_lora(nnx.clone(base_unet), path)
+        assert_close(flax_out(unet), want, TOL, what=path.name)
+    assert lora_summary(prefixed)["format"] == "diffusers (attention processor names)"
+
+
 @pytest.fixture(scope="module")
 def two_adapters(truth, tmp_path_factory):
     """The fixture's adapter and a second one (rank 2, other targets) on the torch UNet, weighted 1.0 and 0.5
@@ -549,6 +582,45 @@ def test_a_text_encoder_lora_equals_the_peft_model(truth, base_unet, tmp_path, f
     assert sorted(tensors)[:3] == ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",
                                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
                                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
+
+
+def test_a_text_encoder_lora_in_diffusers_older_names_loads_as_diffusers_reads_it(tmp_path):
+    """diffusers' older text-encoder spellings: the attention processors' `self_attn.to_q_lora.down.weight` (q_proj,
+    and to_out_lora is out_proj, not a UNet's to_out.0) and LoRACompatibleLinear's `mlp.fc1.lora_linear_layer.down
+    .weight`. The reference is diffusers' own load_lora_into_text_encoder of the file."""
+    import peft as peft_library
+    from transformers import CLIPTextModel as TransformersCLIPTextModel
+
+    from flax_sgm.verify.tiny import tower
+
+    tower("clip").save_pretrained(tmp_path / "te")
+    adapted = TransformersCLIPTextModel.from_pretrained(tmp_path / "te").eval()
+    torch.manual_seed(4)
+    peft_library.inject_adapter_in_model(LoraConfig(r=RANK, target_modules=["q_proj", "k_proj", "v_proj", "out_proj",
+                                                                             "fc1", "fc2"], init_lora_weights=False), adapted)
+    older = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+    tensors = {}
+    for key, value in adapted.state_dict().items():
+        if ".lora_" not in key:
+            continue
+        module, layer = key.split(".lora_")[0].rsplit(".", 1)
+        role = "down" if ".lora_A." in key else "up"
+        name = f"{older[layer]}_lora" if layer in older else f"{layer}.lora_linear_layer"
+        tensors[f"text_encoder.{module}.{name}.{role}.weight"] = value.contiguous().numpy()
+    path = tmp_path / "older.safetensors"
+    save_file(tensors, str(path))
+    reference = TransformersCLIPTextModel.from_pretrained(tmp_path / "te").eval()
+    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, reference)
+    ids = np.random.default_rng(0).integers(3, 999, (2, 77))
+    ids[:, 20] = 2
+    with torch.no_grad():
+        want = reference(torch.from_numpy(ids)).last_hidden_state.numpy()
+        assert not np.allclose(want, TransformersCLIPTextModel.from_pretrained(tmp_path / "te")(torch.from_numpy(ids))
+                               .last_hidden_state.numpy())  # diffusers took it
+    flax = load_lora(flax_sgm.load_text_encoder(tmp_path / "te"), path)
+    assert_close(np.asarray(flax(ids).last_hidden_state), want, TOL, what="older text-encoder names")
+    assert lora_summary(path)["format"] == "diffusers (lora.down/up names, attention processor names)"
 
 
 def test_peft_alpha_pattern_keys_are_regexes_as_peft_reads_them():

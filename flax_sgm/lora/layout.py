@@ -4,7 +4,10 @@ Formats, each a key per module `<prefix><module><suffix>`:
   diffusers/peft  `unet.<module>.lora_A.weight` / `.lora_B.weight` (peft's names; `get_peft_model_state_dict`
                   writes them without `unet.`), alpha from `<module>.alpha` keys or peft's LoraConfig in the
                   safetensors metadata (`lora_adapter_metadata`), else alpha = rank as diffusers takes it;
-  diffusers, old  `<module>.lora.down.weight` / `.lora.up.weight` (convert_state_dict_to_diffusers);
+  diffusers, old  `<module>.lora.down.weight` / `.lora.up.weight` (convert_state_dict_to_diffusers), a text
+                  encoder's `<module>.lora_linear_layer.down.weight`, and the attention processors of diffusers
+                  <= 0.20 (`<attention>.processor.to_q_lora.down.weight` in a UNet, `<self_attn>.to_q_lora...` in a
+                  text encoder: to_q/to_k/to_v/to_out name the projection, read as diffusers reads them today);
   kohya           `lora_unet_<module with '_' for '.'>.lora_down.weight` / `.lora_up.weight` and `.alpha`,
                   the module under diffusers' names (SD 1.x) or sgm's (`input_blocks_4_1_...`, SDXL).
 Module names come from the model's conversion tables (sgm's names, and diffusers' through the family's KeyLayout):
@@ -14,6 +17,7 @@ no second name map.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -27,9 +31,18 @@ SUFFIXES = {
     ".lora_B.weight": ("up", "diffusers"),
     ".lora.down.weight": ("down", "diffusers-old"),
     ".lora.up.weight": ("up", "diffusers-old"),
+    ".lora_linear_layer.down.weight": ("down", "diffusers-old"),
+    ".lora_linear_layer.up.weight": ("up", "diffusers-old"),
     ".lora_down.weight": ("down", "kohya"),
     ".lora_up.weight": ("up", "kohya"),
     ".alpha": ("alpha", None),
+}
+# diffusers <= 0.20's attention processors: the projection is in the key (diffusers' UNET_TO_DIFFUSERS and
+# DIFFUSERS_OLD_TO_PEFT say which layer each names in a UNet and in a CLIP text tower).
+PROCESSOR = re.compile(r"(?P<module>.+?)(?:\.processor)?\.(?P<projection>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight")
+PROCESSOR_PROJECTIONS = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
 # A file's parts (the models of a pipeline) by their modules' prefixes: (diffusers', kohya's...); the first of
 # each kind is what save_lora writes.
@@ -76,7 +89,20 @@ def kind_of(keys: Iterable[str]) -> tuple[str, str] | None:
 def is_lora(keys: Iterable[str]) -> bool:
     """Whether a file's keys are a LoRA's (plain, or a kind load_lora refuses by name)."""
     keys = list(keys)
-    return bool(keys) and (kind_of(keys) is not None or all(k.endswith(tuple(SUFFIXES)) for k in keys))
+    return bool(keys) and (kind_of(keys) is not None or all(_parse(k) is not None for k in keys))
+
+
+def _parse(key: str) -> tuple[str, str, str | None] | None:
+    """(module, role, format) of a LoRA file's key; None for a key that is no LoRA tensor."""
+    for suffix, (role, fmt) in SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, fmt
+    match = PROCESSOR.fullmatch(key)
+    if match is None:
+        return None
+    tower = "text" if part_of(key) in ("text_encoder", "text_encoder_2") else "unet"
+    module = match["module"] + "." + PROCESSOR_PROJECTIONS[tower][match["projection"]]
+    return module, match["role"], "diffusers-processor"
 
 
 def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
@@ -84,18 +110,20 @@ def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
     parts: dict[str, dict[str, str]] = {}
     formats, stray = set(), []
     for key in keys:
-        for suffix, (role, fmt) in SUFFIXES.items():
-            if key.endswith(suffix):
-                parts.setdefault(key[: -len(suffix)], {})[role] = key
-                if fmt:
-                    formats.add(fmt)
-                break
-        else:
+        parsed = _parse(key)
+        if parsed is None:
             stray.append(key)
+            continue
+        module, role, fmt = parsed
+        parts.setdefault(module, {})[role] = key
+        if fmt:
+            formats.add(fmt)
+    older = [name for fmt, name in (("diffusers-old", "lora.down/up names"), ("diffusers-processor", "attention processor names"))
+             if fmt in formats]
     if "kohya" in formats:
         fmt = "kohya"
-    elif "diffusers" in formats or "diffusers-old" in formats:
-        fmt = "diffusers" + (" (lora.down/up names)" if "diffusers-old" in formats else "")
+    elif "diffusers" in formats or older:
+        fmt = "diffusers" + (f" ({', '.join(older)})" if older else "")
     else:
         fmt = "unknown"
     found = {m: Entry(m, p.get("down"), p.get("up"), p.get("alpha")) for m, p in parts.items()}

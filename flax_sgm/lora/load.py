@@ -1,8 +1,8 @@
-"""`load_lora`: a LoRA file users hold, applied to a Flax UNet strictly.
+"""`load_lora`: a LoRA file users hold, applied strictly to a Flax UNet, a CLIP text encoder or a Pipeline.
 
 Every LoRA module of the file is placed on a layer of the model, its shapes checked, before anything changes:
 else one CheckpointError names the modules that are not (and the model is untouched). Plain LoRA on Linear and
-Conv layers (1x1 and 3x3); LyCORIS kinds, DoRA and text-encoder parts are refused by name.
+Conv layers (1x1 and 3x3); LyCORIS kinds, DoRA and another model's part are refused by name.
 """
 
 from __future__ import annotations
