@@ -7,6 +7,10 @@ class CheckpointError(ValueError):
     """A problem with a checkpoint's files or keys, said in one line."""
 
 
+class AbstractModelError(TypeError):
+    """A model of shapes only (flax_sgm.models.abstract) called before weights were put in it."""
+
+
 class ConversionError(ValueError):
     """Every problem of one conversion, listed at once."""
 

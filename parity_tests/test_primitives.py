@@ -93,3 +93,32 @@ def test_dtype_and_param_dtype_reach_every_layer(param_dtype):
     assert y.dtype in (jnp.bfloat16, jnp.float32)
     ff_out = f.transformer_blocks[0].ff(jnp.ones((1, 4, 16), jnp.float32))
     assert ff_out.dtype == jnp.bfloat16  # compute dtype bfloat16
+
+
+@pytest.mark.parametrize("family", ["unet", "vae", "text", "spatial-transformer"])
+def test_an_abstract_model_called_says_so_in_one_line(family):
+    """models.abstract gives shapes only; calling it, eagerly or in a jitted closure, failed deep inside flax with
+    "'ShapeDtypeStruct' object is not subscriptable". Lowering one through nnx.split still works."""
+    from flax_sgm import models
+    from flax_sgm.attention.config import PRESETS as STACKS
+    from flax_sgm.autoencoder.config import PRESETS as VAES
+    from flax_sgm.errors import AbstractModelError
+    from flax_sgm.text.config import PRESETS as TOWERS
+    from flax_sgm.unet.config import PRESETS as UNETS
+
+    model, call, args = {
+        "unet": (lambda: models.abstract(UNETS["sd15"]), lambda m, x: m(x, jnp.zeros(1), jnp.zeros((1, 77, 768))),
+                 (jnp.zeros((1, 8, 8, 4)),)),
+        "vae": (lambda: models.abstract(VAES["sdxl"]), lambda m, z: m.decode(z), (jnp.zeros((1, 4, 4, 4)),)),
+        "text": (lambda: models.abstract(TOWERS["clip-vit-l-14"]), lambda m, ids: m(ids), (jnp.zeros((1, 77), jnp.int32),)),
+        "spatial-transformer": (lambda: models.abstract(STACKS["default"].config), lambda m, x, c: m(x, c),
+                                (jnp.zeros((1, 4, 4, STACKS["default"].config.in_channels)),
+                                 jnp.zeros((1, 7, STACKS["default"].config.context_dims[0])))),
+    }[family]
+    abstract = model()
+    with pytest.raises(AbstractModelError, match=r"the model is abstract \(flax_sgm.models.abstract"):
+        call(abstract, *args)
+    with pytest.raises(AbstractModelError, match="load weights into it"):
+        jax.jit(lambda *a: call(abstract, *a))(*args)
+    graphdef, state = nnx.split(abstract)
+    jax.jit(lambda state, *a: call(nnx.merge(graphdef, state), *a)).lower(state, *args)

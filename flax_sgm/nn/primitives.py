@@ -19,6 +19,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 from jax.custom_derivatives import SymbolicZero
 
+from flax_sgm.errors import AbstractModelError
 from flax_sgm.nn import numerics
 from flax_sgm.nn.checks import expect_equal
 from flax_sgm.sharding import constrain, param_metadata
@@ -112,6 +113,18 @@ def with_bias(op, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
     return biased(x, kernel, bias)
 
 
+def filled(layer: nnx.Module, param: nnx.Variable) -> nnx.Variable:
+    """`param`, checked to hold an array: an abstract model's (models.abstract) holds a ShapeDtypeStruct, which
+    called would fail deep inside flax with a TypeError on ShapeDtypeStruct."""
+    value = param.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+        raise AbstractModelError(
+            f"the model is abstract (flax_sgm.models.abstract: shapes only; its {type(layer).__name__} "
+            f"{list(value.shape)} holds no weights): load weights into it (convert.load_torch_state_dict, "
+            "convert.load_planned) or build it with models.build before calling it")
+    return param
+
+
 def _dense(layer: _Projection, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x @ kernel [in, out] over the last axis, plus the layer's bias; compute dtype as flax's layers."""
     bias = None if layer.bias is None else layer.bias[...]
@@ -197,7 +210,7 @@ class Linear(_Projection, nnx.Linear):
     dot_general = staticmethod(jax.lax.dot_general)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return adapted(self, x, _dense(self, x, self.kernel[...]))
+        return adapted(self, x, _dense(self, x, filled(self, self.kernel)[...]))
 
 
 class Conv(_Projection, nnx.Conv):
@@ -242,6 +255,7 @@ class Conv(_Projection, nnx.Conv):
         return tuple(self.kernel.shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        filled(self, self.kernel)
         if self.kernel_size == (1, 1) and self.strides == (1, 1) and self.padding == ((0, 0), (0, 0)):
             # A 1x1 convolution on channels-last input is a matmul over the channel axis.
             return adapted(self, x, _dense(self, x, self.kernel[...][0, 0]))
@@ -270,6 +284,7 @@ class _InFloat32:
     parameters'), as torch normalizes bf16."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        filled(self, self.scale)
         out_dtype = self.out_dtype or jnp.result_type(x.dtype, self.param_dtype)
         return numerics.in_float32(super().__call__, x, out_dtype=out_dtype)
 
@@ -353,7 +368,7 @@ class Embed(nnx.Embed):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        (table,) = self.promote_dtype((self.embedding[...],), dtype=self.dtype, inexact=False)
+        (table,) = self.promote_dtype((filled(self, self.embedding)[...],), dtype=self.dtype, inexact=False)
         return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
