@@ -285,6 +285,40 @@ def test_adapters_saved_load_into_diffusers_with_the_same_output(truth, base_une
     assert all(np.array_equal(v, want[k]) for k, v in state(fused).items())
 
 
+def test_an_sdxl_unets_kohya_file_has_sgm_names_that_diffusers_reads(tmp_path):
+    """kohya's sd-scripts name an SDXL UNet's modules as sgm does (`lora_unet_input_blocks_4_1_...`): save_lora writes
+    those for a UNet with a vector y (it wrote diffusers' names), and diffusers' SDXL reader (lora_state_dict with
+    the UNet's config, what load_lora_weights runs) gives the torch UNet the Flax UNet's output."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from flax_sgm.verify import tiny
+    from flax_sgm.verify.adapters import adapter_for
+    from flax_sgm.verify.seeded import unet_inputs
+
+    tiny.unet("sdxl").save_pretrained(tmp_path / "base")
+    unet = flax_sgm.load_unet(tmp_path / "base", use_checkpoint=False)
+    adapted = add_adapters(unet, rank=2, targets=["to_q", "to_out.0", "proj_in", "conv1", "time_emb_proj"])
+    rng = np.random.default_rng(5)
+    for _, adapter in flax_sgm.lora.adapters.adapters_of(unet)["default"]:
+        adapter.up[...] = jnp.asarray(rng.standard_normal(adapter.up.shape).astype(np.float32) * 0.1)
+    path = save_lora(unet, tmp_path / "kohya.safetensors", format="kohya")
+    stems = {k.split(".")[0] for k in load_file(str(path))}
+    assert len(stems) == len(adapted) and all(s.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                                            "lora_unet_output_blocks_", "lora_unet_time_embed_"))
+                                              for s in stems), sorted(stems)[:3]
+    torch_unet = UNet2DConditionModel.from_pretrained(tmp_path / "base").eval()
+    sd, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=torch_unet.config)
+    StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, torch_unet)
+    assert sum(n.endswith("lora_A.default_0.weight") for n, _ in torch_unet.named_parameters()) == len(adapted)
+    inputs = unet_inputs(unet.config, seed=0, hw=(8, 8), context_tokens=5)
+    x = inputs.pop("x")
+    with torch.no_grad():
+        want = adapter_for(torch_unet).call_torch(torch_unet, torch.from_numpy(x),
+                                                  {k: torch.from_numpy(v) for k, v in inputs.items()})
+    got = unet(x.transpose(0, 2, 3, 1), **inputs)  # NCHW -> NHWC at the torch boundary
+    assert_close(np.asarray(got), want.numpy().transpose(0, 2, 3, 1), TOL, what="an SDXL kohya file, loaded by diffusers")
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv3x3", pytest.param("conv1x1", marks=pytest.mark.slow)])
 def test_adapter_gradients_equal_peft(kind):
     """One adapted layer against peft's: forward, and the gradients of the adapter alone (nnx.DiffState(0,

@@ -2,8 +2,11 @@
 
 diffusers: `unet.<module>.lora_A.weight` / `.lora_B.weight` under diffusers' module names, peft's LoraConfig in
 the safetensors metadata (`lora_adapter_metadata`, as save_lora_weights writes it); kohya:
-`lora_unet_<module with '_'>.lora_down.weight` / `.lora_up.weight` / `.alpha`. The alpha written is the adapter's
-whole multiplier times its rank, so the file reproduces the adapter as it acts (its load-time scale included).
+`lora_unet_<module with '_'>.lora_down.weight` / `.lora_up.weight` / `.alpha`, under the names kohya's sd-scripts
+write: sgm's for a UNet with a vector y (SDXL: `lora_unet_input_blocks_4_1_...`), diffusers' for SD 1.x and 2.x
+(`lora_unet_down_blocks_0_...`) and for the text encoders (`lora_te1_text_model_encoder_...`). The alpha written is
+the adapter's whole multiplier times its rank, so the file reproduces the adapter as it acts (its load-time scale
+included).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import numpy as np
 from flax import nnx
 
 from flax_sgm.lora.adapters import adapters_of
-from flax_sgm.lora.layout import METADATA_KEY, PARTS, diffusers_name_of, part_for
+from flax_sgm.lora.layout import METADATA_KEY, PARTS, diffusers_name_of, part_for, sgm_name_of
 from flax_sgm.lora.load import _at
 from flax_sgm.nn.primitives import Conv
+from flax_sgm.unet.model import UNetModel
 
 FORMATS = ("diffusers", "kohya")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a directory
@@ -40,7 +44,8 @@ def lora_state_dict(model: nnx.Module, *, format: str = "diffusers", name: str |
     if part not in PARTS:
         raise ValueError(f"save_lora: part must be one of {', '.join(PARTS)}; got {part!r}")
     diffusers_prefix, kohya_prefix = PARTS[part][:2]
-    names = diffusers_name_of(model)
+    sgm_names = format == "kohya" and isinstance(model, UNetModel) and model.config.num_classes == "sequential"
+    names = sgm_name_of(model) if sgm_names else diffusers_name_of(model)
     tensors, ranks, alphas = {}, {}, {}
     for path, adapter in held[name]:
         module, layer = names[path], _at(model, path)
