@@ -77,6 +77,20 @@ def test_explicit_cudnn_names_why_it_cannot_run(p, reason):
         select_backend("cudnn", p)
 
 
+def test_a_head_dim_over_128_takes_cudnn_on_hopper_only():
+    """SD 1.5's head dim of 160 at its lowest level: cuDNN on Hopper (256 at most), XLA's path before it (128),
+    where JAX's cuDNN attention would refuse it while tracing; this machine has no Hopper GPU."""
+    sd15 = problem(heads=8, n=64, m=64, d=160)
+    assert select_backend("auto", sd15) == "cudnn"
+    older = sd15._replace(cudnn_max_head_dim=attention_policy.CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER)
+    assert attention_policy.choose_backend("auto", older) == ("xla", "auto: cuDNN attention needs a head dim that is a "
+                                                              "multiple of 8 and <= 128 (no Hopper GPU here); got 160; "
+                                                              "the logits fit in memory")
+    gpu = jax.devices()[0] if jax.default_backend() == "gpu" else None
+    hopper = gpu is not None and float(getattr(gpu, "compute_capability", "0")) >= 9.0
+    assert ab.cudnn_max_head_dim() == (256 if hopper else 128)
+
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match=r"attention backend must be one of .*; got 'flash'"):
         select_backend("flash", problem())

@@ -144,9 +144,27 @@ def test_a_head_dim_cudnn_refuses_falls_to_the_documented_path(tmp_path):
 
 
 @pytest.mark.skipif(ON_GPU, reason="a Hopper GPU takes head dims up to 256; the limit below is the CPU machine's")
-def test_a_program_that_does_not_lower_exits_1(tmp_path):
-    # JAX reads the head-dim limit off the local GPU; with none it applies the pre-Hopper 128,
-    # so a head dim of 160 that an H100 runs cannot be lowered here (docs/attention.md: what this cannot check).
+def test_a_head_dim_over_the_gpus_cudnn_limit_takes_xla(tmp_path):
+    """JAX's cuDNN attention takes head dims up to 256 on Hopper and 128 before it (and 128 where it finds no CUDA
+    GPU). The policy allowed 256 everywhere, so SD 1.5's head dim of 160 chose cuDNN and failed on an A100 (and
+    `flax-sgm lower --config sd15-unet` here): now it takes XLA's path and says why."""
+    path = tmp_path / "d160.json"
+    path.write_text(SpatialTransformerConfig(320, 2, 160, context_dim=64, use_linear=True).to_json())
+    report = lower_json("--config", path, "--hw", 16, 16, "--backward")
+    assert {a["backend"] for a in report["attention"]} == {"xla"}
+    assert all("<= 128 (no Hopper GPU here); got 160" in a["reason"] for a in report["attention"])
+    sd15 = lower_json("--config", "sd15-unet")
+    assert {a["backend"] for a in sd15["attention"] if a["head_dim"] == 160} == {"xla"}
+    assert {a["backend"] for a in sd15["attention"] if a["head_dim"] < 160} == {"cudnn"}
+
+
+@pytest.mark.skipif(ON_GPU, reason="pretends this machine's GPU is a Hopper; a real GPU says what it is")
+def test_a_program_that_does_not_lower_exits_1(tmp_path, monkeypatch):
+    """Where the policy's view of cuDNN and JAX's differ, JAX's trace-time refusal is one line and exit 1: here
+    the policy is told the GPU is a Hopper (256) while JAX, finding none, checks 128."""
+    from flax_sgm.attention import backends
+
+    monkeypatch.setattr(backends, "cudnn_max_head_dim", lambda: 256)
     path = tmp_path / "d160.json"
     path.write_text(SpatialTransformerConfig(320, 2, 160, context_dim=64, use_linear=True).to_json())
     line = cli_error("lower", "--config", path, "--hw", "16", "16", code=1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import NamedTuple
 
 import jax
@@ -42,7 +43,8 @@ from jax.interpreters.ad import JVPTracer
 from flax_sgm import sharding
 
 from flax_sgm.nn import numerics
-from flax_sgm.attention.policy import MASK_VALUE, AttentionProblem, Backend, choose_backend
+from flax_sgm.attention.policy import (CUDNN_MAX_HEAD_DIM, CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER, MASK_VALUE, AttentionProblem,
+                                      Backend, choose_backend)
 from flax_sgm.attention.chunked import chunked_attention
 
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)
@@ -62,6 +64,19 @@ def target_platform(platform: str):
 
 def current_platform() -> str:
     return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@functools.cache
+def cudnn_max_head_dim() -> int:
+    """cuDNN's largest head dim on this machine, as JAX's cuDNN attention checks it while tracing
+    (check_compute_capability("9.0") of its default backend): 256 on Hopper or later, else 128."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_compute_capability
+
+        hopper = check_compute_capability("9.0")
+    except (ImportError, RuntimeError):  # a JAX without cuDNN attention, or no GPU to ask
+        hopper = False
+    return CUDNN_MAX_HEAD_DIM if hopper else CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER
 
 
 def is_forward_mode(*trees) -> bool:
@@ -143,7 +158,8 @@ def local_attention(q, k, v, mask, *, scale: float, backend: Backend) -> jax.Arr
     b, n, heads, head_dim = q.shape
     m = k.shape[1]
     problem = AttentionProblem(
-        current_platform(), q.dtype, b, heads, n, m, head_dim, mask is not None, is_forward_mode(q, k, v)
+        current_platform(), q.dtype, b, heads, n, m, head_dim, mask is not None, is_forward_mode(q, k, v),
+        cudnn_max_head_dim(),
     )
     choice = choose_backend(backend, problem)
     padded = (n % 2, m % 2) if choice.backend == "cudnn" else (0, 0)

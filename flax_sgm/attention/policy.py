@@ -34,7 +34,10 @@ SEED_BACKENDS = {
 # attention (16,384 pixels, one head: exactly 1 GiB) goes chunked.
 LOGITS_BUDGET_BYTES = 1 << 30
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# cuDNN's largest head dim as JAX checks it while tracing: 256 on a GPU of compute capability 9.0 (Hopper) or later,
+# 128 on older ones, and 128 where JAX finds no CUDA GPU (lowering for CUDA on a CPU machine).
 CUDNN_MAX_HEAD_DIM = 256
+CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER = 128
 CHUNK_SIZE = 512
 # Masked logits: finite, so a fully masked row stays NaN-free (it is zeroed after).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -68,6 +71,7 @@ class AttentionProblem(NamedTuple):
     head_dim: int
     has_mask: bool
     forward_mode: bool = False  # traced for jax.jvp / jax.jacfwd
+    cudnn_max_head_dim: int = CUDNN_MAX_HEAD_DIM  # the GPU's (backends.cudnn_max_head_dim): 128 before Hopper
 
     @property
     def logits_bytes(self) -> int:
@@ -80,8 +84,10 @@ def cudnn_unsupported_reason(p: AttentionProblem) -> str | None:
         return f"cuDNN attention needs a CUDA GPU; running on {p.platform}"
     if jnp.dtype(p.dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
         return f"cuDNN attention takes bfloat16 or float16; got {jnp.dtype(p.dtype).name}"
-    if p.head_dim % 8 or p.head_dim > CUDNN_MAX_HEAD_DIM:
-        return f"cuDNN attention needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}; got {p.head_dim}"
+    if p.head_dim % 8 or p.head_dim > p.cudnn_max_head_dim:
+        where = "" if p.cudnn_max_head_dim >= CUDNN_MAX_HEAD_DIM else " (no Hopper GPU here)"
+        return (f"cuDNN attention needs a head dim that is a multiple of 8 and <= {p.cudnn_max_head_dim}{where}; "
+                f"got {p.head_dim}")
     if p.forward_mode:
         return "cuDNN attention has no forward-mode AD (jax.jvp); use backend 'chunked' or 'xla'"
     return None
