@@ -10,6 +10,11 @@ class CheckpointError(ValueError):
 class AbstractModelError(TypeError):
     """A model of shapes only (flax_sgm.models.abstract) called before weights were put in it."""
 
+    def __init__(self, what: str):
+        super().__init__(f"the model is abstract (flax_sgm.models.abstract: shapes only; {what} holds no weights): "
+                         "load weights into it (convert.load_torch_state_dict, convert.load_planned) or build it with "
+                         "models.build before calling it")
+
 
 class ConversionError(ValueError):
     """Every problem of one conversion, listed at once."""

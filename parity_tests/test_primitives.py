@@ -95,7 +95,7 @@ def test_dtype_and_param_dtype_reach_every_layer(param_dtype):
     assert ff_out.dtype == jnp.bfloat16  # compute dtype bfloat16
 
 
-@pytest.mark.parametrize("family", ["unet", "vae", "text", "spatial-transformer"])
+@pytest.mark.parametrize("family", ["unet", "vae", "text", "spatial-transformer", "checkpointed-block"])
 def test_an_abstract_model_called_says_so_in_one_line(family):
     """models.abstract gives shapes only; calling it, eagerly or in a jitted closure, failed deep inside flax with
     "'ShapeDtypeStruct' object is not subscriptable". Lowering one through nnx.split still works."""
@@ -114,6 +114,10 @@ def test_an_abstract_model_called_says_so_in_one_line(family):
         "spatial-transformer": (lambda: models.abstract(STACKS["default"].config), lambda m, x, c: m(x, c),
                                 (jnp.zeros((1, 4, 4, STACKS["default"].config.in_channels)),
                                  jnp.zeros((1, 7, STACKS["default"].config.context_dims[0])))),
+        # jax.checkpoint takes the parameters before any layer reads one (remat.checkpointed_call)
+        "checkpointed-block": (lambda: nnx.eval_shape(lambda: flax_sgm.BasicTransformerBlock(
+            32, 4, 8, context_dim=24, checkpoint=True, rngs=nnx.Rngs(0))), lambda m, x, c: m(x, c),
+            (jnp.zeros((1, 16, 32)), jnp.zeros((1, 7, 24)))),
     }[family]
     abstract = model()
     with pytest.raises(AbstractModelError, match=r"the model is abstract \(flax_sgm.models.abstract"):

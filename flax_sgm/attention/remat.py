@@ -19,6 +19,7 @@ from flax import nnx
 
 from flax_sgm.attention.backends import forward_mode_scope, is_forward_mode
 from flax_sgm.attention.policy import ATTENTION_OUT, ATTENTION_STATS
+from flax_sgm.errors import AbstractModelError
 
 # jax's cuDNN fused-attention forward: its outputs hold the softmax statistics that the
 # fused backward reads. Kept by name, or every attention forward runs again in the backward.
@@ -55,6 +56,10 @@ def checkpointed_call(method: Callable, module: nnx.Module, *args, policy: str, 
     """
     static = dict(static or {})
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    for path, leaf in jax.tree.leaves_with_path(params):  # jax.checkpoint would refuse them deep inside
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path).removesuffix(".value")
+            raise AbstractModelError(f"its {type(module).__name__}'s {name} {list(leaf.shape)}")
     rest_leaves, rest_def = jax.tree.flatten(rest)
     changed: list[bool] = []  # per leaf of `rest`, set while tracing
 

@@ -118,10 +118,7 @@ def filled(layer: nnx.Module, param: nnx.Variable) -> nnx.Variable:
     called would fail deep inside flax with a TypeError on ShapeDtypeStruct."""
     value = param.get_value()
     if isinstance(value, jax.ShapeDtypeStruct):
-        raise AbstractModelError(
-            f"the model is abstract (flax_sgm.models.abstract: shapes only; its {type(layer).__name__} "
-            f"{list(value.shape)} holds no weights): load weights into it (convert.load_torch_state_dict, "
-            "convert.load_planned) or build it with models.build before calling it")
+        raise AbstractModelError(f"its {type(layer).__name__} {list(value.shape)}")
     return param
 
 
