@@ -212,6 +212,12 @@ def test_attention_processor_names_load_as_diffusers_reads_them(truth, base_unet
         unet = load_lora(nnx.clone(base_unet), path)
         assert_close(flax_out(unet), want, TOL, what=path.name)
     assert lora_summary(prefixed)["format"] == "diffusers (attention processor names)"
+    # One module under two spellings: which the file means is not said (it took the last key silently).
+    stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    twice = d / "twice.safetensors"
+    save_file(tensors | {f"{stem}.to_q.lora.down.weight": tensors[f"{stem}.processor.to_q_lora.down.weight"]}, str(twice))
+    with pytest.raises(CheckpointError, match=rf"1 LoRA modules do not fit .*{stem}.to_q is named twice"):
+        load_lora(nnx.clone(base_unet), twice)
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +408,7 @@ def test_convert_fuses_loras_into_a_converted_unet(truth, base_unet, tmp_path):
         assert refused.exit_code == 2 and message in refused.output  # click's usage errors
     weights = d / "base" / "diffusion_pytorch_model.safetensors"  # not a LoRA
     assert cli_error("convert", d / "base", "--unet", "--lora", weights, "-o", tmp_path / "y").startswith(
-        f"Error: {weights}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up): ")
+        f"Error: {weights}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up, ")
     assert not (tmp_path / "y").exists()
 
 
@@ -655,6 +661,10 @@ def test_a_text_encoder_lora_in_diffusers_older_names_loads_as_diffusers_reads_i
     flax = load_lora(flax_sgm.load_text_encoder(tmp_path / "te"), path)
     assert_close(np.asarray(flax(ids).last_hidden_state), want, TOL, what="older text-encoder names")
     assert lora_summary(path)["format"] == "diffusers (lora.down/up names, attention processor names)"
+    bare = tmp_path / "bare.safetensors"  # no text_encoder. prefix: `self_attn` says a text encoder's projections
+    save_file({k[len("text_encoder."):]: v for k, v in tensors.items()}, str(bare))
+    flax = load_lora(flax_sgm.load_text_encoder(tmp_path / "te"), bare)
+    assert_close(np.asarray(flax(ids).last_hidden_state), want, TOL, what="older text-encoder names, bare")
 
 
 def test_peft_alpha_pattern_keys_are_regexes_as_peft_reads_them():

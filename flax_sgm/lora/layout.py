@@ -74,6 +74,7 @@ class Entry(NamedTuple):
     down: str | None
     up: str | None
     alpha: str | None
+    twice: tuple[str, ...] = ()  # keys naming a role of this module a key before them named (two spellings)
 
 
 def kind_of(keys: Iterable[str]) -> tuple[str, str] | None:
@@ -100,7 +101,9 @@ def _parse(key: str) -> tuple[str, str, str | None] | None:
     match = PROCESSOR.fullmatch(key)
     if match is None:
         return None
-    tower = "text" if part_of(key) in ("text_encoder", "text_encoder_2") else "unet"
+    # A text encoder's part, or (bare) its attention's name: CLIP's `self_attn`, a UNet's `attn1`/`attn2`.
+    text = part_of(key) in ("text_encoder", "text_encoder_2") or match["module"].endswith("self_attn")
+    tower = "text" if text else "unet"
     module = match["module"] + "." + PROCESSOR_PROJECTIONS[tower][match["projection"]]
     return module, match["role"], "diffusers-processor"
 
@@ -108,6 +111,7 @@ def _parse(key: str) -> tuple[str, str, str | None] | None:
 def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
     """(format, {module: Entry}, keys that are not LoRA tensors) of a file's keys."""
     parts: dict[str, dict[str, str]] = {}
+    twice: dict[str, list[str]] = {}
     formats, stray = set(), []
     for key in keys:
         parsed = _parse(key)
@@ -115,7 +119,10 @@ def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
             stray.append(key)
             continue
         module, role, fmt = parsed
-        parts.setdefault(module, {})[role] = key
+        if role in parts.setdefault(module, {}):
+            twice.setdefault(module, []).append(key)
+        else:
+            parts[module][role] = key
         if fmt:
             formats.add(fmt)
     older = [name for fmt, name in (("diffusers-old", "lora.down/up names"), ("diffusers-processor", "attention processor names"))
@@ -126,7 +133,7 @@ def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
         fmt = "diffusers" + (f" ({', '.join(older)})" if older else "")
     else:
         fmt = "unknown"
-    found = {m: Entry(m, p.get("down"), p.get("up"), p.get("alpha")) for m, p in parts.items()}
+    found = {m: Entry(m, p.get("down"), p.get("up"), p.get("alpha"), tuple(twice.get(m, ()))) for m, p in parts.items()}
     return fmt, found, stray
 
 

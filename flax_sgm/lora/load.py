@@ -87,7 +87,8 @@ def read_lora(model: nnx.Module, path, *, part: str | None = None,
             raise CheckpointError(f"{path}: a {other[0]} file ({other[1]}); load_lora reads plain LoRA only")
         fmt, found, stray = entries(keys)
         if not found:
-            raise CheckpointError(f"{path}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up): "
+            raise CheckpointError(f"{path}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up, "
+                                  ".to_q_lora.down/.up, .lora_linear_layer.down/.up): "
                                   f"{listing(keys, 4)}")
         if stray:
             raise CheckpointError(f"{path}: {len(stray)} keys are not LoRA tensors: {listing(sorted(stray), 4)}")
@@ -111,6 +112,9 @@ def read_lora(model: nnx.Module, path, *, part: str | None = None,
                                   f"{describe(model)}: {listing(unplaced, 3)}")
         problems, placed, by_layer = [], [], {}
         for module, entry in sorted(found.items()):
+            if entry.twice:  # one module under two spellings: which the file means is not said
+                problems.append(f"{module} is named twice ({listing(entry.twice, 2)} again)")
+                continue
             other = by_layer.setdefault(index[strip_prefix(module)], module)
             if other != module:  # one layer under two names (sgm's and diffusers'): applied twice otherwise
                 problems.append(f"{module} adapts the layer {other} adapts")
