@@ -337,6 +337,11 @@ def main():
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
     cases = list(dict.fromkeys((args.cases or MODELS[args.model].cases).split(",") + (["before"] if args.against else [])))
+    unet = MODELS[args.model].load == "load_unet"
+    known = {"copy", "np", "flax", MODELS[args.model].load, "phases", "before"} | ({"convert", "before-convert"} if unet else set())
+    unknown = [c for c in cases if c not in known and not (unet and c.startswith("convert:"))]
+    if unknown:
+        parser.error(f"--cases {','.join(unknown)}: not a case of --model {args.model} (its cases: {', '.join(sorted(known))})")
     if "convert" in cases:
         from flax_sgm.checkpoints.sources import open_source
         from flax_sgm.attention.stacks import inspect_stacks

@@ -106,6 +106,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     names = args.towers.split(",")
+    if not set(names) <= set(TOWERS):
+        parser.error(f"--towers: each of {', '.join(TOWERS)}; got {args.towers}")
 
     from common import environment
 

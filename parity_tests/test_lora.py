@@ -598,6 +598,8 @@ def test_a_text_encoder_lora_equals_the_peft_model(truth, base_unet, tmp_path, f
         with safe_open(str(f), "numpy") as opened:
             configs |= json.loads((opened.metadata() or {}).get("lora_adapter_metadata", "{}"))
     save_file(load_file(str(path)) | load_file(str(unet_file)), str(both), metadata={"lora_adapter_metadata": json.dumps(configs)})
+    assert f"apply: flax_sgm.load_lora(pipeline, {str(both)!r}" in run_cli("inspect", both).stdout  # not (unet, ...)
+    assert f"apply: flax_sgm.load_lora(text_encoder, {str(path)!r}" in run_cli("inspect", path).stdout
     pipe = Pipeline.__new__(Pipeline)  # the models alone: what load_lora reads of a pipeline
     pipe.family, pipe.unet, pipe.text_encoders = "sd", nnx.clone(base_unet), [flax_sgm.load_text_encoder(tmp_path / "te")]
     load_lora(pipe, both)

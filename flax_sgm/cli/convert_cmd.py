@@ -338,7 +338,9 @@ def _inspect_lora(path, as_json: bool) -> None:
     click.echo(f"{path}: a LoRA ({info['format']} format), {info['modules']} modules ({info['unet_modules']} UNet, "
                f"{info['text_encoder_modules']} text encoder), rank {', '.join(map(str, info['rank']))}, alpha {alpha}")
     click.echo(f"  adapts: {', '.join(info['layers'])}")
-    click.echo(f"  apply: flax_sgm.load_lora(unet, {str(path)!r}, scale=1.0)")
+    parts = [n for n, k in (("unet", "unet_modules"), ("text_encoder", "text_encoder_modules")) if info[k]]
+    target = "pipeline" if len(parts) > 1 else ("text_encoder" if parts == ["text_encoder"] else "unet")
+    click.echo(f"  apply: flax_sgm.load_lora({target}, {str(path)!r}, scale=1.0)")
 
 
 def _inspect_output(path, as_json: bool) -> None:
