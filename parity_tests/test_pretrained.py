@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import flax_sgm
 import torch_ref
+from flax_sgm.checkpoints import convert
 from flax_sgm.errors import CheckpointError
 from conftest import REORDERED, assert_stack_matches_torch, cli_error, nchw_to_nhwc, randomize_, rel_err, run_cli
 
@@ -200,6 +201,33 @@ def fp16_unet(unet, tmp_path_factory):
     half.save_pretrained(path, variant="fp16", max_shard_size="100KB")
     assert (path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
     return path, half.float()  # the reference: the weights as the variant holds them
+
+
+def test_sharded_torch_pickles_load_as_the_safetensors_do(tmp_path):
+    """diffusers' and transformers' save_pretrained(safe_serialization=False) with shards: `*.bin.index.json` and
+    `-0000k-of-0000n.bin` files. The shards were taken for several checkpoints ("pass one of them")."""
+    from flax_sgm.verify.tiny import tower, unet
+
+    clip = tower("clip")
+    clip.save_pretrained(tmp_path / "text_encoder")  # transformers 5 writes safetensors only: its 4.x layout by hand
+    (tmp_path / "text_encoder" / "model.safetensors").unlink()
+    state = clip.state_dict()
+    weight_map = {k: f"pytorch_model-0000{i % 3 + 1}-of-00003.bin" for i, k in enumerate(state)}
+    for shard in set(weight_map.values()):
+        torch.save({k: v for k, v in state.items() if weight_map[k] == shard}, tmp_path / "text_encoder" / shard)
+    (tmp_path / "text_encoder" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name, model, load in (("unet", unet("sd1"), flax_sgm.load_unet), ("text_encoder", clip, flax_sgm.load_text_encoder)):
+        if name == "unet":
+            model.save_pretrained(tmp_path / name, max_shard_size="100KB", safe_serialization=False)
+        model.save_pretrained(tmp_path / (name + "_safetensors"))
+        assert len(list((tmp_path / name).glob("*.bin.index.json"))) == 1 and len(list((tmp_path / name).glob("*.bin"))) > 2
+        want = state_of(load(tmp_path / (name + "_safetensors")))
+        got = state_of(load(tmp_path / name))
+        assert got.keys() == want.keys() and all(np.array_equal(v, want[k]) for k, v in got.items())
+
+
+def state_of(model) -> dict:
+    return {k: np.asarray(v) for k, v in convert.to_torch_state_dict(model).items()}
 
 
 def test_a_sharded_fp16_variant_loads_with_variant(fp16_unet, tmp_path):

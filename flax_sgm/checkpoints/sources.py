@@ -50,18 +50,15 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # safe_open maps a file, and the pages read stay in the process's memory while it is open: reopen it
 # after this many bytes.
 MAPPED_BYTES = 64 << 20
-INDEX_SUFFIX = ".safetensors.index.json"
-# What diffusers' save_pretrained writes, by preference; then transformers' (a pipeline's text_encoder/).
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")  # sharded safetensors, sharded torch
 
 
 def _names(stem: str) -> tuple[re.Pattern, ...]:
     """A library's file names with the variant they carry: a shard, a weights file, a sharded index."""
     return (
-        re.compile(rf"^{stem}(?:\.(?P<variant>[^.]+))?-\d+-of-\d+\.safetensors$"),
+        re.compile(rf"^{stem}(?:\.(?P<variant>[^.]+))?-\d+-of-\d+\.(?:safetensors|bin)$"),
         re.compile(rf"^{stem}(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$"),
-        re.compile(rf"^{stem}\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$"),
+        re.compile(rf"^{stem}\.(?:safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$"),
     )
 
 
@@ -87,16 +84,13 @@ def _match(patterns, name: str) -> tuple[bool, str | None]:
     return False, None
 
 
-def _variant_files(variant: str) -> tuple[str, ...]:
-    """diffusers' and transformers' names of a variant, by preference: the sharded index, then one file."""
-    return (
-        f"diffusion_pytorch_model.safetensors.index.{variant}.json",
-        f"diffusion_pytorch_model.{variant}.safetensors",
-        f"diffusion_pytorch_model.{variant}.bin",
-        f"model.safetensors.index.{variant}.json",
-        f"model.{variant}.safetensors",
-        f"pytorch_model.{variant}.bin",
-    )
+def _weight_files(variant: str | None) -> tuple[str, ...]:
+    """diffusers' names, then transformers', of a model's weights (of `variant`), by preference: safetensors before
+    torch's pickles, a sharded index before one file."""
+    v = f".{variant}" if variant else ""
+    return tuple(name for stem, pickled in (("diffusion_pytorch_model", "diffusion_pytorch_model"), ("model", "pytorch_model"))
+                 for name in (f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors",
+                              f"{pickled}.bin.index{v}.json", f"{pickled}{v}.bin"))
 
 # safe_open reports dtypes by safetensors' code.
 SAFETENSORS_DTYPES = {
@@ -267,18 +261,15 @@ def open_source(path, variant: str | None = None) -> Source:
 
 def _open_directory(path: Path, variant: str | None) -> Source:
     config_path = path / CONFIG_FILE
-    if variant is not None:
-        chosen = [path / name for name in _variant_files(variant) if (path / name).is_file()][:1]
-        if not chosen:
-            raise CheckpointError(f"{path}: has no {variant!r} variant ({_variants_here(path)})")
-        indexes = [p for p in chosen if p.suffix == ".json"]
-        weights = [p for p in chosen if p.suffix != ".json"]
-    else:
-        # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
-        index = [path / (name + ".index.json") for name in (DIFFUSERS_WEIGHTS[0], TRANSFORMERS_WEIGHTS[0])]
-        indexes = [i for i in index if i.is_file()][:1] or sorted(path.glob("*" + INDEX_SUFFIX))
-        weights = [path / name for name in DIFFUSERS_WEIGHTS + TRANSFORMERS_WEIGHTS if (path / name).is_file()][:1]
-        if not weights:
+    # diffusers' own names first: a model repository often holds variants beside them (.bin, .fp16.safetensors).
+    chosen = [path / name for name in _weight_files(variant) if (path / name).is_file()][:1]
+    indexes = [p for p in chosen if p.suffix == ".json"]
+    weights = [p for p in chosen if p.suffix != ".json"]
+    if variant is not None and not chosen:
+        raise CheckpointError(f"{path}: has no {variant!r} variant ({_variants_here(path)})")
+    if not chosen:  # other names: any sharded index, else any one checkpoint file
+        indexes = sorted(p for suffix in INDEX_SUFFIXES for p in path.glob("*" + suffix))
+        if not indexes:
             weights = sorted(
                 p for p in path.iterdir()
                 if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not weights_variant(p.name)[1]
@@ -342,13 +333,13 @@ def _open_index(index: Path, shown: Path) -> Source:
         file = index.parent / shard
         if not file.is_file():
             raise CheckpointError(f"{index}: lists shard {shard}, which does not exist ({file})")
-        shard_infos, shard_places, _, _ = _open_file(file, torch_too=False)
+        shard_infos, shard_places, kind, _ = _open_file(file, torch_too=index.name.endswith(INDEX_SUFFIXES[1]))
         absent = [k for k in keys if k not in shard_infos]
         if absent:
             raise CheckpointError(f"{file}: has no {absent[0]}, which {index.name} places there")
         infos |= {k: shard_infos[k] for k in keys}
         places |= {k: shard_places[k] for k in keys}
-    return Source(shown, f"safetensors, {len(shards)} shards", infos, places)
+    return Source(shown, f"{kind}, {len(shards)} shards", infos, places)
 
 
 def _open_file(path: Path, *, torch_too: bool = True):
