@@ -43,8 +43,8 @@ from jax.interpreters.ad import JVPTracer
 from flax_sgm import sharding
 
 from flax_sgm.nn import numerics
-from flax_sgm.attention.policy import (CUDNN_MAX_HEAD_DIM, CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER, MASK_VALUE, AttentionProblem,
-                                      Backend, choose_backend)
+from flax_sgm.attention.policy import (CUDNN_MAX_HEAD_DIM, CUDNN_MAX_HEAD_DIM_BEFORE_HOPPER, MASK_VALUE,
+                                      AttentionProblem, Backend, choose_backend)
 from flax_sgm.attention.chunked import chunked_attention
 
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("flax_sgm_target_platform", default=None)

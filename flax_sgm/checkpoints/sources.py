@@ -88,9 +88,9 @@ def _weight_files(variant: str | None) -> tuple[str, ...]:
     """diffusers' names, then transformers', of a model's weights (of `variant`), by preference: safetensors before
     torch's pickles, a sharded index before one file."""
     v = f".{variant}" if variant else ""
-    return tuple(name for stem, pickled in (("diffusion_pytorch_model", "diffusion_pytorch_model"), ("model", "pytorch_model"))
-                 for name in (f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors",
-                              f"{pickled}.bin.index{v}.json", f"{pickled}{v}.bin"))
+    stems = (("diffusion_pytorch_model", "diffusion_pytorch_model"), ("model", "pytorch_model"))  # safetensors, torch
+    return tuple(name for stem, pickled in stems for name in (
+        f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors", f"{pickled}.bin.index{v}.json", f"{pickled}{v}.bin"))
 
 # safe_open reports dtypes by safetensors' code.
 SAFETENSORS_DTYPES = {

@@ -39,7 +39,8 @@ SUFFIXES = {
 }
 # diffusers <= 0.20's attention processors: the projection is in the key (diffusers' UNET_TO_DIFFUSERS and
 # DIFFUSERS_OLD_TO_PEFT say which layer each names in a UNet and in a CLIP text tower).
-PROCESSOR = re.compile(r"(?P<module>.+?)(?:\.processor)?\.(?P<projection>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight")
+PROCESSOR = re.compile(
+    r"(?P<module>.+?)(?:\.processor)?\.(?P<projection>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight")
 PROCESSOR_PROJECTIONS = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
@@ -125,8 +126,8 @@ def entries(keys: Iterable[str]) -> tuple[str, dict[str, Entry], list[str]]:
             parts[module][role] = key
         if fmt:
             formats.add(fmt)
-    older = [name for fmt, name in (("diffusers-old", "lora.down/up names"), ("diffusers-processor", "attention processor names"))
-             if fmt in formats]
+    older = [name for fmt, name in (("diffusers-old", "lora.down/up names"),
+                                    ("diffusers-processor", "attention processor names")) if fmt in formats]
     if "kohya" in formats:
         fmt = "kohya"
     elif "diffusers" in formats or older:

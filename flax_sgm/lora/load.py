@@ -87,8 +87,8 @@ def read_lora(model: nnx.Module, path, *, part: str | None = None,
             raise CheckpointError(f"{path}: a {other[0]} file ({other[1]}); load_lora reads plain LoRA only")
         fmt, found, stray = entries(keys)
         if not found:
-            raise CheckpointError(f"{path}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, .lora_down/.lora_up, "
-                                  ".to_q_lora.down/.up, .lora_linear_layer.down/.up): "
+            raise CheckpointError(f"{path}: holds no LoRA keys (.lora_A/.lora_B, .lora.down/.lora.up, "
+                                  ".lora_down/.lora_up, .to_q_lora.down/.up, .lora_linear_layer.down/.up): "
                                   f"{listing(keys, 4)}")
         if stray:
             raise CheckpointError(f"{path}: {len(stray)} keys are not LoRA tensors: {listing(sorted(stray), 4)}")
