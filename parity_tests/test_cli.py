@@ -434,9 +434,17 @@ def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     assert "already exists (pass --overwrite" in cli_error("convert", d / "bare.safetensors", "--heads", 2, "-o", out)
+    # --overwrite replaces an earlier output only: it deleted any directory, the checkpoint read included.
+    assert "is not a flax-sgm convert output; --overwrite replaces only those" in cli_error(
+        "convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
     assert (out / "mine.txt").exists()
+    for inside in (d / "bare.safetensors", d):
+        assert "is the checkpoint being converted" in cli_error("convert", d / "bare.safetensors", "--heads", 2, "-o",
+                                                                inside, "--overwrite")
+    assert (d / "bare.safetensors").is_file()
+    out = tmp_path / "converted"
+    run_cli("convert", d / "bare.safetensors", "--heads", 1, "-o", out)
     run_cli("convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
-    assert not (out / "mine.txt").exists()
     assert_stack_matches_torch(flax_sgm.load_pretrained(out), modules[""])
 
 
@@ -458,11 +466,13 @@ def test_an_interrupted_convert_leaves_no_output(files, tmp_path, weights):
     with pytest.raises(KeyboardInterrupt):
         convert()
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging directory
-    (tmp_path / "out").mkdir()  # an older output survives an interrupted --overwrite
+    pretrained.convert_file(d / "sgm.safetensors", tmp_path / "out", prefixes=[SGM + "input_blocks.1.1."], heads=2,
+                            weights=weights)  # an older output survives an interrupted --overwrite
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     read.clear()
     with pytest.raises(KeyboardInterrupt):
         convert(overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_load_pretrained_needs_a_checkpoint(tmp_path):

@@ -219,7 +219,7 @@ def convert_file(
     if weights not in output.WEIGHT_FORMATS:
         raise CheckpointError(f"weights format must be one of {output.WEIGHT_FORMATS}; got {weights!r}")
     out = Path(out)
-    output.check_output(out, overwrite)
+    output.check_output(out, overwrite, source_path)
     with open_source(source_path, variant) as source:
         stacks, skipped = plan_stacks(
             source, prefixes, all_stacks=all_stacks, skip_unsupported=skip_unsupported, heads=heads,
@@ -233,7 +233,7 @@ def convert_file(
             on_plan(stacks, skipped)
         read, private = _Reads(source, progress), source.private
         written = []
-        with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(source_path).name) as writer:
+        with output.OutputWriter(out, weights, overwrite=overwrite, source=source_path) as writer:
             for stack, plan in zip(stacks, plans):
                 model = models.abstract(stack.config, param_dtype=plan[0].dtype)  # traced once per config, then cached
                 writer.add_model(stack.prefix, stack.config, convert.load_planned(model, plan, read, copy=not private))

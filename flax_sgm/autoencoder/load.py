@@ -88,9 +88,9 @@ def convert_vae(path, out, *, variant: str | None = None, weights: str = "orbax"
                 scaling_factor: float | None = None, overwrite: bool = False) -> AutoencoderConfig:
     """An autoencoder from any checkpoint load_vae reads into a `flax-sgm convert` output directory, its
     AutoencoderConfig (scaling factor included) recorded, so that load_vae(out) needs no arguments."""
-    output.check_output(Path(out), overwrite)
+    output.check_output(Path(out), overwrite, path)
     model = load_vae(path, variant=variant, param_dtype=param_dtype, scaling_factor=scaling_factor)
-    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=path) as writer:
         writer.add_model("", model.config, model)
     return model.config
 

@@ -100,9 +100,21 @@ def stack_name(prefix: str, config=None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", prefix.rstrip(".")) or default
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """`out` may be written: absent, or (overwrite) an earlier output; never the checkpoint read or a folder
+    holding it, and never another file or directory (--overwrite replaced them, an input included)."""
+    out = Path(out)
+    if source is not None:
+        where, read = out.resolve(), Path(source).resolve()
+        if where == read or where in read.parents:
+            raise CheckpointError(f"{out}: is the checkpoint being converted{'' if where == read else ' or holds it'} "
+                                  f"({source}); write the output elsewhere")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not is_output(out):
+            raise CheckpointError(f"{out}: exists and is not a flax-sgm convert output; --overwrite replaces only "
+                                  "those (remove it yourself, or write elsewhere)")
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such directory")
 
@@ -114,11 +126,12 @@ class OutputWriter:
     failure removes what was written; with `overwrite` an old `out` is replaced only by a complete new one.
     """
 
-    def __init__(self, out, weights: str, *, overwrite: bool = False, source: str = ""):
+    def __init__(self, out, weights: str, *, overwrite: bool = False, source=None):
         if weights not in WEIGHT_FORMATS:
             raise CheckpointError(f"weights format must be one of {WEIGHT_FORMATS}; got {weights!r}")
-        self.out, self.weights, self.overwrite, self.source = Path(out), weights, overwrite, source
-        check_output(self.out, overwrite)
+        self.out, self.weights, self.overwrite = Path(out), weights, overwrite
+        self.source = None if source is None else Path(source)  # the checkpoint read, never written over
+        check_output(self.out, overwrite, self.source)
         self.records: list[StackRecord] = []
 
     def __enter__(self) -> OutputWriter:
@@ -154,9 +167,9 @@ class OutputWriter:
                 self.checkpointer.close()
             if exc_type is None:
                 document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": self.weights,
-                            "source": self.source, "stacks": [r.to_dict() for r in self.records]}
+                            "source": self.source.name if self.source else "", "stacks": [r.to_dict() for r in self.records]}
                 (self.tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
-                check_output(self.out, self.overwrite)
+                check_output(self.out, self.overwrite, self.source)
                 _replace(self.tmp, self.out)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)  # already gone once renamed into place

@@ -171,10 +171,10 @@ def convert_text_encoders(path, out, *, embedder: int | None = None, config: CLI
     """The text encoders of any checkpoint load_text_encoder reads (or the one `embedder` names) into a
     `flax-sgm convert` output, each config recorded, so that load_text_encoder(out, embedder=n) needs no other
     argument. Returns (embedder, config) per encoder written."""
-    output.check_output(Path(out), overwrite)
+    output.check_output(Path(out), overwrite, path)
     embedders = text_encoder_embedders(path, variant) if embedder is None else [_embedder_index(embedder)]
     written = []
-    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=path) as writer:
         for n in embedders:
             model = load_text_encoder(path, embedder=n, config=config, variant=variant, param_dtype=param_dtype)
             writer.add_model(output.text_record_prefix(n), model.config, model)

@@ -85,11 +85,11 @@ def convert_unet(path, out, *, heads: int | None = None, head_dim: int | None = 
     """A whole UNet from any checkpoint load_unet reads into a `flax-sgm convert` output directory (output.py),
     its UNetConfig recorded, so that load_unet(out) needs no arguments. `prepare(model)`, if given, runs on the
     loaded model before it is written (`flax-sgm convert --lora` fuses LoRA files there). Returns the config written."""
-    output.check_output(Path(out), overwrite)
+    output.check_output(Path(out), overwrite, path)
     model = load_unet(path, heads=heads, head_dim=head_dim, variant=variant, param_dtype=param_dtype)
     if prepare is not None:
         prepare(model)
-    with output.OutputWriter(out, weights, overwrite=overwrite, source=Path(path).name) as writer:
+    with output.OutputWriter(out, weights, overwrite=overwrite, source=path) as writer:
         writer.add_model("", model.config, model)
     return model.config
 
