@@ -42,7 +42,23 @@ def model_class(config) -> Any:
 
 def build(config, *, rngs: nnx.Rngs | None = None, dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.Module:
     """The model of `config` with random weights (seeded by `rngs`, default nnx.Rngs(0))."""
-    return model_class(config)(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    cls = model_class(config)
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        _check_float(cls, name, value)
+    return cls(config, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+
+
+def _check_float(cls, name: str, value) -> None:
+    """A floating dtype, or None for the compute dtype: an int8 param_dtype loaded every weight as zeros."""
+    if value is None and name == "dtype":
+        return
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{cls.__name__}: {name} must be a floating dtype (float32, bfloat16, float16, float64); "
+                         f"got {value!r}")
 
 
 def abstract(config, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, seed: int = 0) -> nnx.Module:

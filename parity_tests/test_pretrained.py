@@ -551,3 +551,19 @@ def test_load_planned_reads_a_source_in_file_order(tmp_path, monkeypatch):
     monkeypatch.setattr(convert.os, "cpu_count", lambda: 1)  # one copying thread: reads in submission order
     load_unet(tmp_path)
     assert len(read) > 10 and read == sorted(read)
+
+
+@pytest.mark.parametrize("kind", ["unet", "vae"])
+def test_a_dtype_that_is_no_float_is_refused(tmp_path, kind):
+    """load_unet / load_vae took param_dtype="int8" (every weight cast to 0), "bool", and dtype="int8"."""
+    from flax_sgm.verify import tiny
+
+    model, load = (tiny.unet("sd1"), flax_sgm.load_unet) if kind == "unet" else (tiny.vae("tiny"), flax_sgm.load_vae)
+    model.save_pretrained(tmp_path)
+    for options, name in ((dict(param_dtype="int8"), "param_dtype"), (dict(param_dtype="bool"), "param_dtype"),
+                          (dict(dtype="int8"), "dtype"), (dict(param_dtype="float"), None)):
+        if name is None:
+            load(tmp_path, **options)  # numpy's "float" is float64: a float
+            continue
+        with pytest.raises(ValueError, match=rf"{name} must be a floating dtype .*; got '{options[name]}'"):
+            load(tmp_path, **options)

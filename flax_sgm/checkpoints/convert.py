@@ -290,6 +290,9 @@ def conversion_plan(
         if isinstance(dtype, str) or not _is_float(dtype):
             mismatched.append(f"dtype mismatch: {key} is {dtype}, expected a float dtype ({target_dtype.name})")
             continue
+        if not _is_float(target_dtype):  # a float cast to ints or bools is no narrowing: it is zeros
+            mismatched.append(f"dtype mismatch: {key} goes to a {target_dtype.name} parameter; the model's must be floats")
+            continue
         if not (allow_downcast or _is_widening(dtype, target_dtype)):
             mismatched.append(
                 f"dtype mismatch: {key} is {dtype}; casting to the model's {target_dtype.name} would lose "
