@@ -244,6 +244,20 @@ def test_released_configs_read():
     assert SchedulerConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_a_loaded_schedulers_config_reads_as_from_config_reads_it():
+    """scheduler.config of a loaded diffusers scheduler lists in `_use_default_values` the fields its class filled
+    with its own defaults; another class's from_config drops them. They were refused (kind=None) or read as
+    written (kind=...): PNDM's default timestep_spacing 'leading' instead of Euler's 'linspace'."""
+    pndm = diffusers.PNDMScheduler.from_config({"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True})
+    assert "timestep_spacing" in pndm.config["_use_default_values"]
+    euler = diffusers.EulerDiscreteScheduler.from_config(pndm.config)
+    ours = SchedulerConfig.from_diffusers(pndm.config, kind="euler")
+    assert ours.timestep_spacing == euler.config.timestep_spacing == "linspace"
+    euler.set_timesteps(5)
+    assert np.allclose(timesteps_for(ours, 5), euler.timesteps.numpy())
+    assert SchedulerConfig.from_diffusers(pndm.config).kind == "pndm"
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"_class_name": "UniPCMultistepScheduler"}, "scheduler class 'UniPCMultistepScheduler' is not supported"),
     ({"_class_name": "DDIMScheduler", "thresholding": True}, "DDIMScheduler field thresholding=True is not supported"),

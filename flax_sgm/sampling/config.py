@@ -190,7 +190,10 @@ def scheduler_from_diffusers(d: Mapping[str, Any], *, source: str = "scheduler_c
     if not isinstance(d, Mapping):
         raise ValueError(f"{source}: a scheduler config must be a JSON object; got {type(d).__name__}")
     class_name = d.get("_class_name")
-    fields = {k: v for k, v in d.items() if k not in METADATA}
+    # A config diffusers has loaded (scheduler.config) lists the fields it filled with its own class's defaults;
+    # from_config into another class drops them, so that class's defaults apply (diffusers' extract_init_dict).
+    defaulted = set(d.get("_use_default_values") or ())
+    fields = {k: v for k, v in d.items() if k not in METADATA and k not in defaulted and k != "_use_default_values"}
     if kind is None:
         if class_name not in SCHEDULERS:
             raise ValueError(f"{source}: scheduler class {class_name!r} is not supported; "
