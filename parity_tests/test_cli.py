@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -444,6 +445,9 @@ def test_existing_output_is_refused_unless_overwrite(files, tmp_path):
     assert (d / "bare.safetensors").is_file()
     out = tmp_path / "converted"
     run_cli("convert", d / "bare.safetensors", "--heads", 1, "-o", out)
+    umask = os.umask(0)
+    os.umask(umask)  # the output's modes are an open()'s and a mkdir()'s, not mkdtemp's private 0o700
+    assert {p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]} == {0o777 & ~umask, 0o666 & ~umask}
     run_cli("convert", d / "bare.safetensors", "--heads", 2, "-o", out, "--overwrite")
     assert_stack_matches_torch(flax_sgm.load_pretrained(out), modules[""])
 

@@ -359,6 +359,12 @@ def test_cli_sample_writes_pngs(saved, tmp_path):
     assert [Path(p).name for p in record["images"]] == ["out-0.png", "out-1.png"]
     assert all(png_size(tmp_path / f"out-{i}.png") == (48, SIZE) for i in range(2))
     assert record["steps"] == 2 and record["seconds_per_step"] > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out-0.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes files, not 0o600
+    (tmp_path / "a-directory").mkdir()
+    assert "is a directory; give the PNG's file name" in cli_error("sample", directory, "--prompt", "a cat", "-o",
+                                                                    tmp_path / "a-directory")
     no_scheduler = with_scheduler(directory, "ddim", tmp_path / "no-scheduler")
     shutil.rmtree(no_scheduler / "scheduler")
     for args, message in [((directory, "--height", 36), "height = 36 is not divisible by 8"),

@@ -201,8 +201,20 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
+def umask_modes(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain open() or mkdir() would have (0o666 / 0o777 less the
+    umask): mkstemp and mkdtemp make them private to the owner (0o600 / 0o700), and a rename keeps that."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _replace(new: Path, out: Path) -> None:
     """Rename `new` to `out`; an old `out` is moved aside first and removed only after."""
+    umask_modes(new)
     old = None
     if out.exists() or out.is_symlink():
         old = new.with_name(new.name + ".old")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from flax_sgm.cli.common import clean_errors, to_json, variant_option
+from flax_sgm.cli.common import UserError, clean_errors, to_json, variant_option
 from flax_sgm.sampling import KINDS, SGM_KINDS
 
 
@@ -63,7 +63,11 @@ def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, 
 
     out = Path(out)
     if not out.parent.is_dir():
-        raise click.BadParameter(f"{out.parent}: no such directory", param_hint="-o")
+        raise UserError(f"-o {out}: {out.parent}: no such directory")
+    if out.is_dir():  # found before sampling, not when the PNG is renamed over it
+        raise UserError(f"-o {out}: is a directory; give the PNG's file name")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"-o {out}: {out.parent} is not writable")
     if dtype is None:
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     tokenizer = None if not tokenizers else tokenizers[0] if len(tokenizers) == 1 else list(tokenizers)
@@ -94,10 +98,13 @@ def sample(path, prompt, negative_prompt, steps, guidance, height, width, seed, 
 
 def write_png(image, path: Path) -> None:
     """The PNG at `path`, or nothing there: written to a temporary file beside it, then renamed over."""
+    from flax_sgm.checkpoints.converted import umask_modes
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        umask_modes(Path(tmp))  # as an open() would have made it, not mkstemp's 0o600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
