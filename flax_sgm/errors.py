@@ -21,11 +21,21 @@ class ConversionError(ValueError):
 
     def __init__(self, missing=(), unexpected=(), mismatched=(), context: str = ""):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        lines = [f"weight conversion failed{context}:"]
+        self.head = f"weight conversion failed{context}"
+        lines = [self.head + ":"]
         lines += [f"  missing key: {k}" for k in self.missing]
         lines += [f"  unexpected key: {k}" for k in self.unexpected]
         lines += [f"  {m}" for m in self.mismatched]
         super().__init__("\n".join(lines))
+
+    def one_line(self, shown: int = 2) -> str:
+        """The problems counted, the first of each kind named (the command line's error; str() lists them all)."""
+        parts = []
+        for kind, items in (("missing", self.missing), ("unexpected", self.unexpected), ("mismatched", self.mismatched)):
+            if items:
+                more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+                parts.append(f"{len(items)} {kind}: " + ", ".join(items[:shown]) + more)
+        return f"{self.head}: " + "; ".join(parts)
 
 
 def first_line(err: BaseException) -> str:

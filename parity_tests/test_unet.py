@@ -18,7 +18,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.numpy import save_file
 
-from conftest import CRITERIA, assert_close, assert_parity, compare, randomize_, rel_err
+from conftest import CRITERIA, assert_close, assert_parity, cli_error, compare, randomize_, rel_err
 from flax_sgm import load_pretrained, load_unet
 from flax_sgm.checkpoints import convert
 from flax_sgm.errors import CheckpointError
@@ -410,6 +410,19 @@ def test_missing_and_extra_keys_are_listed_at_once():
     assert "missing key: conv_in.weight" in text
     assert "unexpected key: mid_block.attentions.0.extra.weight" in text
     assert "shape mismatch: up_blocks.0.resnets.0.conv1.weight has shape [3, 3]" in text
+
+
+def test_a_directory_whose_weights_do_not_fit_its_config_is_named_in_one_line(tmp_path):
+    """SD 2.x's config.json beside SD 1.x's weights: load_unet's error named no file, and the command line printed
+    one line per key (109 here)."""
+    tiny.unet("sd1").save_pretrained(tmp_path / "mixed")
+    tiny.unet("sd2").save_pretrained(tmp_path / "sd2")
+    (tmp_path / "mixed" / "config.json").write_text((tmp_path / "sd2" / "config.json").read_text())
+    with pytest.raises(convert.ConversionError, match=rf"^weight conversion failed for UNetModel from {tmp_path / 'mixed'}:"):
+        load_unet(tmp_path / "mixed")
+    line = cli_error("convert", tmp_path / "mixed", "--unet", "-o", tmp_path / "out")
+    assert line.startswith(f"Error: weight conversion failed for UNetModel from {tmp_path / 'mixed'}: ")
+    assert " missing: " in line and "in all)" in line and line.endswith("(--debug lists them all)")
 
 
 # The config --------------------------------------------------------------------------------

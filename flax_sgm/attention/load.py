@@ -49,7 +49,8 @@ def choose_param_dtype(stored, param_dtype) -> tuple[np.dtype, bool]:
 def stack_plan(source: Source, stack: Stack, model: nnx.Module, allow_downcast: bool) -> list[convert.Step]:
     """The stack's checked conversion_plan into `model`; no tensor is read."""
     return convert.conversion_plan(
-        model, {k: source.infos[k] for k in stack.keys}, prefix=stack.prefix, allow_downcast=allow_downcast
+        model, {k: source.infos[k] for k in stack.keys}, prefix=stack.prefix, allow_downcast=allow_downcast,
+        origin=str(source.path),
     )
 
 

@@ -70,7 +70,8 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
         source.prefetch(k for k in infos if k.startswith(prefix))
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or _stored_dtype(infos, path),
                                 seed=seed)
-        plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
+        plan = convert.conversion_plan(model, infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None,
+                                       origin=str(path))
         convert.load_planned(model, plan, source, copy=not source.private)
     return models.ready(model)
 

@@ -264,6 +264,7 @@ def conversion_plan(
     strict: bool = True,
     allow_downcast: bool = False,
     layout: KeyLayout | None = None,
+    origin: str = "",
 ) -> list[Step]:
     """Check torch-named sources against `model` without reading a value; one Step per parameter.
 
@@ -272,6 +273,7 @@ def conversion_plan(
     `prefix` count, and only those the model uses are looked at. Raises one
     ConversionError listing every missing, unexpected (when strict), misshapen or
     wrongly typed key. `model` may be abstract. `layout`: the sources' key layout (default: the model's own names).
+    `origin`: where the tensors come from (a path), for the error.
     """
     params = _flat_params(model)
     rows = _rows(model, params, layout)
@@ -307,7 +309,7 @@ def conversion_plan(
             continue
         plan.append(Step(row, key, target_shape, target_dtype))
     if missing or unexpected or mismatched:
-        where = f" (prefix {prefix!r})" if prefix else ""
+        where = (f" from {origin}" if origin else "") + (f" (prefix {prefix!r})" if prefix else "")
         raise ConversionError(missing, unexpected, mismatched, context=f" for {type(model).__name__}{where}")
     return plan
 

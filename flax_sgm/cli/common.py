@@ -9,7 +9,7 @@ import re
 
 import click
 
-from flax_sgm.errors import CheckpointError
+from flax_sgm.errors import CheckpointError, ConversionError
 
 
 # Exit statuses.
@@ -66,8 +66,10 @@ def clean_errors(f):
         except Exception as err:
             if debug:
                 raise
+            if isinstance(err, ConversionError):  # every key it lists is under --debug
+                raise UserError(err.one_line() + " (--debug lists them all)") from None
             if isinstance(err, (CheckpointError, ValueError)):
-                raise UserError(as_flags(str(err))) from None  # ours and ConversionError: already say what is wrong
+                raise UserError(as_flags(str(err))) from None  # ours: already say what is wrong
             if isinstance(err, OSError):
                 raise UserError(f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")) from None
             raise UnexpectedError(f"{type(err).__name__}: {err} (not the input's fault; run with --debug for the "

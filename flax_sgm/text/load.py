@@ -123,7 +123,8 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
         stored = _stored_dtype(infos, path)
         chosen_dtype, downcast = choose_param_dtype(stored, param_dtype)
         model = models.abstract(plan.config, dtype=dtype, param_dtype=chosen_dtype)
-        steps = convert.conversion_plan(model, infos, prefix=plan.prefix, layout=plan.layout, allow_downcast=downcast)
+        steps = convert.conversion_plan(model, infos, prefix=plan.prefix, layout=plan.layout, allow_downcast=downcast,
+                                        origin=str(path))
         convert.load_planned(model, steps, source, copy=not source.private)
     return models.ready(model)
 

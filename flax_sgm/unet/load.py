@@ -68,7 +68,8 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
         source.prefetch(k for k in source.infos if k.startswith(prefix))
         stored = _stored_dtype(source, path)
         model = models.abstract(config, dtype=dtype, param_dtype=param_dtype or stored, seed=seed)
-        plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout, allow_downcast=param_dtype is not None)
+        plan = convert.conversion_plan(model, source.infos, prefix=prefix, layout=layout,
+                                       allow_downcast=param_dtype is not None, origin=str(path))
         convert.load_planned(model, plan, source, copy=not source.private)
     return models.ready(model)
 
