@@ -284,3 +284,17 @@ def test_bad_calls_in_one_line():
         sample(jax_model, latents(), dataclasses.replace(cfg, kind="euler"), 3, start_step=3)
     with pytest.raises(ValueError, match="noise must be"):
         sample(jax_model, latents()[0], dataclasses.replace(cfg, kind="euler"), 3)
+    euler = dataclasses.replace(cfg, kind="euler")
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive int; got 0"):  # not start_step's
+        sample(jax_model, latents(), euler, 0)
+    # A model whose output is not one per latent: it broadcast silently ([b, h, w, 1]) or failed in scan ([2b, ...]).
+    for wrong in (lambda x, t: x[..., :1], lambda x, t: jnp.concatenate([x, x])):
+        with pytest.raises(ValueError, match=r"sample: the model returned shape .* combines its \[uncond, cond\]"):
+            sample(wrong, latents(), euler, 3)
+    # SD 1.5's DDIM ('leading', steps_offset 1) at 1000 steps reaches timestep 1000: diffusers' DDIM raises an
+    # IndexError and its PNDM feeds the UNet t = 1000 (clipping its alphas); refused in one line.
+    for kind in ("ddim", "pndm"):
+        released = SchedulerConfig(kind=kind, timestep_spacing="leading", steps_offset=1)
+        with pytest.raises(ValueError, match=f"reaches timestep 1000, past num_train_timesteps=1000 .{kind} indexes"):
+            sample(jax_model, latents(), released, 1000)
+    assert timesteps_for(SchedulerConfig(kind="euler", timestep_spacing="leading", steps_offset=1), 1000)[0] == 1000

@@ -67,11 +67,21 @@ def _final_alpha(cfg, ac):
     return f32(1.0) if cfg.set_alpha_to_one else ac[0]
 
 
+def _in_schedule(cfg, ts: np.ndarray, n: int) -> np.ndarray:
+    """The timesteps of a sampler that indexes alphas_cumprod by them (DDIM, PNDM), all within it: 'leading'
+    spacing plus steps_offset reaches T at n = T, where diffusers' DDIM and PNDM raise an IndexError."""
+    if ts.max() >= cfg.num_train_timesteps:
+        raise ValueError(f"num_inference_steps={n} with {cfg.timestep_spacing!r} spacing and steps_offset="
+                         f"{cfg.steps_offset} reaches timestep {int(ts.max())}, past num_train_timesteps="
+                         f"{cfg.num_train_timesteps} ({cfg.kind} indexes its schedule by timestep); take fewer steps")
+    return ts
+
+
 # --- DDIM (eta = 0) ---
 
 def ddim(cfg: SchedulerConfig, n: int) -> Plan:
     ac = schedules.alphas_cumprod(cfg)
-    ts = schedules.spaced_timesteps(cfg, n, rounded_linspace=True, dtype=np.int64)
+    ts = _in_schedule(cfg, schedules.spaced_timesteps(cfg, n, rounded_linspace=True, dtype=np.int64), n)
     prev = ts - cfg.num_train_timesteps // n  # diffusers' DDIM steps back by T // n whatever the spacing
     a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], _final_alpha(cfg, ac)).astype(f32)
 
@@ -287,7 +297,7 @@ def pndm(cfg: SchedulerConfig, n: int, start: int) -> Plan:
         base = (np.arange(0, n) * (T // n)).round().astype(np.int64) + cfg.steps_offset
     else:
         base = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
-    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64)
+    ts = _in_schedule(cfg, np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].astype(np.int64), n)
     L = len(ts)
     j = np.arange(L) - start  # PNDM's counter starts at 0 wherever img2img starts
     t_cur = np.where(j == 1, ts + T // n, ts)

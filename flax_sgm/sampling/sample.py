@@ -14,11 +14,15 @@ from flax_sgm.sampling.plans import Plan, scheduler_plan
 from flax_sgm.sampling.sgm import SgmSamplerConfig, sgm_plan
 
 
+def _check_steps(n) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
+
+
 def make_plan(cfg: SchedulerConfig | SgmSamplerConfig, n: int, start: int = 0) -> Plan:
     """The plan of `n` inference steps of a diffusers scheduler (SchedulerConfig) or one of sgm's samplers
     (SgmSamplerConfig); `start` is the first index into its timesteps that runs."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
+    _check_steps(n)
     if isinstance(cfg, SgmSamplerConfig):
         return sgm_plan(cfg, int(n), start)
     return scheduler_plan(cfg, int(n), start)
@@ -30,6 +34,7 @@ def timesteps_for(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray:
 
 
 def _start_index(cfg: SchedulerConfig, num_inference_steps: int, start_step: int) -> int:
+    _check_steps(num_inference_steps)
     if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < num_inference_steps:
         raise ValueError(f"start_step must be an int in [0, {num_inference_steps}); got {start_step!r}")
     return int(start_step) * cfg.order
@@ -100,6 +105,9 @@ def sample(model: Callable, noise, cfg: SchedulerConfig, num_inference_steps: in
             carry = plan.prepare(carry, row, eps)
         x_in = plan.model_input(carry["x"], row).astype(dtype)
         out = jnp.asarray(model(x_in, jnp.full((batch,), row["t"], jnp.float32))).astype(jnp.float32)
+        if out.shape != x_in.shape:  # it broadcast silently, or failed in scan's carry check
+            raise ValueError(f"sample: the model returned shape {out.shape} for latents {x_in.shape}; it must return "
+                             "one output per latent (a guided model combines its [uncond, cond] halves itself)")
         carry = plan.step(carry, row, out, eps)
         if progress is not None:
             jax.debug.callback(progress, row["index"], ordered=ordered)
