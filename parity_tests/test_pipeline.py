@@ -301,10 +301,19 @@ def test_bad_calls_are_one_line(saved):
         (dict(image=np.zeros((SIZE, 36, 3))), "image width = 36 is not divisible by 8"),
         (dict(strength=0.5), "strength: goes with image="),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number; got nan"),  # once: no guidance
+        (dict(seed=1.5), "seed must be an int; got 1.5"),  # JAX's TypeError before
+        (dict(original_size=(64, 64)), "SDXL's conditions; an SD pipeline takes none"),  # ignored before
+        (dict(aesthetic_score=7.0), "condition SDXL's refiner only; this is a sd pipeline"),
     ]:
         with pytest.raises(ValueError, match=message) as err:
             pipe("a cat", **kwargs)
         one_line(err)
+    with pytest.raises(ValueError, match="prompt: a string or a non-empty list of strings; got 3") as err:
+        pipe(3)  # 'int' object is not iterable
+    one_line(err)
+    with pytest.raises(ValueError, match=r"AutoencoderKL.encode: `x` must be floats in \[-1, 1\] .*got uint8") as err:
+        pipe.vae.encode(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # ran on the pixel values as they were
+    one_line(err)
 
 
 def test_an_sgm_sampler_config_says_the_steps_and_the_guidance(saved):

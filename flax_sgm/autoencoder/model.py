@@ -402,6 +402,10 @@ class AutoencoderKL(nnx.Module):
         """One line for a wrong rank, channel count, layout (NCHW) or size, before XLA sees it."""
         module = f"AutoencoderKL.{method}"
         expect_array(module, arg, x)
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):  # uint8 pixels ran as they were
+            scale = " in [-1, 1] (uint8 pixels: x / 127.5 - 1)" if what == "image" else ""
+            raise ValueError(f"{module}: `{arg}` must be floats{scale}; got {jnp.dtype(dtype).name}")
         shape = tuple(jnp.shape(x))
         if len(shape) != 4:
             raise ValueError(f"{module}: `{arg}` must be a batch of {what}s [b, h, w, {channels}]; got shape {list(shape)}")

@@ -157,9 +157,18 @@ class Pipeline:
           its seq and model axes 1): the batch (prompts * num_images_per_prompt) split over the devices, the UNet
           replicated on each (placed once per mesh and kept). The images equal one device's.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: a string or a non-empty list of strings")
+            raise ValueError(f"prompt: a string or a non-empty list of strings; got {prompt!r}"[:200])
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int; got {seed!r}")
+        if self.family == "sd" and (original_size, crops_coords_top_left, target_size) != (None, (0, 0), None):
+            raise ValueError("original_size, crops_coords_top_left and target_size are SDXL's conditions; an SD "
+                             "pipeline takes none (diffusers' StableDiffusionPipeline has no such argument)")
+        if self.family != "sdxl-refiner" and (aesthetic_score, negative_aesthetic_score) != (
+                SDXL_AESTHETIC_SCORE, SDXL_NEGATIVE_AESTHETIC_SCORE):
+            raise ValueError(f"aesthetic_score and negative_aesthetic_score condition SDXL's refiner only; this is a "
+                             f"{self.family} pipeline")
         if output not in OUTPUTS:
             raise ValueError(f"output: one of {', '.join(OUTPUTS)}; got {output!r}")
         sgm = isinstance(self.scheduler, SgmSamplerConfig)
