@@ -164,6 +164,9 @@ def test_single_file_samplers_and_bad_input(files, tmp_path):
     one_line(lambda: load(files, "sd", prediction="v"), r"prediction='v': one of epsilon, v_prediction")
     one_line(lambda: load(files, "sd", prediction="epsilon", scheduler=sampler_config(None)),
              r"prediction=: the SgmSamplerConfig given as scheduler= says it")
+    # A tiny UNet is no released one: load_unet's hint (heads=) is no argument of load_pipeline or the CLI.
+    one_line(lambda: load_pipeline(path, tokenizer=directory), r"sd.safetensors: its UNet is none of the released "
+             r"models by its shapes: give unet_config=")
     assert load(files, "sd").scheduler.scaling == "eps"  # SD 1.x: epsilon, as diffusers reads it
     save_file({"first_stage_model.decoder.conv_in.weight": np.ones((8, 4, 3, 3), np.float32)}, str(tmp_path / "vae.safetensors"))
     one_line(lambda: load_pipeline(tmp_path / "vae.safetensors", tokenizer=directory),

@@ -130,7 +130,14 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
     cfg = sampler_config(scheduler)
     if not isinstance(scheduler, SgmSamplerConfig):  # an SgmSamplerConfig says it by its scaling
         cfg = cfg.replace(scaling=PREDICTIONS[prediction or prediction_of(metadata, sd2, str(path))])
-    unet = load_unet(path, config=unet_config, dtype=dtype)
+    try:
+        unet = load_unet(path, config=unet_config, dtype=dtype)
+    except CheckpointError as err:  # load_unet's own hint (heads=) is no argument of load_pipeline
+        if "give heads= or head_dim=" not in str(err):
+            raise
+        raise CheckpointError(f"{path}: its UNet is none of the released models by its shapes: give unet_config= (a "
+                              "flax_sgm.UNetConfig; load_pipeline in Python: `flax-sgm sample` reads the released "
+                              "models' single files only)") from None
     vae = load_vae(path, dtype=dtype, scaling_factor=scaling_factor)
     text_encoders = [load_text_encoder(path, embedder=i, dtype=dtype,
                                        config=None if text_configs is None else text_configs[i])
