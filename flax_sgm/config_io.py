@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from flax_sgm.errors import CheckpointError
+
 
 # Every config class by its name, filled as each is defined (all of them once flax_sgm is imported): how a file
 # that records a config's class name (a `flax-sgm convert` output) finds the class without importing its family.
@@ -15,6 +17,17 @@ class ConfigIO:
     """A mixin for frozen dataclass configs. `NAME` says what the config describes in messages."""
 
     NAME = "model"
+    OPTIONS: tuple[str, ...] = ()  # flax_sgm's own fields, which a loader may set; the checkpoint says the rest
+
+    @classmethod
+    def check_options(cls, options, source: str) -> None:
+        """A loader's `options`: only OPTIONS, each refused in one line otherwise (a raw TypeError before)."""
+        for name in options:
+            if name not in cls.OPTIONS:
+                known = name in {f.name for f in dataclasses.fields(cls)}
+                why = "the checkpoint says it" if known else f"not a {cls.__name__} field"
+                raise CheckpointError(f"{source}: {name}= cannot be set here ({why}); a loader sets only "
+                                      f"{', '.join(cls.OPTIONS) or 'nothing of the config'}")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

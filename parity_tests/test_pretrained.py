@@ -294,7 +294,7 @@ def test_the_api_as_users_call_it(sgm):
         flax_module(torch.from_numpy(x), context)
     with pytest.raises(ValueError, match=r"`context` must have shape \[2, m, 24\]; got shape \[1, 4, 24\] \(batch 1, expected 2\)"):
         flax_module(x, context[:1])
-    with pytest.raises(CheckpointError, match="in_channels: read off the checkpoint, not set by the caller"):
+    with pytest.raises(CheckpointError, match=r"in_channels= cannot be set here \(the checkpoint says it\)"):
         flax_sgm.load_pretrained(d / "sgm.safetensors", heads=2, in_channels=64)
 
 
@@ -567,3 +567,10 @@ def test_a_dtype_that_is_no_float_is_refused(tmp_path, kind):
             continue
         with pytest.raises(ValueError, match=rf"{name} must be a floating dtype .*; got '{options[name]}'"):
             load(tmp_path, **options)
+    # A field the checkpoint fixes, or none at all, as an option: a raw TypeError before ("got multiple values").
+    with pytest.raises(CheckpointError, match=r"in_channels= cannot be set here \(the checkpoint says it\); a loader sets "
+                                              r"only use_checkpoint, checkpoint_policy, sdp_backend"):
+        load(tmp_path, in_channels=9)
+    with pytest.raises(CheckpointError, match="bogus= cannot be set here .not a (UNetConfig|AutoencoderConfig) field"):
+        load(tmp_path, bogus=1)
+    load(tmp_path, use_checkpoint=True)

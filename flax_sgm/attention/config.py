@@ -29,6 +29,8 @@ class SpatialTransformerConfig(ConfigIO):
     """SpatialTransformer's architecture. `context_dim` is None, an int, or a tuple (one per block, or one for all)."""
 
     NAME = "SpatialTransformer"
+    # flax_sgm's own fields, which a loader may set: how it runs, not what it computes (dropout: in training)
+    OPTIONS = ("use_checkpoint", "sdp_backend", "checkpoint_policy", "attn_type", "dropout")
 
     in_channels: int
     heads: int

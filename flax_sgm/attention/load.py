@@ -92,17 +92,6 @@ def load_stack(
     return stack, models.ready(model), {k[len(stack.prefix):]: v for k, v in values.items()}
 
 
-# Config fields a caller may set on a loaded stack: how it runs, not what it computes (dropout: in training).
-RUN_OPTIONS = ("use_checkpoint", "sdp_backend", "checkpoint_policy", "attn_type", "dropout")
-
-
-def _check_options(options: dict) -> None:
-    fixed = sorted(set(options) - set(RUN_OPTIONS))
-    if fixed:
-        raise CheckpointError(
-            f"{', '.join(fixed)}: read off the checkpoint, not set by the caller; the options are {', '.join(RUN_OPTIONS)}"
-        )
-
 
 def load_pretrained(
     path, prefix: str | None = None, *, heads: int | None = None, head_dim: int | None = None,
@@ -123,13 +112,13 @@ def load_pretrained(
     dtype: the compute dtype (the output's too); param_dtype: the parameters' (default:
         as stored; a narrower one rounds).
     seed: seeds the dropout keys (used after model.train()).
-    options: how it runs (RUN_OPTIONS): use_checkpoint, sdp_backend, checkpoint_policy,
+    options: how it runs (SpatialTransformerConfig.OPTIONS): use_checkpoint, sdp_backend, checkpoint_policy,
         attn_type, dropout.
 
     The stack is returned in inference mode (model.eval(): dropout off), as diffusers'
     from_pretrained returns its models; model.train() turns dropout on.
     """
-    _check_options(options)
+    SpatialTransformerConfig.check_options(options, str(path))
     if output.is_output(path):
         _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)
@@ -155,7 +144,7 @@ def load_pretrained_all(
     other arguments are load_pretrained's. Each stack is in inference mode (model.eval());
     model.train() turns its dropout on.
     """
-    _check_options(options)
+    SpatialTransformerConfig.check_options(options, str(path))
     if output.is_output(path):
         _nothing_to_read_for_output(path, heads, head_dim, disable_self_attn, variant)
         weights, records = output.read_output(path)

@@ -59,6 +59,8 @@ class AutoencoderConfig(ConfigIO):
     """
 
     NAME = "autoencoder"
+    OPTIONS = ("use_checkpoint", "checkpoint_policy", "sdp_backend", "force_upcast", "scaling_factor",
+               "tile_sample_size", "tile_overlap_factor")  # flax_sgm's own fields, which a loader may set
 
     in_channels: int = 3
     out_channels: int = 3  # sgm's out_ch

@@ -41,6 +41,7 @@ def load_vae(path, *, variant: str | None = None, dtype=None, param_dtype=None, 
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_VAE / CONFIG_FILE).is_file():
         path = path / PIPELINE_VAE
+    AutoencoderConfig.check_options(options, str(path))
     if scaling_factor is not None:
         options["scaling_factor"] = scaling_factor
     if output.is_output(path):

@@ -303,6 +303,7 @@ def load_record(path, weights: str, record: StackRecord, *, dtype=None, param_dt
                 options=None) -> nnx.Module:
     """A record of an output as the model a loader returns: restored in its stored dtype, cast to `param_dtype`
     if another, dropout keys from `seed`, in inference mode. `options` set the config's run-time fields."""
+    type(record.config).check_options(options or {}, str(path))
     config = record.config.replace(**(options or {}))
     model = restore(path, weights, record, models.abstract(config, dtype=dtype, param_dtype=record.param_dtype,
                                                            seed=seed))

@@ -42,6 +42,7 @@ class CLIPTextConfig(ConfigIO):
     """
 
     NAME = "CLIP text"
+    OPTIONS = ("sdp_backend",)  # flax_sgm's own fields, which a loader may set
 
     vocab_size: int = 49408
     hidden_size: int = 768

@@ -109,6 +109,7 @@ def load_text_encoder(path, *, embedder: int = 0, config: CLIPTextConfig | None 
     options: flax_sgm's own config fields (sdp_backend).
     """
     path = Path(path)
+    CLIPTextConfig.check_options(options, str(path))
     embedder = _embedder_index(embedder)
     if output.is_output(path):
         return _restore_output(path, embedder, config, variant, dtype, param_dtype, options)

@@ -85,6 +85,7 @@ class UNetConfig(ConfigIO):
     """
 
     NAME = "UNet"
+    OPTIONS = ("use_checkpoint", "checkpoint_policy", "sdp_backend")  # flax_sgm's own fields, which a loader may set
 
     in_channels: int = 4
     out_channels: int = 4

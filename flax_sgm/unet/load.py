@@ -44,6 +44,7 @@ def load_unet(path, *, heads: int | None = None, head_dim: int | None = None, co
     from_pretrained returns its UNet; model.train() turns dropout on.
     """
     path = Path(path)
+    UNetConfig.check_options(options, str(path))
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PIPELINE_UNET / CONFIG_FILE).is_file():
         path = path / PIPELINE_UNET
     if output.is_output(path):
