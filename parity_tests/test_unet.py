@@ -452,6 +452,9 @@ def test_refused_fields_name_field_and_value():
     ]:
         with pytest.raises(CheckpointError, match=f"{field} = {value!r} is not supported"):
             UNetConfig.from_diffusers(base | {field: value})
+    for eps in ("1e-2", -1, 0, True):  # went through float(): a string, a negative and zero loaded
+        with pytest.raises(CheckpointError, match=f"config.json: norm_eps must be a positive number; got {eps!r}"):
+            UNetConfig.from_diffusers(base | {"norm_eps": eps})
 
 
 # The four released models' diffusers config.json files (the fields that differ from diffusers' defaults).

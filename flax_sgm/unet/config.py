@@ -153,6 +153,8 @@ class UNetConfig(ConfigIO):
             )
         if self.adm_in_channels is not None:
             _positive("adm_in_channels", self.adm_in_channels)
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"UNetConfig: `norm_eps` must be a positive number; got {self.norm_eps!r}")
         if self.context_dim is not None:
             _positive("context_dim", self.context_dim)
         if self.time_cond_proj_dim is not None:

@@ -100,6 +100,13 @@ def flag(config: Mapping[str, Any], name: str, source: str) -> bool:
     return value
 
 
+def positive_number(config: Mapping[str, Any], name: str, default: float, source: str) -> float:
+    value = config.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise CheckpointError(f"{source}: {name} must be a positive number; got {value!r}")
+    return float(value)
+
+
 def fraction(config: Mapping[str, Any], name: str, default: float, source: str) -> float:
     value = config.get(name, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
@@ -280,6 +287,6 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
         adm_in_channels=adm,
         dropout=blocks.dropout,
         time_cond_proj_dim=cond,
-        norm_eps=float(config.get("norm_eps", numerics.UNET_GROUP_NORM_EPS)),
+        norm_eps=positive_number(config, "norm_eps", numerics.UNET_GROUP_NORM_EPS, source),
         **head_fields,
     )
