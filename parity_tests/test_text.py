@@ -593,6 +593,11 @@ def test_sdxl_clip_skip_is_layer_hidden(pipelines):
     context, y = condition(models, ids, specs, np.zeros((2, 6), np.float32), time_dim=8)
     assert_close(context, want.numpy(), what="clip_skip=1 prompt embeds")
     assert_close(y[:, :24], want_pooled.numpy(), what="pooled")
+    # Batches that differ: the pooled vector was blamed for time_ids' rows; towers' rows failed in concatenate.
+    with pytest.raises(ValueError, match=r"^condition: `time_ids` has 1 rows for 2 prompts; one per prompt$"):
+        condition(models, ids, specs, np.zeros((1, 6), np.float32), time_dim=8)
+    with pytest.raises(ValueError, match=r"^condition: the id arrays have 2, 1 rows; one per prompt in each$"):
+        condition(models, [ids[0], ids[1][:1]], specs, np.zeros((2, 6), np.float32), time_dim=8)
 
 
 def test_refiner_conditioning_is_diffusers_encode_prompt(pipelines):

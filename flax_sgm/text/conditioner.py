@@ -117,6 +117,11 @@ def condition(models: Sequence[CLIPTextModel], input_ids: Sequence[jax.Array], s
     """
     if not len(models) == len(input_ids) == len(specs):
         raise ValueError(f"condition: {len(models)} models, {len(input_ids)} id arrays, {len(specs)} specs; one each")
+    rows = [np.shape(ids)[0] if np.ndim(ids) else None for ids in input_ids]  # the embedders check their own ranks
+    if len(set(rows)) > 1:  # else a raw concatenate error, or the pooled vector blamed for time_ids' batch
+        raise ValueError(f"condition: the id arrays have {', '.join(map(str, rows))} rows; one per prompt in each")
+    if time_ids is not None and np.ndim(time_ids) == 2 and rows[0] is not None and np.shape(time_ids)[0] != rows[0]:
+        raise ValueError(f"condition: `time_ids` has {np.shape(time_ids)[0]} rows for {rows[0]} prompts; one per prompt")
     contexts, pooled, n = [], [], 0
     for model, ids, spec in zip(models, input_ids, specs):
         context, vector = embed(model, ids, spec)
