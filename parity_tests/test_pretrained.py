@@ -310,12 +310,13 @@ def test_a_missing_shard_is_named(unet, tmp_path):
     "config,message",
     [
         ("{not json", "config.json: not a readable JSON file"),
-        ('{"_class_name": "AutoencoderKL"}', "a AutoencoderKL config, not a diffusers UNet2DConditionModel"),
+        ('{"_class_name": "AutoencoderKL"}', "an AutoencoderKL config, not a diffusers UNet2DConditionModel"),
+        ('{"model_type": "clip_text_model"}', "a transformers clip_text_model config, not a diffusers UNet2DConditionModel"),
         ("[1, 2]", "not a model config"),
         (None, "attention_head_dim [4, 2, 1] is not one positive int or 2 of them (the heads per down block)"),
         ("heads", "config.json gives 'down_blocks.0.attentions.0.' 3 heads, which do not divide the inner dim 32"),
     ],
-    ids=["not-json", "not-a-unet", "not-an-object", "heads-per-block", "heads-do-not-divide"],
+    ids=["not-json", "not-a-unet", "transformers-config", "not-an-object", "heads-per-block", "heads-do-not-divide"],
 )
 def test_a_bad_config_json_is_one_line_naming_it(unet, tmp_path, config, message):
     path = copy_unet(unet, tmp_path)

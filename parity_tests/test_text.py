@@ -406,6 +406,24 @@ def test_bad_files_are_one_line(tmp_path):
         load_text_encoder(tmp_path / "clip.safetensors", embedder=-1)
 
 
+def test_export_with_a_symbolic_token_count(saved):
+    """jax.export of the text encoder over `b, n` tokens: without the constraint n <= 77 the length check's comparison
+    was inconclusive deep inside; it says which constraint to add, and with it the exported program runs at every
+    length as the model does."""
+    from jax import export
+
+    _, flax, _ = saved["clip"]
+    b, n = export.symbolic_shape("b, n")
+    with pytest.raises(ValueError, match=r"symbolic token count needs the constraint n <= 77 .*constraints=\['n <= 77'\]"):
+        export.export(jax.jit(lambda ids: flax(ids).last_hidden_state))(jax.ShapeDtypeStruct((b, n), jnp.int32))
+    b, n = export.symbolic_shape("b, n", constraints=["n <= 77"])
+    exported = export.export(jax.jit(lambda ids: flax(ids).last_hidden_state))(jax.ShapeDtypeStruct((b, n), jnp.int32))
+    rng = np.random.default_rng(0)
+    for shape in ((1, 5), (3, 77)):
+        ids = rng.integers(3, VOCAB - 1, shape).astype(np.int32)
+        assert_close(exported.call(ids), flax(ids).last_hidden_state, what=f"exported at {shape}")
+
+
 def test_bad_inputs_are_one_line(saved):
     _, flax, _ = saved["clip"]
     ids = np.zeros((2, 77), np.int32)

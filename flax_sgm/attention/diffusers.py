@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from flax_sgm.attention import layout
 from flax_sgm.nn import numerics
+from flax_sgm.checkpoints.sources import describe_config
 from flax_sgm.errors import CheckpointError
 from flax_sgm.unet.diffusers import flag, fraction, read_blocks
 
@@ -117,10 +118,8 @@ def check_fields(config: Mapping[str, Any], source: str) -> str:
     """The config's class; CheckpointError naming the first field that SpatialTransformer cannot honour."""
     kind = config.get("_class_name")
     if kind not in TABLES:
-        said = f"a {kind} config" if kind else "no `_class_name`"
-        raise CheckpointError(
-            f"{source}: {said}, not a diffusers {layout.DIFFUSERS_UNET} or {layout.DIFFUSERS_TRANSFORMER} config"
-        )
+        raise CheckpointError(f"{source}: {describe_config(config)}, not a diffusers {layout.DIFFUSERS_UNET} or "
+                              f"{layout.DIFFUSERS_TRANSFORMER} config")
     honoured, fixed, neutral = TABLES[kind]
     for field, value in config.items():
         if field.startswith("_") or field in honoured or field in neutral:

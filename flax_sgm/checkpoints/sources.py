@@ -306,6 +306,15 @@ def _variants_here(path: Path) -> str:
     return f"its variants: {', '.join(found)}" if found else "it holds no variant files"
 
 
+def describe_config(config: Mapping) -> str:
+    """What a model's config.json is, for an error: 'an AutoencoderKL config' (diffusers' class), 'a transformers
+    clip_text_model config' (a model_type), or 'a config with no `_class_name`'."""
+    kind = config.get("_class_name") or (f"transformers {config['model_type']}" if config.get("model_type") else None)
+    if kind is None:
+        return "a config with no `_class_name`"
+    return f"{'an' if str(kind)[0].lower() in 'aeiou' else 'a'} {kind} config"
+
+
 def _read_model_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())

@@ -31,7 +31,7 @@ Examples:
   flax-sgm lower --config sdxl-unet --backward
   flax-sgm sample stable-diffusion-xl-base-1.0 --prompt "a lighthouse" -o lighthouse.png
 
-Exit status: 0 ok, 1 parity failed (verify), 2 bad input.""",
+Exit status: 0 ok, 1 parity failed (verify) or no lowering (lower), 2 bad input, 3 an unexpected error.""",
 )
 @click.version_option(package_name="flax-sgm")
 @click.option("--debug", is_flag=True, help="Show the full traceback on an error.")

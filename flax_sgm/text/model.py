@@ -136,7 +136,13 @@ class CLIPTextModel(nnx.Module):
         if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
             raise ValueError(f"{name}: `input_ids` must be integer token ids; got dtype {jnp.result_type(input_ids)}")
         b, n = np.shape(input_ids)
-        if n > c.max_position_embeddings:
+        try:
+            too_long = n > c.max_position_embeddings
+        except Exception:  # jax.export's symbolic n: the comparison is inconclusive without a constraint
+            raise ValueError(f"{name}: a symbolic token count needs the constraint n <= {c.max_position_embeddings} "
+                             f"(jax.export.symbolic_shape('b, n', constraints=['n <= {c.max_position_embeddings}']))"
+                             ) from None
+        if too_long:
             raise ValueError(
                 f"{name}: `input_ids` has {n} tokens, more than the {c.max_position_embeddings} positions of the model "
                 "(truncate the prompt, as the tokenizer does)"

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from flax_sgm.nn import numerics
+from flax_sgm.checkpoints.sources import describe_config
 from flax_sgm.errors import CheckpointError
 
 # Read into UNetConfig (see config_fields).
@@ -194,9 +195,8 @@ def config_fields(config: Mapping[str, Any], source: str) -> dict[str, Any]:
 
     CheckpointError, one line naming the field and its value, for what sgm's UNetModel cannot compute.
     """
-    kind = config.get("_class_name", "UNet2DConditionModel")
-    if kind != "UNet2DConditionModel":
-        raise CheckpointError(f"{source}: a {kind} config, not a diffusers UNet2DConditionModel")
+    if config.get("_class_name", "UNet2DConditionModel" if "model_type" not in config else None) != "UNet2DConditionModel":
+        raise CheckpointError(f"{source}: {describe_config(config)}, not a diffusers UNet2DConditionModel")
     known = set(HONOURED) | set(DEFAULTS) | set(IRRELEVANT)
     unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
