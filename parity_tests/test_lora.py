@@ -705,3 +705,13 @@ assert layer.kernel[...].sharding == sharding, layer.kernel[...].sharding
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_lora_file_given_to_a_model_loader_is_named_as_one(truth):
+    """load_unet / load_vae / load_text_encoder of a LoRA file said only 'it holds unet.' (kohya: a list of stems)."""
+    _, _, files = truth
+    for fmt, kind in (("peft", "a diffusers LoRA"), ("kohya", "a kohya LoRA")):
+        for load in (flax_sgm.load_unet, flax_sgm.load_vae, flax_sgm.load_text_encoder):
+            with pytest.raises(CheckpointError, match=f"{kind}: flax_sgm.load_lora applies it to a model") as err:
+                load(files[fmt])
+            assert "\n" not in str(err.value)

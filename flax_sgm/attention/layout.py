@@ -41,6 +41,15 @@ def normalize_prefix(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith(".") else prefix + "."
 
 
+# A LoRA file's keys' first names: what a model loader finds there instead of a model (each family's NOT_A_* table).
+LORA_FILES = {
+    "lora_unet_": "a kohya LoRA: flax_sgm.load_lora applies it to a model",
+    "lora_te": "a kohya LoRA: flax_sgm.load_lora applies it to a model",
+    "unet.": "a diffusers LoRA: flax_sgm.load_lora applies it to a model",
+    "text_encoder.": "a diffusers LoRA: flax_sgm.load_lora applies it to a model",
+}
+
+
 def top_level_prefixes(keys: Iterable[str]) -> list[str]:
     return sorted({k.split(".", 1)[0] + ("." if "." in k else "") for k in keys}, key=natural_key)
 

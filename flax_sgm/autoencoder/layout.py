@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flax_sgm.autoencoder.config import AutoencoderConfig
 from flax_sgm.checkpoints.convert import LINEAR_AS_CONV1X1, KeyLayout
-from flax_sgm.attention.layout import listing, top_level_prefixes
+from flax_sgm.attention.layout import LORA_FILES, listing, top_level_prefixes
 from flax_sgm.errors import CheckpointError
 
 SGM_PREFIX = "first_stage_model."  # sgm/LDM single files, beside model.diffusion_model. and the conditioners
@@ -80,6 +80,7 @@ NOT_A_VAE = {
     "conditioner.": "text encoders",
     "cond_stage_model.": "a text encoder",
     "text_model.": "a text encoder",
+    **LORA_FILES,
 }
 
 

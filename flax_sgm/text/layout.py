@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from flax_sgm.checkpoints.convert import IDENTITY, LINEAR, KeyLayout, fused
-from flax_sgm.attention.layout import listing, top_level_prefixes
+from flax_sgm.attention.layout import LORA_FILES, listing, top_level_prefixes
 from flax_sgm.errors import CheckpointError
 from flax_sgm.text.config import PRESETS, CLIPTextConfig
 
@@ -146,6 +146,7 @@ NOT_TEXT = {
     "visual.": "an open_clip image tower",
     "down_blocks.": "a diffusers model",
     "encoder.": "a VAE",
+    **LORA_FILES,
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from flax_sgm.checkpoints.convert import KeyLayout
-from flax_sgm.attention.layout import listing, top_level_prefixes
+from flax_sgm.attention.layout import LORA_FILES, listing, top_level_prefixes
 from flax_sgm.errors import CheckpointError
 from flax_sgm.unet.config import PRESETS, Attn, ConvIn, Down, Res, UNetConfig, Up
 
@@ -116,6 +116,7 @@ NOT_A_UNET = {
     "conditioner.": "text encoders",
     "cond_stage_model.": "a text encoder",
     "text_model.": "a text encoder",
+    **LORA_FILES,
 }
 
 
