@@ -846,7 +846,7 @@ def test_more_bad_input_is_one_line(tmp_path, saved):
         condition([flax], [ids, ids], [EmbedderSpec()])
     with pytest.raises(ValueError, match=r"condition: `y` takes one pooled vector; the specs give 0"):
         condition([flax], [ids], [EmbedderSpec()], np.zeros((2, 6), np.float32))
-    with pytest.raises(ValueError, match=r"sdxl_vector: `pooled` must have shape \[3, p\]; got shape \[2, 24\]"):
+    with pytest.raises(ValueError, match=r"condition: `time_ids` has 3 rows for 2 prompts; one per prompt"):
         condition([flax], [ids], [EmbedderSpec(pooled=True)], np.zeros((3, 6), np.float32))
 
 
