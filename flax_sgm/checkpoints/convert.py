@@ -25,7 +25,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from flax_sgm.checkpoints.sources import Source
 from flax_sgm.errors import ConversionError
 from flax_sgm.nn.primitives import Conv, Embed, GroupNorm, LayerNorm, Linear
 
@@ -345,10 +344,12 @@ def load_planned(model: nnx.Module, plan: list[Step], values: Mapping[str, Any],
 
     `values` may read lazily (e.g. views of a file's bytes): the copies run on one thread per CPU, as
     each is a page-faulting memcpy that releases the GIL (1.4-1.6x faster on 2 cores, BENCHMARKS.md).
-    A Source is read in its files' order: a cold file's pages then arrive as one stream (BENCHMARKS.md).
+    `values` with a `file_position(key)` (a sources.Source) are read in their files' order: a cold file's pages then
+    arrive as one stream (BENCHMARKS.md).
     """
-    if isinstance(values, Source):
-        plan = sorted(plan, key=lambda step: values.file_position(step.key))
+    position = getattr(values, "file_position", None)
+    if position is not None:
+        plan = sorted(plan, key=lambda step: position(step.key))
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         arrays = list(pool.map(lambda step: _to_jax(values[step.key], step, copy), plan))
     nnx.update(model, nnx.from_flat_state([(step.row.flax_path, a) for step, a in zip(plan, arrays)]))
