@@ -20,7 +20,7 @@ from flax_sgm.checkpoints.convert import KeyLayout
 from flax_sgm.errors import CheckpointError
 from flax_sgm.checkpoints.sources import CONFIG_FILE
 from flax_sgm.attention.load import choose_param_dtype
-from flax_sgm.checkpoints.sources import Source, open_source
+from flax_sgm.checkpoints.sources import Source, describe_config, open_source
 from flax_sgm.text.config import CLIPTextConfig
 from flax_sgm.text.config import PRESETS
 from flax_sgm.text.layout import KIND_NAMES, choose_tower, config_from_weights, find_towers, ignored_reason
@@ -70,7 +70,7 @@ def plan_text_encoder(source: Source, *, embedder: int = 0, config: CLIPTextConf
         if config is not None:
             raise CheckpointError(f"{cfg_source}: config.json says the config; leave out config=")
         if "_class_name" in source.config:
-            raise CheckpointError(f"{cfg_source}: a diffusers {source.config['_class_name']} config, not a CLIP text tower")
+            raise CheckpointError(f"{cfg_source}: {describe_config(source.config)}, not a CLIP text tower")
         tower = choose_tower(list(source.infos), 0, where)
         if tower.prefix:
             raise CheckpointError(f"{where}: a transformers directory whose weights sit under {tower.prefix!r}")
