@@ -30,6 +30,7 @@ from flax_sgm.text.layout import find_towers
 from flax_sgm.text.load import load_text_encoder
 from flax_sgm.text.tokenizer import pipeline_tokenizers
 from flax_sgm.unet.load import load_unet
+from flax_sgm.unet.layout import UnreleasedShapes
 
 M = "sgm.modules.diffusionmodules."
 # sgm's demo default sampler (scripts/demo/streamlit_helpers.py init_sampling with no options).
@@ -132,9 +133,7 @@ def load_single_file_pipeline(path: Path, *, tokenizer, dtype=None, scheduler=No
         cfg = cfg.replace(scaling=PREDICTIONS[prediction or prediction_of(metadata, sd2, str(path))])
     try:
         unet = load_unet(path, config=unet_config, dtype=dtype)
-    except CheckpointError as err:  # load_unet's own hint (heads=) is no argument of load_pipeline
-        if "give heads= or head_dim=" not in str(err):
-            raise
+    except UnreleasedShapes:  # load_unet's own hint (heads=) is no argument of load_pipeline
         raise CheckpointError(f"{path}: its UNet is none of the released models by its shapes: give unet_config= (a "
                               "flax_sgm.UNetConfig; load_pipeline in Python: `flax-sgm sample` reads the released "
                               "models' single files only)") from None

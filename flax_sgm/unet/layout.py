@@ -120,6 +120,11 @@ NOT_A_UNET = {
 }
 
 
+class UnreleasedShapes(CheckpointError):
+    """A single file's UNet of none of the released shapes, with nothing said of its heads (a caller that takes
+    another argument for them, load_pipeline's unet_config=, says so in its place)."""
+
+
 def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_dim=None, config=None,
                         source: str = "checkpoint", **options):
     """The UNetConfig of sgm-named weights under `prefix` (anything with `.shape`, by key).
@@ -150,7 +155,7 @@ def config_from_weights(shapes, prefix: str = SGM_PREFIX, *, heads=None, head_di
         name = _preset_of(fields)
         if name is not None:
             return PRESETS[name].replace(**{k: fields[k] for k in BESIDE_PRESET}, **options)
-        raise CheckpointError(
+        raise UnreleasedShapes(
             f"{source}: a UNet that is none of {', '.join(PRESETS)} by its shapes: give heads= or head_dim= "
             "(the weights do not say how attention splits into heads)"
         )
